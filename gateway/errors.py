@@ -1,0 +1,141 @@
+"""The gateway's error taxonomy (PROTOCOL.md §4): one class per ``error`` code.
+
+Every class carries the HTTP ``status`` and the machine ``error`` code; the audit
+``category`` marks identity/signature/key failures as security events. One place
+(``gateway.app``) maps these to HTTP; anything else is a 500 ``internal_error``.
+Grouped by cause, as in python-tuf: the peer's fault is 4xx, our dependencies' 503.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+AUTHENTICATION = "authentication"  # ECS event.category for security events
+WEB = "web"
+DATABASE = "database"
+IAM = "iam"  # tenant-boundary decisions
+
+
+class GatewayError(Exception):
+    """Base of every documented rejection."""
+
+    status: ClassVar[int] = 500
+    error: ClassVar[str] = "internal_error"
+    category: ClassVar[str] = WEB
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra  # extra members of the error body (duplicate_of, pointer, ...)
+
+    def body(self, request_id: str) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "accepted": False,
+            "request_id": request_id,
+            "error": self.error,
+            "detail": self.detail,
+        }
+        out.update(self.extra)
+        return out
+
+
+# -- step 2: transport-level input ------------------------------------------------------
+class UnsupportedMediaType(GatewayError):
+    status, error = 415, "unsupported_media_type"
+
+
+class BodyTooLarge(GatewayError):
+    status, error = 413, "body_too_large"
+
+
+class EmptyBody(GatewayError):
+    status, error = 422, "empty_body"
+
+
+# -- steps 3-6, 8: who is speaking (security events) ----------------------------------
+class AuthenticationError(GatewayError):
+    status, category = 401, AUTHENTICATION
+
+
+class IdentityRejected(AuthenticationError):
+    error = "identity_rejected"
+
+
+class MalformedSignatureHeaders(AuthenticationError):
+    error = "malformed_signature_headers"
+
+
+class TimestampOutOfWindow(AuthenticationError):
+    error = "timestamp_out_of_window"
+
+
+class UnknownKid(AuthenticationError):
+    error = "unknown_kid"
+
+
+class KeyNotValid(AuthenticationError):
+    error = "key_not_valid"
+
+
+class InvalidSignature(AuthenticationError):
+    error = "invalid_signature"
+
+
+class HeaderBodyMismatch(AuthenticationError):
+    error = "header_body_mismatch"
+
+
+# -- steps 7, 10: what was said ---------------------------------------------------------
+class MalformedJson(GatewayError):
+    status, error = 422, "malformed_json"
+
+
+class NonCanonicalBody(GatewayError):
+    status, error = 422, "non_canonical_body"
+
+
+class SchemaViolation(GatewayError):
+    status, error = 422, "schema_violation"
+
+
+class SchemaVersionNotAllowed(GatewayError):
+    status, error = 422, "schema_version_not_allowed"
+
+
+# -- steps 9, 11, 12: what this speaker may say -----------------------------------------
+class MappingViolation(GatewayError):
+    status, error, category = 403, "mapping_violation", IAM
+
+
+class RateLimited(GatewayError):
+    status, error = 429, "rate_limited"
+
+
+class AttestationMismatch(GatewayError):
+    status, error = 403, "attestation_mismatch"
+
+
+# -- steps 13, 14: the single write -----------------------------------------------------
+class ReplayedNonce(GatewayError):
+    status, error = 409, "replayed_nonce"
+
+
+class ReplayStoreUnavailable(GatewayError):
+    status, error, category = 503, "replay_store_unavailable", DATABASE
+
+
+class StoreUnavailable(GatewayError):
+    status, error, category = 503, "store_unavailable", DATABASE
+
+
+class InternalError(GatewayError):
+    status, error = 500, "internal_error"
+
+
+ALL_ERRORS: tuple[type[GatewayError], ...] = (
+    UnsupportedMediaType, BodyTooLarge, EmptyBody, IdentityRejected,
+    MalformedSignatureHeaders, TimestampOutOfWindow, UnknownKid, KeyNotValid,
+    InvalidSignature, MalformedJson, NonCanonicalBody, SchemaViolation, HeaderBodyMismatch,
+    MappingViolation, SchemaVersionNotAllowed, RateLimited, AttestationMismatch,
+    ReplayedNonce, ReplayStoreUnavailable, StoreUnavailable, InternalError,
+)

@@ -1,0 +1,22 @@
+"""Stores behind one interface: SQLite (embedded default) and Redis (production)."""
+
+from __future__ import annotations
+
+from .base import Anchor, Commit, CommitResult, Outcome, Record, Store, StoreError
+
+__all__ = [
+    "Anchor", "Commit", "CommitResult", "Outcome", "Record", "Store", "StoreError", "open_store",
+]
+
+
+def open_store(url: str, **options: object) -> Store:
+    """Build (not yet open) the store named by ``url``: ``sqlite:///PATH`` or ``redis://``."""
+    if url.startswith("sqlite:///"):
+        from .sqlite import SqliteStore
+
+        return SqliteStore(url, **options)  # type: ignore[arg-type]
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from .redis import RedisStore
+
+        return RedisStore(url, **options)  # type: ignore[arg-type]
+    raise ValueError(f"unsupported store url {url!r} (want sqlite:///PATH or redis://HOST:PORT/DB)")

@@ -1,0 +1,183 @@
+"""The embedded store: one SQLite file (WAL, synchronous=FULL), safe across processes.
+
+Each store object owns one connection used from one dedicated thread, so the event loop
+never blocks on disk and several worker processes can share the file: SQLite's own
+locking serialises writers (``BEGIN IMMEDIATE`` + ``busy_timeout``). ``commit`` is one
+transaction: anchor check, nonce claim and record insert succeed or vanish together,
+and a 202 is only answered after the WAL is fsynced (durable across a crash).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from .base import Commit, CommitResult, Outcome, Store, StoreError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS nonces (
+    identity TEXT NOT NULL, nonce TEXT NOT NULL, expires_at INTEGER NOT NULL,
+    body_digest TEXT NOT NULL, request_id TEXT NOT NULL,
+    PRIMARY KEY (identity, nonce)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS nonces_expiry ON nonces (expires_at);
+CREATE TABLE IF NOT EXISTS anchors (
+    tenant_id TEXT NOT NULL, execution_fingerprint TEXT NOT NULL,
+    attestation_hash TEXT NOT NULL, created_at INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, execution_fingerprint)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS records (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL, record_id TEXT NOT NULL, tenant_id TEXT NOT NULL,
+    execution_fingerprint TEXT, created_at INTEGER NOT NULL, data BLOB NOT NULL,
+    UNIQUE (kind, record_id));
+CREATE INDEX IF NOT EXISTS records_by_tenant ON records (kind, tenant_id, seq);
+"""
+PURGE_EVERY = 512  # commits between sweeps of expired nonces
+
+
+class SqliteStore(Store):
+    def __init__(self, url: str, *, busy_timeout_ms: int = 5000) -> None:
+        self.url = url
+        self.path = Path(url.removeprefix("sqlite:///"))
+        self.busy_timeout_ms = busy_timeout_ms
+        self._db: sqlite3.Connection | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._commits = 0
+
+    # -- lifecycle --------------------------------------------------------------------
+    async def open(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedgate-sqlite")
+        await self._run(self._open_sync, stage="claim")
+
+    def _open_sync(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                             timeout=self.busy_timeout_ms / 1000)
+        db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            db.close()
+            raise sqlite3.OperationalError(f"cannot enable WAL on {self.path} (got {mode})")
+        db.execute("PRAGMA synchronous = FULL")  # fsync the WAL at every commit
+        db.executescript(SCHEMA)
+        self._db = db
+
+    async def close(self) -> None:
+        if self._executor is None:
+            return
+        if self._db is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._db.close)
+            self._db = None
+        self._executor.shutdown(wait=True)
+        self._executor = None
+
+    async def ping(self) -> bool:
+        try:
+            await self._run(lambda: self._conn().execute("SELECT 1").fetchone(), stage="claim")
+        except StoreError:
+            return False
+        return True
+
+    # -- the atomic commit (§4 steps 12-14) -------------------------------------------
+    async def commit(self, commit: Commit) -> CommitResult:
+        return await self._run(self._commit_sync, commit, stage="claim")
+
+    def _commit_sync(self, c: Commit) -> CommitResult:
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")  # takes the write lock: claims are serialised
+        try:
+            decided = self._decide(db, c)
+            if decided is not None:  # a rejection writes nothing
+                db.execute("ROLLBACK")
+                return decided
+            self._write(db, c)
+            try:
+                db.execute("COMMIT")  # returns once the WAL is fsynced
+            except sqlite3.Error as exc:
+                raise StoreError("write", f"sqlite commit failed: {exc}") from exc
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self._commits += 1
+        return CommitResult(Outcome.ACCEPTED)
+
+    def _decide(self, db: sqlite3.Connection, c: Commit) -> CommitResult | None:
+        # 12. attestation anchor: a different hash for the pair is a mismatch
+        if c.anchor is not None:
+            row = db.execute(
+                "SELECT attestation_hash FROM anchors WHERE tenant_id=? AND execution_fingerprint=?",
+                (c.anchor.tenant_id, c.anchor.execution_fingerprint)).fetchone()
+            if row is not None and row[0] != c.anchor.attestation_hash:
+                return CommitResult(Outcome.ATTESTATION_MISMATCH, anchored_hash=row[0])
+        # 13. replay: an unexpired (identity, nonce) claim
+        row = db.execute(
+            "SELECT body_digest, request_id FROM nonces WHERE identity=? AND nonce=? AND expires_at>?",
+            (c.identity, c.nonce, c.now)).fetchone()
+        if row is not None:
+            duplicate_of = row[1] if row[0] == c.body_digest else None
+            return CommitResult(Outcome.REPLAYED, duplicate_of=duplicate_of)
+        return None
+
+    def _write(self, db: sqlite3.Connection, c: Commit) -> None:
+        try:
+            # 13. claim (replacing an expired claim of the same nonce, if any)
+            db.execute("INSERT OR REPLACE INTO nonces VALUES (?,?,?,?,?)",
+                       (c.identity, c.nonce, c.now + c.nonce_ttl_s, c.body_digest, c.request_id))
+            if c.anchor is not None:
+                db.execute("INSERT OR IGNORE INTO anchors VALUES (?,?,?,?)",
+                           (c.anchor.tenant_id, c.anchor.execution_fingerprint,
+                            c.anchor.attestation_hash, c.now))
+            # 14. persist the record
+            r = c.record
+            db.execute(
+                "INSERT INTO records (kind, record_id, tenant_id, execution_fingerprint,"
+                " created_at, data) VALUES (?,?,?,?,?,?)",
+                (r.kind, r.record_id, r.tenant_id, r.execution_fingerprint, c.now, r.data))
+            if self._commits % PURGE_EVERY == PURGE_EVERY - 1:
+                db.execute("DELETE FROM nonces WHERE expires_at <= ?", (c.now,))
+        except sqlite3.Error as exc:
+            raise StoreError("write", f"sqlite write failed: {exc}") from exc
+
+    # -- reads ------------------------------------------------------------------------
+    async def is_claimed(self, identity: str, nonce: str, now: int) -> bool:
+        row = await self._run(lambda: self._conn().execute(
+            "SELECT 1 FROM nonces WHERE identity=? AND nonce=? AND expires_at>?",
+            (identity, nonce, now)).fetchone(), stage="claim")
+        return row is not None
+
+    async def get_record(self, kind: str, record_id: str) -> bytes | None:
+        row = await self._run(lambda: self._conn().execute(
+            "SELECT data FROM records WHERE kind=? AND record_id=?", (kind, record_id)
+        ).fetchone(), stage="claim")
+        return None if row is None else bytes(row[0])
+
+    async def get_anchor(self, tenant_id: str, execution_fingerprint: str) -> str | None:
+        row = await self._run(lambda: self._conn().execute(
+            "SELECT attestation_hash FROM anchors WHERE tenant_id=? AND execution_fingerprint=?",
+            (tenant_id, execution_fingerprint)).fetchone(), stage="claim")
+        return None if row is None else row[0]
+
+    async def list_records(self, kind: str, tenant_id: str, limit: int = 1000) -> list[bytes]:
+        rows = await self._run(lambda: self._conn().execute(
+            "SELECT data FROM records WHERE kind=? AND tenant_id=? ORDER BY seq LIMIT ?",
+            (kind, tenant_id, limit)).fetchall(), stage="claim")
+        return [bytes(row[0]) for row in rows]
+
+    # -- plumbing ---------------------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise sqlite3.OperationalError("store is not open")
+        return self._db
+
+    async def _run(self, fn: Any, *args: Any, stage: str) -> Any:
+        if self._executor is None:
+            raise StoreError(stage, "store is not open")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except StoreError:
+            raise
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(stage, f"sqlite: {exc}") from exc

@@ -1,0 +1,1 @@
+"""JSON Schemas of the federation protocol, the canonical JSON codec and the validators."""

@@ -1,0 +1,166 @@
+"""Federation canonical JSON (PROTOCOL.md §3).
+
+The canonical form is, by definition, the output of::
+
+    json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+               allow_nan=False).encode("utf-8")
+
+``dumps_reference`` is exactly that. ``dumps`` is a fast path (orjson) that falls
+back to the reference whenever orjson's output could differ from it: any float (orjson
+prints ``1e16`` where Python prints ``1e+16``), any non-ASCII text or DEL (orjson emits
+them raw), and any integer beyond 64 bits (orjson refuses them). It is checked
+byte-for-byte against the reference on every vector and under hypothesis.
+
+``loads`` is the strict parser: invalid UTF-8, duplicate keys, NaN/Infinity, lone
+surrogates, trailing data and absurd nesting are all rejected with a named code.
+``parse_canonical`` is what the gateway calls on a body: orjson first (fast), and only
+when the body is not already canonical the strict parser, to name the failure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+import orjson
+
+__all__ = ["CanonicalError", "dumps", "dumps_reference", "loads", "parse_canonical"]
+
+#: Parser failure codes (vectors/canonical_json.json names the first three).
+MALFORMED = "malformed_json"
+DUPLICATE_KEY = "duplicate_key"
+NON_FINITE = "non_finite_number"
+INVALID_UTF8 = "invalid_utf8"
+
+
+class CanonicalError(ValueError):
+    """A JSON text the strict parser refuses; ``code`` names why."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+# -- serialiser -------------------------------------------------------------------------
+
+def dumps_reference(obj: Any) -> bytes:
+    """The definition of the canonical form (PROTOCOL.md §3)."""
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode("utf-8")
+
+
+# A float token in orjson output: a digit followed by '.', 'e' or 'E' outside strings.
+# Strings are removed first, so text such as "v1.0" never counts.
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_FLOATISH = re.compile(rb"[0-9][.eE]")
+
+
+def dumps(obj: Any) -> bytes:
+    """Canonical bytes of ``obj``; byte-identical to :func:`dumps_reference`."""
+    try:
+        out = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+    except (TypeError, orjson.JSONEncodeError):
+        return dumps_reference(obj)  # big ints, non-str keys, ...: let json decide
+    if not out.isascii() or b"\x7f" in out:
+        return dumps_reference(obj)
+    if (b"." in out or b"e" in out or b"E" in out) and _FLOATISH.search(_STRING.sub(b"", out)):
+        return dumps_reference(obj)
+    return out
+
+
+# -- strict parser ----------------------------------------------------------------------
+
+def _pairs_no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise CanonicalError(DUPLICATE_KEY, f"duplicate key {key!r}")
+            seen.add(key)
+    return obj
+
+
+def _no_constants(name: str) -> Any:
+    raise CanonicalError(NON_FINITE, f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e400 overflows to inf: not a finite number
+        raise CanonicalError(NON_FINITE, f"{text[:32]} overflows a double")
+    return value
+
+
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_pairs_no_duplicates, parse_constant=_no_constants,
+    parse_float=_finite_float,
+)
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_text(value: Any) -> None:
+    """Reject lone surrogates (\\ud800 escapes without a pair): not Unicode text."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _LONE_SURROGATE.search(item):
+                raise CanonicalError(MALFORMED, "lone UTF-16 surrogate in a string")
+        elif isinstance(item, dict):
+            for key, sub in item.items():
+                stack.append(key)
+                stack.append(sub)
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def loads(data: bytes) -> Any:
+    """Parse ``data`` strictly; raise :class:`CanonicalError` naming the first fault."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CanonicalError(INVALID_UTF8, f"body is not UTF-8 (byte {exc.start})") from None
+    try:
+        value, end = _DECODER.raw_decode(text)
+    except CanonicalError:
+        raise
+    except json.JSONDecodeError as exc:
+        raise CanonicalError(MALFORMED, f"invalid JSON: {exc.msg} at {exc.pos}") from None
+    except RecursionError:
+        raise CanonicalError(MALFORMED, "JSON nested too deeply") from None
+    except ValueError as exc:  # e.g. int too long for int(): never a crash
+        raise CanonicalError(MALFORMED, f"invalid JSON: {exc}") from None
+    if text[end:].strip(" \t\r\n"):
+        raise CanonicalError(MALFORMED, f"trailing data at {end}")
+    _check_text(value)
+    return value
+
+
+def parse_canonical(data: bytes) -> tuple[Any, bool]:
+    """Parse a body and tell whether it is byte-identical to its canonical form.
+
+    Fast path: orjson accepts only valid UTF-8, finite numbers and no trailing data;
+    a body equal to the canonical form of what orjson read cannot hold duplicate keys
+    (canonical output never repeats a key). Everything else goes through :func:`loads`,
+    so failures carry the strict parser's code.
+    """
+    try:
+        fast = orjson.loads(data)
+    except (orjson.JSONDecodeError, RecursionError):
+        fast = None
+    else:
+        try:
+            if dumps(fast) == data:
+                return fast, True
+        except (ValueError, RecursionError):
+            pass
+    value = loads(data)
+    try:
+        return value, dumps(value) == data
+    except (ValueError, RecursionError) as exc:
+        raise CanonicalError(MALFORMED, f"cannot serialise: {exc}") from None
