@@ -28,6 +28,7 @@ from schemas.validate import SchemaError, Validators
 from . import errors as E
 from . import records
 from .config import IDENTITY_RE, SecurityConfig
+from .ratelimit import RateLimiter
 from .routes import GRAPH_SCHEMA_VERSION, Route
 from .store import Commit, Outcome, Store, StoreError
 
@@ -73,6 +74,8 @@ class Pipeline:
         self.keyring = keyring
         self.validators = validators
         self.store = store
+        self.limiter = RateLimiter(config.rate_limit_per_minute) if (
+            config.rate_limit_per_minute) else None
 
     async def process(self, req: SignedRequest, now: int, ctx: Context) -> Context:
         """Run §4 steps 2-14 on ``req``; return the filled context or raise GatewayError."""
@@ -107,7 +110,9 @@ class Pipeline:
         check_mapping(cfg, ctx.identity, key, ctx.tenant_id, ctx.operator_id)
         # §4.10 schema-version allow-list
         check_schema_version(cfg, req.route, body)
-        # §4.11 per-operator rate limit: optional, off unless configured (see docs)
+        # §4.11 per-operator rate limit (optional, off unless configured)
+        if self.limiter is not None and (wait := self.limiter.check(ctx.operator_id, now)):
+            raise E.RateLimited("too many requests for this operator", retry_after=wait)
         # §4.12-14 anchor attestation, claim the nonce, persist: one atomic store step
         ctx.execution_fingerprint, ctx.attestation_hash = records.execution_binding(req.route, body)
         commit = records.build_commit(req, body, ctx, now, cfg, signature)

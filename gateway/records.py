@@ -32,7 +32,7 @@ def check_semantics(route: Route, body: Mapping[str, Any]) -> None:
         raise E.SchemaViolation("limit must be an integer", pointer="/limit")
     if route.kind == "telemetry":
         fingerprint = body["payload"]["attributes"].get("execution_fingerprint")
-        if fingerprint is not None and fingerprint != body["execution_hash"]:
+        if fingerprint is not None and fingerprint.lower() != body["execution_hash"].lower():
             raise E.SchemaViolation(
                 "execution_fingerprint must equal execution_hash",
                 pointer="/payload/attributes/execution_fingerprint",
@@ -40,12 +40,19 @@ def check_semantics(route: Route, body: Mapping[str, Any]) -> None:
 
 
 def execution_binding(route: Route, body: Mapping[str, Any]) -> tuple[str | None, str | None]:
-    """``(execution_fingerprint, attestation_measurement_hash)`` named by the body."""
+    """``(execution_fingerprint, attestation_measurement_hash)`` named by the body.
+
+    Lower-cased: hex is case-insensitive, and an anchor must not be dodged by sending
+    the same fingerprint in upper case.
+    """
     if route.kind == "telemetry":
-        return body["execution_hash"], body["payload"]["attributes"]["attestation_measurement_hash"]
-    if route.kind == "graph":
-        return body["execution_fingerprint"], body["attestation_measurement_hash"]
-    return None, None
+        fp, att = body["execution_hash"], body["payload"]["attributes"][
+            "attestation_measurement_hash"]
+    elif route.kind == "graph":
+        fp, att = body["execution_fingerprint"], body["attestation_measurement_hash"]
+    else:
+        return None, None
+    return fp.lower(), att.lower()
 
 
 def build_commit(

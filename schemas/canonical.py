@@ -53,23 +53,49 @@ def dumps_reference(obj: Any) -> bytes:
     ).encode("utf-8")
 
 
-# A float token in orjson output: a digit followed by '.', 'e' or 'E' outside strings.
-# Strings are removed first, so text such as "v1.0" never counts.
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
-_FLOATISH = re.compile(rb"[0-9][.eE]")
+def _plain(obj: Any) -> bool:
+    """True when ``obj`` holds only dict/list/str/int/bool/None (exact types, str keys).
+
+    Floats, subclasses (enums), and any other type make the fast path step aside:
+    orjson prints floats differently, writes NaN as null, and serialises UUIDs,
+    datetimes and dataclasses that the reference refuses.
+    """
+    stack = [obj]
+    pop, push, extend = stack.pop, stack.append, stack.extend
+    while stack:
+        item = pop()
+        kind = type(item)
+        if kind is dict:
+            for key, value in item.items():
+                if type(key) is not str:
+                    return False
+                push(value)
+        elif kind is list:
+            extend(item)
+        elif kind is int:
+            if not -(2**63) <= item < 2**64:
+                return False
+        elif kind is not str and kind is not bool and item is not None:
+            return False
+    return True
+
+
+def _fast(obj: Any) -> bytes | None:
+    """orjson's bytes when they are the canonical bytes, else None."""
+    out = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+    if out.isascii() and b"\x7f" not in out:
+        return out
+    return None
 
 
 def dumps(obj: Any) -> bytes:
-    """Canonical bytes of ``obj``; byte-identical to :func:`dumps_reference`."""
-    try:
-        out = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
-    except (TypeError, orjson.JSONEncodeError):
-        return dumps_reference(obj)  # big ints, non-str keys, ...: let json decide
-    if not out.isascii() or b"\x7f" in out:
-        return dumps_reference(obj)
-    if (b"." in out or b"e" in out or b"E" in out) and _FLOATISH.search(_STRING.sub(b"", out)):
-        return dumps_reference(obj)
-    return out
+    """Canonical bytes of ``obj``; byte-identical to :func:`dumps_reference` (and raises
+    where it raises)."""
+    if _plain(obj):
+        out = _fast(obj)
+        if out is not None:
+            return out
+    return dumps_reference(obj)
 
 
 # -- strict parser ----------------------------------------------------------------------
@@ -100,6 +126,7 @@ _DECODER = json.JSONDecoder(
     object_pairs_hook=_pairs_no_duplicates, parse_constant=_no_constants,
     parse_float=_finite_float,
 )
+_JSON_WS = " \t\r\n"  # RFC 8259 insignificant whitespace, as json.loads skips it
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -125,8 +152,9 @@ def loads(data: bytes) -> Any:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise CanonicalError(INVALID_UTF8, f"body is not UTF-8 (byte {exc.start})") from None
+    start = len(text) - len(text.lstrip(_JSON_WS))
     try:
-        value, end = _DECODER.raw_decode(text)
+        value, end = _DECODER.raw_decode(text, start)
     except CanonicalError:
         raise
     except json.JSONDecodeError as exc:
@@ -135,7 +163,7 @@ def loads(data: bytes) -> Any:
         raise CanonicalError(MALFORMED, "JSON nested too deeply") from None
     except ValueError as exc:  # e.g. int too long for int(): never a crash
         raise CanonicalError(MALFORMED, f"invalid JSON: {exc}") from None
-    if text[end:].strip(" \t\r\n"):
+    if text[end:].strip(_JSON_WS):
         raise CanonicalError(MALFORMED, f"trailing data at {end}")
     _check_text(value)
     return value
@@ -154,6 +182,7 @@ def parse_canonical(data: bytes) -> tuple[Any, bool]:
     except (orjson.JSONDecodeError, RecursionError):
         fast = None
     else:
+        # orjson.loads yields only JSON types and finite floats; big ints became floats.
         try:
             if dumps(fast) == data:
                 return fast, True

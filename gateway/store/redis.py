@@ -1,0 +1,240 @@
+"""The production store on Redis (>= 7.0): steps 12-14 as one EVALSHA (PROTOCOL.md §4).
+
+Key layout (``P`` = ``key_prefix``; braces are Redis Cluster hash tags):
+
+- ``P:{<tenant>}:a:<fp>``          anchor: the first attestation hash (no TTL)
+- ``P:{<tenant>}:r:<kind>:<id>``   record: its canonical JSON bytes (no TTL)
+- ``P:{<tenant>}:i:<kind>``        index: list of record ids, oldest first
+- ``P:{id:<identity>}:n:<nonce>``  claim: ``<expires_at>|<body digest>|<request id>``, TTL
+                                   nonce_ttl_s
+- ``P:p:<kind>:<id>``              pointer: record id -> tenant (for ``get_record``)
+
+A claim is live while the key exists (Redis clock, garbage collection) and its
+``expires_at`` (= ``commit.now + nonce_ttl_s``) is after the request's ``now``: the same
+gateway clock as the timestamp window (§4.4) and the same rule as the SQLite store.
+
+The nonce namespace is per identity across all routes and tenants (§4.13), so the nonce
+key is tagged by identity and the pointer key by nothing: one commit touches three hash
+slots. A single Redis (with replicas) is fine; a Redis Cluster would need the identity,
+tenant and pointer slots co-located, which it cannot guarantee — run one primary.
+"""
+
+from __future__ import annotations
+
+import re
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+
+from .base import Commit, CommitResult, Outcome, Store, StoreError
+
+# The shebang makes this a flagged (Redis 7) write script: with maxmemory reached, a
+# read-only replica or a failing AOF, Redis refuses the whole EVALSHA before running it.
+# Without the shebang only the first write would be refused; the script is also ordered
+# so that every check runs before the first write. Nothing is rolled back in Redis, so
+# neither defence may be dropped.
+COMMIT_LUA = """#!lua
+-- KEYS[1] nonce  KEYS[2] record  KEYS[3] pointer  KEYS[4] index  KEYS[5] anchor (optional)
+-- ARGV[1] claim (expires_at|digest|request_id)  ARGV[2] nonce TTL s  ARGV[3] record data
+-- ARGV[4] tenant  ARGV[5] record id  ARGV[6] attestation hash (with KEYS[5])  ARGV[7] now
+-- 1. attestation anchor: a different hash already anchored -> mismatch, nothing written
+if KEYS[5] then
+  local anchored = redis.call('GET', KEYS[5])
+  if anchored and anchored ~= ARGV[6] then return {'mismatch', anchored} end
+end
+-- 2. replay: a live claim -> replayed with the stored claim, nothing written
+local claimed = redis.call('GET', KEYS[1])
+if claimed and (tonumber(string.match(claimed, '^%d+')) or math.huge) > tonumber(ARGV[7]) then
+  return {'replayed', claimed}
+end
+-- 3. record id already used -> conflict, nothing written
+if redis.call('EXISTS', KEYS[2], KEYS[3]) > 0 then return {'conflict'} end
+-- 4. write everything: claim (replacing an expired one), anchor, record, pointer, index
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+if KEYS[5] then redis.call('SET', KEYS[5], ARGV[6], 'NX') end
+redis.call('SET', KEYS[2], ARGV[3])
+redis.call('SET', KEYS[3], ARGV[4])
+redis.call('RPUSH', KEYS[4], ARGV[5])
+return {'accepted'}
+"""
+
+_IDENTITY = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_TENANT = re.compile(r"[a-fA-F0-9-]{36}")
+_NONCE = re.compile(r"[A-Za-z0-9_-]{8,128}")
+_KIND = re.compile(r"[a-z_]{1,32}")
+_HEX64 = re.compile(r"[A-Fa-f0-9]{64}")
+_RECORD_ID = re.compile(r"[!-z|~]{1,256}")  # printable ASCII without '{' and '}'
+_PREFIX = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_ACCEPTED = CommitResult(Outcome.ACCEPTED)
+
+
+def _check(pattern: re.Pattern[str], value: str, what: str) -> str:
+    """Refuse a key part that could escape its key or hash tag ('{', '}', ':')."""
+    if not isinstance(value, str) or pattern.fullmatch(value) is None:
+        raise ValueError(f"invalid {what} for a store key: {value!r}")
+    return value
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class RedisStore(Store):
+    def __init__(self, url: str, *, require_durable: bool = True, socket_timeout: float = 2.0,
+                 key_prefix: str = "fedgate") -> None:
+        self.url = url
+        self.require_durable = require_durable
+        self.socket_timeout = socket_timeout
+        self.prefix = _check(_PREFIX, key_prefix, "key_prefix")
+        self._redis: Redis | None = None
+        self._sha = ""
+
+    # -- keys ---------------------------------------------------------------------------
+    def _tenant(self, tenant_id: str) -> str:
+        return f"{self.prefix}:{{{_check(_TENANT, tenant_id, 'tenant id')}}}"
+
+    def _record_key(self, tenant_id: str, kind: str, record_id: str) -> str:
+        rid = _check(_RECORD_ID, record_id, "record id")
+        return f"{self._tenant(tenant_id)}:r:{_check(_KIND, kind, 'kind')}:{rid}"
+
+    def _pointer_key(self, kind: str, record_id: str) -> str:
+        rid = _check(_RECORD_ID, record_id, "record id")
+        return f"{self.prefix}:p:{_check(_KIND, kind, 'kind')}:{rid}"
+
+    def _anchor_key(self, tenant_id: str, fp: str) -> str:
+        return f"{self._tenant(tenant_id)}:a:{_check(_HEX64, fp, 'execution fingerprint')}"
+
+    def _nonce_key(self, identity: str, nonce: str) -> str:
+        ident = _check(_IDENTITY, identity, "identity")
+        return f"{self.prefix}:{{id:{ident}}}:n:{_check(_NONCE, nonce, 'nonce')}"
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def open(self) -> None:
+        if self._redis is None:  # one pool per store, and one store per process
+            self._redis = Redis.from_url(
+                self.url, socket_timeout=self.socket_timeout,
+                socket_connect_timeout=self.socket_timeout,
+                # No client-side retry: a resent EVALSHA whose first copy ran would answer
+                # "replayed" for our own commit. Fail closed (503); the producer retries.
+                retry=Retry(NoBackoff(), 0),
+            )
+        await self._call(Redis.ping)
+        if self.require_durable:
+            await self._check_durable()
+        try:
+            self._sha = await self._redis.script_load(COMMIT_LUA)
+        except ResponseError as e:  # a server before 7.0 rejects the '#!lua' shebang
+            raise StoreError("claim", f"Redis refused the commit script ({e}); "
+                             "Redis 7.0 or newer is required") from e
+        except RedisError as e:
+            raise StoreError("claim", f"Redis is unavailable ({type(e).__name__}: {e})") from e
+
+    async def _check_durable(self) -> None:
+        try:
+            conf = await self._redis.config_get("append*")
+        except ResponseError as e:  # CONFIG renamed away or not permitted (managed Redis)
+            raise StoreError("claim", "cannot read the Redis persistence settings (CONFIG GET "
+                             "is not permitted); set require_durable=false only if the server "
+                             "is durable by other means") from e
+        except RedisError as e:
+            raise StoreError("claim", f"Redis is unavailable ({type(e).__name__}: {e})") from e
+        conf = {_text(k): _text(v) for k, v in conf.items()}
+        if conf.get("appendonly") != "yes":
+            raise StoreError("claim", "Redis must run with 'appendonly yes' so that an "
+                             "accepted request survives a crash (require_durable)")
+        if conf.get("appendfsync") != "always":
+            raise StoreError("claim", "Redis must run with 'appendfsync always' so that an "
+                             "accepted request survives a crash (require_durable)")
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    async def ping(self) -> bool:
+        try:
+            return self._redis is not None and bool(await self._redis.ping())
+        except Exception:  # readiness probe: any failure means "not ready"
+            return False
+
+    # -- commit -------------------------------------------------------------------------
+    async def commit(self, commit: Commit) -> CommitResult:
+        rec, anchor = commit.record, commit.anchor
+        if commit.nonce_ttl_s <= 0:
+            raise ValueError("nonce_ttl_s must be positive")
+        args = [
+            5 if anchor else 4,
+            self._nonce_key(commit.identity, commit.nonce),
+            self._record_key(rec.tenant_id, rec.kind, rec.record_id),
+            self._pointer_key(rec.kind, rec.record_id),
+            f"{self._tenant(rec.tenant_id)}:i:{rec.kind}",
+        ]
+        if anchor is not None:
+            args.append(self._anchor_key(anchor.tenant_id, anchor.execution_fingerprint))
+        claim = f"{commit.now + commit.nonce_ttl_s}|{commit.body_digest}|{commit.request_id}"
+        args += [claim, commit.nonce_ttl_s, rec.data, rec.tenant_id, rec.record_id,
+                 anchor.attestation_hash if anchor else "", commit.now]
+        reply = await self._call(self._evalsha, args, refused="write")
+        return self._result(reply, commit.body_digest)
+
+    async def _evalsha(self, client: Redis, args: list) -> list:
+        try:
+            return await client.evalsha(self._sha, *args)
+        except NoScriptError:  # SCRIPT FLUSH, a restart or a failover lost the script
+            self._sha = await client.script_load(COMMIT_LUA)
+            return await client.evalsha(self._sha, *args)
+
+    async def _call(self, fn, *args, refused: str = "claim"):
+        """``fn(client, *args)``; a refusal (error reply) is StoreError(refused), else claim."""
+        if self._redis is None:
+            raise StoreError("claim", "the Redis store is not open")
+        try:
+            return await fn(self._redis, *args)
+        except ResponseError as e:  # OOM, READONLY, MISCONF, ...: refused, nothing written
+            raise StoreError(refused, f"Redis refused the command: {e}") from e
+        except RedisError as e:  # refused/lost connection, LOADING, timeout (a commit may
+            # then have landed: fail closed; the producer's retry gets 409 duplicate_of)
+            raise StoreError("claim", f"Redis is unavailable ({type(e).__name__}: {e})") from e
+
+    @staticmethod
+    def _result(reply: list, body_digest: str) -> CommitResult:
+        status = reply[0]
+        if status == b"accepted":
+            return _ACCEPTED
+        if status == b"replayed":
+            _, digest, request_id = reply[1].decode().split("|", 2)
+            dup = request_id if digest == body_digest else None
+            return CommitResult(Outcome.REPLAYED, duplicate_of=dup)
+        if status == b"mismatch":
+            return CommitResult(Outcome.ATTESTATION_MISMATCH, anchored_hash=reply[1].decode())
+        raise StoreError("write", "record id already exists; nothing was written")
+
+    # -- reads --------------------------------------------------------------------------
+    async def is_claimed(self, identity: str, nonce: str, now: int) -> bool:
+        if not (_IDENTITY.fullmatch(identity) and _NONCE.fullmatch(nonce)):
+            return False  # never claimable: the pipeline refuses such requests first
+        claim = await self._call(Redis.get, self._nonce_key(identity, nonce))
+        return claim is not None and int(claim.split(b"|", 1)[0]) > now
+
+    async def get_record(self, kind: str, record_id: str) -> bytes | None:
+        tenant = await self._call(Redis.get, self._pointer_key(kind, record_id))
+        if tenant is None:
+            return None
+        return await self._call(Redis.get, self._record_key(tenant.decode(), kind, record_id))
+
+    async def get_anchor(self, tenant_id: str, execution_fingerprint: str) -> str | None:
+        value = await self._call(Redis.get, self._anchor_key(tenant_id, execution_fingerprint))
+        return None if value is None else value.decode()
+
+    async def list_records(self, kind: str, tenant_id: str, limit: int = 1000) -> list[bytes]:
+        if limit <= 0:
+            return []
+        prefix = self._tenant(tenant_id)
+        kind = _check(_KIND, kind, "kind")
+        ids = await self._call(Redis.lrange, f"{prefix}:i:{kind}", 0, limit - 1)
+        if not ids:
+            return []
+        keys = [f"{prefix}:r:{kind}:{rid.decode()}" for rid in ids]
+        return [v for v in await self._call(Redis.mget, keys) if v is not None]

@@ -1,0 +1,185 @@
+"""The store contract, run on both real stores (SQLite file, redis-server).
+
+Scenarios are rows of data (python-tuf style): a sequence of commits and the outcome
+each must get.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import pytest
+
+from gateway.store import Anchor, Commit, Outcome, Record, open_store
+
+TENANT = "7758e414-233a-5ea0-575b-cf0c26f5259a"
+OTHER_TENANT = "3526adb4-6352-d1d7-fa72-23d93cd439b3"
+FP = "f" * 64
+HASH_A = "a" * 64
+HASH_B = "b" * 64
+NOW = 1_795_000_000
+
+
+def make_commit(nonce: str = "nonce-0001", *, identity: str = "spectrastrike-producer",
+                digest: str = "d" * 64, request_id: str = "req-1", record_id: str = "rec-1",
+                tenant: str = TENANT, fp: str | None = FP, att: str = HASH_A,
+                now: int = NOW, ttl: int = 120, kind: str = "finding") -> Commit:
+    record = Record(kind, record_id, tenant, fp, b'{"record":"%s"}' % record_id.encode())
+    anchor = Anchor(tenant, fp, att) if fp is not None else None
+    return Commit(identity=identity, nonce=nonce, body_digest=digest, request_id=request_id,
+                  now=now, nonce_ttl_s=ttl, record=record, anchor=anchor)
+
+
+@pytest.fixture
+async def store(store_url):
+    s = open_store(store_url)
+    await s.open()
+    yield s
+    await s.close()
+
+
+# Each row: (name, [(commit overrides, expected outcome, expected duplicate_of)]).
+SCENARIOS = [
+    ("first_accepted", [({}, Outcome.ACCEPTED, None)]),
+    ("replay_same_body_names_original", [
+        ({}, Outcome.ACCEPTED, None),
+        ({"request_id": "req-2", "record_id": "rec-2"}, Outcome.REPLAYED, "req-1"),
+    ]),
+    ("replay_other_body_has_no_duplicate_of", [
+        ({}, Outcome.ACCEPTED, None),
+        ({"request_id": "req-2", "record_id": "rec-2", "digest": "e" * 64},
+         Outcome.REPLAYED, None),
+    ]),
+    ("nonce_namespace_is_per_identity", [
+        ({}, Outcome.ACCEPTED, None),
+        ({"identity": "spectrastrike-other", "request_id": "req-2", "record_id": "rec-2"},
+         Outcome.ACCEPTED, None),
+    ]),
+    ("nonce_shared_across_routes", [
+        ({}, Outcome.ACCEPTED, None),
+        ({"kind": "graph", "request_id": "req-2", "record_id": "rec-2", "fp": None},
+         Outcome.REPLAYED, "req-1"),
+    ]),
+    ("nonce_shared_across_tenants_of_one_identity", [
+        ({"fp": None}, Outcome.ACCEPTED, None),
+        ({"tenant": OTHER_TENANT, "fp": None, "request_id": "req-2", "record_id": "rec-2",
+          "digest": "e" * 64}, Outcome.REPLAYED, None),
+    ]),
+    ("nonce_expires_after_ttl", [
+        ({}, Outcome.ACCEPTED, None),
+        ({"now": NOW + 120, "request_id": "req-2", "record_id": "rec-2"},
+         Outcome.ACCEPTED, None),
+    ]),
+    ("nonce_still_claimed_just_before_ttl", [
+        ({}, Outcome.ACCEPTED, None),
+        ({"now": NOW + 119, "request_id": "req-2", "record_id": "rec-2"},
+         Outcome.REPLAYED, "req-1"),
+    ]),
+    ("same_anchor_accepted", [
+        ({}, Outcome.ACCEPTED, None),
+        ({"nonce": "nonce-0002", "request_id": "req-2", "record_id": "rec-2"},
+         Outcome.ACCEPTED, None),
+    ]),
+    ("different_attestation_rejected", [
+        ({}, Outcome.ACCEPTED, None),
+        ({"nonce": "nonce-0002", "request_id": "req-2", "record_id": "rec-2", "att": HASH_B},
+         Outcome.ATTESTATION_MISMATCH, None),
+    ]),
+    ("anchor_is_per_tenant", [
+        ({}, Outcome.ACCEPTED, None),
+        ({"nonce": "nonce-0002", "request_id": "req-2", "record_id": "rec-2", "att": HASH_B,
+          "tenant": OTHER_TENANT}, Outcome.ACCEPTED, None),
+    ]),
+    ("attestation_checked_before_replay", [
+        ({}, Outcome.ACCEPTED, None),
+        ({"request_id": "req-2", "record_id": "rec-2", "att": HASH_B},
+         Outcome.ATTESTATION_MISMATCH, None),
+    ]),
+]
+
+
+@pytest.mark.parametrize("steps", [s for _, s in SCENARIOS], ids=[n for n, _ in SCENARIOS])
+async def test_commit_scenarios(store, steps):
+    for overrides, outcome, duplicate_of in steps:
+        result = await store.commit(make_commit(**overrides))
+        assert result.outcome is outcome
+        assert result.duplicate_of == duplicate_of
+
+
+async def test_rejected_commit_writes_nothing(store):
+    assert (await store.commit(make_commit())).outcome is Outcome.ACCEPTED
+    mismatch = make_commit("nonce-0002", request_id="req-2", record_id="rec-2", att=HASH_B)
+    assert (await store.commit(mismatch)).outcome is Outcome.ATTESTATION_MISMATCH
+    assert not await store.is_claimed("spectrastrike-producer", "nonce-0002", NOW)
+    assert await store.get_record("finding", "rec-2") is None
+    replay = make_commit(request_id="req-3", record_id="rec-3")
+    assert (await store.commit(replay)).outcome is Outcome.REPLAYED
+    assert await store.get_record("finding", "rec-3") is None
+    assert await store.get_anchor(TENANT, FP) == HASH_A
+
+
+async def test_accepted_commit_is_readable(store):
+    await store.commit(make_commit())
+    assert await store.get_record("finding", "rec-1") == b'{"record":"rec-1"}'
+    assert await store.get_anchor(TENANT, FP) == HASH_A
+    assert await store.get_anchor(OTHER_TENANT, FP) is None
+    assert await store.is_claimed("spectrastrike-producer", "nonce-0001", NOW)
+    assert not await store.is_claimed("spectrastrike-producer", "nonce-0001", NOW + 120)
+    assert await store.get_record("graph", "rec-1") is None
+
+
+async def test_list_records_by_kind_and_tenant_oldest_first(store):
+    for i in range(5):
+        await store.commit(make_commit(f"nonce-{i:04d}", record_id=f"rec-{i}",
+                                       request_id=f"req-{i}", now=NOW + i))
+    await store.commit(make_commit("nonce-9999", record_id="rec-x", tenant=OTHER_TENANT))
+    listed = await store.list_records("finding", TENANT)
+    assert listed == [b'{"record":"rec-%d"}' % i for i in range(5)]
+    assert await store.list_records("finding", TENANT, limit=2) == listed[:2]
+    assert await store.list_records("graph", TENANT) == []
+
+
+async def test_records_survive_reopen(store_url):
+    first = open_store(store_url)
+    await first.open()
+    await first.commit(make_commit())
+    await first.close()
+    second = open_store(store_url)
+    await second.open()
+    try:
+        assert await second.get_record("finding", "rec-1") is not None
+        replay = make_commit(request_id="req-2", record_id="rec-2")
+        assert (await second.commit(replay)).outcome is Outcome.REPLAYED
+    finally:
+        await second.close()
+
+
+async def test_fifty_concurrent_claims_of_one_nonce_exactly_one_wins(store_url):
+    """50 claims of one nonce, each through its own connection: exactly one wins."""
+    stores = [open_store(store_url) for _ in range(50)]
+    await asyncio.gather(*(s.open() for s in stores))
+    try:
+        base = make_commit()
+        commits = [replace(base, request_id=f"req-{i}",
+                           record=replace(base.record, record_id=f"rec-{i}"))
+                   for i in range(50)]
+        results = await asyncio.gather(*(s.commit(c) for s, c in zip(stores, commits)))
+    finally:
+        await asyncio.gather(*(s.close() for s in stores))
+    outcomes = [r.outcome for r in results]
+    assert outcomes.count(Outcome.ACCEPTED) == 1
+    assert outcomes.count(Outcome.REPLAYED) == 49
+    winner = f"req-{outcomes.index(Outcome.ACCEPTED)}"
+    assert {r.duplicate_of for r in results if r.outcome is Outcome.REPLAYED} == {winner}
+    check = open_store(store_url)
+    await check.open()
+    try:
+        kept = [i for i in range(50) if await check.get_record("finding", f"rec-{i}")]
+    finally:
+        await check.close()
+    assert kept == [outcomes.index(Outcome.ACCEPTED)]
+
+
+async def test_ping_true_when_open(store):
+    assert await store.ping() is True
