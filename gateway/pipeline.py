@@ -15,7 +15,8 @@ import binascii
 import hashlib
 import hmac
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,9 +69,11 @@ class Pipeline:
     """Built once at start-up from the configuration, keyring, validators and store."""
 
     def __init__(
-        self, config: SecurityConfig, keyring: Keyring, validators: Validators, store: Store
+        self, config: SecurityConfig, keyring: Keyring, validators: Validators, store: Store,
+        *, store_timer: Callable[[float], None] | None = None,
     ) -> None:
         self.config = config
+        self.store_timer = store_timer  # observes the commit's latency (metrics)
         self.keyring = keyring
         self.validators = validators
         self.store = store
@@ -140,12 +143,16 @@ class Pipeline:
         return body
 
     async def commit(self, commit: Commit) -> None:
+        started = time.perf_counter()
         try:
             result = await self.store.commit(commit)
         except StoreError as exc:
             if exc.stage == "claim":
                 raise E.ReplayStoreUnavailable("the replay store is unavailable") from None
             raise E.StoreUnavailable("the store could not persist the request") from None
+        finally:
+            if self.store_timer is not None:
+                self.store_timer(time.perf_counter() - started)
         if result.outcome is Outcome.ATTESTATION_MISMATCH:
             raise E.AttestationMismatch(
                 "attestation_measurement_hash differs from the hash anchored for this execution"
