@@ -1,0 +1,136 @@
+"""TLS contexts and certificate fingerprints (PROTOCOL.md §2), stdlib ``ssl`` only.
+
+* ``server_context``: TLS 1.3 only, a client certificate chaining to ``client_ca`` is
+  required (no certificate, an untrusted chain, a certificate without clientAuth, or
+  TLS < 1.3 fail the handshake: no HTTP answer), no compression, no session resumption
+  (every connection presents and verifies the client certificate again).
+* ``client_context``: TLS 1.3 only, the server verified against ``ca`` with hostname check.
+* ``peer_cert_sha256``: the sha256 of the peer's leaf DER taken from the live TLS session;
+  the gateway pins identities with it, never with anything a header says.
+* ``server_cert_sha256_matches``: the emitter's server pinning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ssl
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+
+class TlsConfigError(ValueError):
+    """A TLS file that cannot be used; the message is one line naming the file."""
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise TlsConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def _reason(exc: ssl.SSLError) -> str:
+    return exc.reason or str(exc)
+
+
+def _no_password() -> bytes:
+    raise TlsConfigError("encrypted private key: fedgate needs an unencrypted PKCS#8 key")
+
+
+def _load_verify(ctx: ssl.SSLContext, ca: Path, what: str) -> None:
+    if b"-----BEGIN CERTIFICATE-----" not in _read(ca, what):
+        raise TlsConfigError(f"{what} {ca}: no PEM certificate found")
+    try:
+        ctx.load_verify_locations(cafile=str(ca))
+    except ssl.SSLError as exc:
+        raise TlsConfigError(f"{what} {ca}: cannot load ({_reason(exc)})") from None
+
+
+def _load_chain(ctx: ssl.SSLContext, cert: Path, key: Path | None) -> None:
+    if b"-----BEGIN CERTIFICATE-----" not in _read(cert, "certificate"):
+        raise TlsConfigError(f"certificate {cert}: no PEM certificate found")
+    key_file = cert if key is None else key
+    key_pem = _read(key_file, "private key")
+    if b"PRIVATE KEY-----" not in key_pem:
+        raise TlsConfigError(f"private key {key_file}: no PEM private key found")
+    if b"ENCRYPTED" in key_pem:
+        raise TlsConfigError(f"private key {key_file}: encrypted keys are not supported")
+    try:
+        ctx.load_cert_chain(str(cert), str(key_file), password=_no_password)
+    except TlsConfigError as exc:
+        raise TlsConfigError(f"private key {key_file}: {exc}") from None
+    except ssl.SSLError as exc:
+        if "KEY_VALUES_MISMATCH" in str(exc) or exc.reason == "KEY_VALUES_MISMATCH":
+            raise TlsConfigError(
+                f"private key {key_file} does not match certificate {cert}") from None
+        raise TlsConfigError(
+            f"cannot load certificate {cert} with key {key_file} ({_reason(exc)})") from None
+
+
+def _harden(ctx: ssl.SSLContext) -> None:
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.options |= ssl.OP_NO_COMPRESSION
+    # RFC 5280 strictness (Python 3.13's default): rejects malformed certificates.
+    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+
+
+def server_context(cert: Path, key: Path, client_ca: Path) -> ssl.SSLContext:
+    """The gateway's context: TLS 1.3 only, client certificates required against client_ca."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _harden(ctx)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.options |= ssl.OP_NO_TICKET
+    ctx.num_tickets = 0  # TLS 1.3: issue no session tickets, so no resumption at all
+    _load_verify(ctx, client_ca, "client CA")
+    _load_chain(ctx, cert, key)
+    return ctx
+
+
+def client_context(ca: Path, cert: Path | None = None,
+                   key: Path | None = None) -> ssl.SSLContext:
+    """The emitter's context: TLS 1.3 only, server verified against ``ca`` with hostname
+    check; ``cert``/``key`` the client certificate (``key`` may live in ``cert``)."""
+    if key is not None and cert is None:
+        raise TlsConfigError(f"private key {key} given without a client certificate")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED + check_hostname
+    _harden(ctx)
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    _load_verify(ctx, ca, "CA")
+    if cert is not None:
+        _load_chain(ctx, cert, key)
+    return ctx
+
+
+def peer_cert_sha256(ssl_object: Any) -> str | None:
+    """sha256 (lowercase hex) of the peer's leaf certificate DER, or None without one.
+
+    ``ssl_object`` is ``transport.get_extra_info("ssl_object")`` (an ``ssl.SSLObject`` or
+    ``ssl.SSLSocket``); None (plain TCP) gives None.
+    """
+    if ssl_object is None:
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    if not der:
+        return None
+    return hashlib.sha256(der).hexdigest()
+
+
+def normalize_pin(pin: str) -> str:
+    """Lowercase hex; ``openssl x509 -fingerprint -sha256`` style (``AB:CD:…``) accepted."""
+    return pin.replace(":", "").strip().lower()
+
+
+def server_cert_sha256_matches(ssl_object: Any, pins: Iterable[str]) -> bool:
+    """True iff the peer's leaf certificate is one of ``pins``; no certificate or no pins:
+    False (fail closed). Compared in constant time against every pin."""
+    got = peer_cert_sha256(ssl_object)
+    wanted = [normalize_pin(p) for p in pins]
+    if got is None or not wanted:
+        return False
+    matched = False
+    for pin in wanted:
+        matched |= hmac.compare_digest(got.encode(), pin.encode())
+    return matched
