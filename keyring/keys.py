@@ -15,7 +15,7 @@ import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ class KeyringError(ValueError):
     """A key file that cannot be trusted; the message names the key."""
 
 
-class KeyStatus(str, Enum):
+class KeyStatus(StrEnum):
     ACTIVE = "active"
     RETIRED = "retired"  # verify-only: still accepted inside its window
     REVOKED = "revoked"  # never accepted
@@ -160,7 +160,7 @@ def key_from_jwk(jwk: Any, index: int = 0) -> Key:
     except ValueError:
         raise KeyringError(f"{where}: unknown status {jwk.get('status')!r}") from None
     identity = jwk.get("identity")
-    if identity is not None and (not isinstance(identity, str) or not IDENTITY_RE.fullmatch(identity)):
+    if identity is not None and not (isinstance(identity, str) and IDENTITY_RE.fullmatch(identity)):
         raise KeyringError(f"{where}: malformed identity {identity!r}")
     return Key(kid=kid, public=public, status=status,
                not_before=_opt_int(jwk, "not_before", where),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 
 class StoreError(Exception):
@@ -65,7 +65,7 @@ class Commit:
     anchor: Anchor | None  # None: no anchoring for this request
 
 
-class Outcome(str, Enum):
+class Outcome(StrEnum):
     ACCEPTED = "accepted"
     ATTESTATION_MISMATCH = "attestation_mismatch"
     REPLAYED = "replayed"

@@ -108,13 +108,15 @@ class SqliteStore(Store):
         # 12. attestation anchor: a different hash for the pair is a mismatch
         if c.anchor is not None:
             row = db.execute(
-                "SELECT attestation_hash FROM anchors WHERE tenant_id=? AND execution_fingerprint=?",
+                "SELECT attestation_hash FROM anchors"
+                " WHERE tenant_id=? AND execution_fingerprint=?",
                 (c.anchor.tenant_id, c.anchor.execution_fingerprint)).fetchone()
             if row is not None and row[0] != c.anchor.attestation_hash:
                 return CommitResult(Outcome.ATTESTATION_MISMATCH, anchored_hash=row[0])
         # 13. replay: an unexpired (identity, nonce) claim
         row = db.execute(
-            "SELECT body_digest, request_id FROM nonces WHERE identity=? AND nonce=? AND expires_at>?",
+            "SELECT body_digest, request_id FROM nonces"
+            " WHERE identity=? AND nonce=? AND expires_at>?",
             (c.identity, c.nonce, c.now)).fetchone()
         if row is not None:
             duplicate_of = row[1] if row[0] == c.body_digest else None

@@ -12,7 +12,17 @@ import sqlite3
 
 import pytest
 from lab import (
-    ATT_OTHER, IDENTITY, NOW, OTHER_PIN, PIN, PRODUCER, PRODUCER_B, TENANT, TENANT_B, Lab, body_for,
+    ATT_OTHER,
+    IDENTITY,
+    NOW,
+    OTHER_PIN,
+    PIN,
+    PRODUCER,
+    PRODUCER_B,
+    TENANT,
+    TENANT_B,
+    Lab,
+    body_for,
 )
 from multidict import CIMultiDict
 
@@ -43,7 +53,8 @@ def resign(lab: Lab, body: bytes, ts: int = NOW, nonce: str = "nonce-raw-0001",
     sig = key.sign(request_signing_input(str(ts), nonce, body))
     return {"Content-Type": "application/json", "X-Service-Identity": IDENTITY,
             "X-Telemetry-Timestamp": str(ts), "X-Telemetry-Nonce": nonce,
-            "X-Telemetry-Signature": base64.b64encode(sig).decode(), "X-Telemetry-Key-Id": "lab-2026"}
+            "X-Telemetry-Signature": base64.b64encode(sig).decode(),
+            "X-Telemetry-Key-Id": "lab-2026"}
 
 
 def dup(headers: dict, name: str) -> CIMultiDict:

@@ -164,7 +164,7 @@ async def test_fifty_concurrent_claims_of_one_nonce_exactly_one_wins(store_url):
         commits = [replace(base, request_id=f"req-{i}",
                            record=replace(base.record, record_id=f"rec-{i}"))
                    for i in range(50)]
-        results = await asyncio.gather(*(s.commit(c) for s, c in zip(stores, commits)))
+        results = await asyncio.gather(*(s.commit(c) for s, c in zip(stores, commits, strict=True)))
     finally:
         await asyncio.gather(*(s.close() for s in stores))
     outcomes = [r.outcome for r in results]

@@ -1,0 +1,15 @@
+"""Hash-chained JSON audit events a SIEM can ingest (PROTOCOL.md §7, docs/AUDIT.md)."""
+
+from audit.chain import AuditError, AuditLog, VerifyResult, verify_file
+from audit.events import feedback_event, request_event
+from audit.sinks import AuditSink
+
+__all__ = [
+    "AuditError",
+    "AuditLog",
+    "AuditSink",
+    "VerifyResult",
+    "feedback_event",
+    "request_event",
+    "verify_file",
+]

@@ -1,0 +1,252 @@
+"""The hash-chained audit file (PROTOCOL.md §7): O(1) append, safe across processes.
+
+Each line is the canonical JSON form (``schemas.canonical.dumps``) of one event plus
+``\\n``. ``hash`` is the sha256 hex of the canonical form of the event *without*
+``hash`` (but with ``prev_hash``); ``prev_hash`` is the previous line's ``hash``, 64
+zeros on the first line. Editing, inserting, deleting or reordering a line therefore
+breaks the chain at that line. (Removing trailing lines leaves a shorter, intact chain:
+only an external copy — the SIEM's — of the last hash detects that; see docs/AUDIT.md.)
+
+Appending, in every process that shares the file:
+
+1. take ``flock(LOCK_EX)`` on this process's own open file description (reopened
+   after a ``fork`` and when the path now names another file);
+2. read the file backwards from its end, in blocks, until the last complete line;
+   check it ends with ``\\n`` and carries its own correct hash (else fail closed);
+3. write the new line with one ``os.write`` on an ``O_APPEND`` descriptor, ``fsync``;
+4. unlock.
+
+Cost per append is independent of the file's length. ``verify_file`` streams the file
+once: O(n) time, memory bounded by the longest line.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from schemas.canonical import dumps
+
+__all__ = ["GENESIS", "AuditError", "AuditLog", "VerifyResult", "event_hash", "verify_file"]
+
+GENESIS = "0" * 64
+_BLOCK = 4096
+_MAX_LINE = 1 << 20  # a longer "last line" is corruption, not an event
+_HEX = frozenset("0123456789abcdef")
+
+
+class AuditError(RuntimeError):
+    """The audit file cannot be extended safely; nothing was written."""
+
+
+def event_hash(event: dict[str, Any]) -> str:
+    """sha256 hex of the canonical form of ``event`` without its ``hash`` member."""
+    return hashlib.sha256(dumps({k: v for k, v in event.items() if k != "hash"})).hexdigest()
+
+
+def _is_hex64(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX
+
+
+def _read_block(fd: int, offset: int, length: int) -> bytes:
+    """The one read of the append path (tests count calls here)."""
+    data = os.pread(fd, length, offset)
+    if len(data) != length:
+        raise AuditError("audit file shrank while locked")
+    return data
+
+
+def _last_line(fd: int, size: int) -> bytes:
+    """The file's last line, newline included, reading only the tail."""
+    buf, pos = b"", size
+    while True:
+        start = max(0, pos - _BLOCK)
+        buf = _read_block(fd, start, pos - start) + buf
+        pos = start
+        cut = buf.rfind(b"\n", 0, len(buf) - 1)
+        if cut >= 0:
+            return buf[cut + 1:]
+        if pos == 0:
+            return buf
+        if len(buf) > _MAX_LINE:
+            raise AuditError(f"last line of the audit file exceeds {_MAX_LINE} bytes")
+
+
+def _tail_hash(fd: int) -> str:
+    """The ``hash`` of the last line, checked; :data:`GENESIS` for an empty file."""
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return GENESIS
+    line = _last_line(fd, size)
+    if not line.endswith(b"\n"):
+        raise AuditError("audit file ends with a torn line (no newline): run "
+                         "`fedgate audit verify` and repair it before appending")
+    try:
+        last = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        raise AuditError("last line of the audit file is not JSON") from None
+    if not isinstance(last, dict) or not _is_hex64(last.get("hash")):
+        raise AuditError("last line of the audit file has no well-formed hash")
+    if event_hash(last) != last["hash"]:
+        raise AuditError("last line of the audit file fails its own hash (edited)")
+    return last["hash"]
+
+
+class AuditLog:
+    """Appends chained events to ``path``; one instance per process, thread-safe."""
+
+    def __init__(self, path: Path | str, *, fsync: bool = True) -> None:
+        self.path = Path(path)
+        self.fsync = fsync
+        self._mutex = threading.Lock()  # flock does not exclude threads of one process
+        self._fd: int | None = None
+        self._pid = 0
+        self._open()
+
+    def _open(self) -> None:
+        created = not self.path.exists()
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        self._pid = os.getpid()
+        if created and self.fsync:  # make the new directory entry durable too
+            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    def _reopen(self) -> None:
+        # closing a descriptor inherited over fork() keeps the parent's lock: it is the
+        # parent's open file description, which only the parent ever unlocks
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = None
+        self._open()
+
+    def _is_current(self, fd: int) -> bool:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        cur = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (cur.st_dev, cur.st_ino)
+
+    def _lock(self) -> int:
+        """Hold ``LOCK_EX`` on the file the path names now; return its descriptor."""
+        if self._fd is None:
+            raise AuditError("audit log is closed")
+        if self._pid != os.getpid():
+            self._reopen()
+        for _ in range(3):
+            fd = self._fd
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if self._is_current(fd):
+                return fd
+            fcntl.flock(fd, fcntl.LOCK_UN)  # rotated or removed meanwhile: follow the path
+            self._reopen()
+        raise AuditError(f"{self.path} keeps being replaced")
+
+    def append(self, event: dict[str, Any]) -> dict[str, Any]:
+        """Chain ``event`` (any ``prev_hash``/``hash`` it has are replaced) and write it."""
+        body = {k: v for k, v in event.items() if k not in ("prev_hash", "hash")}
+        with self._mutex:
+            fd = self._lock()
+            try:
+                body["prev_hash"] = _tail_hash(fd)
+                body["hash"] = event_hash(body)
+                self._write(fd, dumps(body) + b"\n")
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        return body
+
+    def _write(self, fd: int, line: bytes) -> None:
+        size = os.fstat(fd).st_size
+        try:
+            if os.write(fd, line) != len(line):
+                raise AuditError("short write to the audit file")
+            if self.fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.ftruncate(fd, size)  # never leave a torn line behind (still locked)
+            raise
+
+    def close(self) -> None:
+        with self._mutex:
+            if self._fd is not None:
+                os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    """``lines``: intact lines before the first bad one (all of them when ``ok``)."""
+
+    ok: bool
+    lines: int
+    first_bad_line: int | None = None
+    reason: str | None = None
+    last_hash: str = GENESIS  # hash of the last intact line: anchor it elsewhere
+
+    def __str__(self) -> str:
+        if self.ok:
+            return f"intact: {self.lines} lines, last hash {self.last_hash}"
+        where = f"line {self.first_bad_line}: " if self.first_bad_line else ""
+        return f"broken: {where}{self.reason}"
+
+
+def _check_line(raw: bytes, prev: str) -> str:
+    """The line's hash if it extends the chain after ``prev``; else ValueError(reason)."""
+    if not raw.endswith(b"\n"):
+        raise ValueError("torn line (no trailing newline): truncated or crashed write")
+    try:
+        event = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ValueError("not JSON") from None
+    if not isinstance(event, dict):
+        raise ValueError("not a JSON object")
+    if not _is_hex64(event.get("hash")):
+        raise ValueError("missing or ill-formed hash")
+    if not _is_hex64(event.get("prev_hash")):
+        raise ValueError("missing or ill-formed prev_hash")
+    if dumps(event) != raw[:-1]:
+        raise ValueError("not in canonical form (rewritten or duplicate keys)")
+    if event_hash(event) != event["hash"]:
+        raise ValueError("hash mismatch: the line was edited")
+    if event["prev_hash"] != prev:
+        raise ValueError("prev_hash does not match the previous line: a line was "
+                         "inserted, deleted or moved")
+    return event["hash"]
+
+
+def verify_lines(lines: Iterable[bytes]) -> VerifyResult:
+    """Walk the chain over ``lines`` (each with its newline); stop at the first break."""
+    prev, count = GENESIS, 0
+    for number, raw in enumerate(lines, start=1):
+        try:
+            prev = _check_line(raw, prev)
+        except ValueError as exc:
+            return VerifyResult(False, count, number, str(exc), prev)
+        count += 1
+    return VerifyResult(True, count, None, None, prev)
+
+
+def verify_file(path: Path | str) -> VerifyResult:
+    """Check the whole chain of ``path`` in one streaming pass (an empty file is intact)."""
+    try:
+        with open(path, "rb") as f:
+            return verify_lines(f)
+    except OSError as exc:
+        return VerifyResult(False, 0, None, f"cannot read {path}: {exc.strerror or exc}")

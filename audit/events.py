@@ -1,0 +1,163 @@
+"""Audit event builders (PROTOCOL.md §7): flat, dotted Elastic Common Schema names.
+
+Builders take explicit keyword arguments only — never a request, a header mapping or a
+``**kwargs`` passthrough — so no event can carry a private key, a signing input or raw
+body bytes. ``now`` is the caller's single clock reading for the request (Unix seconds).
+
+Shape rules (docs/AUDIT.md):
+
+* ``event.category`` is a JSON array of keywords, as ECS defines it;
+* ``tenant_id``, ``kid`` and ``execution_fingerprint`` are always present (``null`` when
+  not known yet) because ``schemas/audit_event.schema.json`` requires them; every other
+  optional member is omitted when its value is ``None``;
+* ``prev_hash`` and ``hash`` are added by :meth:`audit.chain.AuditLog.append`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+__all__ = ["FEEDBACK_CATEGORIES", "feedback_event", "request_event", "rfc3339_ms"]
+
+OUTCOMES = ("success", "failure")
+_ACTION = re.compile(r"^[a-z][a-z0-9_]*(?:\.[a-z][a-z0-9_]*)+$")
+_MAX_MESSAGE = 512
+_ALWAYS = ("tenant_id", "kid", "execution_fingerprint")  # required by the schema, nullable
+
+#: §6 rejection code → ECS category (mirrors gateway/errors.py: signature, key and
+#: freshness failures are security events; tenant boundaries are ``iam``).
+FEEDBACK_CATEGORIES: dict[str, str] = {
+    "malformed_response": "web",
+    "unsupported_algorithm": "authentication",
+    "unknown_kid": "authentication",
+    "invalid_signature": "authentication",
+    "timestamp_out_of_window": "authentication",
+    "nonce_not_bound": "authentication",
+    "tenant_mismatch": "iam",
+    "attestation_mismatch": "web",
+    "replayed_nonce": "web",
+}
+
+
+def rfc3339_ms(now: float) -> str:
+    """``2026-11-23T15:04:05.123Z``: UTC, milliseconds, truncated (never in the future)."""
+    micros = round(now * 1_000_000)  # exact to the microsecond for any current time
+    seconds, millis = divmod(micros // 1000, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+def _check(action: str, outcome: str, category: list[str], reason: str | None) -> None:
+    if not _ACTION.match(action):
+        raise ValueError(f"event.action {action!r} is not dotted lower-case words")
+    if outcome not in OUTCOMES:
+        raise ValueError(f"event.outcome must be one of {OUTCOMES}, not {outcome!r}")
+    if not isinstance(category, list) or not category or not all(
+        isinstance(c, str) and c for c in category
+    ):
+        raise ValueError("event.category must be a non-empty list of keywords")
+    if outcome == "failure" and not reason:
+        raise ValueError("a failure event needs event.reason (the error code)")
+
+
+def _message(detail: str | None) -> str | None:
+    if detail is None:
+        return None
+    detail = " ".join(str(detail).split())  # one line, whatever the caller passed
+    return detail if len(detail) <= _MAX_MESSAGE else detail[: _MAX_MESSAGE - 3] + "..."
+
+
+def _assemble(fields: dict[str, Any]) -> dict[str, Any]:
+    """Drop ``None`` members, except the ones the schema requires (kept as ``null``)."""
+    return {k: v for k, v in fields.items() if v is not None or k in _ALWAYS}
+
+
+def request_event(
+    *,
+    action: str,
+    outcome: str,
+    category: list[str],
+    status: int,
+    request_id: str,
+    reason: str | None = None,
+    identity: str | None = None,
+    peer_sha256: str | None = None,
+    tenant_id: str | None = None,
+    kid: str | None = None,
+    execution_fingerprint: str | None = None,
+    attestation_hash: str | None = None,
+    detail: str | None = None,
+    now: float,
+) -> dict[str, Any]:
+    """One gateway decision: ``telemetry.accepted``, ``query.rejected``, ``feedback.issued``..."""
+    _check(action, outcome, category, reason)
+    if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
+        raise ValueError(f"http.response.status_code {status!r} is not an HTTP status")
+    if not request_id:
+        raise ValueError("request_id is required")
+    return _assemble({
+        "@timestamp": rfc3339_ms(now),
+        "event.kind": "event",
+        "event.action": action,
+        "event.outcome": outcome,
+        "event.category": list(category),
+        "event.reason": reason,
+        "http.response.status_code": status,
+        "request_id": request_id,
+        "service.identity": identity,
+        "tls.client.hash.sha256": peer_sha256,
+        "tenant_id": tenant_id,
+        "kid": kid,
+        "execution_fingerprint": execution_fingerprint,
+        "attestation_measurement_hash": attestation_hash,
+        "message": _message(detail),
+    })
+
+
+def feedback_event(
+    *,
+    outcome: str,
+    request_id: str,
+    reason: str | None = None,
+    status: int | None = None,
+    tenant_id: str | None = None,
+    kid: str | None = None,
+    nonce: str | None = None,
+    adjustments: int | None = None,
+    detail: str | None = None,
+    now: float,
+) -> dict[str, Any]:
+    """The emitter's §6 verdict on one feedback response.
+
+    ``feedback.applied`` on success, ``feedback.rejected`` with ``reason`` = the §6 code
+    otherwise; the category follows from the code (:data:`FEEDBACK_CATEGORIES`). The
+    response ``nonce`` is not secret and is recorded as ``feedback.nonce``.
+    """
+    if outcome == "success":
+        if reason is not None:
+            raise ValueError("a success event carries no event.reason")
+        action, category = "feedback.applied", ["web"]
+    else:
+        if reason not in FEEDBACK_CATEGORIES:
+            raise ValueError(f"unknown §6 rejection code {reason!r}")
+        action, category = "feedback.rejected", [FEEDBACK_CATEGORIES[reason]]
+    _check(action, outcome, category, reason)
+    if not request_id:
+        raise ValueError("request_id is required")
+    return _assemble({
+        "@timestamp": rfc3339_ms(now),
+        "event.kind": "event",
+        "event.action": action,
+        "event.outcome": outcome,
+        "event.category": category,
+        "event.reason": reason,
+        "http.response.status_code": status,
+        "request_id": request_id,
+        "tenant_id": tenant_id,
+        "kid": kid,
+        "execution_fingerprint": None,
+        "feedback.nonce": nonce,
+        "feedback.adjustments": adjustments,
+        "message": _message(detail),
+    })

@@ -1,0 +1,67 @@
+"""Where audit events go: the chained file for the SIEM, one summary line for humans.
+
+Built once at start-up. The file line is the canonical JSON the chain hashes, so it is
+rendered by :class:`audit.chain.AuditLog`, not by a structlog renderer; structlog only
+writes the short human summary to stderr (INFO). A failed append raises: the caller
+decides (the gateway fails closed), nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from audit.chain import AuditLog
+
+__all__ = ["AuditSink", "stderr_logger"]
+
+# Members copied into the human summary; never the whole event.
+_SUMMARY = (
+    ("outcome", "event.outcome"),
+    ("reason", "event.reason"),
+    ("status", "http.response.status_code"),
+    ("request_id", "request_id"),
+    ("identity", "service.identity"),
+    ("tenant_id", "tenant_id"),
+)
+
+
+def stderr_logger() -> Any:
+    """A structlog logger writing ``key=value`` lines to stderr at INFO and above."""
+    return structlog.wrap_logger(
+        structlog.PrintLogger(file=sys.stderr),
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.KeyValueRenderer(key_order=["timestamp", "level", "event"]),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        cache_logger_on_first_use=True,
+    )
+
+
+class AuditSink:
+    """``emit(event)``: append to the chained file (durably), then log a summary."""
+
+    def __init__(self, path: Path | str, *, fsync: bool = True, logger: Any = None) -> None:
+        self.log = AuditLog(path, fsync=fsync)
+        self.logger = logger if logger is not None else stderr_logger()
+
+    def emit(self, event: dict[str, Any]) -> None:
+        chained = self.log.append(event)
+        summary = {name: chained[key] for name, key in _SUMMARY if chained.get(key) is not None}
+        self.logger.info(chained.get("event.action", "audit"), hash=chained["hash"][:16],
+                         **summary)
+
+    def close(self) -> None:
+        self.log.close()
+
+    def __enter__(self) -> AuditSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,219 @@
+"""The aiohttp application: routes of PROTOCOL.md §5, one error→HTTP mapping, audit.
+
+Resources (store, keys, validators, audit log, pipeline) are built once at start-up in
+``resources`` (aiohttp ``cleanup_ctx``) and reached through typed ``web.AppKey``s; a
+handler never opens a connection. Every answer carries ``X-Request-Id``; every signed
+request produces exactly one audit event, accepted or rejected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from audit import AuditSink, request_event
+from keyring import Keyring, PrivateKey, self_test
+from schemas.validate import Validators
+
+from . import errors as E
+from .feedback import FeedbackIssuer
+from .metrics import Metrics
+from .pipeline import Context, Pipeline, SignedRequest, check_content_type
+from .records import accepted_body
+from .routes import SIGNED_ROUTES, Route
+from .settings import GatewaySettings
+from .store import Store, open_store
+from .tls import peer_cert_sha256
+
+log = logging.getLogger("fedgate.gateway")
+
+SETTINGS = web.AppKey("settings", GatewaySettings)
+KEYS = web.AppKey("keys", tuple)  # (Keyring, PrivateKey)
+STORE = web.AppKey("store", Store)
+PIPELINE = web.AppKey("pipeline", Pipeline)
+AUDIT = web.AppKey("audit", AuditSink)
+AUDIT_EXECUTOR = web.AppKey("audit_executor", ThreadPoolExecutor)
+ISSUER = web.AppKey("issuer", FeedbackIssuer)
+METRICS = web.AppKey("metrics", Metrics)
+CLOCK = web.AppKey("clock", object)
+READY = web.AppKey("ready", dict)
+
+REQUEST_ID = web.RequestKey("request_id", str)
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+ROUTER_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+def make_app(settings: GatewaySettings, keys: tuple[Keyring, PrivateKey], *,
+             clock: Callable[[], float] = time.time) -> web.Application:
+    """The gateway application; ``keys`` were loaded and checked by the caller."""
+    app = web.Application(client_max_size=settings.security.max_body_bytes + 1,
+                          middlewares=[request_id_middleware])
+    app[SETTINGS], app[KEYS], app[CLOCK] = settings, keys, clock
+    app[METRICS] = Metrics()
+    app[READY] = {"self_test": False}
+    app.cleanup_ctx.append(resources)
+    for path in SIGNED_ROUTES:
+        app.router.add_post(path, handle_signed)
+    app.router.add_get("/healthz", handle_healthz)
+    app.router.add_get("/readyz", handle_readyz)
+    app.router.add_get("/metrics", handle_metrics)
+    return app
+
+
+async def resources(app: web.Application) -> AsyncIterator[None]:
+    """Start-up: self-test, validators, store, audit log, pipeline. Shutdown: close."""
+    settings = app[SETTINGS]
+    keyring, feedback_key = app[KEYS]
+    self_test()  # refuses to start if the loaded crypto fails its known answers
+    app[READY]["self_test"] = True
+    store = open_store(settings.store_url, **settings.store_options)
+    await store.open()
+    app[STORE] = store
+    app[AUDIT] = AuditSink(settings.audit_path)
+    app[AUDIT_EXECUTOR] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedgate-audit")
+    app[PIPELINE] = Pipeline(settings.security, keyring, Validators(), store,
+                             store_timer=app[METRICS].store.observe)
+    app[ISSUER] = FeedbackIssuer(store, feedback_key, settings.feedback_kid)
+    try:
+        yield
+    finally:
+        await store.close()
+        app[AUDIT_EXECUTOR].shutdown(wait=True)
+        app[AUDIT].close()
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """Echo a well-formed X-Request-Id or make one; never leak internals on a 500."""
+    request_id = request.headers.get("X-Request-Id", "")
+    if not REQUEST_ID_RE.fullmatch(request_id):
+        request_id = str(uuid.uuid4())
+    request[REQUEST_ID] = request_id
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:  # 404 / 405 from the router (§4 step 1)
+        if exc.status < 400:
+            raise
+        code = ROUTER_CODES.get(exc.status, "bad_request")
+        response = json_response({"accepted": False, "request_id": request_id, "error": code,
+                                  "detail": exc.reason}, exc.status)
+        if exc.status == 405:
+            response.headers["Allow"] = exc.headers.get("Allow", "POST")
+        await audit_route_reject(request, request_id, exc.status, code)
+    except Exception:
+        log.exception("unhandled error (request %s)", request_id)
+        err = E.InternalError("internal error")
+        response = json_response(err.body(request_id), err.status)
+    response.headers["X-Request-Id"] = request_id
+    return response
+
+
+def json_response(body: Any, status: int) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """§4.2: judge the size from Content-Length before reading; enforce while streaming."""
+    check_content_type(request.headers)
+    if request.content_length is not None and request.content_length > limit:
+        raise E.BodyTooLarge(f"body exceeds max_body_bytes ({limit})")
+    chunks, size = [], 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise E.BodyTooLarge(f"body exceeds max_body_bytes ({limit})")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def handle_signed(request: web.Request) -> web.Response:
+    app = request.app
+    now = int(app[CLOCK]())  # "now" is captured once per request and passed down
+    route: Route = SIGNED_ROUTES[request.path]
+    ctx = Context(request[REQUEST_ID])
+    peer = peer_cert_sha256(request.transport.get_extra_info("ssl_object")
+                            if request.transport else None)
+    started = time.perf_counter()
+    try:
+        body = await read_body(request, app[SETTINGS].security.max_body_bytes)
+        req = SignedRequest(route, request.headers, body, peer, ctx.request_id)
+        await app[PIPELINE].process(req, now, ctx)
+        status, payload, action = await answer(app, route, ctx, now)
+    except E.GatewayError as exc:
+        status, payload, action = exc.status, exc.body(ctx.request_id), f"{route.kind}.rejected"
+        await audit(app, ctx, peer, action, status, now, exc)
+        response = json_response(payload, status)
+        if isinstance(exc, E.RateLimited):
+            response.headers["Retry-After"] = str(exc.extra["retry_after"])
+        if isinstance(exc, E.BodyTooLarge):
+            response.force_close()  # the unread body must not be parsed as a request
+        app[METRICS].count(route.kind, status, exc.error)
+        return response
+    finally:
+        app[METRICS].pipeline.observe(time.perf_counter() - started)
+    await audit(app, ctx, peer, action, status, now, None)
+    app[METRICS].count(route.kind, status, None)
+    return json_response(payload, status)
+
+
+async def answer(app: web.Application, route: Route, ctx: Context, now: int):
+    if route.kind == "query":
+        response = await app[ISSUER].issue(ctx, now)
+        return 200, response, "feedback.issued"
+    return 202, accepted_body(route, ctx), f"{route.kind}.accepted"
+
+
+async def audit(app: web.Application, ctx: Context, peer: str | None, action: str,
+                status: int, now: int, exc: E.GatewayError | None) -> None:
+    """One chained audit event per decision, written off the event loop."""
+    event = request_event(
+        action=action, outcome="failure" if exc else "success",
+        category=[exc.category if exc else "web"], status=status,
+        request_id=ctx.request_id, reason=exc.error if exc else None,
+        identity=ctx.identity, peer_sha256=peer, tenant_id=ctx.tenant_id, kid=ctx.kid,
+        execution_fingerprint=ctx.execution_fingerprint, attestation_hash=ctx.attestation_hash,
+        detail=exc.detail if exc else None, now=time.time(),
+    )
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(app[AUDIT_EXECUTOR], app[AUDIT].emit, event)
+
+
+async def audit_route_reject(request: web.Request, request_id: str, status: int,
+                             code: str) -> None:
+    """A request for no route (scans, probes) is still one audit event."""
+    app = request.app
+    if AUDIT not in app:
+        return
+    app[METRICS].count("none", status, code)
+    event = request_event(action="http.rejected", outcome="failure", category=["web"],
+                          status=status, request_id=request_id, reason=code,
+                          detail=f"{request.method} {request.path[:200]}", now=time.time())
+    await asyncio.get_running_loop().run_in_executor(app[AUDIT_EXECUTOR], app[AUDIT].emit, event)
+
+
+async def handle_healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"}, 200)
+
+
+async def handle_readyz(request: web.Request) -> web.Response:
+    app = request.app
+    store_ok = STORE in app and await app[STORE].ping()
+    checks = {"store": store_ok, "keys": bool(app[KEYS][0]), "self_test": app[READY]["self_test"]}
+    ready = all(checks.values())
+    return json_response({"status": "ready" if ready else "not_ready", "checks": checks},
+                         200 if ready else 503)
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    return web.Response(text=request.app[METRICS].render(),
+                        content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})

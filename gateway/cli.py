@@ -1,0 +1,145 @@
+"""``fedgate``: the operator interface of PROTOCOL.md §8.
+
+Every subcommand has ``--help``; success exits 0; a failure exits non-zero with one
+line on stderr saying why (no traceback for an expected failure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from audit import verify_file
+from keyring.ed25519 import PrivateKey, SelfTestError
+from keyring.keys import KID_RE, Key, KeyringError
+
+from .config import ConfigError
+from .store import StoreError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.run(args) or 0
+    except (ConfigError, KeyringError, SelfTestError, ValueError) as exc:
+        print(f"fedgate: error: {exc}", file=sys.stderr)
+        return 2
+    except StoreError as exc:
+        print(f"fedgate: error: store unavailable: {exc.detail}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"fedgate: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedgate", description="SpectraStrike ⇄ VectorVue federation gateway.")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the gateway (mTLS, TLS 1.3)",
+                           description="Run the gateway from a TOML config (PROTOCOL.md §8).")
+    serve.add_argument("--config", required=True, type=Path, help="gateway TOML file")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="worker processes sharing the port with SO_REUSEPORT (default 1)")
+    serve.set_defaults(run=cmd_serve)
+
+    certs = sub.add_parser("certs", help="dev PKI").add_subparsers(metavar="ACTION")
+    init = certs.add_parser("init", help="create a dev CA, gateway cert and client certs",
+                            description="Create a DEV PKI: CA, gateway certificate (SANs "
+                            "localhost, 127.0.0.1), one client certificate per identity, and "
+                            "their sha256 pins (printed and written to pins.json).")
+    init.add_argument("dir", type=Path, help="output directory")
+    init.add_argument("--identity", action="append", default=None, metavar="NAME",
+                      help="client identity (repeatable; default spectrastrike-producer)")
+    init.add_argument("--host", action="append", default=None, metavar="HOST",
+                      help="gateway SAN (repeatable; default localhost and 127.0.0.1)")
+    init.add_argument("--days", type=int, default=30, help="validity in days (default 30)")
+    init.add_argument("--force", action="store_true", help="overwrite existing files")
+    init.set_defaults(run=cmd_certs_init)
+
+    keys = sub.add_parser("keys", help="Ed25519 keys").add_subparsers(metavar="ACTION")
+    new = keys.add_parser("new", help="create an Ed25519 key: PKCS#8 PEM + public JWK",
+                          description="Write KID.pem (private, mode 0600) and KID.jwk.json "
+                          "(public JWK with fedgate's members) into --out.")
+    new.add_argument("--kid", required=True, help="key id, ^[A-Za-z0-9._:-]{1,128}$")
+    new.add_argument("--out", required=True, type=Path, help="output directory")
+    new.add_argument("--identity", help="service identity the key signs for (producer keys)")
+    new.add_argument("--tenant", action="append", default=[], help="tenant id (repeatable)")
+    new.set_defaults(run=cmd_keys_new)
+
+    aud = sub.add_parser("audit", help="audit log tools").add_subparsers(metavar="ACTION")
+    verify = aud.add_parser("verify", help="check an audit log's hash chain",
+                            description="Exit 0 when the chain is intact; non-zero naming "
+                            "the first bad line otherwise.")
+    verify.add_argument("file", type=Path)
+    verify.set_defaults(run=cmd_audit_verify)
+    return parser
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve, serve_workers
+
+    if args.workers < 1:
+        raise ValueError("--workers must be at least 1")
+    if args.workers == 1:
+        serve(args.config)
+        return 0
+    return serve_workers(args.config, args.workers)
+
+
+def cmd_certs_init(args: argparse.Namespace) -> int:
+    from .pki import PkiError, init_pki
+
+    kwargs = {"days": args.days, "force": args.force}
+    if args.host:
+        kwargs["hosts"] = args.host
+    try:
+        result = init_pki(args.dir, args.identity or ["spectrastrike-producer"], **kwargs)
+    except PkiError as exc:
+        raise ValueError(str(exc)) from None
+    print(json.dumps(result.pins, indent=2))
+    print(f"fedgate: wrote dev PKI to {args.dir} (pins in {result.pins_path})", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_new(args: argparse.Namespace) -> int:
+    if not KID_RE.fullmatch(args.kid):
+        raise ValueError(f"--kid {args.kid!r} must match ^[A-Za-z0-9._:-]{{1,128}}$")
+    args.out.mkdir(parents=True, exist_ok=True)
+    pem, jwk = args.out / f"{args.kid}.pem", args.out / f"{args.kid}.jwk.json"
+    for path in (pem, jwk):
+        if path.exists():
+            raise ValueError(f"{path} exists; refusing to overwrite a key")
+    key = PrivateKey(os.urandom(32))
+    fd = os.open(pem, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key.to_pem())
+    public = Key(kid=args.kid, public=key.public, identity=args.identity,
+                 tenants=frozenset(args.tenant))
+    jwk.write_text(json.dumps(public.to_jwk(), indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(public.to_jwk()))
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    result = verify_file(args.file)
+    if result.ok:
+        print(f"{args.file}: ok ({result.lines} events, chain intact)")
+        return 0
+    print(f"fedgate: {args.file}: line {result.first_bad_line}: {result.reason}",
+          file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Run the gateway: TLS context, listening socket, worker processes, signals.
+
+``serve`` runs one process; ``serve_workers`` starts N processes that each bind the same
+port with ``SO_REUSEPORT`` (the kernel spreads connections) and share one store. The
+parent only supervises: SIGTERM/SIGINT reach every worker, and if one worker dies the
+others are stopped too (fail closed, let the supervisor restart the whole service).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from .app import make_app
+from .settings import GatewaySettings, load_keys, load_settings
+from .tls import server_context
+
+
+async def _run(settings: GatewaySettings, *, reuse_port: bool, ready=None) -> None:
+    keys = load_keys(settings)
+    ssl_ctx = server_context(settings.server.tls_cert, settings.server.tls_key,
+                             settings.server.client_ca)
+    app = make_app(settings, keys)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()  # runs cleanup_ctx start-up: self-test, store, audit
+    site = web.TCPSite(runner, settings.server.host, settings.server.port,
+                       ssl_context=ssl_ctx, reuse_port=reuse_port, backlog=1024)
+    await site.start()
+    print(f"fedgate: serving https://{settings.server.host}:{settings.server.port} "
+          f"(store {settings.store_url.split('://')[0]})", file=sys.stderr, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def serve(config: Path, *, reuse_port: bool = False, ready=None) -> None:
+    settings = load_settings(config)
+    asyncio.run(_run(settings, reuse_port=reuse_port, ready=ready))
+
+
+def _worker(config: str, ready) -> None:
+    serve(Path(config), reuse_port=True, ready=ready)
+
+
+def serve_workers(config: Path, workers: int) -> int:
+    """N worker processes on one port; returns the exit code."""
+    load_settings(config)  # fail fast, once, with the config error on this terminal
+    ctx = multiprocessing.get_context("spawn")
+    events = [ctx.Event() for _ in range(workers)]
+    procs = [ctx.Process(target=_worker, args=(str(config), ev), name=f"fedgate-worker-{i}")
+             for i, ev in enumerate(events)]
+    for proc in procs:
+        proc.start()
+
+    def stop_all(*_: object) -> None:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+
+    signal.signal(signal.SIGTERM, stop_all)
+    signal.signal(signal.SIGINT, stop_all)
+    code = 0
+    try:
+        while procs:
+            for proc in list(procs):
+                proc.join(timeout=0.2)
+                if proc.exitcode is not None:
+                    procs.remove(proc)
+                    if proc.exitcode not in (0, -signal.SIGTERM):
+                        code = 1
+                        stop_all()
+    finally:
+        stop_all()
+    return code

@@ -1,0 +1,144 @@
+"""A whole gateway on disk for tests: dev PKI, keys, TOML config; run in-process or as
+``fedgate serve`` subprocesses; mTLS clients per identity. Everything real: TLS over
+loopback sockets, the project's own PKI code, a real SQLite file or redis-server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+from lab import CONFIG, IDENTITY, KEYS, TENANT, TENANT_B
+
+from gateway.app import make_app
+from gateway.pki import init_pki
+from gateway.settings import load_keys, load_settings
+from gateway.tls import client_context, server_context
+from keyring.ed25519 import PrivateKey
+from keyring.keys import save_jwks
+
+ROOT = Path(__file__).resolve().parent.parent
+FEEDBACK_SEED = bytes.fromhex("8229f12383c61f56c64c8e77f0cddc9dfe00c9f8ae0770e27d36288a79ae7bf3")
+IDENTITIES = [IDENTITY, "spectrastrike-other"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(value)
+
+
+class Stack:
+    def __init__(self, root: Path, store_url: str, **security) -> None:
+        self.root = root
+        self.store_url = store_url
+        self.port = free_port()
+        self.pki = init_pki(root / "certs", IDENTITIES)
+        (root / "keys").mkdir()
+        save_jwks(root / "keys" / "producers.jwks.json", KEYS)
+        (root / "keys" / "feedback.pem").write_bytes(PrivateKey(FEEDBACK_SEED).to_pem())
+        self.audit_path = root / "audit" / "gateway-audit.jsonl"
+        self.config_path = root / "gateway.toml"
+        self.write_config(**security)
+        self.procs: list[subprocess.Popen] = []
+
+    def pin(self, identity: str = IDENTITY) -> str:
+        return self.pki.identities[identity].sha256
+
+    def write_config(self, **security) -> None:
+        lines = [f"{k} = {toml_value(v)}" for k, v in security.items()]
+        lines += [
+            'producer_keyring = "keys/producers.jwks.json"',
+            'feedback_key = "keys/feedback.pem"',
+            'feedback_kid = "vv-fb-2026"',
+            "", "[server]", 'host = "127.0.0.1"', f"port = {self.port}",
+            'tls_cert = "certs/gateway.crt"', 'tls_key = "certs/gateway.key"',
+            'client_ca = "certs/ca.crt"',
+            "", "[store]", f"url = {toml_value(self.store_url)}",
+            "", "[audit]", f"path = {toml_value(str(self.audit_path))}",
+        ]
+        tenants = {IDENTITY: [TENANT], "spectrastrike-other": [TENANT_B]}
+        for name in IDENTITIES:
+            lines += ["", f"[identities.{name}]", f"pins = [{toml_value(self.pin(name))}]",
+                      f"tenants = {toml_value(tenants[name])}"]
+        lines += ["", "[operator_tenants]"]
+        lines += [f"{op} = {toml_value(t)}" for op, t in CONFIG["operator_tenants"].items()]
+        self.config_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def ssl(self, identity: str | None = IDENTITY):
+        certs = self.pki.identities.get(identity) if identity else None
+        return client_context(self.pki.ca.cert, certs.cert if certs else None,
+                              certs.key if certs else None)
+
+    def session(self, identity: str | None = IDENTITY) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.ssl(identity)))
+
+    # -- in-process server ----------------------------------------------------------
+    async def start(self, clock=time.time) -> web.AppRunner:
+        settings = load_settings(self.config_path)
+        app = make_app(settings, load_keys(settings), clock=clock)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        ctx = server_context(settings.server.tls_cert, settings.server.tls_key,
+                             settings.server.client_ca)
+        await web.TCPSite(runner, "127.0.0.1", self.port, ssl_context=ctx).start()
+        return runner
+
+    # -- `fedgate serve` subprocesses --------------------------------------------------
+    def spawn(self, *extra: str) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "serve", "--config", str(self.config_path),
+             *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    async def wait_ready(self, timeout: float = 10.0) -> float:
+        """Seconds until /readyz answered 200 over mTLS."""
+        t0 = time.monotonic()
+        async with self.session() as client:
+            while time.monotonic() - t0 < timeout:
+                try:
+                    async with client.get(self.url + "/readyz") as resp:
+                        if resp.status == 200:
+                            return time.monotonic() - t0
+                except (aiohttp.ClientError, OSError):
+                    pass
+                await asyncio.sleep(0.05)
+        raise TimeoutError("gateway did not become ready")
+
+    def kill_all(self, sig: int = signal.SIGTERM) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, sig)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.procs.clear()
