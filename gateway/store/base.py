@@ -101,6 +101,13 @@ class Store(abc.ABC):
         """Steps 12-14 as one atomic step; raise StoreError on failure (nothing written)."""
 
     @abc.abstractmethod
+    async def put_record(self, record: Record, now: int) -> None:
+        """Durably store a record outside any request claim (e.g. issued feedback).
+
+        Raise StoreError("write") if it cannot be written or the id is taken.
+        """
+
+    @abc.abstractmethod
     async def is_claimed(self, identity: str, nonce: str, now: int) -> bool:
         """True when ``(identity, nonce)`` holds an unexpired claim (read-only)."""
 

@@ -28,7 +28,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from .base import Commit, CommitResult, Outcome, Store, StoreError
+from .base import Commit, CommitResult, Outcome, Record, Store, StoreError
 
 # The shebang makes this a flagged (Redis 7) write script: with maxmemory reached, a
 # read-only replica or a failing AOF, Redis refuses the whole EVALSHA before running it.
@@ -58,6 +58,16 @@ redis.call('SET', KEYS[2], ARGV[3])
 redis.call('SET', KEYS[3], ARGV[4])
 redis.call('RPUSH', KEYS[4], ARGV[5])
 return {'accepted'}
+"""
+
+# A record outside any claim (issued feedback): same record/pointer/index layout.
+# KEYS[1] record  KEYS[2] pointer  KEYS[3] index; ARGV[1] data  ARGV[2] tenant  ARGV[3] id
+PUT_LUA = """#!lua
+if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 'conflict' end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('RPUSH', KEYS[3], ARGV[3])
+return 'ok'
 """
 
 _IDENTITY = re.compile(r"[A-Za-z0-9._-]{1,128}")
@@ -210,6 +220,15 @@ class RedisStore(Store):
         if status == b"mismatch":
             return CommitResult(Outcome.ATTESTATION_MISMATCH, anchored_hash=reply[1].decode())
         raise StoreError("write", "record id already exists; nothing was written")
+
+    async def put_record(self, record: Record, now: int) -> None:
+        keys = [self._record_key(record.tenant_id, record.kind, record.record_id),
+                self._pointer_key(record.kind, record.record_id),
+                f"{self._tenant(record.tenant_id)}:i:{record.kind}"]
+        reply = await self._call(Redis.eval, PUT_LUA, 3, *keys, record.data, record.tenant_id,
+                                 record.record_id, refused="write")
+        if reply != b"ok":
+            raise StoreError("write", "record id already exists; nothing was written")
 
     # -- reads --------------------------------------------------------------------------
     async def is_claimed(self, identity: str, nonce: str, now: int) -> bool:

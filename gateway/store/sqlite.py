@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .base import Commit, CommitResult, Outcome, Store, StoreError
+from .base import Commit, CommitResult, Outcome, Record, Store, StoreError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS nonces (
@@ -140,6 +140,19 @@ class SqliteStore(Store):
                 (r.kind, r.record_id, r.tenant_id, r.execution_fingerprint, c.now, r.data))
             if self._commits % PURGE_EVERY == PURGE_EVERY - 1:
                 db.execute("DELETE FROM nonces WHERE expires_at <= ?", (c.now,))
+        except sqlite3.Error as exc:
+            raise StoreError("write", f"sqlite write failed: {exc}") from exc
+
+    async def put_record(self, record: Record, now: int) -> None:
+        await self._run(self._put_sync, record, now, stage="write")
+
+    def _put_sync(self, r: Record, now: int) -> None:
+        try:
+            with self._conn():  # one transaction, fsynced at commit
+                self._conn().execute(
+                    "INSERT INTO records (kind, record_id, tenant_id, execution_fingerprint,"
+                    " created_at, data) VALUES (?,?,?,?,?,?)",
+                    (r.kind, r.record_id, r.tenant_id, r.execution_fingerprint, now, r.data))
         except sqlite3.Error as exc:
             raise StoreError("write", f"sqlite write failed: {exc}") from exc
 

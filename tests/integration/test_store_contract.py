@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 
-from gateway.store import Anchor, Commit, Outcome, Record, open_store
+from gateway.store import Anchor, Commit, Outcome, Record, StoreError, open_store
 
 TENANT = "7758e414-233a-5ea0-575b-cf0c26f5259a"
 OTHER_TENANT = "3526adb4-6352-d1d7-fa72-23d93cd439b3"
@@ -183,3 +183,14 @@ async def test_fifty_concurrent_claims_of_one_nonce_exactly_one_wins(store_url):
 
 async def test_ping_true_when_open(store):
     assert await store.ping() is True
+
+
+async def test_put_record_outside_a_claim(store):
+    record = Record("feedback", "fb-1", TENANT, None, b'{"issued":1}')
+    await store.put_record(record, NOW)
+    assert await store.get_record("feedback", "fb-1") == b'{"issued":1}'
+    assert await store.list_records("feedback", TENANT) == [b'{"issued":1}']
+    with pytest.raises(StoreError) as exc:
+        await store.put_record(record, NOW)
+    assert exc.value.stage == "write"
+    assert await store.list_records("feedback", TENANT) == [b'{"issued":1}']
