@@ -25,7 +25,7 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 import orjson  # noqa: E402
 from lab import IDENTITY, PRODUCER, Lab  # noqa: E402
@@ -168,7 +168,7 @@ def render(rows: list[tuple[str, float]], n: int) -> str:
         "| stage | figure |", "|---|---:|",
     ]
     for name, value in rows:
-        lines.append(f"| {name} | {value:,.1f} |")
+        lines.append(f"| {name} | {value:,.2f} |" if value < 10 else f"| {name} | {value:,.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -179,6 +179,10 @@ async def main_async(args) -> str:
     if shutil.which("redis-server"):
         with TempRedis() as url:
             rows += await store_rows(url, "Redis", args.n)
+    from startup_bench import one_run
+    starts = [await one_run() for _ in range(5)]
+    rows.append(("`fedgate serve` → first /readyz 200, seconds (median of 5)",
+                 statistics.median(starts)))
     return render(rows, args.n)
 
 

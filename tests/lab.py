@@ -18,7 +18,7 @@ from gateway import errors as E
 from gateway.config import SecurityConfig
 from gateway.pipeline import Context, Pipeline, SignedRequest
 from gateway.routes import GRAPH_PATH, QUERY_PATH, SIGNED_ROUTES, TELEMETRY_PATH
-from keyring import Key, Keyring, PrivateKey
+from keyring import Key, Keyring, KeyStatus, PrivateKey
 from schemas.validate import Validators
 
 NOW = 1_795_000_000
@@ -71,6 +71,8 @@ CONFIG: dict[str, Any] = {
 KEYS = Keyring([
     Key("lab-2026", PRODUCER.public, identity=IDENTITY, tenants=frozenset({TENANT})),
     Key("lab-b-2026", PRODUCER_B.public, identity=IDENTITY, tenants=frozenset({TENANT_B})),
+    Key("lab-revoked", PRODUCER.public, identity=IDENTITY, tenants=frozenset({TENANT}),
+        status=KeyStatus.REVOKED),
 ])
 
 

@@ -8,7 +8,9 @@ sessions with the project's own dev PKI.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import ssl
 
 import pytest
 from lab import IDENTITY, NOW, TENANT, Lab, body_for
@@ -38,6 +40,23 @@ async def post(client, stack: Stack, path: str, headers: dict, body: bytes):
 
 LAB = Lab(None)
 
+
+def canonical(obj) -> bytes:
+    from schemas.canonical import dumps
+    return dumps(obj)
+
+
+def raw_signed(body: bytes, nonce: str = "nonce-raw-0001") -> tuple[dict, bytes]:
+    """Headers signing arbitrary bytes (for bodies the canonical serialiser never makes)."""
+    from keyring.ed25519 import PrivateKey  # noqa: F401
+    from lab import PRODUCER
+    from schemas.signing import request_signing_input
+    sig = PRODUCER.sign(request_signing_input(str(NOW), nonce, body))
+    return ({"Content-Type": "application/json", "X-Service-Identity": IDENTITY,
+             "X-Telemetry-Timestamp": str(NOW), "X-Telemetry-Nonce": nonce,
+             "X-Telemetry-Signature": base64.b64encode(sig).decode(),
+             "X-Telemetry-Key-Id": "lab-2026"}, body)
+
 # name → (build() → (path, headers, body), status, code)
 WIRE_ROWS = {
     "accepted": (lambda: (TELEMETRY_PATH, *LAB.signed()), 202, None),
@@ -63,6 +82,20 @@ WIRE_ROWS = {
             TELEMETRY_PATH, operator_id="op-002",
             signed_metadata={"campaign_id": "cmp-001", "operator_id": "op-002",
                              "tenant_id": TENANT}))), 403, "mapping_violation"),
+    "key_not_valid": (lambda: (TELEMETRY_PATH, *LAB.signed(kid="lab-revoked")), 401,
+                      "key_not_valid"),
+    "malformed_json": (
+        lambda: (TELEMETRY_PATH, *raw_signed(b'{"a":1,"a":2}')), 422, "malformed_json"),
+    "non_canonical_body": (
+        lambda: (TELEMETRY_PATH, *raw_signed(b'{"b":1, "a":2}')), 422, "non_canonical_body"),
+    "header_body_mismatch": (
+        lambda: (TELEMETRY_PATH, *raw_signed(canonical({
+            **body_for(TELEMETRY_PATH), "timestamp": NOW - 1, "nonce": "nonce-raw-0001"}))),
+        401, "header_body_mismatch"),
+    "schema_version_not_allowed": (
+        lambda: (GRAPH_PATH, *LAB.signed(GRAPH_PATH, body=body_for(
+            GRAPH_PATH, schema_version="execution.graph.v9"))), 422,
+        "schema_version_not_allowed"),
     "query_without_policy_answers_signed_empty": (
         lambda: (QUERY_PATH, *LAB.signed(QUERY_PATH)), 200, None),
 }
@@ -202,3 +235,97 @@ async def test_feedback_answer_is_signed_and_bound_to_the_query(stack):
                                      payload["schema_version"], payload["kid"], payload["data"])
     assert verify(PrivateKey(FEEDBACK_SEED).public, base64.b64decode(payload["signature"]),
                   message)
+
+
+async def test_attestation_mismatch_on_the_wire(stack):
+    from lab import ATT_OTHER
+    async with stack.session() as client:
+        assert (await post(client, stack, TELEMETRY_PATH, *LAB.signed()))[0] == 202
+        graph = body_for(GRAPH_PATH, attestation_measurement_hash=ATT_OTHER)
+        status, _, payload = await post(client, stack, GRAPH_PATH,
+                                        *LAB.signed(GRAPH_PATH, body=graph))
+    assert (status, payload["error"]) == (403, "attestation_mismatch")
+    assert audit_events(stack)[-1]["event.reason"] == "attestation_mismatch"
+
+
+async def test_rate_limited_on_the_wire_with_retry_after(tmp_path, sqlite_url):
+    st = Stack(tmp_path, sqlite_url, rate_limit_per_minute=1)
+    runner = await st.start(clock=lambda: NOW)
+    try:
+        async with st.session() as client:
+            assert (await post(client, st, TELEMETRY_PATH, *LAB.signed()))[0] == 202
+            headers, body = LAB.signed()
+            async with client.post(st.url + TELEMETRY_PATH, data=body, headers=headers) as resp:
+                assert resp.status == 429
+                assert (await resp.json())["error"] == "rate_limited"
+                assert 0 < int(resp.headers["Retry-After"]) <= 60
+    finally:
+        await runner.cleanup()
+
+
+async def test_store_full_is_503_store_unavailable_on_the_wire(tmp_path, sqlite_url):
+    """A real SQLITE_FULL inside the gateway's own store: 503, nonce not consumed."""
+    from gateway.app import STORE
+    st = Stack(tmp_path, sqlite_url)
+    runner = await st.start(clock=lambda: NOW)
+    try:
+        store = runner.app[STORE]
+        async with st.session() as client:
+            assert (await post(client, st, TELEMETRY_PATH, *LAB.signed()))[0] == 202
+            pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+            store._db.execute(f"PRAGMA max_page_count = {pages}")
+            big = body_for(TELEMETRY_PATH)
+            big["payload"] = {**big["payload"], "description": "x" * 20000}
+            headers, body = LAB.signed(body=big)
+            status, _, payload = await post(client, st, TELEMETRY_PATH, headers, body)
+            assert (status, payload["error"]) == (503, "store_unavailable")
+            store._db.execute("PRAGMA max_page_count = 1073741823")
+            status, _, payload = await post(client, st, TELEMETRY_PATH, headers, body)
+            assert status == 202, payload
+    finally:
+        await runner.cleanup()
+
+
+async def test_internal_error_never_leaks(stack, monkeypatch):
+    """FAKE FAULT (cannot be produced for real): the pipeline raises an unexpected error."""
+    from gateway.pipeline import Pipeline
+
+    async def boom(self, req, now, ctx):
+        raise RuntimeError("secret /etc/fedgate/keys/feedback.pem")
+
+    monkeypatch.setattr(Pipeline, "process", boom)
+    async with stack.session() as client:
+        async with client.post(stack.url + TELEMETRY_PATH, data=LAB.signed()[1],
+                               headers=LAB.signed()[0]) as resp:
+            text = await resp.text()
+            assert resp.status == 500
+            assert resp.headers["X-Request-Id"]
+    assert json.loads(text)["error"] == "internal_error"
+    assert "secret" not in text and "Traceback" not in text and "feedback.pem" not in text
+
+
+def refused_contexts(stack, tmp_path):
+    """Clients the gateway must never answer: no cert, a foreign CA's cert, TLS 1.2."""
+    from gateway.pki import init_pki
+    from gateway.tls import client_context
+    foreign = init_pki(tmp_path / "foreign", [IDENTITY])
+    no_cert = client_context(stack.pki.ca.cert)
+    other_ca = client_context(stack.pki.ca.cert, foreign.identities[IDENTITY].cert,
+                              foreign.identities[IDENTITY].key)
+    tls12 = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    tls12.load_verify_locations(stack.pki.ca.cert)
+    certs = stack.pki.identities[IDENTITY]
+    tls12.load_cert_chain(certs.cert, certs.key)
+    tls12.minimum_version = tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+    return {"no_client_cert": no_cert, "foreign_ca": other_ca, "tls12_only": tls12}
+
+
+async def test_tls_refusals_get_no_http_answer(stack, tmp_path):
+    import aiohttp
+    for name, ctx in refused_contexts(stack, tmp_path).items():
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as client:
+            with pytest.raises((aiohttp.ClientError, ssl.SSLError, ConnectionError)):
+                async with client.post(stack.url + TELEMETRY_PATH, data=LAB.signed()[1],
+                                       headers=LAB.signed()[0]) as resp:
+                    pytest.fail(f"{name}: got an HTTP answer {resp.status}")
+    assert not stack.audit_path.exists() or audit_events(stack) == []
