@@ -25,9 +25,10 @@ from keyring import Keyring, PrivateKey, self_test
 from schemas.validate import Validators
 
 from . import errors as E
-from .feedback import FeedbackIssuer
+from .feedback import FeedbackIssuer, RulePolicy, no_adjustments
 from .metrics import Metrics
 from .pipeline import Context, Pipeline, SignedRequest, check_content_type
+from .policy import load_rules
 from .records import accepted_body
 from .routes import SIGNED_ROUTES, Route
 from .settings import GatewaySettings
@@ -75,14 +76,17 @@ async def resources(app: web.Application) -> AsyncIterator[None]:
     keyring, feedback_key = app[KEYS]
     self_test()  # refuses to start if the loaded crypto fails its known answers
     app[READY]["self_test"] = True
+    validators = Validators()  # compiled once, shared by the pipeline and the policy
+    policy = (RulePolicy(load_rules(settings.policy_rules), validators=validators)
+              if settings.policy_rules is not None else no_adjustments)
     store = open_store(settings.store_url, **settings.store_options)
     await store.open()
     app[STORE] = store
     app[AUDIT] = AuditSink(settings.audit_path)
     app[AUDIT_EXECUTOR] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedgate-audit")
-    app[PIPELINE] = Pipeline(settings.security, keyring, Validators(), store,
+    app[PIPELINE] = Pipeline(settings.security, keyring, validators, store,
                              store_timer=app[METRICS].store.observe)
-    app[ISSUER] = FeedbackIssuer(store, feedback_key, settings.feedback_kid)
+    app[ISSUER] = FeedbackIssuer(store, feedback_key, settings.feedback_kid, policy=policy)
     try:
         yield
     finally:

@@ -1,29 +1,40 @@
 """The feedback answer (PROTOCOL.md §5-§6): adjustments, signed by ``feedback_kid``.
 
-The response nonce is ``<query nonce>.<16+ url-safe random chars>``, binding the answer
-to its question; the signature covers §6's input over the tenant the query named.
-Adjustments come from the policy engine (issue 4); until one is configured the gateway
-answers with an empty, still signed and bound, ``data`` array — it never invents an
-adjustment, and never one without the anchored attestation hash.
+:class:`RulePolicy` turns the tenant's stored findings and graphs into adjustments with
+the rules of :mod:`gateway.policy`; :class:`FeedbackIssuer` signs them (§6 input, the
+tenant the query named), binds the response nonce to the query nonce
+(``<query nonce>.<16 url-safe random chars>``) and records the whole response in the
+store before handing it out: feedback that could not be recorded is never issued (503
+``store_unavailable``). Without a policy the answer is an empty, still signed and bound,
+``data`` array — the gateway never invents an adjustment. See docs/POLICY.md.
 """
 
 from __future__ import annotations
 
 import base64
 import secrets
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+import orjson
+
 from keyring import PrivateKey
+from schemas.canonical import dumps
 from schemas.signing import (
     FEEDBACK_SCHEMA_VERSION,
     SIGNATURE_ALGORITHM,
     feedback_signing_input,
 )
+from schemas.validate import Validators
 
-from .store import Store
+from . import errors as E
+from .policy import ACTION_RANK, Rule, evaluate, facts_from_records
+from .store import Record, Store, StoreError
 
 Policy = Callable[[Store, str, int, int], Awaitable[list[dict[str, Any]]]]
+FEEDBACK_RECORD_KIND = "feedback"
+MAX_RECORDS_PER_KIND = 10_000  # findings and graphs read per query (oldest first)
 
 
 async def no_adjustments(store: Store, tenant_id: str, limit: int, now: int) -> list[dict]:
@@ -46,14 +57,70 @@ def sign_feedback(key: PrivateKey, kid: str, *, tenant_id: str, data: list[dict[
     }
 
 
+def _priority(adjustment: dict[str, Any]) -> tuple[int, str]:
+    """Strongest action first, then by fingerprint: a ``limit`` cuts the weakest."""
+    return -ACTION_RANK[adjustment["action"]], adjustment["execution_fingerprint"]
+
+
+class RulePolicy:
+    """The rules as a :data:`Policy`: ``await policy(store, tenant_id, limit, now)``."""
+
+    def __init__(self, rules: Iterable[Rule], *, validators: Validators | None = None,
+                 max_records: int = MAX_RECORDS_PER_KIND) -> None:
+        self.rules = tuple(rules)
+        self.validators = validators or Validators()  # compiled once, here
+        self.max_records = max_records
+
+    async def __call__(self, store: Store, tenant_id: str, limit: int,
+                       now: int) -> list[dict[str, Any]]:
+        findings = await self._records(store, "finding", tenant_id)
+        graphs = await self._records(store, "graph", tenant_id)
+        anchors = await self._anchors(store, tenant_id, [*findings, *graphs])
+        adjustments = []
+        for facts in facts_from_records(tenant_id, findings, graphs, anchors):
+            adjustment = evaluate(self.rules, facts, now)
+            if adjustment is not None:
+                self.validators.validate("adjustment", adjustment)  # fail closed: a bug
+                adjustments.append(adjustment)
+        return sorted(adjustments, key=_priority)[:limit]
+
+    async def _records(self, store: Store, kind: str, tenant_id: str) -> list[dict[str, Any]]:
+        raws = await store.list_records(kind, tenant_id, self.max_records)
+        return [orjson.loads(raw) for raw in raws]
+
+    @staticmethod
+    async def _anchors(store: Store, tenant_id: str, records: list[dict]) -> dict[str, str]:
+        fingerprints = sorted({r["execution_fingerprint"] for r in records
+                               if isinstance(r.get("execution_fingerprint"), str)})
+        anchors = {}
+        for fp in fingerprints:
+            anchor = await store.get_anchor(tenant_id, fp)
+            if anchor:
+                anchors[fp] = anchor
+        return anchors
+
+
 class FeedbackIssuer:
+    """Signs with exactly one key (``kid``); rotation is a configuration switch."""
+
     def __init__(self, store: Store, key: PrivateKey, kid: str,
                  policy: Policy = no_adjustments) -> None:
         self.store, self.key, self.kid, self.policy = store, key, kid, policy
 
     async def issue(self, ctx: Any, now: int) -> dict[str, Any]:
+        """The signed answer to a verified query; recorded first, else StoreUnavailable."""
         limit = ctx.body.get("limit", 100)
-        data = await self.policy(self.store, ctx.tenant_id, limit, now)
-        return sign_feedback(self.key, self.kid, tenant_id=ctx.tenant_id, data=data[:limit],
-                             signed_at=now, nonce=bound_nonce(ctx.body["nonce"]),
-                             request_id=ctx.request_id)
+        try:
+            data = (await self.policy(self.store, ctx.tenant_id, limit, now))[:limit]
+        except StoreError as exc:
+            raise E.StoreUnavailable(f"cannot read findings for feedback: {exc.detail}") from exc
+        response = sign_feedback(self.key, self.kid, tenant_id=ctx.tenant_id, data=data,
+                                 signed_at=now, nonce=bound_nonce(ctx.body["nonce"]),
+                                 request_id=ctx.request_id)
+        record = Record(FEEDBACK_RECORD_KIND, str(uuid.uuid4()), ctx.tenant_id, None,
+                        dumps(response))
+        try:
+            await self.store.put_record(record, now)
+        except StoreError as exc:  # never hand out feedback that is not recorded
+            raise E.StoreUnavailable(f"issued feedback not recorded: {exc.detail}") from exc
+        return response

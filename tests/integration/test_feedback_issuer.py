@@ -1,0 +1,254 @@
+"""Rule policy and feedback issuer over both real stores, fed through the real pipeline.
+
+Four executions go in as signed telemetry and graphs (the lab's pipeline, real store):
+a big graph, a critical credential-access finding, a quiet one, and one sent with
+anchoring off (so no anchor exists). The default rules must give exactly the expected
+adjustments, each carrying the anchored hash, none for the un-anchored execution. The
+issuer's answer must verify over §6's input, be bound to the query nonce, and be stored
+before it is handed out; a store that cannot record it makes the query fail (503).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import load_vectors
+from lab import NOW, TELEMETRY_BODY, TENANT, TENANT_B, Lab, body_for
+
+from gateway import errors as E
+from gateway.feedback import FeedbackIssuer, RulePolicy
+from gateway.policy import load_rules
+from gateway.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
+from gateway.store import StoreError, open_store
+from keyring import Key, Keyring, KeyStatus
+from keyring.ed25519 import PrivateKey, verify
+from keyring.keys import parse_jwks
+from schemas.canonical import dumps, loads
+from schemas.signing import feedback_signing_input
+from schemas.validate import Validators
+
+ROOT = Path(__file__).resolve().parents[2]
+RULES = load_rules(ROOT / "policy" / "rules.toml")
+VECTORS = load_vectors("feedback_v1.json")
+SEEDS = VECTORS["feedback_private_key_seed_hex"]
+RING = parse_jwks(VECTORS["keyring"])
+KID_A, KID_B = "vv-fb-2026", "vv-fb-2027"
+KEY_A, KEY_B = (PrivateKey(bytes.fromhex(SEEDS[k])) for k in (KID_A, KID_B))
+
+FP_GRAPH, FP_CRIT, FP_QUIET, FP_UNANCHORED = ("a1" * 32, "b2" * 32, "c3" * 32, "d4" * 32)
+ATT = {fp: hashlib.sha256(f"attestation {fp}".encode()).hexdigest()
+       for fp in (FP_GRAPH, FP_CRIT, FP_QUIET, FP_UNANCHORED)}
+QUERY_NONCE = "query-nonce-0001"
+
+
+@pytest.fixture
+async def store(store_url):
+    s = open_store(store_url)
+    await s.open()
+    yield s
+    await s.close()
+
+
+def telemetry(fp: str, **payload: Any) -> dict[str, Any]:
+    body = copy.deepcopy(TELEMETRY_BODY)
+    body["execution_hash"] = fp
+    attributes = {**body["payload"]["attributes"], "execution_fingerprint": fp,
+                  "attestation_measurement_hash": ATT[fp], **payload.pop("attributes", {})}
+    body["payload"].update(payload, attributes=attributes)
+    return body
+
+
+def graph(fp: str, nodes: int, target: str) -> dict[str, Any]:
+    g = {"nodes": [{"id": f"n{i}"} for i in range(nodes)],
+         "edges": [{"from": f"n{i}", "to": f"n{i + 1}"} for i in range(nodes - 1)],
+         "target_urn": target}
+    return body_for(GRAPH_PATH, execution_fingerprint=fp, attestation_measurement_hash=ATT[fp],
+                    graph=g)
+
+
+async def post(lab: Lab, path: str, body: dict[str, Any]):
+    headers, raw = lab.signed(path, body)
+    status, error, ctx = await lab.send(headers, raw, path)
+    assert (status, error) == (202, None), ctx
+    return ctx
+
+
+async def feed(store) -> None:
+    lab = Lab(store)
+    await post(lab, GRAPH_PATH, graph(FP_GRAPH, 10, "urn:target:db-01"))
+    await post(lab, TELEMETRY_PATH, telemetry(FP_GRAPH, severity="medium",
+                                              mitre_techniques=["T1046"],
+                                              mitre_tactics=["TA0007"]))
+    await post(lab, TELEMETRY_PATH, telemetry(
+        FP_CRIT, severity="critical", mitre_techniques=["T1003.001"], mitre_tactics=["TA0006"],
+        attributes={"asset_ref": "dc-01"}))
+    await post(lab, GRAPH_PATH, graph(FP_QUIET, 2, "urn:target:ws-17"))
+    await post(lab, TELEMETRY_PATH, telemetry(FP_QUIET, severity="low"))
+    unanchored = Lab(store, anchor_attestation=False)
+    await post(unanchored, TELEMETRY_PATH, telemetry(
+        FP_UNANCHORED, severity="critical", mitre_tactics=["TA0006"]))
+    await post(unanchored, GRAPH_PATH, graph(FP_UNANCHORED, 12, "urn:target:x"))
+
+
+def adjustment(fp: str, target: str, action: str, confidence: float, control: str,
+               ttl: int, rationale: str) -> dict[str, Any]:
+    return {"tenant_id": TENANT, "execution_fingerprint": fp, "target_urn": target,
+            "action": action, "confidence": confidence, "rationale": rationale,
+            "control": control, "ttl_seconds": ttl, "timestamp": NOW,
+            "schema_version": "feedback.adjustment.v1", "attestation_measurement_hash": ATT[fp]}
+
+
+EXPECTED = [  # strongest action first, then by fingerprint
+    adjustment(FP_CRIT, "urn:target:dc-01", "isolate", 0.9, "network", 3600,
+               "critical credential-access finding"),
+    adjustment(FP_GRAPH, "urn:target:db-01", "tighten", 0.82, "execution", 1800,
+               "high-complexity execution graph"),
+    adjustment(FP_QUIET, "urn:target:ws-17", "observe", 0.55, "execution", 1800,
+               "graph telemetry received; monitoring baseline adjustments"),
+]
+
+
+async def test_rule_policy_gives_expected_adjustments(store) -> None:
+    await feed(store)
+    assert await store.get_anchor(TENANT, FP_UNANCHORED) is None
+    got = await RulePolicy(RULES)(store, TENANT, 100, NOW)
+    assert got == EXPECTED
+    for adj in got:  # the anchored hash, as the store holds it
+        assert adj["attestation_measurement_hash"] == await store.get_anchor(
+            TENANT, adj["execution_fingerprint"])
+    assert FP_UNANCHORED not in {a["execution_fingerprint"] for a in got}
+
+
+LIMIT_ROWS = {"1": (1, EXPECTED[:1]), "2": (2, EXPECTED[:2]), "1000": (1000, EXPECTED)}
+
+
+@pytest.mark.parametrize("limit, expected", LIMIT_ROWS.values(), ids=LIMIT_ROWS)
+async def test_rule_policy_limit_keeps_strongest(store, limit: int, expected: list) -> None:
+    await feed(store)
+    assert await RulePolicy(RULES)(store, TENANT, limit, NOW) == expected
+
+
+async def test_rule_policy_other_tenant_sees_nothing(store) -> None:
+    await feed(store)
+    assert await RulePolicy(RULES)(store, TENANT_B, 100, NOW) == []
+
+
+async def query_ctx(store, limit: int = 10):
+    lab = Lab(store)
+    headers, raw = lab.signed(QUERY_PATH, body_for(QUERY_PATH, limit=limit), nonce=QUERY_NONCE)
+    status, error, ctx = await lab.send(headers, raw, QUERY_PATH)
+    assert (status, error) == (202, None), ctx
+    return ctx
+
+
+def signing_input(response: dict[str, Any], tenant: str = TENANT) -> bytes:
+    return feedback_signing_input(tenant, response["signed_at"], response["nonce"],
+                                  response["schema_version"], response["kid"],
+                                  response["data"])
+
+
+async def test_issue_signs_binds_and_records(store) -> None:
+    await feed(store)
+    ctx = await query_ctx(store)
+    issuer = FeedbackIssuer(store, KEY_A, KID_A, policy=RulePolicy(RULES))
+    response = await issuer.issue(ctx, NOW)
+    Validators().validate("feedback_response", response)
+    assert response["data"] == EXPECTED
+    assert (response["kid"], response["signed_at"], response["request_id"]) == (
+        KID_A, NOW, ctx.request_id)
+    signature = base64.b64decode(response["signature"])
+    assert verify(RING[KID_A].public, signature, signing_input(response))
+    assert not verify(RING[KID_A].public, signature, signing_input(response, TENANT_B))
+    assert re.fullmatch(re.escape(QUERY_NONCE) + r"\.[A-Za-z0-9_-]{16}", response["nonce"])
+    assert (await store.list_records("feedback", TENANT)) == [dumps(response)]
+    again = await issuer.issue(ctx, NOW)
+    assert again["nonce"] != response["nonce"]
+    assert [loads(r) for r in await store.list_records("feedback", TENANT)] == [
+        response, again]
+
+
+async def test_issue_without_policy_is_empty_but_signed(store) -> None:
+    await feed(store)
+    response = await FeedbackIssuer(store, KEY_A, KID_A).issue(await query_ctx(store), NOW)
+    assert response["data"] == []
+    assert verify(RING[KID_A].public, base64.b64decode(response["signature"]),
+                  signing_input(response))
+
+
+async def test_issue_on_closed_store_is_503(store) -> None:
+    await feed(store)
+    ctx = await query_ctx(store)
+    await store.close()
+    issuer = FeedbackIssuer(store, KEY_A, KID_A, policy=RulePolicy(RULES))
+    with pytest.raises(E.StoreUnavailable) as info:
+        await issuer.issue(ctx, NOW)
+    assert info.value.status == 503
+
+
+class UnrecordingStore:
+    """The real store, except that ``put_record`` fails (a full disk, a refused write)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    async def put_record(self, record, now: int) -> None:
+        raise StoreError("write", "disk full")
+
+
+async def test_issue_fails_closed_when_not_recorded(store) -> None:
+    await feed(store)
+    ctx = await query_ctx(store)
+    issuer = FeedbackIssuer(UnrecordingStore(store), KEY_A, KID_A, policy=RulePolicy(RULES))
+    with pytest.raises(E.StoreUnavailable, match="not recorded"):
+        await issuer.issue(ctx, NOW)
+    assert await store.list_records("feedback", TENANT) == []
+
+
+# -- key rotation: the emitter's view (§6 step 3 and 4, keyring + signing input) -------------
+
+def emitter_check(ring: Keyring, response: dict[str, Any], now: int = NOW) -> str:
+    key = ring.get(response["kid"])
+    if key is None or not key.valid_at(now):
+        return "unknown_kid"
+    if not verify(key.public, base64.b64decode(response["signature"]), signing_input(response)):
+        return "invalid_signature"
+    return "ok"
+
+
+def retired(kid: str, not_after: int) -> Key:
+    return Key(kid, RING[kid].public, status=KeyStatus.RETIRED, not_after=not_after)
+
+
+ROTATION_ROWS: dict[str, tuple[PrivateKey, str, Keyring, str]] = {
+    "before: A signs, emitter holds A": (KEY_A, KID_A, Keyring([RING[KID_A]]), "ok"),
+    "step 1: A signs, emitter holds A+B": (KEY_A, KID_A, Keyring([RING[KID_A], RING[KID_B]]),
+                                           "ok"),
+    "step 2: B signs, emitter holds A+B": (KEY_B, KID_B, Keyring([RING[KID_A], RING[KID_B]]),
+                                           "ok"),
+    "B too early: emitter holds only A": (KEY_B, KID_B, Keyring([RING[KID_A]]), "unknown_kid"),
+    "step 3: A retired, B signs": (KEY_B, KID_B, Keyring([retired(KID_A, NOW - 1),
+                                                          RING[KID_B]]), "ok"),
+    "step 3: A retired, stale A answer": (KEY_A, KID_A, Keyring([retired(KID_A, NOW - 1),
+                                                                 RING[KID_B]]), "unknown_kid"),
+    "half switch: new kid, old key": (KEY_A, KID_B, Keyring([RING[KID_A], RING[KID_B]]),
+                                      "invalid_signature"),
+}
+
+
+@pytest.mark.parametrize("key, kid, ring, expected", ROTATION_ROWS.values(), ids=ROTATION_ROWS)
+async def test_key_rotation(store, key: PrivateKey, kid: str, ring: Keyring,
+                            expected: str) -> None:
+    await feed(store)
+    issuer = FeedbackIssuer(store, key, kid, policy=RulePolicy(RULES))
+    response = await issuer.issue(await query_ctx(store), NOW)
+    assert response["kid"] == kid
+    assert emitter_check(ring, response) == expected
