@@ -48,8 +48,9 @@ def canonical(obj) -> bytes:
 
 def raw_signed(body: bytes, nonce: str = "nonce-raw-0001") -> tuple[dict, bytes]:
     """Headers signing arbitrary bytes (for bodies the canonical serialiser never makes)."""
-    from keyring.ed25519 import PrivateKey  # noqa: F401
     from lab import PRODUCER
+
+    from keyring.ed25519 import PrivateKey  # noqa: F401
     from schemas.signing import request_signing_input
     sig = PRODUCER.sign(request_signing_input(str(NOW), nonce, body))
     return ({"Content-Type": "application/json", "X-Service-Identity": IDENTITY,
@@ -294,12 +295,11 @@ async def test_internal_error_never_leaks(stack, monkeypatch):
         raise RuntimeError("secret /etc/fedgate/keys/feedback.pem")
 
     monkeypatch.setattr(Pipeline, "process", boom)
-    async with stack.session() as client:
-        async with client.post(stack.url + TELEMETRY_PATH, data=LAB.signed()[1],
-                               headers=LAB.signed()[0]) as resp:
-            text = await resp.text()
-            assert resp.status == 500
-            assert resp.headers["X-Request-Id"]
+    async with stack.session() as client, client.post(
+            stack.url + TELEMETRY_PATH, data=LAB.signed()[1], headers=LAB.signed()[0]) as resp:
+        text = await resp.text()
+        assert resp.status == 500
+        assert resp.headers["X-Request-Id"]
     assert json.loads(text)["error"] == "internal_error"
     assert "secret" not in text and "Traceback" not in text and "feedback.pem" not in text
 

@@ -1,0 +1,189 @@
+"""The emitter's TOML file → frozen ``EmitterSettings``, checked at load (docs/EMITTER.md).
+
+Same rules as the gateway's file: unknown keys and wrong types are errors, relative paths
+are relative to the config file's directory, every file is opened at load, and every
+defect is one ``ConfigError`` line ``<file>: <key>…``. ``url`` must be ``https://``: a
+plain-HTTP gateway is refused here, before anything could be sent.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from gateway.config import IDENTITY_RE, ConfigError
+from gateway.tls import normalize_pin
+from keyring.keys import KID_RE
+
+_PIN_RE = re.compile(r"[0-9a-f]{64}")
+_KEYS = frozenset({
+    "url", "ca", "cert", "key", "server_pins", "identity", "signing_key", "kid",
+    "feedback_keyring", "state_dir", "clock_skew_s", "legacy_unbound_nonce",
+    "max_attempts", "backoff_initial_s", "backoff_max_s", "request_timeout_s",
+})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EmitterSettings:
+    path: Path | None  # the config file (absolute), None when built in code
+    url: str  # https://host:port (no trailing slash)
+    ca: Path
+    cert: Path
+    key: Path
+    server_pins: tuple[str, ...]  # lowercase sha256 hex of the gateway certificate's DER
+    identity: str
+    signing_key: Path
+    kid: str | None
+    feedback_keyring: Path
+    state_dir: Path
+    clock_skew_s: int = 30
+    legacy_unbound_nonce: bool = False
+    max_attempts: int = 5
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    request_timeout_s: float = 10.0
+
+
+def check_url(url: Any) -> str:
+    """An ``https://`` URL without credentials, query or fragment; ConfigError otherwise."""
+    if not isinstance(url, str) or not url:
+        raise ConfigError("url is required (https://HOST:PORT)")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ConfigError("url is not a valid URL") from None
+    if parts.scheme.lower() != "https":
+        raise ConfigError(
+            f"url must use https:// (got {parts.scheme or 'no'} scheme): the emitter never "
+            "sends telemetry over plain HTTP")
+    if not parts.hostname or parts.username or parts.password or parts.query or parts.fragment:
+        raise ConfigError("url must be https://HOST[:PORT][/PREFIX] without credentials, "
+                          "query or fragment")
+    return url.rstrip("/")
+
+
+def load_emitter_settings(path: str | Path) -> EmitterSettings:
+    """Read and check the whole file; ``ConfigError`` (one line, naming the key) on a defect."""
+    cfg = Path(os.path.abspath(path))
+    raw = _read_toml(cfg)
+    try:
+        return _build(cfg, raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{cfg}: {exc}") from None
+
+
+def _read_toml(cfg: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(cfg.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{cfg}: cannot read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{cfg}: invalid TOML: not UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{cfg}: invalid TOML: {exc}") from None
+
+
+def _build(cfg: Path, raw: Mapping[str, Any]) -> EmitterSettings:
+    unknown = sorted(set(raw) - _KEYS)
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r}")
+    base = cfg.parent
+    settings = EmitterSettings(
+        path=cfg, url=check_url(raw.get("url")),
+        ca=_readable(raw, "ca", base), cert=_readable(raw, "cert", base),
+        key=_readable(raw, "key", base), server_pins=_pins(raw.get("server_pins", [])),
+        identity=_identity(raw.get("identity")),
+        signing_key=_readable(raw, "signing_key", base), kid=_kid(raw.get("kid")),
+        feedback_keyring=_readable(raw, "feedback_keyring", base),
+        state_dir=_state_dir(raw, base),
+        clock_skew_s=_number(raw, "clock_skew_s", 30, 1, 3600, integer=True),
+        legacy_unbound_nonce=_bool(raw, "legacy_unbound_nonce", False),
+        max_attempts=_number(raw, "max_attempts", 5, 1, 100, integer=True),
+        backoff_initial_s=_number(raw, "backoff_initial_s", 0.5, 0.001, 3600),
+        backoff_max_s=_number(raw, "backoff_max_s", 30.0, 0.001, 86400),
+        request_timeout_s=_number(raw, "request_timeout_s", 10.0, 0.1, 600),
+    )
+    if settings.backoff_max_s < settings.backoff_initial_s:
+        raise ConfigError("backoff_max_s must be at least backoff_initial_s")
+    return settings
+
+
+def _path(raw: Mapping[str, Any], key: str, base: Path) -> Path:
+    value = raw.get(key)
+    if value is None:
+        raise ConfigError(f"{key} is required")
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise ConfigError(f"{key} must be a non-empty path string, got {value!r}")
+    return (base / value).resolve()
+
+
+def _readable(raw: Mapping[str, Any], key: str, base: Path) -> Path:
+    path = _path(raw, key, base)
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise ConfigError(f"{key}: not a regular file: {path}")
+        with path.open("rb"):
+            pass
+    except FileNotFoundError:
+        raise ConfigError(f"{key}: no such file: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path} ({exc.strerror})") from None
+    return path
+
+
+def _state_dir(raw: Mapping[str, Any], base: Path) -> Path:
+    path = _path(raw, "state_dir", base)
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"state_dir: cannot create {path} ({exc.strerror})") from None
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"state_dir: not a writable directory: {path}")
+    return path
+
+
+def _pins(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        raise ConfigError("server_pins must be a list of sha256 hex strings")
+    pins = tuple(normalize_pin(p) for p in value)
+    for pin in pins:
+        if not _PIN_RE.fullmatch(pin):
+            raise ConfigError(f"server_pins: {pin!r} is not a sha256 hex fingerprint")
+    return pins
+
+
+def _identity(value: Any) -> str:
+    if not isinstance(value, str) or not IDENTITY_RE.fullmatch(value):
+        raise ConfigError(f"identity must match ^[A-Za-z0-9._-]{{1,128}}$, got {value!r}")
+    return value
+
+
+def _kid(value: Any) -> str | None:
+    if value is not None and (not isinstance(value, str) or not KID_RE.fullmatch(value)):
+        raise ConfigError(f"kid must match ^[A-Za-z0-9._:-]{{1,128}}$, got {value!r}")
+    return value
+
+
+def _bool(raw: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def _number(raw: Mapping[str, Any], key: str, default: float, lo: float, hi: float, *,
+            integer: bool = False) -> Any:
+    value = raw.get(key, default)
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not lo <= value <= hi:
+        what = "an integer" if integer else "a number"
+        raise ConfigError(f"{key} must be {what} in [{lo}, {hi}], got {value!r}")
+    return value

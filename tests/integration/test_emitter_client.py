@@ -1,0 +1,658 @@
+"""The emitter against a real gateway: real mTLS, real files, real store.
+
+In-process gateways (``Stack.start``) when a test controls time; ``fedgate serve``
+subprocesses (``Stack.spawn``) for outages and restarts on the wall clock. Fakes are used
+only where the real gateway cannot misbehave on purpose: a redirecting server, a 503
+server, a forged feedback server, and a TCP proxy that loses a 202 on its way back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import io
+import json
+import signal
+import sqlite3
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from lab import FP, IDENTITY, PRODUCER, TENANT, body_for
+from stack import FEEDBACK_SEED, Stack, toml_value
+
+from audit import verify_file
+from emitter.cli import main
+from emitter.client import EmitterClient, backoff_delay
+from emitter.outbox import Outbox
+from emitter.settings import load_emitter_settings
+from emitter.sync import SyncEmitterClient
+from emitter.verify import FeedbackRejected
+from gateway.config import ConfigError
+from gateway.feedback import bound_nonce, sign_feedback
+from gateway.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
+from gateway.store import open_store
+from gateway.tls import server_context
+from keyring import Key, Keyring, PrivateKey
+from keyring.keys import save_jwks
+
+ATT = body_for(GRAPH_PATH)["attestation_measurement_hash"]
+FEEDBACK_KEY = PrivateKey(FEEDBACK_SEED)
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+def telemetry(**changes) -> dict:
+    body = body_for(TELEMETRY_PATH, **changes)
+    body["payload"]["event_id"] = str(uuid.uuid4())
+    return body
+
+
+def foreign_telemetry() -> dict:
+    """Signed and well-formed, but op-002 belongs to another tenant: 403 mapping_violation."""
+    body = telemetry(operator_id="op-002")
+    body["signed_metadata"]["operator_id"] = "op-002"
+    return body
+
+
+def write_config(stack: Stack, *, url: str | None = None, pins: list[str] | None = None,
+                 name: str = "emitter.toml", **extra) -> Path:
+    """An emitter config beside the stack: its PKI, the lab producer key, the feedback
+    public key under kid vv-fb-2026; state in <tmp>/emitter/state."""
+    root = stack.root / "emitter"
+    root.mkdir(exist_ok=True)
+    (root / "producer.pem").write_bytes(PRODUCER.to_pem())
+    save_jwks(root / "feedback.jwks.json", Keyring([Key("vv-fb-2026", FEEDBACK_KEY.public)]))
+    client = stack.pki.identities[IDENTITY]
+    values = {
+        "url": url or stack.url, "ca": str(stack.pki.ca.cert), "cert": str(client.cert),
+        "key": str(client.key),
+        "server_pins": [stack.pki.gateway.sha256] if pins is None else pins,
+        "identity": IDENTITY, "signing_key": "producer.pem", "kid": "lab-2026",
+        "feedback_keyring": "feedback.jwks.json", "state_dir": "state",
+        "max_attempts": 2, "backoff_initial_s": 0.05, "backoff_max_s": 0.2,
+        "request_timeout_s": 5, **extra,
+    }
+    path = root / name
+    path.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in values.items()))
+    return path
+
+
+def client_for(path: Path, **kwargs) -> EmitterClient:
+    return EmitterClient(load_emitter_settings(path), **kwargs)
+
+
+async def findings(stack: Stack) -> list[dict]:
+    """Every finding record in the stack's store, with its signed body decoded."""
+    store = open_store(stack.store_url)
+    await store.open()
+    try:
+        raw = await store.list_records("finding", TENANT)
+    finally:
+        await store.close()
+    records = [json.loads(r) for r in raw]
+    for record in records:
+        record["body"] = json.loads(base64.b64decode(record["body_b64"]))
+    return records
+
+
+def outbox_rows(path: Path) -> list[tuple]:
+    """The outbox as another process would see it on disk."""
+    with sqlite3.connect(path) as db:
+        return db.execute("SELECT id, state, nonce, body, maybe_accepted, replaced_by "
+                          "FROM outbox ORDER BY id").fetchall()
+
+
+@pytest.fixture
+def stack(tmp_path, sqlite_url):
+    st = Stack(tmp_path, sqlite_url)
+    yield st
+    st.kill_all()
+
+
+@pytest.fixture
+async def gateway(stack):
+    runner = await stack.start()
+    yield stack
+    await runner.cleanup()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = float(int(time.time()))
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeServer:
+    """A TLS 1.3 server with the gateway's certificate; ``handler`` answers every POST."""
+
+    def __init__(self, stack: Stack, handler) -> None:
+        self.stack, self.handler, self.calls = stack, handler, []
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> FakeServer:
+        async def record(request: web.Request) -> web.StreamResponse:
+            self.calls.append((request.path, dict(request.headers), await request.read()))
+            return await self.handler(request, self)
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", record)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        pki = self.stack.pki
+        ctx = server_context(pki.gateway.cert, pki.gateway.key, pki.ca.cert)
+        await web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=ctx).start()
+        self.url = f"https://127.0.0.1:{self.runner.addresses[0][1]}"
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.runner.cleanup()
+
+
+class LossyProxy:
+    """A TCP pipe in front of the gateway that drops the next ``drop`` HTTP answers.
+
+    TLS passes through untouched (pins and client certificates still hold). With TLS 1.3
+    and no session tickets, whatever the gateway sends after the client's second flight
+    (its Finished, then the request) is the HTTP answer: the proxy closes the client's
+    connection instead of forwarding it — the request was processed, the 202 is lost.
+    """
+
+    def __init__(self, port: int, drop: int) -> None:
+        self.port, self.drop, self.dropped = port, drop, 0
+        self.server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aenter__(self) -> LossyProxy:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.server.close()
+
+    async def _serve(self, c_reader, c_writer) -> None:
+        u_reader, u_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        phase = {"server_spoke": False, "client_after": False}
+
+        async def upstream() -> None:
+            while data := await c_reader.read(65536):
+                phase["client_after"] |= phase["server_spoke"]
+                u_writer.write(data)
+            u_writer.close()
+
+        async def downstream() -> None:
+            while data := await u_reader.read(65536):
+                if phase["client_after"] and self.drop > 0:
+                    self.drop -= 1
+                    self.dropped += 1
+                    break  # the answer: lose it
+                phase["server_spoke"] = True
+                c_writer.write(data)
+            c_writer.close()
+            u_writer.close()
+
+        await asyncio.gather(upstream(), downstream(), return_exceptions=True)
+
+
+# -- delivery -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("store_url", ["sqlite", "redis"], indirect=True)
+async def test_accepted_then_same_bytes_again_is_a_delivered_duplicate(tmp_path, store_url):
+    st = Stack(tmp_path, store_url)
+    runner = await st.start()
+    try:
+        async with client_for(write_config(st)) as client:
+            result = await client.send_telemetry(telemetry())
+            assert (result.outcome, result.status) == ("accepted", 202), result
+            item = client.outbox.get(result.outbox_id)
+            assert (item.state, item.request_id) == ("delivered", result.request_id)
+            again = await client.deliver(item)  # the very same signed bytes
+            assert (again.outcome, again.status) == ("duplicate", 409), again
+            assert again.duplicate_of == result.request_id and again.delivered
+            assert client.outbox.get(item.id).state == "delivered"
+        [record] = await findings(st)
+        assert base64.b64decode(record["body_b64"]) == item.body  # what was signed
+        assert record["finding_id"] == result.finding_id
+    finally:
+        await runner.cleanup()
+
+
+async def test_graph_accepted_and_outbox_survives_reopen(gateway):
+    cfg = write_config(gateway)
+    async with client_for(cfg) as client:
+        result = await client.send_graph(body_for(GRAPH_PATH))
+        assert (result.outcome, result.status) == ("accepted", 202), result
+    outbox = Outbox(load_emitter_settings(cfg).state_dir / "outbox.db")
+    try:
+        assert outbox.counts() == {"delivered": 1}
+    finally:
+        outbox.close()
+
+
+async def test_permanent_rejection_is_not_retried(gateway):
+    async with client_for(write_config(gateway)) as client:
+        result = await client.send_telemetry(foreign_telemetry())
+        assert (result.outcome, result.status, result.error) == (
+            "rejected", 403, "mapping_violation"), result
+        item = client.outbox.get(result.outbox_id)
+        assert (item.state, item.attempts) == ("rejected", 1)
+        assert await client.flush() == []  # nothing pending: never resent
+
+
+async def test_503_is_retried_with_the_same_signed_bytes(stack):
+    async def flaky(request, server):
+        if len(server.calls) == 1:
+            return web.json_response({"accepted": False, "request_id": "r1",
+                                      "error": "store_unavailable", "detail": "x"}, status=503)
+        return web.json_response({"accepted": True, "request_id": "r2", "finding_id": "f2"},
+                                 status=202)
+
+    async with FakeServer(stack, flaky) as fake, \
+            client_for(write_config(stack, url=fake.url)) as client:
+        result = await client.send_telemetry(telemetry())
+        assert (result.outcome, result.request_id) == ("accepted", "r2"), result
+        (_, h1, b1), (_, h2, b2) = fake.calls
+        assert b1 == b2
+        sig = ("X-Telemetry-Timestamp", "X-Telemetry-Nonce", "X-Telemetry-Signature")
+        assert [h1[k] for k in sig] == [h2[k] for k in sig]
+
+
+async def test_lost_202_then_retry_gets_409_duplicate_of_and_counts_as_delivered(gateway):
+    async with LossyProxy(gateway.port, drop=1) as proxy, \
+            client_for(write_config(gateway, url=proxy.url)) as client:
+        result = await client.send_telemetry(telemetry())
+        item = client.outbox.get(result.outbox_id)
+    assert proxy.dropped == 1
+    assert result.outcome == "duplicate", result
+    assert (item.state, item.maybe_accepted, item.attempts) == ("delivered", True, 2)
+    [record] = await findings(gateway)
+    assert result.duplicate_of == record["request_id"] == item.request_id
+
+
+class HsmSigner:
+    """What an HSM handle looks like to the client: .sign(bytes) and .public, no PEM."""
+
+    def __init__(self, key: PrivateKey, public: bytes | None = None) -> None:
+        self.key, self.public, self.calls = key, public or key.public, 0
+
+    def sign(self, message: bytes) -> bytes:
+        self.calls += 1
+        return self.key.sign(message)
+
+
+async def test_any_signer_object_works_and_a_broken_one_is_refused(gateway):
+    settings = load_emitter_settings(write_config(gateway))
+    signer = HsmSigner(PRODUCER)
+    async with EmitterClient(settings, signer=signer) as client:
+        assert (await client.send_telemetry(telemetry())).outcome == "accepted"
+    assert signer.calls == 2  # the start-up self-check, then the request
+    with pytest.raises(ConfigError, match="signing_key"):
+        EmitterClient(settings, signer=HsmSigner(PRODUCER, public=FEEDBACK_KEY.public))
+
+
+def test_backoff_is_exponential_capped_and_jittered():
+    assert [backoff_delay(n, 0.5, 4, rng=lambda: 1.0) for n in (1, 2, 3, 4, 5)] == [
+        0.5, 1.0, 2.0, 4.0, 4.0]
+    assert [backoff_delay(n, 0.5, 4, rng=lambda: 0.0) for n in (1, 4, 9)] == [0.25, 2.0, 2.0]
+
+
+# -- refusals: http://, pins, redirects ---------------------------------------------------
+
+async def test_http_url_is_refused(stack):
+    cfg = write_config(stack, url=f"http://127.0.0.1:{stack.port}")
+    with pytest.raises(ConfigError, match=r"url must use https://"):
+        load_emitter_settings(cfg)
+    settings = load_emitter_settings(write_config(stack, name="ok.toml"))
+    with pytest.raises(ConfigError, match="https"):
+        EmitterClient(dataclasses.replace(settings, url="http://127.0.0.1:1"))
+
+
+def test_settings_resolve_relative_paths_and_name_the_bad_key(stack):
+    upper = ":".join(stack.pki.gateway.sha256[i:i + 2].upper() for i in range(0, 64, 2))
+    settings = load_emitter_settings(write_config(stack, pins=[upper]))
+    root = stack.root / "emitter"
+    assert settings.server_pins == (stack.pki.gateway.sha256,)
+    assert (settings.signing_key, settings.state_dir) == (root / "producer.pem", root / "state")
+    assert (settings.kid, settings.clock_skew_s, settings.legacy_unbound_nonce) == (
+        "lab-2026", 30, False)
+    for extra, key in [({"urll": "x"}, "unknown key 'urll'"), ({"server_pins": ["ab"]},
+                       "server_pins"), ({"signing_key": "nope.pem"}, "signing_key: no such"),
+                       ({"backoff_max_s": 0.01}, "backoff_max_s")]:
+        with pytest.raises(ConfigError, match=key) as info:
+            load_emitter_settings(write_config(stack, name="bad.toml", **extra))
+        assert "\n" not in str(info.value)
+
+
+async def test_wrong_server_pin_refuses_before_a_byte_reaches_the_gateway(gateway):
+    wrong = write_config(gateway, pins=[gateway.pki.ca.sha256], name="wrong.toml")
+    async with client_for(wrong) as client:
+        result = await client.send_telemetry(telemetry())
+        assert (result.outcome, result.error) == ("refused", "server_pin_mismatch"), result
+        assert client.outbox.get(result.outbox_id).state == "pending"  # kept, not lost
+    audit = gateway.audit_path
+    assert not audit.exists() or audit.read_text() == ""  # the gateway saw nothing
+    async with client_for(write_config(gateway)) as client:  # right pin: it goes out
+        [late] = await client.flush()
+    assert late.outcome == "accepted", late
+    assert len(audit.read_text().splitlines()) == 1
+
+
+async def test_redirect_is_never_followed(stack):
+    async def redirect(request, server):
+        if request.path == "/target":
+            return web.json_response({"accepted": True, "request_id": "t"}, status=202)
+        raise web.HTTPTemporaryRedirect(server.url + "/target")
+
+    async with FakeServer(stack, redirect) as fake, \
+            client_for(write_config(stack, url=fake.url)) as client:
+        result = await client.send_telemetry(telemetry())
+        state = client.outbox.get(result.outbox_id).state
+    assert (result.outcome, result.status, result.error) == (
+        "rejected", 307, "redirect_refused"), result
+    assert state == "rejected"
+    assert [path for path, _, _ in fake.calls] == [TELEMETRY_PATH]  # /target never called
+
+
+# -- outages, restarts, expiry -------------------------------------------------------------
+
+async def test_gateway_down_for_10s_mid_campaign_loses_no_telemetry(stack):
+    stack.spawn()
+    await stack.wait_ready()
+    cfg = write_config(stack)
+    bodies = [telemetry() for _ in range(10)]
+    async with client_for(cfg) as client:
+        first = [await client.send_telemetry(b) for b in bodies[:5]]
+        assert [r.outcome for r in first] == ["accepted"] * 5
+        stack.kill_all(signal.SIGKILL)
+        down = [await client.send_telemetry(b) for b in bodies[5:]]
+        assert [r.outcome for r in down] == ["queued"] * 5
+        rows = outbox_rows(load_emitter_settings(cfg).state_dir / "outbox.db")
+        assert [state for _, state, *_ in rows] == ["delivered"] * 5 + ["pending"] * 5
+        assert [json.loads(row[3])["payload"]["event_id"] for row in rows[5:]] == [
+            b["payload"]["event_id"] for b in bodies[5:]]
+        await asyncio.sleep(5)
+        assert [r.outcome for r in await client.flush()] == ["queued"] * 5  # still down
+        await asyncio.sleep(5)
+        stack.spawn()
+        await stack.wait_ready()
+        flushed = await client.flush()
+        assert [r.outcome for r in flushed] == ["accepted"] * 5, flushed
+        assert client.outbox.counts() == {"delivered": 10}
+    stack.kill_all()
+    records = await findings(stack)
+    assert len(records) == 10
+    assert sorted(r["body"]["payload"]["event_id"] for r in records) == sorted(
+        b["payload"]["event_id"] for b in bodies)
+
+
+async def test_outbox_survives_an_emitter_restart(stack):
+    cfg = write_config(stack)
+    client = client_for(cfg)
+    async with client:  # gateway not started yet: nothing listens on its port
+        queued = await client.send_telemetry(telemetry())
+    assert queued.outcome == "queued"
+    runner = await stack.start()
+    try:
+        async with client_for(cfg) as fresh:  # a new process would do exactly this
+            [result] = await fresh.flush()
+            assert (result.outcome, result.outbox_id) == ("accepted", queued.outbox_id)
+        [record] = await findings(stack)
+        assert record["nonce"] == outbox_rows(fresh.settings.state_dir / "outbox.db")[0][2]
+    finally:
+        await runner.cleanup()
+
+
+async def test_expired_never_accepted_item_is_resigned_exactly_once(stack):
+    clock = Clock()
+    cfg = write_config(stack)
+    async with client_for(cfg, clock=clock) as client:
+        queued = await client.send_telemetry(telemetry())  # connection refused: not sent
+        clock.now += 120  # a long outage: the timestamp has left the ±30 s window
+        runner = await stack.start(clock=clock)
+        try:
+            [result] = await client.flush()
+            old = client.outbox.get(queued.outbox_id)
+            new = client.outbox.get(result.outbox_id)
+        finally:
+            await runner.cleanup()
+    assert (result.outcome, result.possible_duplicate) == ("accepted", False), result
+    assert (old.state, old.replaced_by, old.maybe_accepted) == ("expired", new.id, False)
+    assert new.state == "delivered" and new.timestamp == old.timestamp + 120
+    assert json.loads(new.body)["payload"] == json.loads(old.body)["payload"]
+    [record] = await findings(stack)
+    assert (record["nonce"], record["timestamp"]) == (new.nonce, new.timestamp)
+    [event] = [json.loads(line) for line in stack.audit_path.read_text().splitlines()]
+    assert event["event.action"] == "telemetry.accepted"  # the stale bytes never went out
+
+
+async def test_gateway_clock_disagreeing_is_refused_and_kept(stack):
+    clock, ahead = Clock(), Clock()
+    ahead.now += 60
+    runner = await stack.start(clock=ahead)
+    try:
+        async with client_for(write_config(stack), clock=clock) as client:
+            result = await client.send_telemetry(telemetry())
+            rows = client.outbox.pending()
+    finally:
+        await runner.cleanup()
+    assert (result.outcome, result.error) == ("refused", "timestamp_out_of_window"), result
+    assert [r.id for r in rows] == [result.outbox_id]  # re-signed once, still kept
+    events = [json.loads(line) for line in stack.audit_path.read_text().splitlines()]
+    assert [e["event.reason"] for e in events] == ["timestamp_out_of_window"] * 2
+
+
+async def test_expired_maybe_accepted_item_is_resigned_at_least_once(stack):
+    """The documented at-least-once case: a 202 was lost, the retry window passed, the
+    body is re-signed with a fresh nonce — two findings, same payload.event_id."""
+    clock = Clock()
+    runner = await stack.start(clock=clock)
+    try:
+        async with LossyProxy(stack.port, drop=99) as proxy:
+            cfg = write_config(stack, url=proxy.url)
+            async with client_for(cfg, clock=clock) as client:
+                queued = await client.send_telemetry(telemetry())
+                assert queued.outcome == "queued"
+                assert client.outbox.get(queued.outbox_id).maybe_accepted
+                proxy.drop = 0
+                clock.now += 120
+                [result] = await client.flush()
+    finally:
+        await runner.cleanup()
+    assert (result.outcome, result.possible_duplicate) == ("accepted", True), result
+    records = await findings(stack)
+    assert len(records) == 2
+    assert len({r["body"]["payload"]["event_id"] for r in records}) == 1
+    assert len({r["nonce"] for r in records}) == 2
+
+
+def test_outbox_enqueue_is_durable_and_states_are_final(tmp_path):
+    from emitter.signing import sign_request
+    signed = sign_request(PRODUCER, telemetry(), identity=IDENTITY, kid="lab-2026",
+                          timestamp=1_795_000_000, nonce="n" * 24)
+    box = Outbox(tmp_path / "o.db")
+    item = box.enqueue(signed, TELEMETRY_PATH)
+    box.close()  # no flush, no shutdown hook: what is committed is on disk
+    again = Outbox(tmp_path / "o.db")
+    try:
+        [pending] = again.pending()
+        assert (pending.id, pending.body, pending.headers) == (item.id, signed.body,
+                                                               signed.headers)
+        again.mark_rejected(item.id, 422, "schema_violation")
+        assert again.pending() == []
+        assert again.get(item.id).last_error == "schema_violation"
+    finally:
+        again.close()
+
+
+# -- feedback (§6) --------------------------------------------------------------------------
+
+async def test_feedback_query_verifies_claims_and_never_reapplies(gateway):
+    async with client_for(write_config(gateway)) as client:
+        assert (await client.send_telemetry(telemetry())).outcome == "accepted"
+        assert (await client.send_graph(body_for(GRAPH_PATH))).outcome == "accepted"
+        first = await client.query_feedback(TENANT, "op-001")
+        verified = client.last_feedback
+        assert verified.kid == "vv-fb-2026" and client.ledger.claimed(verified.nonce)
+        assert list(verified.adjustments) == first  # a fresh ledger applies them all
+        with pytest.raises(FeedbackRejected) as info:  # the same answer twice: replay
+            client.ledger.apply(verified, int(time.time()))
+        assert info.value.code == "replayed_nonce"
+        second = await client.query_feedback(TENANT, "op-001")
+        assert client.last_feedback.nonce != verified.nonce
+        assert not [adj for adj in second if adj in first]  # nothing applied twice
+        assert client.ledger.applied(TENANT) == first + second
+        audit_path = client.settings.state_dir / "emitter-audit.jsonl"
+    events = [json.loads(line) for line in audit_path.read_text().splitlines()]
+    assert [e["event.action"] for e in events] == ["feedback.applied"] * 2
+    assert verify_file(audit_path).ok
+
+
+def forged_feedback(data: list, *, key: PrivateKey = FEEDBACK_KEY, nonce: str | None = None):
+    async def answer(request, server):
+        query = json.loads(await request.read())
+        return web.json_response(sign_feedback(
+            key, "vv-fb-2026", tenant_id=TENANT, data=data, signed_at=int(time.time()),
+            nonce=nonce or bound_nonce(query["nonce"]), request_id="fake"))
+    return answer
+
+
+def adjustment(att: str = ATT) -> dict:
+    return {"tenant_id": TENANT, "execution_fingerprint": FP, "target_urn": "urn:target:ws-17",
+            "action": "isolate", "confidence": 0.9, "rationale": "r", "control": "edr",
+            "ttl_seconds": 600, "timestamp": 1_795_000_000,
+            "schema_version": "feedback.adjustment.v1", "attestation_measurement_hash": att}
+
+
+async def test_verified_adjustments_apply_once(stack):
+    async with FakeServer(stack, forged_feedback([adjustment()])) as fake, \
+            client_for(write_config(stack, url=fake.url)) as client:
+        client.ledger.record_sent(TENANT, FP, ATT)  # what this emitter sent
+        assert await client.query_feedback(TENANT, "op-001") == [adjustment()]
+        assert await client.query_feedback(TENANT, "op-001") == []  # verified, not new
+        assert client.ledger.applied(TENANT) == [adjustment()]
+
+
+@pytest.mark.parametrize(("answer", "code"), [
+    (forged_feedback([adjustment(att="0" * 64)]), "attestation_mismatch"),
+    (forged_feedback([adjustment()], key=PRODUCER), "invalid_signature"),
+    (forged_feedback([adjustment()], nonce="someone-elses-nonce.abcdefghijklmnopq"),
+     "nonce_not_bound"),
+])
+async def test_rejected_feedback_applies_nothing_and_is_audited(stack, answer, code):
+    async with FakeServer(stack, answer) as fake, \
+            client_for(write_config(stack, url=fake.url)) as client:
+        client.ledger.record_sent(TENANT, FP, ATT)
+        with pytest.raises(FeedbackRejected) as info:
+            await client.query_feedback(TENANT, "op-001")
+        assert info.value.code == code
+        assert client.ledger.applied(TENANT) == []
+        assert client.last_feedback is None
+        audit_path = client.settings.state_dir / "emitter-audit.jsonl"
+    [event] = [json.loads(line) for line in audit_path.read_text().splitlines()]
+    assert (event["event.action"], event["event.reason"]) == ("feedback.rejected", code)
+    assert [p for p, _, _ in fake.calls] == [QUERY_PATH]
+
+
+async def test_sync_client_for_scripts(gateway):
+    cfg = write_config(gateway)
+
+    def script():
+        with SyncEmitterClient(str(cfg)) as client:
+            sent = client.send_telemetry(telemetry())
+            adjustments = client.query_feedback(TENANT, "op-001")
+            return sent, adjustments, client.flush()
+
+    sent, adjustments, flushed = await asyncio.to_thread(script)
+    assert sent.outcome == "accepted" and isinstance(adjustments, list) and flushed == []
+
+
+# -- CLI --------------------------------------------------------------------------------------
+
+async def run_cli(capsys, *argv: str) -> tuple[int, list[str], str]:
+    code = await asyncio.to_thread(main, list(argv))
+    out, err = capsys.readouterr()
+    return code, out.splitlines(), err
+
+
+async def test_cli_emit_array_and_json_lines(gateway, capsys, tmp_path):
+    cfg = str(write_config(gateway))
+    array = tmp_path / "two.json"
+    array.write_text(json.dumps([telemetry(), telemetry()]))
+    code, lines, _ = await run_cli(capsys, "emit", "--config", cfg, str(array))
+    assert code == 0 and len(lines) == 2
+    assert all(line.startswith("accepted ") and " finding " in line for line in lines), lines
+    jsonl = tmp_path / "mixed.jsonl"
+    jsonl.write_text(json.dumps(telemetry()) + "\n\n" + json.dumps(foreign_telemetry()) + "\n")
+    code, lines, _ = await run_cli(capsys, "emit", "--config", cfg, str(jsonl))
+    assert code == 1
+    assert lines[0].startswith("accepted ") and lines[1] == "rejected 403 mapping_violation"
+    graph = tmp_path / "graph.json"
+    graph.write_text(json.dumps(body_for(GRAPH_PATH)))
+    code, lines, _ = await run_cli(capsys, "emit", "--config", cfg, "--graph", str(graph))
+    assert code == 0 and lines[0].startswith("accepted "), lines
+    assert len(await findings(gateway)) == 3
+
+
+async def test_cli_emit_from_stdin_reports_progress(gateway, capsys, monkeypatch):
+    lines_in = "\n".join(json.dumps(telemetry()) for _ in range(120))
+    monkeypatch.setattr("sys.stdin", io.StringIO(lines_in))
+    code, lines, err = await run_cli(capsys, "emit", "--config", str(write_config(gateway)))
+    assert code == 0 and len(lines) == 120
+    assert "fedgate: emit: 100/120" in err and "fedgate: emit: 120/120" in err
+    assert len(await findings(gateway)) == 120
+
+
+async def test_cli_emit_queues_when_the_gateway_is_down(stack, capsys, tmp_path):
+    body = tmp_path / "one.json"
+    body.write_text(json.dumps(telemetry()))
+    cfg = str(write_config(stack))
+    code, lines, _ = await run_cli(capsys, "emit", "--config", cfg, str(body))
+    assert (code, lines) == (0, ["queued (gateway unavailable; will retry)"])
+    runner = await stack.start()
+    try:  # the next run delivers what the last one queued, before its own input
+        empty = tmp_path / "none.json"
+        empty.write_text("[]")
+        code, lines, err = await run_cli(capsys, "emit", "--config", cfg, str(empty))
+    finally:
+        await runner.cleanup()
+    assert (code, lines) == (0, []) and "1 of 1 earlier item(s) delivered" in err
+    assert len(await findings(stack)) == 1
+
+
+async def test_cli_config_and_input_errors_exit_2_with_one_line(stack, capsys, tmp_path):
+    bad = write_config(stack, clock_skew_s="30")
+    code, _, err = await run_cli(capsys, "emit", "--config", str(bad), "-")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "clock_skew_s" in err
+    cfg = str(write_config(stack, name="ok.toml"))
+    garbage = tmp_path / "bad.json"
+    garbage.write_text('{"a": 1}\n[1]\n')
+    code, _, err = await run_cli(capsys, "emit", "--config", cfg, str(garbage))
+    assert code == 2 and "line 2: not a JSON object" in err
+
+
+async def test_cli_feedback_verified_and_rejected(gateway, capsys):
+    cfg = str(write_config(gateway))
+    args = ("feedback", "--config", cfg, "--tenant", TENANT, "--operator", "op-001")
+    code, lines, err = await run_cli(capsys, *args)
+    assert code == 0 and "feedback verified (kid vv-fb-2026" in err
+    assert all(json.loads(line)["tenant_id"] == TENANT for line in lines)
+    async with FakeServer(gateway, forged_feedback([], key=PRODUCER)) as fake:
+        forged = str(write_config(gateway, url=fake.url, name="forged.toml"))
+        code, lines, err = await run_cli(capsys, "feedback", "--config", forged,
+                                         *args[3:])
+    assert (code, lines) == (1, []) and "feedback rejected: invalid_signature" in err
+
+
+@pytest.mark.parametrize("command", ["emit", "feedback"])
+async def test_cli_help(capsys, command):
+    code, lines, _ = await run_cli(capsys, command, "--help")
+    assert code == 0 and lines[0].startswith(f"usage: fedgate {command}")
