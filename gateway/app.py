@@ -47,20 +47,31 @@ ISSUER = web.AppKey("issuer", FeedbackIssuer)
 METRICS = web.AppKey("metrics", Metrics)
 CLOCK = web.AppKey("clock", object)
 READY = web.AppKey("ready", dict)
+ECHO = web.AppKey("echo", bool)
 
 REQUEST_ID = web.RequestKey("request_id", str)
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 ROUTER_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
+class _Quiet:
+    """An audit echo that says nothing (the demo shows its own progress)."""
+
+    def info(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
 def make_app(settings: GatewaySettings, keys: tuple[Keyring, PrivateKey], *,
-             clock: Callable[[], float] = time.time) -> web.Application:
-    """The gateway application; ``keys`` were loaded and checked by the caller."""
+             clock: Callable[[], float] = time.time, echo: bool = True) -> web.Application:
+    """The gateway application; ``keys`` were loaded and checked by the caller.
+
+    ``echo``: also log a one-line summary of every audit event to stderr.
+    """
     app = web.Application(client_max_size=settings.security.max_body_bytes + 1,
                           middlewares=[request_id_middleware])
     app[SETTINGS], app[KEYS], app[CLOCK] = settings, keys, clock
     app[METRICS] = Metrics()
-    app[READY] = {"self_test": False}
+    app[READY], app[ECHO] = {"self_test": False}, echo
     app.cleanup_ctx.append(resources)
     for path in SIGNED_ROUTES:
         app.router.add_post(path, handle_signed)
@@ -82,7 +93,8 @@ async def resources(app: web.Application) -> AsyncIterator[None]:
     store = open_store(settings.store_url, **settings.store_options)
     await store.open()
     app[STORE] = store
-    app[AUDIT] = AuditSink(settings.audit_path)
+    app[AUDIT] = AuditSink(settings.audit_path,
+                           logger=None if app[ECHO] else _Quiet())
     app[AUDIT_EXECUTOR] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedgate-audit")
     app[PIPELINE] = Pipeline(settings.security, keyring, validators, store,
                              store_timer=app[METRICS].store.observe)

@@ -94,7 +94,8 @@ def render_summary(report: dict[str, Any]) -> str:
 
 async def _serve(config: Path) -> web.AppRunner:
     settings = load_settings(config)
-    runner = web.AppRunner(make_app(settings, load_keys(settings)), access_log=None)
+    runner = web.AppRunner(make_app(settings, load_keys(settings), echo=False),
+                           access_log=None)
     await runner.setup()
     ctx = server_context(settings.server.tls_cert, settings.server.tls_key,
                          settings.server.client_ca)
