@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from gateway.store.sqlite import connect_durable
 from schemas.canonical import dumps
 
 from .verify import FeedbackRejected, VerifiedFeedback
@@ -49,11 +50,7 @@ class Ledger:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db = connect_durable(self.path, busy_timeout_ms=10_000)
         self._db.executescript(_SCHEMA)
 
     def close(self) -> None:

@@ -15,12 +15,12 @@ set when an attempt ended without an answer after the request may have been writ
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from emitter.signing import SignedBody
+from gateway.store.sqlite import connect_durable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -80,10 +80,7 @@ class Outbox:
     def __init__(self, path: Path | str, *, clock=time.time) -> None:
         self.path = Path(path)
         self._clock = clock
-        self._db = sqlite3.connect(self.path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db = connect_durable(self.path)
         self._db.executescript(SCHEMA)
 
     def close(self) -> None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import stat
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from urllib.parse import urlsplit
 
 from gateway.config import IDENTITY_RE, ConfigError
 from gateway.tls import normalize_pin
+from gateway.tomlfile import load_file, path_value, readable_file
 from keyring.keys import KID_RE
 
 _PIN_RE = re.compile(r"[0-9a-f]{64}")
@@ -72,23 +71,8 @@ def check_url(url: Any) -> str:
 
 def load_emitter_settings(path: str | Path) -> EmitterSettings:
     """Read and check the whole file; ``ConfigError`` (one line, naming the key) on a defect."""
-    cfg = Path(os.path.abspath(path))
-    raw = _read_toml(cfg)
-    try:
-        return _build(cfg, raw)
-    except ConfigError as exc:
-        raise ConfigError(f"{cfg}: {exc}") from None
+    return load_file(path, _build)
 
-
-def _read_toml(cfg: Path) -> dict[str, Any]:
-    try:
-        return tomllib.loads(cfg.read_bytes().decode("utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{cfg}: cannot read ({exc.strerror})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{cfg}: invalid TOML: not UTF-8") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{cfg}: invalid TOML: {exc}") from None
 
 
 def _build(cfg: Path, raw: Mapping[str, Any]) -> EmitterSettings:
@@ -98,11 +82,11 @@ def _build(cfg: Path, raw: Mapping[str, Any]) -> EmitterSettings:
     base = cfg.parent
     settings = EmitterSettings(
         path=cfg, url=check_url(raw.get("url")),
-        ca=_readable(raw, "ca", base), cert=_readable(raw, "cert", base),
-        key=_readable(raw, "key", base), server_pins=_pins(raw.get("server_pins", [])),
+        ca=readable_file(raw, "ca", base), cert=readable_file(raw, "cert", base),
+        key=readable_file(raw, "key", base), server_pins=_pins(raw.get("server_pins", [])),
         identity=_identity(raw.get("identity")),
-        signing_key=_readable(raw, "signing_key", base), kid=_kid(raw.get("kid")),
-        feedback_keyring=_readable(raw, "feedback_keyring", base),
+        signing_key=readable_file(raw, "signing_key", base), kid=_kid(raw.get("kid")),
+        feedback_keyring=readable_file(raw, "feedback_keyring", base),
         state_dir=_state_dir(raw, base),
         clock_skew_s=_number(raw, "clock_skew_s", 30, 1, 3600, integer=True),
         legacy_unbound_nonce=_bool(raw, "legacy_unbound_nonce", False),
@@ -116,31 +100,10 @@ def _build(cfg: Path, raw: Mapping[str, Any]) -> EmitterSettings:
     return settings
 
 
-def _path(raw: Mapping[str, Any], key: str, base: Path) -> Path:
-    value = raw.get(key)
-    if value is None:
-        raise ConfigError(f"{key} is required")
-    if not isinstance(value, str) or not value or "\0" in value:
-        raise ConfigError(f"{key} must be a non-empty path string, got {value!r}")
-    return (base / value).resolve()
-
-
-def _readable(raw: Mapping[str, Any], key: str, base: Path) -> Path:
-    path = _path(raw, key, base)
-    try:
-        if not stat.S_ISREG(path.stat().st_mode):
-            raise ConfigError(f"{key}: not a regular file: {path}")
-        with path.open("rb"):
-            pass
-    except FileNotFoundError:
-        raise ConfigError(f"{key}: no such file: {path}") from None
-    except OSError as exc:
-        raise ConfigError(f"{key}: cannot read {path} ({exc.strerror})") from None
-    return path
 
 
 def _state_dir(raw: Mapping[str, Any], base: Path) -> Path:
-    path = _path(raw, "state_dir", base)
+    path = path_value(raw, "state_dir", base)
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:

@@ -74,6 +74,12 @@ def write_outputs(out_root: Path, report: dict[str, Any], logs: dict[str, Path])
     return out
 
 
+def broken_chains(out: Path) -> list[str]:
+    """Names of the audit logs whose chain did not verify in a run's outputs."""
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    return [name for name, chain in summary["audit_chains"].items() if not chain["ok"]]
+
+
 def render_summary(report: dict[str, Any]) -> str:
     lines = ["# fedgate run summary", "", "## Accepted"]
     lines += [f"- {kind}: {n}" for kind, n in sorted(report["accepted"].items())]
@@ -137,8 +143,7 @@ def main(out_root: Path) -> int:
     except KeyboardInterrupt:
         print("fedgate demo: interrupted; gateway stopped, state removed", file=sys.stderr)
         return 130
-    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-    broken = [n for n, c in summary["audit_chains"].items() if not c["ok"]]
+    broken = broken_chains(out)
     if broken:
         print(f"fedgate demo: audit chain broken in {', '.join(broken)}", file=sys.stderr)
         return 1

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import stat
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ from keyring.ed25519 import PrivateKey
 from keyring.keys import KID_RE, Keyring, KeyringError, load_jwks
 
 from .config import ConfigError, SecurityConfig
+from .tomlfile import load_file, path_value, readable_file
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8443
 DEFAULT_STORE_URL = "sqlite:///state/fedgate.db"
@@ -74,12 +73,7 @@ class GatewaySettings:
 
 def load_settings(path: str | Path) -> GatewaySettings:
     """Read and check the whole file; ``ConfigError`` (one line, naming the key) on a defect."""
-    cfg = Path(os.path.abspath(path))
-    raw = _read_toml(cfg)
-    try:
-        return _build(cfg, raw)
-    except ConfigError as exc:
-        raise ConfigError(f"{cfg}: {exc}") from None
+    return load_file(path, _build)
 
 
 def load_keys(settings: GatewaySettings) -> tuple[Keyring, PrivateKey]:
@@ -101,18 +95,6 @@ def load_keys(settings: GatewaySettings) -> tuple[Keyring, PrivateKey]:
     return keyring, feedback
 
 
-def _read_toml(cfg: Path) -> dict[str, Any]:
-    try:
-        data = cfg.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{cfg}: cannot read ({exc.strerror})") from None
-    try:
-        return tomllib.loads(data.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"{cfg}: invalid TOML: not UTF-8") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{cfg}: invalid TOML: {exc}") from None
-
 
 def _build(cfg: Path, raw: Mapping[str, Any]) -> GatewaySettings:
     base = cfg.parent
@@ -122,12 +104,12 @@ def _build(cfg: Path, raw: Mapping[str, Any]) -> GatewaySettings:
     policy = _table(raw, "policy", frozenset({"rules"}))
     security = _security(raw, server)
     store_url, store_options = _store(store, base)
-    rules = _readable(policy, "rules", base, "policy.") if "rules" in policy else None
+    rules = readable_file(policy, "rules", base, "policy.") if "rules" in policy else None
     return GatewaySettings(
         path=cfg, security=security, server=_server(server, base),
         store_url=store_url, store_options=store_options,
-        producer_keyring=_readable(raw, "producer_keyring", base),
-        feedback_key=_readable(raw, "feedback_key", base),
+        producer_keyring=readable_file(raw, "producer_keyring", base),
+        feedback_key=readable_file(raw, "feedback_key", base),
         feedback_kid=_feedback_kid(raw), audit_path=_audit(audit, base), policy_rules=rules,
     )
 
@@ -178,35 +160,12 @@ def _server(server: Mapping[str, Any], base: Path) -> ServerSettings:
         raise ConfigError(f"server.port must be an integer in [1, 65535], got {port!r}")
     return ServerSettings(
         host=host, port=port,
-        tls_cert=_readable(server, "tls_cert", base, "server."),
-        tls_key=_readable(server, "tls_key", base, "server."),
-        client_ca=_readable(server, "client_ca", base, "server."),
+        tls_cert=readable_file(server, "tls_cert", base, "server."),
+        tls_key=readable_file(server, "tls_key", base, "server."),
+        client_ca=readable_file(server, "client_ca", base, "server."),
     )
 
 
-def _path(table: Mapping[str, Any], key: str, base: Path, prefix: str = "",
-          default: str | None = None) -> Path:
-    value = table.get(key, default)
-    if value is None:
-        raise ConfigError(f"{prefix}{key} is required")
-    if not isinstance(value, str) or not value or "\0" in value:
-        raise ConfigError(f"{prefix}{key} must be a non-empty path string, got {value!r}")
-    return (base / value).resolve()  # as the OS will open it: symlinks and ".." followed
-
-
-def _readable(table: Mapping[str, Any], key: str, base: Path, prefix: str = "") -> Path:
-    """A regular file we can open for reading now: fail closed at start-up, not later."""
-    path = _path(table, key, base, prefix)
-    try:
-        if not stat.S_ISREG(path.stat().st_mode):
-            raise ConfigError(f"{prefix}{key}: not a regular file: {path}")
-        with path.open("rb"):
-            pass
-    except FileNotFoundError:
-        raise ConfigError(f"{prefix}{key}: no such file: {path}") from None
-    except OSError as exc:
-        raise ConfigError(f"{prefix}{key}: cannot read {path} ({exc.strerror})") from None
-    return path
 
 
 def _store(store: Mapping[str, Any], base: Path) -> tuple[str, Mapping[str, Any]]:
@@ -227,7 +186,7 @@ def _store(store: Mapping[str, Any], base: Path) -> tuple[str, Mapping[str, Any]
 def _store_url(url: Any, base: Path) -> tuple[str, str]:
     """(url, backend); a relative sqlite path is made absolute against the config dir."""
     if isinstance(url, str) and url.startswith(_SQLITE):
-        path = _path({"url": url[len(_SQLITE):]}, "url", base, "store.")
+        path = path_value({"url": url[len(_SQLITE):]}, "url", base, "store.")
         return _SQLITE + str(path), "sqlite"
     if isinstance(url, str) and url.startswith(_REDIS) and url.split("//", 1)[1]:
         return url, "redis"
@@ -246,7 +205,7 @@ def _feedback_kid(raw: Mapping[str, Any]) -> str:
 
 def _audit(audit: Mapping[str, Any], base: Path) -> Path:
     """The audit log; its directory is created if missing and must be writable."""
-    path = _path(audit, "path", base, "audit.", default=DEFAULT_AUDIT_PATH)
+    path = path_value(audit, "path", base, "audit.", default=DEFAULT_AUDIT_PATH)
     if path.is_dir():
         raise ConfigError(f"audit.path: is a directory: {path}")
     try:

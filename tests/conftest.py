@@ -100,3 +100,14 @@ def sqlite_url(tmp_path: Path) -> str:
 def store_url(request: pytest.FixtureRequest) -> str:
     """Each contract test runs once per store, both real."""
     return request.getfixturevalue(f"{request.param}_url")
+
+
+@pytest.fixture
+async def store(store_url: str):
+    """An open store of each kind (via ``store_url``), closed after the test."""
+    from gateway.store import open_store
+
+    s = open_store(store_url)
+    await s.open()
+    yield s
+    await s.close()

@@ -37,6 +37,23 @@ CREATE INDEX IF NOT EXISTS records_by_tenant ON records (kind, tenant_id, seq);
 PURGE_EVERY = 512  # commits between sweeps of expired nonces
 
 
+def connect_durable(path: Path, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
+    """A connection in WAL mode with synchronous=FULL: a COMMIT returns once fsynced.
+
+    Autocommit mode (``isolation_level=None``): callers issue their own BEGIN.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                         timeout=busy_timeout_ms / 1000)
+    db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+    mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if mode.lower() != "wal":
+        db.close()
+        raise sqlite3.OperationalError(f"cannot enable WAL on {path} (got {mode})")
+    db.execute("PRAGMA synchronous = FULL")  # fsync the WAL at every commit
+    return db
+
+
 class SqliteStore(Store):
     def __init__(self, url: str, *, busy_timeout_ms: int = 5000) -> None:
         self.url = url
@@ -52,15 +69,7 @@ class SqliteStore(Store):
         await self._run(self._open_sync, stage="claim")
 
     def _open_sync(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                             timeout=self.busy_timeout_ms / 1000)
-        db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
-        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if mode.lower() != "wal":
-            db.close()
-            raise sqlite3.OperationalError(f"cannot enable WAL on {self.path} (got {mode})")
-        db.execute("PRAGMA synchronous = FULL")  # fsync the WAL at every commit
+        db = connect_durable(self.path, self.busy_timeout_ms)
         db.executescript(SCHEMA)
         self._db = db
 

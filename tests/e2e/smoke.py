@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ if str(ROOT) not in sys.path:
 from emitter.campaign import CampaignError, run_campaign  # noqa: E402
 from emitter.client import EmitterClient  # noqa: E402
 from emitter.settings import load_emitter_settings  # noqa: E402
-from gateway.demo import write_outputs  # noqa: E402
+from gateway.demo import broken_chains, write_outputs  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,8 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     except CampaignError as exc:
         print(f"smoke: FAILED: {exc}", file=sys.stderr)
         return 1
-    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-    broken = [name for name, chain in summary["audit_chains"].items() if not chain["ok"]]
+    broken = broken_chains(out)
     if broken:
         print(f"smoke: FAILED: audit chain broken in {', '.join(broken)}", file=sys.stderr)
         return 1

@@ -25,7 +25,7 @@ from gateway import errors as E
 from gateway.feedback import FeedbackIssuer, RulePolicy
 from gateway.policy import load_rules
 from gateway.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
-from gateway.store import StoreError, open_store
+from gateway.store import StoreError
 from keyring import Key, Keyring, KeyStatus
 from keyring.ed25519 import PrivateKey, verify
 from keyring.keys import parse_jwks
@@ -45,14 +45,6 @@ FP_GRAPH, FP_CRIT, FP_QUIET, FP_UNANCHORED = ("a1" * 32, "b2" * 32, "c3" * 32, "
 ATT = {fp: hashlib.sha256(f"attestation {fp}".encode()).hexdigest()
        for fp in (FP_GRAPH, FP_CRIT, FP_QUIET, FP_UNANCHORED)}
 QUERY_NONCE = "query-nonce-0001"
-
-
-@pytest.fixture
-async def store(store_url):
-    s = open_store(store_url)
-    await s.open()
-    yield s
-    await s.close()
 
 
 def telemetry(fp: str, **payload: Any) -> dict[str, Any]:

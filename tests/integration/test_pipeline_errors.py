@@ -32,14 +32,6 @@ from keyring.ed25519 import PrivateKey
 from schemas.signing import request_signing_input
 
 
-@pytest.fixture
-async def store(store_url):
-    s = open_store(store_url)
-    await s.open()
-    yield s
-    await s.close()
-
-
 def with_header(headers: dict, name: str, value: str | None) -> dict:
     out = {k: v for k, v in headers.items() if k.lower() != name.lower()}
     if value is not None:

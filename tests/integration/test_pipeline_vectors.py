@@ -18,7 +18,6 @@ from gateway import errors as E
 from gateway.config import SecurityConfig
 from gateway.pipeline import Context, Pipeline, SignedRequest
 from gateway.routes import SIGNED_ROUTES
-from gateway.store import open_store
 from keyring import Key, Keyring, parse_jwks
 from schemas.validate import Validators
 
@@ -31,14 +30,6 @@ VALIDATORS = Validators()
 def test_vector_set_is_complete():
     assert len(CASES) == EXPECTED_NAMES == len(TELEMETRY["cases"])
     assert {c["expect"]["status"] for c in CASES.values()} == {202, 401, 403, 409, 415, 422}
-
-
-@pytest.fixture
-async def store(store_url):
-    s = open_store(store_url)
-    await s.open()
-    yield s
-    await s.close()
 
 
 def vector_pipeline(store) -> Pipeline:

@@ -31,14 +31,6 @@ def make_commit(nonce: str = "nonce-0001", *, identity: str = "spectrastrike-pro
                   now=now, nonce_ttl_s=ttl, record=record, anchor=anchor)
 
 
-@pytest.fixture
-async def store(store_url):
-    s = open_store(store_url)
-    await s.open()
-    yield s
-    await s.close()
-
-
 # Each row: (name, [(commit overrides, expected outcome, expected duplicate_of)]).
 SCENARIOS = [
     ("first_accepted", [({}, Outcome.ACCEPTED, None)]),

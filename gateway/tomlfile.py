@@ -1,0 +1,67 @@
+"""Shared plumbing of fedgate's TOML files (gateway and emitter configs).
+
+One way to read a file, resolve a path member against the file's directory, and check
+that a named file can be opened now — every defect a ``ConfigError`` naming the key,
+prefixed once with the config file's path.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .config import ConfigError
+
+T = TypeVar("T")
+
+
+def load_file(path: str | Path, build: Callable[[Path, Mapping[str, Any]], T]) -> T:
+    """Read ``path`` and ``build(cfg, raw)``; errors carry the file's absolute path."""
+    cfg = Path(os.path.abspath(path))
+    raw = read_toml(cfg)
+    try:
+        return build(cfg, raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{cfg}: {exc}") from None
+
+
+def read_toml(cfg: Path) -> dict[str, Any]:
+    try:
+        data = cfg.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{cfg}: cannot read ({exc.strerror})") from None
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{cfg}: invalid TOML: not UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{cfg}: invalid TOML: {exc}") from None
+
+
+def path_value(table: Mapping[str, Any], key: str, base: Path, prefix: str = "",
+               default: str | None = None) -> Path:
+    value = table.get(key, default)
+    if value is None:
+        raise ConfigError(f"{prefix}{key} is required")
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise ConfigError(f"{prefix}{key} must be a non-empty path string, got {value!r}")
+    return (base / value).resolve()  # as the OS will open it: symlinks and ".." followed
+
+
+def readable_file(table: Mapping[str, Any], key: str, base: Path, prefix: str = "") -> Path:
+    """A regular file we can open for reading now: fail closed at start-up, not later."""
+    path = path_value(table, key, base, prefix)
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise ConfigError(f"{prefix}{key}: not a regular file: {path}")
+        with path.open("rb"):
+            pass
+    except FileNotFoundError:
+        raise ConfigError(f"{prefix}{key}: no such file: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"{prefix}{key}: cannot read {path} ({exc.strerror})") from None
+    return path
