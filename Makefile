@@ -25,6 +25,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/pipeline_bench.py --write docs/BENCHMARKS.md
+	$(BIN)/python bench/http_bench.py --append docs/BENCHMARKS.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

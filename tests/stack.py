@@ -110,10 +110,14 @@ class Stack:
 
     # -- `fedgate serve` subprocesses --------------------------------------------------
     def spawn(self, *extra: str) -> subprocess.Popen:
+        """A `fedgate serve` process; its output goes to ``serve.log`` (a pipe nobody
+        reads would fill up and stall the gateway under load)."""
+        log = (self.root / "serve.log").open("ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "serve", "--config", str(self.config_path),
-             *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+             *extra], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+        log.close()
         self.procs.append(proc)
         return proc
 

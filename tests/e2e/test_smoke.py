@@ -22,11 +22,11 @@ def fedgate(*args: str, **kw) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120, **kw)
 
 
-def wait_ready(config: Path, proc: subprocess.Popen) -> None:
+def wait_ready(config: Path, proc: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"gateway exited: {proc.stderr.read()}")
+            raise RuntimeError(f"gateway exited: {log.read_text()}")
         if fedgate("probe", "--config", str(config)).returncode == 0:
             return
         time.sleep(0.1)
@@ -40,12 +40,13 @@ def running_stack(tmp_path, store_url):
     result = fedgate("bootstrap", str(root), "--store-url", store_url,
                      "--port", str(free_port()))
     assert result.returncode == 0, result.stderr
+    log = (tmp_path / "serve.log").open("ab")  # a pipe nobody reads could stall it
     proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config",
                              str(root / "gateway.toml"), "--workers", "2"], cwd=ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
     try:
-        wait_ready(root / "emitter.toml", proc)
+        wait_ready(root / "emitter.toml", proc, tmp_path / "serve.log")
         yield root
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
