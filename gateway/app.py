@@ -71,8 +71,9 @@ def make_app(settings: GatewaySettings, keys: tuple[Keyring, PrivateKey], *,
                           middlewares=[request_id_middleware])
     app[SETTINGS], app[KEYS], app[CLOCK] = settings, keys, clock
     app[METRICS] = Metrics()
-    app[READY], app[ECHO] = {"self_test": False}, echo
+    app[READY], app[ECHO] = {"self_test": False, "audit": True}, echo
     app.cleanup_ctx.append(resources)
+    app.on_response_prepare.append(hide_server_version)
     for path in SIGNED_ROUTES:
         app.router.add_post(path, handle_signed)
     app.router.add_get("/healthz", handle_healthz)
@@ -96,15 +97,20 @@ async def resources(app: web.Application) -> AsyncIterator[None]:
     app[AUDIT] = AuditSink(settings.audit_path,
                            logger=None if app[ECHO] else _Quiet())
     app[AUDIT_EXECUTOR] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedgate-audit")
-    app[PIPELINE] = Pipeline(settings.security, keyring, validators, store,
-                             store_timer=app[METRICS].store.observe)
     app[ISSUER] = FeedbackIssuer(store, feedback_key, settings.feedback_kid, policy=policy)
+    app[PIPELINE] = Pipeline(settings.security, keyring, validators, store,
+                             store_timer=app[METRICS].store.observe,
+                             respond=app[ISSUER].respond)
     try:
         yield
     finally:
         await store.close()
         app[AUDIT_EXECUTOR].shutdown(wait=True)
         app[AUDIT].close()
+
+
+async def hide_server_version(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = "fedgate"  # no library or Python version to fingerprint
 
 
 @web.middleware
@@ -124,11 +130,12 @@ async def request_id_middleware(request: web.Request, handler) -> web.StreamResp
                                   "detail": exc.reason}, exc.status)
         if exc.status == 405:
             response.headers["Allow"] = exc.headers.get("Allow", "POST")
-        await audit_route_reject(request, request_id, exc.status, code)
+        await audit_unrouted(request, request_id, exc.status, code)
     except Exception:
         log.exception("unhandled error (request %s)", request_id)
         err = E.InternalError("internal error")
         response = json_response(err.body(request_id), err.status)
+        await audit_unrouted(request, request_id, err.status, err.error)
     response.headers["X-Request-Id"] = request_id
     return response
 
@@ -137,83 +144,118 @@ def json_response(body: Any, status: int) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """§4.2: judge the size from Content-Length before reading; enforce while streaming."""
+async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
+    """§4.2: judge the size from Content-Length before reading; enforce while streaming.
+
+    Compressed bodies are refused (the signature covers the bytes on the wire, and the
+    size limit must hold for what is parsed); a body that takes longer than
+    ``timeout_s`` to arrive is refused (408) so a slow sender cannot hold a worker.
+    """
     check_content_type(request.headers)
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise E.UnsupportedMediaType("Content-Encoding is not accepted (send identity)")
     if request.content_length is not None and request.content_length > limit:
         raise E.BodyTooLarge(f"body exceeds max_body_bytes ({limit})")
     chunks, size = [], 0
-    async for chunk in request.content.iter_chunked(64 * 1024):
-        size += len(chunk)
-        if size > limit:
-            raise E.BodyTooLarge(f"body exceeds max_body_bytes ({limit})")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.content.iter_chunked(64 * 1024):
+                size += len(chunk)
+                if size > limit:
+                    raise E.BodyTooLarge(f"body exceeds max_body_bytes ({limit})")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise E.RequestTimeout(f"the body did not arrive within {timeout_s:g} s") from None
     return b"".join(chunks)
+
+
+def body_timeout(app: web.Application) -> float:
+    """At most clock_skew_s (bounded to 1-30 s): a body slower than that could not pass
+    the timestamp window anyway."""
+    return float(min(30, max(1, app[SETTINGS].security.clock_skew_s)))
 
 
 async def handle_signed(request: web.Request) -> web.Response:
     app = request.app
-    now = int(app[CLOCK]())  # "now" is captured once per request and passed down
     route: Route = SIGNED_ROUTES[request.path]
     ctx = Context(request[REQUEST_ID])
+    if not app[READY]["audit"]:  # fail closed: no decision without its audit event
+        log.error("refusing request %s: the audit log is unusable", ctx.request_id)
+        err = E.AuditUnavailable("the audit log is unavailable")
+        return json_response(err.body(ctx.request_id), err.status)
     peer = peer_cert_sha256(request.transport.get_extra_info("ssl_object")
                             if request.transport else None)
-    started = time.perf_counter()
+    started, now, exc = time.perf_counter(), None, None
     try:
-        body = await read_body(request, app[SETTINGS].security.max_body_bytes)
+        body = await read_body(request, app[SETTINGS].security.max_body_bytes,
+                               body_timeout(app))
+        # "now" is captured once, when the whole body is in (a slow body cannot stretch
+        # the timestamp window or outlive a claim), and passed down
+        now = int(app[CLOCK]())
         req = SignedRequest(route, request.headers, body, peer, ctx.request_id)
         await app[PIPELINE].process(req, now, ctx)
-        status, payload, action = await answer(app, route, ctx, now)
-    except E.GatewayError as exc:
+        status, payload, action = answer(route, ctx)
+    except E.GatewayError as error:
+        exc = error
         status, payload, action = exc.status, exc.body(ctx.request_id), f"{route.kind}.rejected"
-        await audit(app, ctx, peer, action, status, now, exc)
-        response = json_response(payload, status)
-        if isinstance(exc, E.RateLimited):
-            response.headers["Retry-After"] = str(exc.extra["retry_after"])
-        if isinstance(exc, E.BodyTooLarge):
-            response.force_close()  # the unread body must not be parsed as a request
-        app[METRICS].count(route.kind, status, exc.error)
-        return response
     finally:
         app[METRICS].pipeline.observe(time.perf_counter() - started)
-    await audit(app, ctx, peer, action, status, now, None)
-    app[METRICS].count(route.kind, status, None)
-    return json_response(payload, status)
+    if not await audit(app, ctx, peer, action, status, exc):
+        err = E.AuditUnavailable("the decision could not be audited")
+        status, payload = err.status, err.body(ctx.request_id)
+    app[METRICS].count(route.kind, status, exc.error if exc else None)
+    response = json_response(payload, status)
+    if isinstance(exc, E.RateLimited):
+        response.headers["Retry-After"] = str(exc.extra["retry_after"])
+    if isinstance(exc, E.BodyTooLarge | E.RequestTimeout | E.UnsupportedMediaType):
+        response.force_close()  # an unread body must not be parsed as the next request
+    return response
 
 
-async def answer(app: web.Application, route: Route, ctx: Context, now: int):
+def answer(route: Route, ctx: Context) -> tuple[int, dict[str, Any], str]:
     if route.kind == "query":
-        response = await app[ISSUER].issue(ctx, now)
-        return 200, response, "feedback.issued"
+        return 200, ctx.response, "feedback.issued"
     return 202, accepted_body(route, ctx), f"{route.kind}.accepted"
 
 
+async def emit_audit(app: web.Application, event: dict[str, Any]) -> bool:
+    """Append one chained event off the event loop. On failure the gateway stops taking
+    signed requests (503) and /readyz turns 503: no decision without its audit event."""
+    if AUDIT not in app or not app[READY]["audit"]:
+        return False
+    try:
+        await asyncio.get_running_loop().run_in_executor(
+            app[AUDIT_EXECUTOR], app[AUDIT].emit, event)
+    except Exception:
+        log.exception("audit log append failed; refusing signed requests until restart")
+        app[READY]["audit"] = False
+        return False
+    return True
+
+
 async def audit(app: web.Application, ctx: Context, peer: str | None, action: str,
-                status: int, now: int, exc: E.GatewayError | None) -> None:
-    """One chained audit event per decision, written off the event loop."""
-    event = request_event(
+                status: int, exc: E.GatewayError | None) -> bool:
+    """The one audit event of a decision on a signed request."""
+    return await emit_audit(app, request_event(
         action=action, outcome="failure" if exc else "success",
         category=[exc.category if exc else "web"], status=status,
         request_id=ctx.request_id, reason=exc.error if exc else None,
         identity=ctx.identity, peer_sha256=peer, tenant_id=ctx.tenant_id, kid=ctx.kid,
         execution_fingerprint=ctx.execution_fingerprint, attestation_hash=ctx.attestation_hash,
         detail=exc.detail if exc else None, now=time.time(),
-    )
-    loop = asyncio.get_running_loop()
-    await loop.run_in_executor(app[AUDIT_EXECUTOR], app[AUDIT].emit, event)
+    ))
 
 
-async def audit_route_reject(request: web.Request, request_id: str, status: int,
-                             code: str) -> None:
-    """A request for no route (scans, probes) is still one audit event."""
-    app = request.app
-    if AUDIT not in app:
-        return
-    app[METRICS].count("none", status, code)
-    event = request_event(action="http.rejected", outcome="failure", category=["web"],
-                          status=status, request_id=request_id, reason=code,
-                          detail=f"{request.method} {request.path[:200]}", now=time.time())
-    await asyncio.get_running_loop().run_in_executor(app[AUDIT_EXECUTOR], app[AUDIT].emit, event)
+async def audit_unrouted(request: web.Request, request_id: str, status: int,
+                         code: str) -> None:
+    """A request for no route (scans, probes) or an unexpected failure: one event too."""
+    route = SIGNED_ROUTES.get(request.path)
+    request.app[METRICS].count(route.kind if route else "none", status, code)
+    await emit_audit(request.app, request_event(
+        action=f"{route.kind if route else 'http'}.rejected", outcome="failure",
+        category=["web"], status=status, request_id=request_id, reason=code,
+        detail=f"{request.method} {request.path[:200]}", now=time.time()))
 
 
 async def handle_healthz(request: web.Request) -> web.Response:
@@ -223,7 +265,8 @@ async def handle_healthz(request: web.Request) -> web.Response:
 async def handle_readyz(request: web.Request) -> web.Response:
     app = request.app
     store_ok = STORE in app and await app[STORE].ping()
-    checks = {"store": store_ok, "keys": bool(app[KEYS][0]), "self_test": app[READY]["self_test"]}
+    checks = {"store": store_ok, "keys": bool(app[KEYS][0]),
+              "self_test": app[READY]["self_test"], "audit": app[READY]["audit"]}
     ready = all(checks.values())
     return json_response({"status": "ready" if ready else "not_ready", "checks": checks},
                          200 if ready else 503)

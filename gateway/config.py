@@ -119,6 +119,9 @@ def _identities(raw: Any, where: str) -> Mapping[str, Identity]:
             isinstance(t, str) and TENANT_RE.fullmatch(t) for t in tenants
         ):
             raise ConfigError(f"{key}.tenants must be a list of tenant ids")
+        for other in out.values():  # one certificate must not speak as two identities
+            if other.pins & set(pins):
+                raise ConfigError(f"{key}.pins: a pin is also pinned to identity {other.name!r}")
         out[name] = Identity(name, frozenset(pins), frozenset(tenants))
     return MappingProxyType(out)
 

@@ -128,6 +128,18 @@ class StoreUnavailable(GatewayError):
     status, error, category = 503, "store_unavailable", DATABASE
 
 
+class RequestTimeout(GatewayError):
+    """Not in PROTOCOL.md §4: the body arrived too slowly (resource protection)."""
+
+    status, error = 408, "request_timeout"
+
+
+class AuditUnavailable(GatewayError):
+    """Not in PROTOCOL.md §4: the audit log cannot be written, so nothing is decided."""
+
+    status, error, category = 503, "audit_unavailable", DATABASE
+
+
 class InternalError(GatewayError):
     status, error = 500, "internal_error"
 
@@ -137,5 +149,6 @@ ALL_ERRORS: tuple[type[GatewayError], ...] = (
     MalformedSignatureHeaders, TimestampOutOfWindow, UnknownKid, KeyNotValid,
     InvalidSignature, MalformedJson, NonCanonicalBody, SchemaViolation, HeaderBodyMismatch,
     MappingViolation, SchemaVersionNotAllowed, RateLimited, AttestationMismatch,
-    ReplayedNonce, ReplayStoreUnavailable, StoreUnavailable, InternalError,
+    ReplayedNonce, ReplayStoreUnavailable, StoreUnavailable, RequestTimeout, AuditUnavailable,
+    InternalError,
 )

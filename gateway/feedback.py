@@ -12,15 +12,14 @@ store before handing it out: feedback that could not be recorded is never issued
 from __future__ import annotations
 
 import base64
+import logging
 import secrets
-import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import orjson
 
 from keyring import PrivateKey
-from schemas.canonical import dumps
 from schemas.signing import (
     FEEDBACK_SCHEMA_VERSION,
     SIGNATURE_ALGORITHM,
@@ -30,10 +29,11 @@ from schemas.validate import Validators
 
 from . import errors as E
 from .policy import ACTION_RANK, Rule, evaluate, facts_from_records
-from .store import Record, Store, StoreError
+from .store import Store, StoreError
+
+log = logging.getLogger("fedgate.feedback")
 
 Policy = Callable[[Store, str, int, int], Awaitable[list[dict[str, Any]]]]
-FEEDBACK_RECORD_KIND = "feedback"
 MAX_RECORDS_PER_KIND = 10_000  # findings and graphs read per query (oldest first)
 
 
@@ -107,20 +107,16 @@ class FeedbackIssuer:
                  policy: Policy = no_adjustments) -> None:
         self.store, self.key, self.kid, self.policy = store, key, kid, policy
 
-    async def issue(self, ctx: Any, now: int) -> dict[str, Any]:
-        """The signed answer to a verified query; recorded first, else StoreUnavailable."""
+    async def respond(self, ctx: Any, now: int) -> dict[str, Any]:
+        """The signed answer to a verified query. Read-only: the pipeline stores it together
+        with the query's nonce claim (one atomic write), so it is recorded before it is
+        handed out and a failure here consumes nothing."""
         limit = ctx.body.get("limit", 100)
         try:
             data = (await self.policy(self.store, ctx.tenant_id, limit, now))[:limit]
         except StoreError as exc:
-            raise E.StoreUnavailable(f"cannot read findings for feedback: {exc.detail}") from exc
-        response = sign_feedback(self.key, self.kid, tenant_id=ctx.tenant_id, data=data,
-                                 signed_at=now, nonce=bound_nonce(ctx.body["nonce"]),
-                                 request_id=ctx.request_id)
-        record = Record(FEEDBACK_RECORD_KIND, str(uuid.uuid4()), ctx.tenant_id, None,
-                        dumps(response))
-        try:
-            await self.store.put_record(record, now)
-        except StoreError as exc:  # never hand out feedback that is not recorded
-            raise E.StoreUnavailable(f"issued feedback not recorded: {exc.detail}") from exc
-        return response
+            log.warning("feedback: store read failed: %s", exc.detail)
+            raise E.StoreUnavailable("the store could not be read") from exc
+        return sign_feedback(self.key, self.kid, tenant_id=ctx.tenant_id, data=data,
+                             signed_at=now, nonce=bound_nonce(ctx.body["nonce"]),
+                             request_id=ctx.request_id)

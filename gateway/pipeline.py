@@ -15,13 +15,13 @@ import binascii
 import hmac
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from keyring import Key, Keyring, KeySelectionError, candidate_keys, verify
 from keyring.keys import KID_RE
-from schemas.canonical import CanonicalError, loads, parse_canonical
+from schemas.canonical import CanonicalError, loads, parse_canonical, too_deep
 from schemas.signing import request_signing_input
 from schemas.validate import SchemaError, Validators
 
@@ -36,6 +36,7 @@ TIMESTAMP_RE = re.compile(r"0|[1-9][0-9]{0,17}")  # Unix seconds: no sign, no le
 NONCE_RE = re.compile(r"[A-Za-z0-9_-]{8,128}")
 SIGNATURE_RE = re.compile(r"[A-Za-z0-9+/]{86}==")  # standard padded base64 of 64 bytes
 HEX64_RE = re.compile(r"[0-9a-fA-F]{64}")
+MAX_DEPTH = 32  # protocol bodies nest 4-5 levels; free members get generous room
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,7 @@ class Context:
     attestation_hash: str | None = None
     record_id: str | None = None
     body: dict[str, Any] = field(default_factory=dict)
+    response: dict[str, Any] | None = None  # a feedback query's signed answer
 
 
 class Pipeline:
@@ -70,8 +72,10 @@ class Pipeline:
     def __init__(
         self, config: SecurityConfig, keyring: Keyring, validators: Validators, store: Store,
         *, store_timer: Callable[[float], None] | None = None,
+        respond: Callable[[Context, int], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         self.config = config
+        self.respond = respond  # builds a feedback answer (read-only), see gateway/feedback
         self.store_timer = store_timer  # observes the commit's latency (metrics)
         self.keyring = keyring
         self.validators = validators
@@ -105,6 +109,7 @@ class Pipeline:
         # §4.7 strict parse, canonical form, JSON Schema
         body = self.parse_body(req.route, req.body)
         ctx.body = body
+        ctx.execution_fingerprint, ctx.attestation_hash = records.execution_binding(req.route, body)
         # §4.8 body ↔ header binding
         check_header_body_binding(req.route, body, ts_text, nonce)
         ctx.tenant_id, ctx.operator_id = body["tenant_id"], body["operator_id"]
@@ -115,8 +120,11 @@ class Pipeline:
         # §4.11 per-operator rate limit (optional, off unless configured)
         if self.limiter is not None and (wait := self.limiter.check(ctx.operator_id, now)):
             raise E.RateLimited("too many requests for this operator", retry_after=wait)
+        # §5 a feedback query's answer is computed (read-only) before the single write and
+        # stored with the nonce claim, so a failed answer never consumes the nonce
+        if req.route.kind == "query" and self.respond is not None:
+            ctx.response = await self.respond(ctx, now)
         # §4.12-14 anchor attestation, claim the nonce, persist: one atomic store step
-        ctx.execution_fingerprint, ctx.attestation_hash = records.execution_binding(req.route, body)
         commit = records.build_commit(req, body, ctx, now, cfg, signature)
         await self.commit(commit)
         ctx.record_id = commit.record.record_id
@@ -132,12 +140,15 @@ class Pipeline:
             raise E.MalformedJson(f"the body is not strict JSON: {exc.detail}") from None
         if not isinstance(body, dict):
             raise E.MalformedJson("the body must be a JSON object")
+        if too_deep(body, MAX_DEPTH):
+            raise E.MalformedJson(f"the body nests deeper than {MAX_DEPTH} levels")
         if not canonical:
             raise E.NonCanonicalBody("the body is not in canonical JSON form (PROTOCOL.md §3)")
         try:
             self.validators.validate(route.schema, body)
-        except SchemaError as exc:
-            raise E.SchemaViolation(exc.message, pointer=exc.pointer) from None
+        except SchemaError as exc:  # the pointer, never the body's own text
+            raise E.SchemaViolation(f"the body does not match the {route.schema} schema",
+                                    pointer=exc.pointer) from None
         records.check_semantics(route, body)
         return body
 
@@ -194,8 +205,9 @@ def check_identity(cfg: SecurityConfig, headers: Any, peer_fp: str | None) -> st
     if peer_fp is None or not any(hmac.compare_digest(peer_fp, pin) for pin in identity.pins):
         raise E.IdentityRejected("the client certificate is not pinned to this identity")
     legacy = one_header(headers, "X-Client-Cert-Sha256", E.IdentityRejected)
-    if legacy is not None and not hmac.compare_digest(
-        legacy.strip().lower().encode(), peer_fp.encode()
+    if legacy is not None and not (
+        HEX64_RE.fullmatch(legacy.strip())
+        and hmac.compare_digest(legacy.strip().lower().encode(), peer_fp.encode())
     ):
         raise E.IdentityRejected("X-Client-Cert-Sha256 does not match the TLS session")
     return name
@@ -256,7 +268,7 @@ def check_schema_version(cfg: SecurityConfig, route: Route, body: Mapping[str, A
     if route.kind == "telemetry":
         version = body["payload"]["attributes"]["schema_version"]
         if version not in cfg.allowed_schema_versions:
-            raise E.SchemaVersionNotAllowed(f"schema_version {version[:32]!r} is not allowed")
+            raise E.SchemaVersionNotAllowed("payload.attributes.schema_version is not allowed")
     elif route.kind == "graph" and body["schema_version"] != GRAPH_SCHEMA_VERSION:
         raise E.SchemaVersionNotAllowed(f"schema_version must be {GRAPH_SCHEMA_VERSION}")
 

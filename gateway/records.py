@@ -88,8 +88,9 @@ def build_commit(
             graph_id=record_id, execution_fingerprint=ctx.execution_fingerprint,
             attestation_measurement_hash=ctx.attestation_hash,
         )
-    else:
-        evidence.update(query_id=record_id, limit=body.get("limit", 100))
+    else:  # the issued feedback, with the query that asked for it
+        evidence.update(feedback_id=record_id, limit=body.get("limit", 100),
+                        response=ctx.response)
     anchor = None
     if req.route.anchors and cfg.anchor_attestation and ctx.execution_fingerprint:
         anchor = Anchor(ctx.tenant_id, ctx.execution_fingerprint, ctx.attestation_hash)

@@ -17,12 +17,12 @@ class Route:
     kind: str  # "telemetry" | "graph" | "query"; also the audit event prefix
     path: str
     schema: str  # name in schemas.validate.SCHEMA_NAMES
-    record_kind: str  # Record.kind in the store
+    record_kind: str  # Record.kind in the store (a query stores the feedback it was given)
     anchors: bool  # takes part in attestation anchoring (§5)
 
 
 TELEMETRY = Route("telemetry", TELEMETRY_PATH, "telemetry", "finding", anchors=True)
 GRAPH = Route("graph", GRAPH_PATH, "execution_graph", "graph", anchors=True)
-QUERY = Route("query", QUERY_PATH, "feedback_query", "query", anchors=False)
+QUERY = Route("query", QUERY_PATH, "feedback_query", "feedback", anchors=False)
 
 SIGNED_ROUTES: dict[str, Route] = {r.path: r for r in (TELEMETRY, GRAPH, QUERY)}

@@ -88,13 +88,16 @@ def load_keys(settings: GatewaySettings) -> tuple[Keyring, PrivateKey]:
             what = "has no identity" if key.identity is None else (
                 f"is for identity {key.identity!r}, which is not configured in identities")
             raise ConfigError(f"{settings.path}: producer_keyring: key {key.kid!r} {what}")
+    owners: dict[bytes, str] = {}
+    for key in keyring.values():  # one public key acting for two identities is a mistake
+        if owners.setdefault(key.public, key.identity) != key.identity:
+            raise ConfigError(f"{settings.path}: producer_keyring: key {key.kid!r} reuses the "
+                              f"public key of another identity ({owners[key.public]!r})")
     try:
         feedback = PrivateKey.load(settings.feedback_key)
     except ValueError as exc:
         raise ConfigError(f"{settings.path}: feedback_key: {exc}") from None
     return keyring, feedback
-
-
 
 def _build(cfg: Path, raw: Mapping[str, Any]) -> GatewaySettings:
     base = cfg.parent

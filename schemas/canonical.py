@@ -26,7 +26,8 @@ from typing import Any
 
 import orjson
 
-__all__ = ["CanonicalError", "dumps", "dumps_reference", "loads", "parse_canonical"]
+__all__ = ["CanonicalError", "dumps", "dumps_reference", "loads", "parse_canonical",
+           "too_deep"]
 
 #: Parser failure codes (vectors/canonical_json.json names the first three).
 MALFORMED = "malformed_json"
@@ -82,7 +83,10 @@ def _plain(obj: Any) -> bool:
 
 def _fast(obj: Any) -> bytes | None:
     """orjson's bytes when they are the canonical bytes, else None."""
-    out = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+    try:
+        out = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError:  # e.g. nesting deeper than orjson's limit (254)
+        return None
     if out.isascii() and b"\x7f" not in out:
         return out
     return None
@@ -167,6 +171,20 @@ def loads(data: bytes) -> Any:
         raise CanonicalError(MALFORMED, f"trailing data at {end}")
     _check_text(value)
     return value
+
+
+def too_deep(value: Any, limit: int) -> bool:
+    """True when containers nest more than ``limit`` levels (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children
+                         if isinstance(child, dict | list))
+    return False
 
 
 def parse_canonical(data: bytes) -> tuple[Any, bool]:

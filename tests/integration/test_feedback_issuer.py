@@ -4,8 +4,9 @@ Four executions go in as signed telemetry and graphs (the lab's pipeline, real s
 a big graph, a critical credential-access finding, a quiet one, and one sent with
 anchoring off (so no anchor exists). The default rules must give exactly the expected
 adjustments, each carrying the anchored hash, none for the un-anchored execution. The
-issuer's answer must verify over §6's input, be bound to the query nonce, and be stored
-before it is handed out; a store that cannot record it makes the query fail (503).
+issuer's answer must verify over §6's input and be bound to the query nonce; the pipeline
+stores it with the query's nonce claim, so a store that cannot record it makes the query
+fail (503) without consuming the nonce.
 """
 
 from __future__ import annotations
@@ -25,11 +26,10 @@ from gateway import errors as E
 from gateway.feedback import FeedbackIssuer, RulePolicy
 from gateway.policy import load_rules
 from gateway.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
-from gateway.store import StoreError
 from keyring import Key, Keyring, KeyStatus
 from keyring.ed25519 import PrivateKey, verify
 from keyring.keys import parse_jwks
-from schemas.canonical import dumps, loads
+from schemas.canonical import loads
 from schemas.signing import feedback_signing_input
 from schemas.validate import Validators
 
@@ -145,11 +145,11 @@ def signing_input(response: dict[str, Any], tenant: str = TENANT) -> bytes:
                                   response["data"])
 
 
-async def test_issue_signs_binds_and_records(store) -> None:
+async def test_respond_signs_and_binds(store) -> None:
     await feed(store)
     ctx = await query_ctx(store)
     issuer = FeedbackIssuer(store, KEY_A, KID_A, policy=RulePolicy(RULES))
-    response = await issuer.issue(ctx, NOW)
+    response = await issuer.respond(ctx, NOW)
     Validators().validate("feedback_response", response)
     assert response["data"] == EXPECTED
     assert (response["kid"], response["signed_at"], response["request_id"]) == (
@@ -158,51 +158,61 @@ async def test_issue_signs_binds_and_records(store) -> None:
     assert verify(RING[KID_A].public, signature, signing_input(response))
     assert not verify(RING[KID_A].public, signature, signing_input(response, TENANT_B))
     assert re.fullmatch(re.escape(QUERY_NONCE) + r"\.[A-Za-z0-9_-]{16}", response["nonce"])
-    assert (await store.list_records("feedback", TENANT)) == [dumps(response)]
-    again = await issuer.issue(ctx, NOW)
+    again = await issuer.respond(ctx, NOW)
     assert again["nonce"] != response["nonce"]
-    assert [loads(r) for r in await store.list_records("feedback", TENANT)] == [
-        response, again]
 
 
-async def test_issue_without_policy_is_empty_but_signed(store) -> None:
+async def test_query_stores_its_feedback_with_the_nonce_claim(store) -> None:
+    """Through the pipeline: the answer is recorded in the same atomic step as the claim."""
     await feed(store)
-    response = await FeedbackIssuer(store, KEY_A, KID_A).issue(await query_ctx(store), NOW)
+    lab = Lab(store)
+    lab.pipeline.respond = FeedbackIssuer(store, KEY_A, KID_A, policy=RulePolicy(RULES)).respond
+    headers, raw = lab.signed(QUERY_PATH, body_for(QUERY_PATH, limit=10), nonce=QUERY_NONCE)
+    status, error, ctx = await lab.send(headers, raw, QUERY_PATH)
+    assert (status, error) == (202, None)
+    (stored,) = [loads(r) for r in await store.list_records("feedback", TENANT)]
+    assert stored["response"] == ctx.response
+    assert stored["request_id"] == ctx.request_id and stored["nonce"] == QUERY_NONCE
+    assert ctx.response["data"] == EXPECTED
+
+
+async def test_respond_without_policy_is_empty_but_signed(store) -> None:
+    await feed(store)
+    response = await FeedbackIssuer(store, KEY_A, KID_A).respond(await query_ctx(store), NOW)
     assert response["data"] == []
     assert verify(RING[KID_A].public, base64.b64decode(response["signature"]),
                   signing_input(response))
 
 
-async def test_issue_on_closed_store_is_503(store) -> None:
+async def test_respond_on_closed_store_is_503_without_detail_leak(store) -> None:
     await feed(store)
     ctx = await query_ctx(store)
     await store.close()
     issuer = FeedbackIssuer(store, KEY_A, KID_A, policy=RulePolicy(RULES))
     with pytest.raises(E.StoreUnavailable) as info:
-        await issuer.issue(ctx, NOW)
+        await issuer.respond(ctx, NOW)
     assert info.value.status == 503
+    assert info.value.detail == "the store could not be read"
 
 
-class UnrecordingStore:
-    """The real store, except that ``put_record`` fails (a full disk, a refused write)."""
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)
-
-    async def put_record(self, record, now: int) -> None:
-        raise StoreError("write", "disk full")
-
-
-async def test_issue_fails_closed_when_not_recorded(store) -> None:
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+async def test_failed_feedback_write_keeps_the_query_nonce(store) -> None:
+    """A real SQLITE_FULL when the answer is stored: 503, the query's nonce unclaimed, and
+    the same signed query succeeds once the store can write again."""
     await feed(store)
-    ctx = await query_ctx(store)
-    issuer = FeedbackIssuer(UnrecordingStore(store), KEY_A, KID_A, policy=RulePolicy(RULES))
-    with pytest.raises(E.StoreUnavailable, match="not recorded"):
-        await issuer.issue(ctx, NOW)
+    lab = Lab(store)
+    lab.pipeline.respond = FeedbackIssuer(store, KEY_A, KID_A, policy=RulePolicy(RULES)).respond
+    headers, raw = lab.signed(QUERY_PATH, body_for(QUERY_PATH, limit=10), nonce=QUERY_NONCE)
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count = {pages}")
+    status, error, _ = await lab.send(headers, raw, QUERY_PATH)
+    assert (status, error) == (503, "store_unavailable")
+    assert not await store.is_claimed("spectrastrike-producer", QUERY_NONCE, NOW)
     assert await store.list_records("feedback", TENANT) == []
+    store._db.execute("PRAGMA max_page_count = 1073741823")
+    status, error, ctx = await lab.send(headers, raw, QUERY_PATH)
+    assert (status, error) == (202, None)
+    assert ctx.response["data"] == EXPECTED
 
 
 # -- key rotation: the emitter's view (§6 step 3 and 4, keyring + signing input) -------------
@@ -241,6 +251,6 @@ async def test_key_rotation(store, key: PrivateKey, kid: str, ring: Keyring,
                             expected: str) -> None:
     await feed(store)
     issuer = FeedbackIssuer(store, key, kid, policy=RulePolicy(RULES))
-    response = await issuer.issue(await query_ctx(store), NOW)
+    response = await issuer.respond(await query_ctx(store), NOW)
     assert response["kid"] == kid
     assert emitter_check(ring, response) == expected

@@ -208,7 +208,7 @@ async def test_health_ready_metrics_reveal_nothing_secret(stack):
         async with client.get(stack.url + "/readyz") as resp:
             assert resp.status == 200
             assert (await resp.json())["checks"] == {"store": True, "keys": True,
-                                                     "self_test": True}
+                                                     "self_test": True, "audit": True}
         async with client.get(stack.url + "/metrics") as resp:
             text = await resp.text()
     assert 'fedgate_requests_total{route="telemetry",status="202",error=""} 1' in text
@@ -302,6 +302,9 @@ async def test_internal_error_never_leaks(stack, monkeypatch):
         assert resp.headers["X-Request-Id"]
     assert json.loads(text)["error"] == "internal_error"
     assert "secret" not in text and "Traceback" not in text and "feedback.pem" not in text
+    (event,) = audit_events(stack)
+    assert (event["event.reason"], event["http.response.status_code"]) == ("internal_error", 500)
+    assert "feedback.pem" not in stack.audit_path.read_text()
 
 
 def refused_contexts(stack, tmp_path):
@@ -329,3 +332,107 @@ async def test_tls_refusals_get_no_http_answer(stack, tmp_path):
                                        headers=LAB.signed()[0]) as resp:
                     pytest.fail(f"{name}: got an HTTP answer {resp.status}")
     assert not stack.audit_path.exists() or audit_events(stack) == []
+
+
+# -- hardening found in review: each test fails on the code before its fix ---------------
+
+async def raw_exchange(stack: Stack, data: bytes) -> bytes:
+    """Raw HTTP/1.1 bytes over mTLS (for headers aiohttp's client will not send)."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", stack.port, ssl=stack.ssl(), server_hostname="127.0.0.1")
+    writer.write(data)
+    await writer.drain()
+    out = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    return out
+
+
+async def test_slow_body_is_judged_by_the_clock_when_it_has_arrived(tmp_path, sqlite_url):
+    """'now' is read after the body: a body trickled in past the window is stale (401)."""
+    clock = [NOW]
+    st = Stack(tmp_path, sqlite_url)
+    runner = await st.start(clock=lambda: clock[0])
+    headers, body = LAB.signed()
+
+    async def trickle():
+        yield body[:10]
+        clock[0] = NOW + 31  # the sender stalls past clock_skew_s
+        yield body[10:]
+
+    try:
+        async with st.session() as client, client.post(
+                st.url + TELEMETRY_PATH, data=trickle(), headers=headers) as resp:
+            assert resp.status == 401
+            assert (await resp.json())["error"] == "timestamp_out_of_window"
+    finally:
+        await runner.cleanup()
+
+
+async def test_body_slower_than_the_skew_is_408(tmp_path, sqlite_url):
+    st = Stack(tmp_path, sqlite_url, clock_skew_s=1, nonce_ttl_s=3)
+    runner = await st.start(clock=lambda: NOW)
+    headers, body = LAB.signed()
+
+    async def stall():
+        yield body[:10]
+        await asyncio.sleep(1.5)
+        yield body[10:]
+
+    try:
+        async with st.session() as client, client.post(
+                st.url + TELEMETRY_PATH, data=stall(), headers=headers) as resp:
+            assert resp.status == 408
+            assert (await resp.json())["error"] == "request_timeout"
+    finally:
+        await runner.cleanup()
+
+
+async def test_compressed_body_is_refused(stack):
+    import gzip
+    headers, body = LAB.signed()
+    async with stack.session() as client:
+        status, _, payload = await post(client, stack, TELEMETRY_PATH,
+                                        {**headers, "Content-Encoding": "gzip"},
+                                        gzip.compress(body))
+    assert (status, payload["error"]) == (415, "unsupported_media_type")
+
+
+async def test_non_utf8_legacy_header_is_identity_rejected_not_500(stack):
+    headers, body = LAB.signed()
+    head = "\r\n".join([f"POST {TELEMETRY_PATH} HTTP/1.1", "Host: 127.0.0.1",
+                        "Connection: close", f"Content-Length: {len(body)}",
+                        *(f"{k}: {v}" for k, v in headers.items())]).encode()
+    out = await raw_exchange(stack, head + b"\r\nX-Client-Cert-Sha256: \xff\xfe\r\n\r\n" + body)
+    assert out.startswith(b"HTTP/1.1 401")
+    assert b'"error":"identity_rejected"' in out
+
+
+async def test_deeply_nested_body_is_422_not_500(stack):
+    deep = b'{"x":' + b"[" * 300 + b"]" * 300 + b"}"
+    async with stack.session() as client:
+        status, _, payload = await post(client, stack, TELEMETRY_PATH, *raw_signed(deep))
+    assert (status, payload["error"]) == (422, "malformed_json")
+
+
+async def test_schema_violation_does_not_echo_the_body(stack):
+    body = body_for(TELEMETRY_PATH, **{"secret-looking-member": 1})
+    async with stack.session() as client:
+        status, _, payload = await post(client, stack, TELEMETRY_PATH, *LAB.signed(body=body))
+    assert (status, payload["error"]) == (422, "schema_violation")
+    assert "secret-looking-member" not in json.dumps(payload)
+    assert "secret-looking-member" not in stack.audit_path.read_text()
+
+
+async def test_unusable_audit_log_stops_decisions(stack):
+    """A torn audit tail: the gateway refuses (503) instead of deciding unaudited."""
+    async with stack.session() as client:
+        assert (await post(client, stack, TELEMETRY_PATH, *LAB.signed()))[0] == 202
+        with stack.audit_path.open("a") as fh:
+            fh.write('{"partial')
+        status, _, payload = await post(client, stack, TELEMETRY_PATH, *LAB.signed())
+        assert (status, payload["error"]) == (503, "audit_unavailable")
+        status, _, payload = await post(client, stack, TELEMETRY_PATH, *LAB.signed())
+        assert (status, payload["error"]) == (503, "audit_unavailable")
+        async with client.get(stack.url + "/readyz") as resp:
+            assert resp.status == 503
+            assert (await resp.json())["checks"]["audit"] is False

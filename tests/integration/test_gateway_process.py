@@ -146,7 +146,9 @@ def test_certs_init_and_keys_new_cli(tmp_path):
     assert again.returncode != 0 and "refusing to overwrite" in again.stderr
 
 
-@pytest.mark.parametrize("args", [[], ["serve"], ["certs"], ["keys", "new"], ["audit"]])
+@pytest.mark.parametrize("args", [[], ["serve"], ["certs", "init"], ["keys", "new"],
+                                  ["audit", "verify"],
+                                  ["bootstrap"], ["probe"], ["demo"], ["emit"], ["feedback"]])
 def test_help_everywhere(args):
     result = run_cli(*args, "--help")
     assert result.returncode == 0 and "usage: fedgate" in result.stdout

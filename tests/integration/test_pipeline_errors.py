@@ -159,7 +159,7 @@ async def test_rejection_row(store, name):
     nonce = CIMultiDict(headers).get("X-Telemetry-Nonce", "")
     assert not await store.is_claimed(IDENTITY, nonce, NOW)
     for tenant in (TENANT, TENANT_B):
-        for kind in ("finding", "graph", "query"):
+        for kind in ("finding", "graph", "feedback"):
             assert await store.list_records(kind, tenant) == []
 
 

@@ -61,7 +61,7 @@ async def assert_nothing_written(store, case: dict) -> None:
         nonce = headers.get("X-Telemetry-Nonce", "")
         assert not await store.is_claimed(identity, nonce, case["now"])
     for tenant in set(TELEMETRY["config"]["operator_tenants"].values()):
-        for kind in ("finding", "graph", "query"):
+        for kind in ("finding", "graph", "feedback"):
             assert await store.list_records(kind, tenant) == []
 
 

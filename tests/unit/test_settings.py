@@ -381,3 +381,21 @@ def test_example_copy_matches_shared_when_present() -> None:
     if not shared.is_file():
         pytest.skip("no ../shared checkout beside this repository")
     assert shared.read_bytes() == EXAMPLE.read_bytes()
+
+
+def test_one_pin_for_two_identities_is_refused() -> None:
+    from gateway.config import SecurityConfig
+    pin = "ab" * 32
+    raw = {"identities": {"a": {"pins": [pin], "tenants": []},
+                          "b": {"pins": [pin], "tenants": []}}}
+    with pytest.raises(ConfigError, match=r"identities\.b\.pins"):
+        SecurityConfig.from_mapping(raw)
+
+
+def test_one_public_key_for_two_identities_is_refused(tmp_path) -> None:
+    text = VALID + '\n[identities.other-producer]\npins = ["' + "cd" * 32 + '"]\ntenants = []\n'
+    cfg = write_tree(tmp_path, text)
+    public = PrivateKey(os.urandom(32)).public
+    save_jwks(tmp_path / "keys/producers.jwks.json", Keyring([
+        Key("k-a", public, identity=IDENTITY), Key("k-b", public, identity="other-producer")]))
+    expect_error(cfg, "producer_keyring", "reuses the public key", keys=True)
