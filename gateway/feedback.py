@@ -34,7 +34,9 @@ from .store import Store, StoreError
 log = logging.getLogger("fedgate.feedback")
 
 Policy = Callable[[Store, str, int, int], Awaitable[list[dict[str, Any]]]]
-MAX_RECORDS_PER_KIND = 10_000  # findings and graphs read per query (oldest first)
+MAX_RECORDS_PER_KIND = 10_000  # findings and graphs read per query (newest first)
+MAX_BYTES_PER_KIND = 16 * 1024 * 1024  # ... and at most this much stored data per kind
+PAGE = 16  # records fetched per store call: bounds the overshoot of the budget
 
 
 async def no_adjustments(store: Store, tenant_id: str, limit: int, now: int) -> list[dict]:
@@ -66,10 +68,12 @@ class RulePolicy:
     """The rules as a :data:`Policy`: ``await policy(store, tenant_id, limit, now)``."""
 
     def __init__(self, rules: Iterable[Rule], *, validators: Validators | None = None,
-                 max_records: int = MAX_RECORDS_PER_KIND) -> None:
+                 max_records: int = MAX_RECORDS_PER_KIND,
+                 max_bytes: int = MAX_BYTES_PER_KIND) -> None:
         self.rules = tuple(rules)
         self.validators = validators or Validators()  # compiled once, here
         self.max_records = max_records
+        self.max_bytes = max_bytes
 
     async def __call__(self, store: Store, tenant_id: str, limit: int,
                        now: int) -> list[dict[str, Any]]:
@@ -85,8 +89,22 @@ class RulePolicy:
         return sorted(adjustments, key=_priority)[:limit]
 
     async def _records(self, store: Store, kind: str, tenant_id: str) -> list[dict[str, Any]]:
-        raws = await store.list_records(kind, tenant_id, self.max_records)
-        return [orjson.loads(raw) for raw in raws]
+        """The newest records first, in pages, within a count and a byte budget (a flood of
+        large findings cannot make one query read the whole history); oldest first out."""
+        records: list[dict[str, Any]] = []
+        budget = self.max_bytes
+        while len(records) < self.max_records and budget > 0:
+            want = min(PAGE, self.max_records - len(records))
+            page = await store.list_records(kind, tenant_id, want, newest_first=True,
+                                            offset=len(records))
+            for raw in page:
+                if budget <= 0:
+                    break
+                budget -= len(raw)
+                records.append(orjson.loads(raw))
+            if len(page) < want:
+                break
+        return records[::-1]
 
     @staticmethod
     async def _anchors(store: Store, tenant_id: str, records: list[dict]) -> dict[str, str]:

@@ -118,5 +118,7 @@ class Store(abc.ABC):
     async def get_anchor(self, tenant_id: str, execution_fingerprint: str) -> str | None: ...
 
     @abc.abstractmethod
-    async def list_records(self, kind: str, tenant_id: str, limit: int = 1000) -> list[bytes]:
-        """Records of one kind for one tenant, oldest first (for the policy engine)."""
+    async def list_records(self, kind: str, tenant_id: str, limit: int = 1000, *,
+                           newest_first: bool = False, offset: int = 0) -> list[bytes]:
+        """Records of one kind for one tenant, oldest first (or newest first), paged by
+        ``offset``/``limit`` (for the policy engine, which reads newest first in pages)."""

@@ -247,12 +247,18 @@ class RedisStore(Store):
         value = await self._call(Redis.get, self._anchor_key(tenant_id, execution_fingerprint))
         return None if value is None else value.decode()
 
-    async def list_records(self, kind: str, tenant_id: str, limit: int = 1000) -> list[bytes]:
-        if limit <= 0:
+    async def list_records(self, kind: str, tenant_id: str, limit: int = 1000, *,
+                           newest_first: bool = False, offset: int = 0) -> list[bytes]:
+        if limit <= 0 or offset < 0:
             return []
         prefix = self._tenant(tenant_id)
         kind = _check(_KIND, kind, "kind")
-        ids = await self._call(Redis.lrange, f"{prefix}:i:{kind}", 0, limit - 1)
+        if newest_first:  # the index is oldest first: take a slice from its end, reversed
+            ids = (await self._call(Redis.lrange, f"{prefix}:i:{kind}",
+                                    -(offset + limit), -(offset + 1)))[::-1]
+        else:
+            ids = await self._call(Redis.lrange, f"{prefix}:i:{kind}", offset,
+                                   offset + limit - 1)
         if not ids:
             return []
         keys = [f"{prefix}:r:{kind}:{rid.decode()}" for rid in ids]

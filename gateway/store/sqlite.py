@@ -184,10 +184,13 @@ class SqliteStore(Store):
             (tenant_id, execution_fingerprint)).fetchone(), stage="claim")
         return None if row is None else row[0]
 
-    async def list_records(self, kind: str, tenant_id: str, limit: int = 1000) -> list[bytes]:
+    async def list_records(self, kind: str, tenant_id: str, limit: int = 1000, *,
+                           newest_first: bool = False, offset: int = 0) -> list[bytes]:
+        order = "DESC" if newest_first else "ASC"
         rows = await self._run(lambda: self._conn().execute(
-            "SELECT data FROM records WHERE kind=? AND tenant_id=? ORDER BY seq LIMIT ?",
-            (kind, tenant_id, limit)).fetchall(), stage="claim")
+            "SELECT data FROM records WHERE kind=? AND tenant_id=?"
+            f" ORDER BY seq {order} LIMIT ? OFFSET ?",
+            (kind, tenant_id, max(0, limit), max(0, offset))).fetchall(), stage="claim")
         return [bytes(row[0]) for row in rows]
 
     # -- plumbing ---------------------------------------------------------------------

@@ -254,3 +254,19 @@ async def test_key_rotation(store, key: PrivateKey, kid: str, ring: Keyring,
     response = await issuer.respond(await query_ctx(store), NOW)
     assert response["kid"] == kid
     assert emitter_check(ring, response) == expected
+
+
+async def test_policy_reads_newest_records_within_its_budget(store) -> None:
+    """A flood of old findings cannot hide a new execution, nor make a query read it all."""
+    await feed(store)
+    lab = Lab(store)  # the newest records: one more finding for FP_CRIT, a graph for FP_QUIET
+    await post(lab, TELEMETRY_PATH, telemetry(FP_CRIT, severity="critical",
+                                              mitre_tactics=["TA0006"]))
+    await post(lab, GRAPH_PATH, graph(FP_QUIET, 2, "urn:target:ws-17"))
+    everything = await RulePolicy(RULES)(store, TENANT, 100, NOW)
+    small = RulePolicy(RULES, max_records=1)  # the newest finding and the newest graph only
+    newest = await small(store, TENANT, 100, NOW)
+    assert {a["execution_fingerprint"] for a in everything} == {FP_GRAPH, FP_CRIT, FP_QUIET}
+    assert {a["execution_fingerprint"] for a in newest} == {FP_CRIT, FP_QUIET}
+    stingy = RulePolicy(RULES, max_bytes=1)  # one record per kind, then the budget is spent
+    assert await stingy(store, TENANT, 100, NOW) == newest

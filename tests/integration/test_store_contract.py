@@ -186,3 +186,16 @@ async def test_put_record_outside_a_claim(store):
         await store.put_record(record, NOW)
     assert exc.value.stage == "write"
     assert await store.list_records("feedback", TENANT) == [b'{"issued":1}']
+
+
+async def test_list_records_newest_first_in_pages(store):
+    for i in range(5):
+        await store.commit(make_commit(f"nonce-{i:04d}", record_id=f"rec-{i}",
+                                       request_id=f"req-{i}", now=NOW + i))
+    rec = [b'{"record":"rec-%d"}' % i for i in range(5)]
+    assert await store.list_records("finding", TENANT, 2, newest_first=True) == [rec[4], rec[3]]
+    assert await store.list_records("finding", TENANT, 2, newest_first=True, offset=2) == [
+        rec[2], rec[1]]
+    assert await store.list_records("finding", TENANT, 9, newest_first=True, offset=4) == [rec[0]]
+    assert await store.list_records("finding", TENANT, 2, newest_first=True, offset=5) == []
+    assert await store.list_records("finding", TENANT, 2, offset=3) == [rec[3], rec[4]]
