@@ -11,11 +11,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any, TextIO
 
 from gateway.config import ConfigError
+from schemas.canonical import dumps
 
 from .client import DeliveryResult, EmitterClient, QueryError
 from .settings import load_emitter_settings
@@ -67,8 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     return args.run(args)
 
 
+def _line(message: object) -> str:
+    return " ".join(str(message).split())[:1000]
+
+
 def _fail(message: str, code: int) -> int:
-    print(f"fedgate: error: {' '.join(str(message).split())}", file=sys.stderr)
+    print(_line(f"fedgate: error: {message}"), file=sys.stderr)
     return code
 
 
@@ -87,6 +94,8 @@ def cmd_emit(args: argparse.Namespace) -> int:
         return asyncio.run(_emit(settings, bodies, args.graph, sys.stdout, sys.stderr))
     except ConfigError as exc:  # keys and TLS files are loaded by the client
         return _fail(f"{settings.path}: {exc}", 2)
+    except (OSError, sqlite3.Error) as exc:  # the state files: disk full, permissions
+        return _fail(f"state_dir {settings.state_dir}: {exc}", 1)
 
 
 def _read_input(name: str) -> str:
@@ -95,31 +104,73 @@ def _read_input(name: str) -> str:
     return Path(name).read_text(encoding="utf-8")
 
 
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
+class _NotFinite:
+    """Stands in, while parsing, for a number JSON cannot carry (NaN, Infinity, 1e400)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def _float(text: str) -> Any:
+    value = float(text)
+    return value if math.isfinite(value) else _NotFinite(text)
+
+
+def _loads(text: str) -> Any:
+    return json.loads(text, parse_float=_float, parse_constant=_NotFinite)
 
 
 def read_bodies(text: str) -> list[dict[str, Any]]:
-    """A JSON object, a JSON array of objects, or JSON lines (one object per line)."""
+    """A JSON object, a JSON array of objects, or JSON lines (one object per line).
+
+    The whole input is parsed and every body checked before anything is sent: ValueError
+    names the first bad item (``item N`` / ``line N``); nothing is sent then."""
     try:
-        doc = json.loads(text, parse_constant=_no_constants)
+        doc = _loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
     except ValueError:
-        docs = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-        bodies = []
-        for n, line in docs:
+        items = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
             try:
-                bodies.append(json.loads(line, parse_constant=_no_constants))
+                items.append((f"line {n}", _loads(line)))
+            except RecursionError:
+                raise ValueError(f"line {n}: nested too deeply") from None
             except ValueError as exc:
                 raise ValueError(f"line {n}: not JSON ({exc})") from None
-        return _objects(bodies, "line ")
-    return _objects(doc if isinstance(doc, list) else [doc], "item ")
+        return _checked(items)
+    docs = doc if isinstance(doc, list) else [doc]
+    return _checked([(f"item {n}", item) for n, item in enumerate(docs, 1)])
 
 
-def _objects(items: list[Any], what: str) -> list[dict[str, Any]]:
-    for n, item in enumerate(items, 1):
+def _checked(items: list[tuple[str, Any]]) -> list[dict[str, Any]]:
+    """Each item an object holding only finite numbers, with a canonical form (§3)."""
+    for where, item in items:
         if not isinstance(item, dict):
-            raise ValueError(f"{what}{n}: not a JSON object")
-    return items
+            raise ValueError(f"{where}: not a JSON object")
+        bad = _not_finite(item)
+        if bad is not None:
+            raise ValueError(f"{where}: {bad} is not a finite number")
+        try:
+            dumps(item)
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise ValueError(f"{where}: cannot be signed ({type(exc).__name__})") from None
+    return [item for _, item in items]
+
+
+def _not_finite(value: Any) -> str | None:
+    stack = [value]
+    while stack:
+        current = stack.pop()
+        if isinstance(current, _NotFinite):
+            return current.text
+        if isinstance(current, dict):
+            stack.extend(current.values())
+        elif isinstance(current, list):
+            stack.extend(current)
+    return None
 
 
 def describe(result: DeliveryResult) -> str:
@@ -171,6 +222,8 @@ def cmd_feedback(args: argparse.Namespace) -> int:
         return asyncio.run(_feedback(settings, args, sys.stdout, sys.stderr))
     except ConfigError as exc:
         return _fail(f"{settings.path}: {exc}", 2)
+    except (OSError, sqlite3.Error) as exc:
+        return _fail(f"state_dir {settings.state_dir}: {exc}", 1)
 
 
 async def _feedback(settings, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -178,10 +231,10 @@ async def _feedback(settings, args: argparse.Namespace, out: TextIO, err: TextIO
         try:
             applied = await client.query_feedback(args.tenant, args.operator, args.limit)
         except FeedbackRejected as exc:
-            print(f"fedgate: feedback rejected: {exc.code}: {exc.detail}", file=err)
+            print(_line(f"fedgate: feedback rejected: {exc.code}: {exc.detail}"), file=err)
             return 1
-        except QueryError as exc:
-            print(f"fedgate: feedback query failed: {exc}", file=err)
+        except QueryError as exc:  # its detail may come from the network: one line
+            print(_line(f"fedgate: feedback query failed: {exc}"), file=err)
             return 1
         for adjustment in applied:
             print(json.dumps(adjustment, sort_keys=True), file=out)

@@ -1,11 +1,14 @@
 """``EmitterClient``: sign, persist, deliver; query and verify feedback (docs/EMITTER.md).
 
 Every telemetry or graph body is signed once, written to the outbox (durable) and then
-delivered over mTLS (TLS 1.3, gateway certificate pinned when ``server_pins`` is set,
-redirects never followed). Transient failures are retried with capped exponential
-backoff and jitter, resending the **same** signed bytes; a 409 carrying ``duplicate_of``
-means an earlier attempt already landed. Feedback answers pass §6 (``emitter.verify``)
-and are applied once through the ledger (``emitter.ledger``); every verdict is audited.
+delivered over mTLS (``emitter.transport``: TLS 1.3, gateway certificate pinned when
+``server_pins`` is set, redirects never followed, answers capped). Before each attempt
+the row is durably marked ``maybe_accepted``; only an answer proving the attempt was not
+accepted takes that back. Transient failures are retried with capped exponential backoff
+and jitter, resending the **same** signed bytes while the gateway's window still admits
+them; a 409 carrying ``duplicate_of`` means an earlier attempt already landed. Feedback
+queries (``emitter.feedback``) pass §6 (``emitter.verify``) and are applied once while in
+force through the ledger (``emitter.ledger``); every verdict is audited.
 """
 
 from __future__ import annotations
@@ -13,31 +16,42 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
+import re
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
-from audit import AuditLog, feedback_event
+from audit import AuditLog
 from gateway.config import ConfigError
-from gateway.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
-from gateway.tls import TlsConfigError, client_context, server_cert_sha256_matches
+from gateway.routes import GRAPH_PATH, TELEMETRY_PATH
+from gateway.tls import TlsConfigError, client_context
 from keyring.ed25519 import PrivateKey, verify
 
+from .feedback import FeedbackQueries, QueryError, text
 from .ledger import Ledger
 from .outbox import Outbox, OutboxItem
-from .settings import EmitterSettings, check_url
+from .settings import EmitterSettings, check_url, private_file, secure_state_dir
 from .signing import SignedBody, new_nonce, sign_request
-from .verify import Expectation, FeedbackRejected, check_feedback, load_feedback_keyring
+from .transport import (
+    RETRY_STATUSES,
+    TRANSPORT_ERRORS,
+    ServerPins,
+    backoff_delay,
+    classify,
+    post,
+    retry_after,
+)
+from .verify import VerifiedFeedback, load_feedback_keyring
+
+__all__ = ["DeliveryResult", "EmitterClient", "QueryError", "ServerPins", "backoff_delay"]
 
 log = logging.getLogger("fedgate.emitter")
 
-RETRY_STATUSES = frozenset({429, 502, 503, 504})  # the gateway did not decide: try again
 MAYBE_LANDED_STATUSES = frozenset({502, 504})  # a proxy may have lost the upstream's 202
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,40 +75,6 @@ class DeliveryResult:
         return self.outcome in ("accepted", "duplicate")
 
 
-class QueryError(Exception):
-    """The gateway did not answer a feedback query with 200 (or could not be reached)."""
-
-    def __init__(self, status: int | None, code: str, detail: str = "") -> None:
-        super().__init__(f"{status or '-'} {code}" + (f": {detail}" if detail else ""))
-        self.status, self.code, self.detail = status, code, detail
-
-
-class ServerPins(aiohttp.Fingerprint):
-    """aiohttp runs ``check`` right after the TLS handshake, before the request is
-    written: a gateway certificate outside ``pins`` never sees a byte of it."""
-
-    def __init__(self, pins: tuple[str, ...]) -> None:
-        super().__init__(bytes(32))
-        self.pins = pins
-
-    def check(self, transport: asyncio.Transport) -> None:
-        if not server_cert_sha256_matches(transport.get_extra_info("ssl_object"), self.pins):
-            raise aiohttp.ServerFingerprintMismatch(b"", b"", "pinned gateway", 0)
-
-
-def backoff_delay(attempt: int, initial: float, cap: float, rng=random.random) -> float:
-    """Exponential backoff, capped, with "equal jitter": in [d/2, d], d = initial·2^(n-1)."""
-    delay = min(cap, initial * 2 ** (attempt - 1))
-    return delay / 2 + rng() * delay / 2
-
-
-def _retry_after(headers: Any) -> float:
-    try:
-        return max(0.0, float(headers.get("Retry-After", 0)))
-    except (TypeError, ValueError):
-        return 0.0
-
-
 @dataclass(frozen=True, slots=True)
 class _Verdict:
     result: DeliveryResult | None = None  # final; None: transient, try again
@@ -102,9 +82,10 @@ class _Verdict:
     wait: float = 0.0  # at least this long before the next attempt (Retry-After)
 
 
-class EmitterClient:
+class EmitterClient(FeedbackQueries):
     """Async context manager. ``signer``: anything with ``.sign(bytes) -> bytes`` and
-    ``.public`` (an HSM handle); default: the PEM ``signing_key`` of the settings."""
+    ``.public`` (an HSM handle); default: the PEM ``signing_key`` of the settings.
+    ``query_feedback`` comes from :class:`emitter.feedback.FeedbackQueries`."""
 
     def __init__(self, settings: EmitterSettings, *, signer: Any = None,
                  clock: Callable[[], float] = time.time,
@@ -125,7 +106,7 @@ class EmitterClient:
         self.ledger: Ledger | None = None
         self.audit: AuditLog | None = None
         self.session: aiohttp.ClientSession | None = None
-        self.last_feedback = None
+        self.last_feedback: VerifiedFeedback | None = None
         self._inflight: set[int] = set()
         self._hold_until = 0.0  # monotonic: after an outage, new sends just queue
 
@@ -155,10 +136,10 @@ class EmitterClient:
             raise ConfigError(f"ca/cert/key: {exc}") from None
 
     async def open(self) -> EmitterClient:
-        state = self.settings.state_dir
-        state.mkdir(mode=0o700, parents=True, exist_ok=True)
+        state = secure_state_dir(self.settings.state_dir)  # settings may come from code
         self.outbox = Outbox(state / "outbox.db", clock=self._clock)
         self.ledger = Ledger(state / "emitter.db")
+        private_file(state / "emitter-audit.jsonl")
         self.audit = AuditLog(state / "emitter-audit.jsonl")
         pins = self.settings.server_pins
         connector = aiohttp.TCPConnector(ssl=ServerPins(pins) if pins else self._ssl)
@@ -199,37 +180,38 @@ class EmitterClient:
 
     async def _send(self, path: str, body: dict[str, Any]) -> DeliveryResult:
         signed = self.sign(body)  # ValueError: not JSON-serialisable (NaN, …)
-        try:
-            self._record_sent(path, body)
-        except ValueError as exc:  # another attestation hash for a sent execution
-            return DeliveryResult("rejected", None, error="attestation_mismatch",
-                                  detail=str(exc))
+        execution = _execution(path, body)
+        if execution is not None:  # only a hash the gateway ACCEPTED earlier binds
+            anchored = self.ledger.sent_hash(execution[0], execution[1])
+            if anchored is not None and anchored != execution[2].lower():
+                return DeliveryResult("rejected", None, error="attestation_mismatch",
+                                      detail="this execution was accepted with another "
+                                      "attestation hash; the gateway would refuse it")
         item = self.outbox.enqueue(signed, path)  # durable before the first send
         if time.monotonic() < self._hold_until:
             return _queued(item, "gateway unavailable recently; queued")
         return await self.deliver(item)
 
-    def _record_sent(self, path: str, body: dict[str, Any]) -> None:
-        """What this emitter sent for an execution: §6 step 8 checks feedback against it."""
+    def _accepted(self, item: OutboxItem) -> None:
+        """The gateway took this row: remember its attestation hash for §6 check 8 (before
+        the row is marked delivered, so a crash in between only repeats this)."""
+        execution = _execution(item.path, json.loads(item.body))
+        if execution is None:
+            return
         try:
-            if path == TELEMETRY_PATH:
-                fp = body["execution_hash"]
-                att = body["payload"]["attributes"]["attestation_measurement_hash"]
-            else:
-                fp, att = body["execution_fingerprint"], body["attestation_measurement_hash"]
-            tenant = body["tenant_id"]
-        except (KeyError, TypeError):
-            return  # malformed: the gateway will say why (422); nothing to remember
-        if all(isinstance(v, str) for v in (tenant, fp, att)):
-            self.ledger.record_sent(tenant, fp, att)
+            self.ledger.record_sent(*execution)
+        except ValueError as exc:  # only with anchoring off at the gateway
+            log.warning("outbox #%d: %s; the first hash stays bound", item.id, exc)
 
     async def flush(self) -> list[DeliveryResult]:
-        """Retry every pending outbox row, oldest first (call on start-up). Stops trying
-        at the first row the gateway cannot take now; the rest are reported queued."""
+        """Retry every pending outbox row, oldest first (call on start-up). Each row is
+        re-read before it is tried (another task may have settled it). Stops trying at
+        the first row the gateway cannot take now; the rest are reported queued."""
         results: list[DeliveryResult] = []
         down = False
-        for item in self.outbox.pending():
-            if item.id in self._inflight:
+        for item_id in self.outbox.pending_ids():
+            item = self.outbox.get(item_id)
+            if item.state != "pending" or item.id in self._inflight:
                 continue
             if down:
                 results.append(_queued(item, "gateway unavailable; not tried"))
@@ -240,23 +222,34 @@ class EmitterClient:
         return results
 
     async def deliver(self, item: OutboxItem) -> DeliveryResult:
-        """Deliver one outbox row: retries with backoff, same bytes; re-signs (new
-        timestamp and nonce) at most once when its timestamp has left the window."""
+        """Deliver one outbox row: retries with backoff, same bytes while the gateway's
+        window admits them; re-signs (new timestamp and nonce) at most once when its
+        timestamp has left the window. A row already being delivered is not sent twice."""
+        if item.id in self._inflight:
+            return _queued(item, "already being delivered")
+        ids = {item.id}  # this row, and each row it is re-signed into
         self._inflight.add(item.id)
         try:
-            result = await self._deliver(item)
+            result = await self._deliver(item, ids)
         finally:
-            self._inflight.discard(item.id)
+            self._inflight.difference_update(ids)
         self._hold_until = (time.monotonic() + self.settings.backoff_max_s
                             if result.outcome == "queued" else 0.0)
         return result
 
-    async def _deliver(self, item: OutboxItem) -> DeliveryResult:
+    async def _deliver(self, item: OutboxItem, ids: set[int]) -> DeliveryResult:
         s = self.settings
-        resigned = item.state != "pending"  # a final row is resent as is, never re-signed
+        final = item.state != "pending"  # a final row is resent as is, never re-signed
+        resigned = final
         for attempt in range(1, s.max_attempts + 1):
-            if not resigned and self._stale(item):
-                item, resigned = self._resign(item), True
+            if not final:
+                item = self.outbox.get(item.id)  # maybe_accepted may have changed
+                if item.state != "pending":
+                    return self._settled(item)
+                if not resigned and self._must_resign(item):
+                    item, resigned = self._resign(item, ids), True
+                    if item.state != "pending":
+                        return self._settled(item)
             verdict = await self._attempt(item)
             if verdict.result is not None:
                 return verdict.result
@@ -264,152 +257,136 @@ class EmitterClient:
                 if resigned:  # fresh and still out of window: the clocks disagree
                     return self._refuse(item, "timestamp_out_of_window", "the gateway's "
                                         "clock disagrees with ours; fix it, then flush").result
-                item, resigned = self._resign(item), True
+                item, resigned = self._resign(item, ids), True
+                if item.state != "pending":
+                    return self._settled(item)
                 continue
             if attempt < s.max_attempts:
                 delay = backoff_delay(attempt, s.backoff_initial_s, s.backoff_max_s)
                 await self._sleep(min(s.backoff_max_s, max(delay, verdict.wait)))
         return _queued(self.outbox.get(item.id), "gateway unavailable; will retry")
 
-    def _stale(self, item: OutboxItem) -> bool:
-        """Too old to be inside the gateway's ±skew window when it arrives."""
-        margin = max(1, self.settings.clock_skew_s // 6)
-        return self._now() - item.timestamp > self.settings.clock_skew_s - margin
+    def _must_resign(self, item: OutboxItem) -> bool:
+        """Too old to be inside the gateway's ±skew window when it arrives. Bytes that may
+        already have landed are resent until they have left the window itself — while
+        inside it the gateway can still answer 409 ``duplicate_of`` — and re-signed only
+        after; bytes never accepted are re-signed a margin earlier (exactly-once safe)."""
+        skew = self.settings.clock_skew_s
+        limit = skew if item.maybe_accepted else skew - max(1, skew // 6)
+        return self._now() - item.timestamp > limit
 
-    def _resign(self, item: OutboxItem) -> OutboxItem:
+    def _resign(self, item: OutboxItem, ids: set[int]) -> OutboxItem:
+        """The re-signed row (added to ``ids`` and the in-flight set), or — if another
+        task settled this one meanwhile — the row as it is now (not pending)."""
         body = json.loads(item.body)
-        new = self.outbox.resign(item.id, self.sign(body))
+        try:
+            new = self.outbox.resign(item.id, self.sign(body))
+        except ValueError:
+            return self.outbox.get(item.id)
+        ids.add(new.id)
+        self._inflight.add(new.id)
         if new.possible_duplicate:
             log.warning("outbox #%d re-signed as #%d after an attempt that may have been "
                         "accepted: a duplicate finding is possible", item.id, new.id)
         return new
 
+    def _settled(self, item: OutboxItem, hops: int = 0) -> DeliveryResult:
+        """The result for a row that is no longer pending (its replacement, if expired)."""
+        if item.state == "expired" and item.replaced_by is not None and hops < 100:
+            return self._settled(self.outbox.get(item.replaced_by), hops + 1)
+        if item.state == "delivered":
+            if item.status == 409:
+                return DeliveryResult("duplicate", item.id, 409,
+                                      duplicate_of=item.request_id)
+            return DeliveryResult("accepted", item.id, item.status, item.request_id,
+                                  possible_duplicate=item.possible_duplicate)
+        if item.state == "rejected":
+            return DeliveryResult("rejected", item.id, item.status, error=item.last_error)
+        return _queued(item, "being delivered elsewhere")
+
     async def _attempt(self, item: OutboxItem) -> _Verdict:
+        previous = self.outbox.begin_attempt(item.id)  # durable before a byte goes out
         try:
             status, payload, headers = await self.post_raw(item.path, item.headers, item.body)
-        except aiohttp.ServerFingerprintMismatch:
-            return self._refuse(item, "server_pin_mismatch",
-                                "the gateway certificate matches no server_pins")
-        except aiohttp.ClientSSLError as exc:  # bad CA/hostname/TLS version: not sent
-            return self._refuse(item, "tls_handshake_failed", str(exc))
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-            self.outbox.record_attempt(item.id, f"connect: {exc}"[:300], maybe_accepted=False)
+        except TRANSPORT_ERRORS as exc:
+            failure = classify(exc)
+            if failure.refused:
+                return self._refuse(item, failure.code, failure.detail, previous)
+            self.outbox.record_attempt(item.id, failure.detail,
+                                       maybe_accepted=True if failure.sent else previous)
             return _Verdict()
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            error = f"no answer: {type(exc).__name__}"
-            self.outbox.record_attempt(item.id, error, maybe_accepted=True)
-            return _Verdict()
-        return self._judge(item, status, payload, headers)
+        return self._judge(item, previous, status, payload, headers)
 
-    def _refuse(self, item: OutboxItem, code: str, detail: str) -> _Verdict:
-        self.outbox.record_attempt(item.id, code, maybe_accepted=False)
+    def _refuse(self, item: OutboxItem, code: str, detail: str,
+                previous: bool | None = None) -> _Verdict:
+        self.outbox.record_attempt(item.id, code, maybe_accepted=previous)
         log.error("outbox #%d not sent: %s (%s); kept in the outbox", item.id, code, detail)
         return _Verdict(DeliveryResult("refused", item.id, error=code, detail=detail))
 
-    def _judge(self, item: OutboxItem, status: int, payload: Any, headers: Any) -> _Verdict:
+    def _judge(self, item: OutboxItem, previous: bool, status: int, payload: Any,
+               headers: Any) -> _Verdict:
+        """``previous`` goes back into ``maybe_accepted`` only when the answer proves this
+        attempt was not accepted (a gateway 4xx, 503, 429)."""
+        if status in (202, 409) and not isinstance(payload, dict):
+            # the decision needs the body (request_id / duplicate_of): not an answer
+            self.outbox.record_attempt(item.id, f"{status} malformed_response",
+                                       maybe_accepted=True)
+            return _Verdict()
         body = payload if isinstance(payload, dict) else {}
-        code, rid = body.get("error") or f"http_{status}", body.get("request_id")
+        code, rid = text(body.get("error")) or f"http_{status}", text(body.get("request_id"))
         if status == 202:
+            self._accepted(item)
             self.outbox.mark_delivered(item.id, rid)
             return _Verdict(DeliveryResult(
-                "accepted", item.id, 202, rid, body.get("finding_id"),
+                "accepted", item.id, 202, rid, text(body.get("finding_id")),
                 possible_duplicate=item.possible_duplicate))
-        if status == 409 and isinstance(body.get("duplicate_of"), str):
-            self.outbox.mark_delivered(item.id, body["duplicate_of"], 409)
+        duplicate_of = text(body.get("duplicate_of"))
+        if status == 409 and duplicate_of is not None:
+            self._accepted(item)
+            self.outbox.mark_delivered(item.id, duplicate_of, 409)
             return _Verdict(DeliveryResult("duplicate", item.id, 409, rid,
-                                           duplicate_of=body["duplicate_of"]))
+                                           duplicate_of=duplicate_of))
         if status in RETRY_STATUSES:
-            self.outbox.record_attempt(item.id, f"{status} {code}",
-                                       maybe_accepted=status in MAYBE_LANDED_STATUSES)
-            return _Verdict(wait=_retry_after(headers) if status == 429 else 0.0)
+            self.outbox.record_attempt(item.id, f"{status} {code}", maybe_accepted=(
+                True if status in MAYBE_LANDED_STATUSES else previous))
+            return _Verdict(wait=retry_after(headers) if status == 429 else 0.0)
         if status == 401 and code == "timestamp_out_of_window":
-            self.outbox.record_attempt(item.id, f"{status} {code}", maybe_accepted=False)
+            self.outbox.record_attempt(item.id, f"{status} {code}", maybe_accepted=previous)
             return _Verdict(resign=True)
         if 300 <= status < 400:
             code = "redirect_refused"
-        self.outbox.mark_rejected(item.id, status, code)
+        self.outbox.mark_rejected(item.id, status, code,
+                                  maybe_accepted=previous if 400 <= status < 500 else None)
         return _Verdict(DeliveryResult("rejected", item.id, status, rid, error=code,
-                                       detail=body.get("detail")))
+                                       detail=text(body.get("detail"))))
 
     async def post_raw(self, path: str, headers: dict[str, str], body: bytes):
         """One POST of exactly these bytes over the pinned mTLS session: no outbox, no
-        retry, no redirect. → ``(status, parsed JSON or None, response headers)``.
-        (``deliver`` uses it; demos use it to show tampered and replayed requests.)"""
-        async with self.session.post(self.settings.url + path, data=body, headers=headers,
-                                     ssl=self._ssl, allow_redirects=False) as resp:
-            raw = await resp.read()
-            try:
-                payload = json.loads(raw) if raw else None
-            except ValueError:
-                payload = None
-            return resp.status, payload, resp.headers
+        retry, no redirect, answer capped (``transport.ResponseTooLarge``). →
+        ``(status, parsed JSON or None, response headers)``. (``deliver`` uses it; demos
+        use it to show tampered and replayed requests.)"""
+        return await post(self.session, self.settings.url + path, headers, body,
+                          ssl_context=self._ssl)
 
-    # -- feedback (§6) -------------------------------------------------------------------
 
-    async def query_feedback(self, tenant_id: str, operator_id: str,
-                             limit: int = 100) -> list[dict[str, Any]]:
-        """Ask for adjustments, verify (§6 1-8), claim the nonce and apply (step 9).
-        Returns the newly applied adjustments; raises ``FeedbackRejected`` (audited,
-        nothing applied) or ``QueryError`` (the gateway refused or was unreachable)."""
-        body = {"operator_id": operator_id, "tenant_id": tenant_id, "limit": limit}
-        signed, request_id, payload = await self._query(body)
-        now = self._now()
-        expect = Expectation(tenant_id, signed.headers["X-Telemetry-Nonce"],
-                             self.ledger.sent_for(tenant_id))
-        try:
-            verified = check_feedback(payload, expect, keyring=self.keyring, now=now,
-                                      skew_s=self.settings.clock_skew_s,
-                                      legacy_unbound_nonce=self.settings.legacy_unbound_nonce)
-            applied = self.ledger.apply(verified, now)
-        except FeedbackRejected as exc:
-            self._audit_feedback(request_id, tenant_id, payload, reason=exc.code,
-                                 detail=exc.detail)
-            raise
-        self.last_feedback = verified
-        self._audit_feedback(request_id, tenant_id, payload, applied=len(applied))
-        return applied
-
-    async def _query(self, body: dict[str, Any]):
-        """POST a freshly signed query (re-signed per attempt: a query is a read)."""
-        s, last = self.settings, "no attempt"
-        for attempt in range(1, s.max_attempts + 1):
-            signed, request_id = self.sign(body), str(uuid.uuid4())
-            headers = {**signed.headers, "X-Request-Id": request_id}
-            try:
-                status, payload, _ = await self.post_raw(QUERY_PATH, headers, signed.body)
-            except aiohttp.ServerFingerprintMismatch:
-                raise QueryError(None, "server_pin_mismatch") from None
-            except aiohttp.ClientSSLError as exc:
-                raise QueryError(None, "tls_handshake_failed", str(exc)) from None
-            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                status, payload, last = None, None, type(exc).__name__
-            if status == 200:
-                return signed, request_id, payload
-            if status is not None and status not in RETRY_STATUSES:
-                err = payload if isinstance(payload, dict) else {}
-                raise QueryError(status, err.get("error") or f"http_{status}",
-                                 str(err.get("detail") or ""))
-            last = f"{status} {last}" if status else last
-            if attempt < s.max_attempts:
-                await self._sleep(backoff_delay(attempt, s.backoff_initial_s, s.backoff_max_s))
-        raise QueryError(None, "gateway_unavailable", last)
-
-    def _audit_feedback(self, request_id: str, tenant_id: str, payload: Any, *,
-                        reason: str | None = None, detail: str | None = None,
-                        applied: int | None = None) -> None:
-        body = payload if isinstance(payload, dict) else {}
-        kid, nonce = _short(body.get("kid")), _short(body.get("nonce"))
-        self.audit.append(feedback_event(
-            outcome="failure" if reason else "success", request_id=request_id,
-            reason=reason, status=200, tenant_id=tenant_id, kid=kid, nonce=nonce,
-            adjustments=applied, detail=detail, now=self._clock()))
+def _execution(path: str, body: Any) -> tuple[str, str, str] | None:
+    """``(tenant_id, execution fingerprint, attestation hash)`` of a telemetry or graph
+    body when all three are well formed (64 hex), else None: the gateway will say why."""
+    try:
+        if path == TELEMETRY_PATH:
+            fp = body["execution_hash"]
+            att = body["payload"]["attributes"]["attestation_measurement_hash"]
+        else:
+            fp, att = body["execution_fingerprint"], body["attestation_measurement_hash"]
+        tenant = body["tenant_id"]
+    except (KeyError, TypeError):
+        return None
+    if not (isinstance(tenant, str) and isinstance(fp, str) and isinstance(att, str)
+            and _HEX64.fullmatch(fp) and _HEX64.fullmatch(att)):
+        return None
+    return tenant, fp, att
 
 
 def _queued(item: OutboxItem, detail: str) -> DeliveryResult:
     return DeliveryResult("queued", item.id, error=item.last_error, detail=detail,
                           possible_duplicate=item.possible_duplicate)
-
-
-def _short(value: Any) -> str | None:
-    """A response member fit for the audit log (it came from the network: bounded)."""
-    return value[:256] if isinstance(value, str) else None

@@ -1,24 +1,31 @@
 """The emitter's on-disk outbox: signed requests that must reach the gateway.
 
-One SQLite file (WAL, ``synchronous=FULL``: a committed row survives a power cut). A
-request is written here **before** its first send attempt, so once ``enqueue`` returns,
-the telemetry survives an emitter crash and a gateway outage; ``EmitterClient.flush``
-retries whatever is still ``pending`` on start-up.
+One SQLite file (WAL, ``synchronous=FULL``: a committed row survives a power cut), created
+``0600``. A request is written here **before** its first send attempt, so once ``enqueue``
+returns, the telemetry survives an emitter crash and a gateway outage;
+``EmitterClient.flush`` retries whatever is still ``pending`` on start-up. Every change
+is one explicit ``BEGIN IMMEDIATE`` … ``COMMIT`` (the connection is in autocommit mode,
+where ``with connection:`` would open no transaction): a crash (even SIGKILL) leaves
+each change whole or absent.
 
 States: ``pending`` → ``delivered`` (202, or 409 with ``duplicate_of``) | ``rejected``
 (a permanent answer; the bytes stay for inspection) | ``expired`` (its timestamp left
 the skew window; replaced by a re-signed row, ``replaced_by``). ``maybe_accepted`` is
-set when an attempt ended without an answer after the request may have been written
-(timeout, reset): such a row can no longer be proven never-accepted.
+set durably **before** each attempt (:meth:`Outbox.begin_attempt`) and put back only by an
+answer proving that attempt was not accepted: after a crash mid-attempt, the row is known
+to be possibly delivered.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from emitter.settings import private_file
 from emitter.signing import SignedBody
 from gateway.store.sqlite import connect_durable
 
@@ -80,11 +87,25 @@ class Outbox:
     def __init__(self, path: Path | str, *, clock=time.time) -> None:
         self.path = Path(path)
         self._clock = clock
+        private_file(self.path)  # 0600 before SQLite creates it (its -wal/-shm follow)
         self._db = connect_durable(self.path)
-        self._db.executescript(SCHEMA)
+        self._db.executescript(SCHEMA)  # IF NOT EXISTS: idempotent
 
     def close(self) -> None:
         self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """``BEGIN IMMEDIATE`` … ``COMMIT``; anything raised (a failed COMMIT included)
+        rolls back, so nothing of the block is left half-written."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
 
     def _insert(self, signed: SignedBody, path: str, possible_duplicate: bool = False) -> int:
         cur = self._db.execute(
@@ -97,7 +118,7 @@ class Outbox:
 
     def enqueue(self, signed: SignedBody, path: str) -> OutboxItem:
         """Durably store a signed request (committed and fsynced when this returns)."""
-        with self._db:
+        with self._transaction():
             item_id = self._insert(signed, path)
         return self.get(item_id)
 
@@ -114,43 +135,74 @@ class Outbox:
             f"SELECT {_COLUMNS} FROM outbox WHERE state = 'pending' ORDER BY id").fetchall()
         return [OutboxItem.from_row(r) for r in rows]
 
+    def pending_ids(self) -> list[int]:
+        """Ids of the pending rows, oldest first (re-read each with :meth:`get`)."""
+        rows = self._db.execute("SELECT id FROM outbox WHERE state = 'pending' ORDER BY id")
+        return [row[0] for row in rows]
+
     def counts(self) -> dict[str, int]:
         return dict(self._db.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state"))
 
     def _update(self, item_id: int, sql: str, args: tuple) -> None:
         """Only a pending row changes: delivered, rejected and expired are final."""
-        with self._db:
+        with self._transaction():
             self._db.execute(
                 f"UPDATE outbox SET {sql}, updated_at = ? WHERE id = ? AND state = 'pending'",
                 (*args, self._clock(), item_id))
 
-    def record_attempt(self, item_id: int, error: str | None, *, maybe_accepted: bool) -> None:
-        """One more attempt; ``maybe_accepted`` sticks once set."""
-        self._update(item_id, "attempts = attempts + 1, last_error = ?, "
-                     "maybe_accepted = MAX(maybe_accepted, ?)", (error, int(maybe_accepted)))
+    def begin_attempt(self, item_id: int) -> bool:
+        """Before a send: count the attempt and durably set ``maybe_accepted`` (a crash
+        from here on leaves a row that may have been delivered). Returns the previous
+        value, for :meth:`record_attempt` to put back when the answer proves this
+        attempt was not accepted. A final row is left as it is."""
+        with self._transaction():
+            row = self._db.execute("SELECT maybe_accepted FROM outbox WHERE id = ?",
+                                   (item_id,)).fetchone()
+            if row is None:
+                raise KeyError(item_id)
+            self._db.execute(
+                "UPDATE outbox SET attempts = attempts + 1, maybe_accepted = 1, "
+                "updated_at = ? WHERE id = ? AND state = 'pending'", (self._clock(), item_id))
+        return bool(row[0])
+
+    def record_attempt(self, item_id: int, error: str | None, *,
+                       maybe_accepted: bool | None) -> None:
+        """The outcome of an attempt that left the row pending: ``error``, and what
+        ``maybe_accepted`` is now (None: unchanged)."""
+        if maybe_accepted is None:
+            self._update(item_id, "last_error = ?", (error,))
+        else:
+            self._update(item_id, "last_error = ?, maybe_accepted = ?",
+                         (error, int(maybe_accepted)))
 
     def mark_delivered(self, item_id: int, request_id: str | None, status: int = 202) -> None:
-        self._update(item_id, "attempts = attempts + 1, state = 'delivered', request_id = ?, "
-                     "status = ?",
+        self._update(item_id, "state = 'delivered', request_id = ?, status = ?",
                      (request_id, status))
 
-    def mark_rejected(self, item_id: int, status: int, code: str) -> None:
-        self._update(item_id, "attempts = attempts + 1, state = 'rejected', status = ?, "
-                     "last_error = ?", (status, code))
+    def mark_rejected(self, item_id: int, status: int, code: str, *,
+                      maybe_accepted: bool | None = None) -> None:
+        sql, args = "state = 'rejected', status = ?, last_error = ?", (status, code)
+        if maybe_accepted is not None:
+            sql, args = sql + ", maybe_accepted = ?", (*args, int(maybe_accepted))
+        self._update(item_id, sql, args)
 
     def resign(self, item_id: int, signed: SignedBody) -> OutboxItem:
-        """Atomically: the old row becomes ``expired`` and a re-signed row takes its place.
+        """One transaction: the old row becomes ``expired`` and a re-signed row takes its
+        place — a crash leaves either the old row pending or the new one, never both.
+        ValueError if the row is no longer pending (nothing changes).
 
         The new row is a ``possible_duplicate`` when the old one (or its own predecessor)
         may already have been accepted: at-least-once, see docs/EMITTER.md."""
-        old = self.get(item_id)
-        if old.state != "pending":
-            raise ValueError(f"outbox #{item_id} is {old.state}, not pending: not re-signed")
-        doubt = old.maybe_accepted or old.possible_duplicate
-        with self._db:
-            new_id = self._insert(signed, old.path, doubt)
+        with self._transaction():
+            old = self.get(item_id)
+            if old.state != "pending":
+                raise ValueError(f"outbox #{item_id} is {old.state}, not pending: "
+                                 "not re-signed")
+            new_id = self._insert(signed, old.path,
+                                  old.maybe_accepted or old.possible_duplicate)
             self._db.execute(
                 "UPDATE outbox SET state = 'expired', replaced_by = ?, updated_at = ?, "
-                "last_error = ? WHERE id = ?",
-                (new_id, self._clock(), "timestamp left the skew window; re-signed", item_id))
+                "last_error = ? WHERE id = ? AND state = 'pending'",
+                (new_id, self._clock(), "timestamp left the skew window; re-signed",
+                 item_id))
         return self.get(new_id)

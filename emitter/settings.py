@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +75,6 @@ def load_emitter_settings(path: str | Path) -> EmitterSettings:
     return load_file(path, _build)
 
 
-
 def _build(cfg: Path, raw: Mapping[str, Any]) -> EmitterSettings:
     unknown = sorted(set(raw) - _KEYS)
     if unknown:
@@ -100,17 +100,43 @@ def _build(cfg: Path, raw: Mapping[str, Any]) -> EmitterSettings:
     return settings
 
 
-
-
 def _state_dir(raw: Mapping[str, Any], base: Path) -> Path:
-    path = path_value(raw, "state_dir", base)
+    return secure_state_dir(path_value(raw, "state_dir", base))
+
+
+def secure_state_dir(path: Path) -> Path:
+    """Create ``path`` ``0700`` if missing; refuse (ConfigError naming ``state_dir``) one
+    that is not a directory, not owned by this user, or writable by group or others —
+    whoever can write there can swap the outbox, the replay cache or the audit log."""
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.stat()
     except OSError as exc:
         raise ConfigError(f"state_dir: cannot create {path} ({exc.strerror})") from None
-    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+    if not stat.S_ISDIR(st.st_mode) or not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(f"state_dir: not a writable directory: {path}")
+    if st.st_uid != os.geteuid():
+        raise ConfigError(f"state_dir: {path} is owned by uid {st.st_uid}, not by this "
+                          f"user (uid {os.geteuid()})")
+    if st.st_mode & 0o022:
+        raise ConfigError(f"state_dir: {path} is writable by group or others (mode "
+                          f"{stat.S_IMODE(st.st_mode):04o}); chmod 700 it")
     return path
+
+
+def private_file(path: Path) -> None:
+    """Create ``path`` (and its directory, ``0700``) with mode ``0600`` if missing, and
+    take group/other permissions away from it and from SQLite's ``-wal``/``-shm``
+    companions if they exist (SQLite gives those the database file's mode)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            mode = stat.S_IMODE(file.stat().st_mode)
+            if mode & 0o077:
+                file.chmod(mode & 0o700)
+        except FileNotFoundError:
+            pass
 
 
 def _pins(value: Any) -> tuple[str, ...]:

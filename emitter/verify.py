@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ _ADJUSTMENT_MEMBERS = frozenset(
 # 2 significant bits, so only A/Q/g/w are canonical (one encoding per signature).
 _SIGNATURE_B64 = re.compile(r"[A-Za-z0-9+/]{85}[AQgw]==")
 _NONCE_SUFFIX = re.compile(r"[A-Za-z0-9_-]{16,128}")
+MAX_TIMESTAMP = 2**63  # an adjustment's timestamp is below it (a signed 64-bit integer)
 
 
 class FeedbackRejected(Exception):
@@ -57,12 +57,14 @@ class FeedbackRejected(Exception):
 
 @dataclass(frozen=True)
 class Expectation:
-    """What the emitter itself knows: the tenant and nonce it asked with, and the
-    attestation hash it sent for each execution fingerprint."""
+    """What the emitter itself knows: the tenant, nonce and ``limit`` it asked with
+    (an answer with more adjustments than asked for is malformed), and the attestation
+    hash the gateway accepted from it for each execution fingerprint."""
 
     tenant_id: str
     request_nonce: str
     sent: Mapping[str, str]
+    limit: int | None = None
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ def check_feedback(
 ) -> VerifiedFeedback:
     """§6 steps 1-8 over a parsed response; raise :class:`FeedbackRejected` at the first
     failure. No I/O, no state: the replay claim (step 9) is the ledger's."""
-    data = _1_well_formed(response)
+    data = _1_well_formed(response, expect.limit)
     _2_algorithm(response)
     key = _3_key(response["kid"], keyring, now)
     _4_signature(response, data, key, expect.tenant_id)
@@ -110,7 +112,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _1_well_formed(response: Any) -> list[dict[str, Any]]:
+def _1_well_formed(response: Any, limit: int | None = None) -> list[dict[str, Any]]:
     if not isinstance(response, Mapping):
         raise FeedbackRejected("malformed_response", "the response is not a JSON object")
     for name in ("signature", "kid", "nonce", "schema_version"):
@@ -124,6 +126,9 @@ def _1_well_formed(response: Any) -> list[dict[str, Any]]:
     data = response.get("data")
     if not isinstance(data, list):
         raise FeedbackRejected("malformed_response", "data missing or not an array")
+    if limit is not None and len(data) > limit:
+        raise FeedbackRejected("malformed_response",
+                               f"{len(data)} adjustments for a query with limit {limit}")
     for index, adjustment in enumerate(data):
         problem = _adjustment_problem(adjustment)
         if problem:
@@ -145,15 +150,14 @@ def _adjustment_problem(adj: Any) -> str | None:
             return f"{name} is not a non-empty string"
     if not isinstance(adj["rationale"], str):
         return "rationale is not a string"
-    confidence = adj["confidence"]
-    if not isinstance(confidence, int | float) or isinstance(confidence, bool) or not (
-        math.isfinite(confidence) and 0 <= confidence <= 1
-    ):
+    confidence = adj["confidence"]  # compared, never converted: 10**400 cannot overflow
+    if not (isinstance(confidence, int | float) and not isinstance(confidence, bool)
+            and 0 <= confidence <= 1):  # NaN fails both comparisons
         return "confidence is not a number in [0, 1]"
     if not _is_int(adj["ttl_seconds"]) or not 60 <= adj["ttl_seconds"] <= 86400:
         return "ttl_seconds is not an integer in [60, 86400]"
-    if not _is_int(adj["timestamp"]) or adj["timestamp"] < 0:
-        return "timestamp is not Unix seconds"
+    if not _is_int(adj["timestamp"]) or not 0 <= adj["timestamp"] < MAX_TIMESTAMP:
+        return "timestamp is not Unix seconds in [0, 2**63)"
     if adj["schema_version"] != ADJUSTMENT_SCHEMA_VERSION:
         return f"schema_version is not {ADJUSTMENT_SCHEMA_VERSION}"
     return None

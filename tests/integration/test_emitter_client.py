@@ -1,9 +1,12 @@
 """The emitter against a real gateway: real mTLS, real files, real store.
 
 In-process gateways (``Stack.start``) when a test controls time; ``fedgate serve``
-subprocesses (``Stack.spawn``) for outages and restarts on the wall clock. Fakes are used
-only where the real gateway cannot misbehave on purpose: a redirecting server, a 503
-server, a forged feedback server, and a TCP proxy that loses a 202 on its way back.
+subprocesses (``Stack.spawn``) for outages and restarts on the wall clock; emitter
+child processes SIGKILLed at a chosen point for crashes. Fakes are used only where the
+real gateway cannot misbehave on purpose: a redirecting server, a 503 server, a forged
+feedback server, a TCP proxy that loses a 202 on its way back, hostile answers (deep
+nesting, huge numbers, 10 MiB bodies), a server that holds its answer (cancellation,
+concurrent delivery) and a TLS server that refuses our certificate with an alert.
 """
 
 from __future__ import annotations
@@ -13,27 +16,40 @@ import base64
 import dataclasses
 import io
 import json
+import os
 import signal
+import socket
 import sqlite3
+import ssl
+import stat
+import subprocess
+import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 from aiohttp import web
-from lab import FP, IDENTITY, PRODUCER, TENANT, body_for
-from stack import FEEDBACK_SEED, Stack, toml_value
+from lab import ATT_OTHER, FP, IDENTITY, PRODUCER, TENANT, body_for
+from stack import FEEDBACK_SEED, ROOT, Stack, free_port, toml_value
 
 from audit import verify_file
+from emitter.campaign import run_campaign
 from emitter.cli import main
-from emitter.client import EmitterClient, backoff_delay
-from emitter.outbox import Outbox
+from emitter.client import EmitterClient, QueryError, backoff_delay
+from emitter.outbox import Outbox, OutboxItem
 from emitter.settings import load_emitter_settings
 from emitter.sync import SyncEmitterClient
+from emitter.transport import MAX_RESPONSE_BYTES
 from emitter.verify import FeedbackRejected
+from gateway.app import make_app
+from gateway.bootstrap import bootstrap
 from gateway.config import ConfigError
 from gateway.feedback import bound_nonce, sign_feedback
+from gateway.pki import init_pki
 from gateway.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
+from gateway.settings import load_keys, load_settings
 from gateway.store import open_store
 from gateway.tls import server_context
 from keyring import Key, Keyring, PrivateKey
@@ -656,3 +672,560 @@ async def test_cli_feedback_verified_and_rejected(gateway, capsys):
 async def test_cli_help(capsys, command):
     code, lines, _ = await run_cli(capsys, command, "--help")
     assert code == 0 and lines[0].startswith(f"usage: fedgate {command}")
+
+
+# -- review fixes: each test below failed on the code before its fix -----------------------
+
+# F1: an adjustment is applied once while in force, whatever its `timestamp` says --------
+
+def with_policy(stack: Stack) -> Stack:
+    """The stack's gateway with the repository's policy rules (the lab body — high
+    severity, T1059.001 — matches ``tighten-high-severity-scripting``, ttl 1800 s)."""
+    rules = ROOT / "policy" / "rules.toml"
+    with stack.config_path.open("a", encoding="utf-8") as cfg:
+        cfg.write(f"\n[policy]\nrules = {toml_value(str(rules))}\n")
+    return stack
+
+
+def _identity(adj: dict) -> tuple:
+    return tuple(adj[k] for k in ("tenant_id", "execution_fingerprint", "action", "control",
+                                  "target_urn", "attestation_measurement_hash"))
+
+
+async def test_same_adjustment_is_applied_once_until_its_ttl_expires(stack):
+    """The real gateway stamps each adjustment with the time it answers: queried at t,
+    t+1, t+5 the same adjustment comes back with three timestamps and is applied once;
+    after its ttl it is applied again (a refresh)."""
+    t = [float(int(time.time()))]
+    runner = await with_policy(stack).start(clock=lambda: t[0])
+    try:
+        async with client_for(write_config(stack), clock=lambda: t[0]) as client:
+            assert (await client.send_telemetry(telemetry())).outcome == "accepted"
+            assert (await client.send_graph(body_for(GRAPH_PATH))).outcome == "accepted"
+            t0 = int(t[0])
+            first = await client.query_feedback(TENANT, "op-001")
+            assert first and {a["timestamp"] for a in first} == {t0}
+            for delta in (1, 5):
+                t[0] = t0 + delta
+                assert await client.query_feedback(TENANT, "op-001") == []
+                reissued = client.last_feedback.adjustments  # verified, not applied
+                assert [_identity(a) for a in reissued] == [_identity(a) for a in first]
+                assert {a["timestamp"] for a in reissued} == {t0 + delta}
+            ttl = min(a["ttl_seconds"] for a in first)
+            t[0] = t0 + ttl - 1
+            assert await client.query_feedback(TENANT, "op-001") == []  # last second in force
+            t[0] = t0 + ttl
+            again = await client.query_feedback(TENANT, "op-001")  # expired: refreshed
+            assert [_identity(a) for a in again] == [_identity(a) for a in first]
+            assert {a["timestamp"] for a in again} == {t0 + ttl}
+            assert client.ledger.applied(TENANT) == first + again
+            assert client.ledger.in_force(t0 + ttl, TENANT) == again
+    finally:
+        await runner.cleanup()
+
+
+async def test_campaign_second_query_applies_nothing_when_seconds_apart(tmp_path):
+    """emitter/campaign.py's last step, with the gateway's and the emitter's clock moving
+    3 s after every feedback query: the re-issued adjustments verify and none re-applies."""
+    layout = bootstrap(tmp_path / "campaign", port=free_port())
+    t = [float(int(time.time()))]
+    settings = load_settings(layout.gateway_config)
+    runner = web.AppRunner(make_app(settings, load_keys(settings), clock=lambda: t[0]),
+                           access_log=None)
+    await runner.setup()
+    ctx = server_context(settings.server.tls_cert, settings.server.tls_key,
+                         settings.server.client_ca)
+    await web.TCPSite(runner, settings.server.host, settings.server.port,
+                      ssl_context=ctx).start()
+    start = t[0]
+
+    def progress(step: str) -> None:
+        if step.startswith("feedback"):
+            t[0] += 3
+
+    try:
+        async with EmitterClient(load_emitter_settings(layout.emitter_config),
+                                 clock=lambda: t[0]) as client:
+            report = await run_campaign(client, progress)
+            last = client.last_feedback
+    finally:
+        await runner.cleanup()
+    assert t[0] - start == 6  # the second round ran 6 s after the first query
+    assert report.reapplied == 0 and report.applied
+    assert "second query applies nothing twice" in report.steps
+    assert last.adjustments and {a["timestamp"] for a in last.adjustments} == {int(t[0])}
+
+
+# F2: a re-sign is one transaction ---------------------------------------------------------
+
+RESIGN_CHILD = r"""
+import os, signal, sys, time
+from pathlib import Path
+sys.path.insert(0, "tests")
+from lab import IDENTITY, PRODUCER
+from emitter.outbox import Outbox
+from emitter.signing import sign_request
+
+path, kill_at = Path(sys.argv[1]), sys.argv[2]
+box = Outbox(path)
+now = int(time.time())
+old = box.enqueue(sign_request(PRODUCER, {"a": 1}, identity=IDENTITY, kid=None,
+                               timestamp=now - 60, nonce="o" * 24), "/internal/v1/telemetry")
+seen = []
+
+def trace(sql):  # runs as each statement starts, before SQLite executes it
+    seen.append(sql)
+    if kill_at != "none" and sql.startswith(kill_at) and any("INSERT" in s for s in seen):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+box._db.set_trace_callback(trace)
+box.resign(old.id, sign_request(PRODUCER, {"a": 1}, identity=IDENTITY, kid=None,
+                                timestamp=now, nonce="n" * 24))
+print("resigned", flush=True)
+"""
+
+
+@pytest.mark.parametrize("kill_at", ["UPDATE outbox SET state = 'expired'", "COMMIT", "none"])
+def test_resign_killed_midway_leaves_exactly_one_pending_row(tmp_path, kill_at):
+    """SIGKILL between the INSERT of the re-signed row and the UPDATE expiring the old one
+    (or just before COMMIT): the old row alone stays pending — never both."""
+    db = tmp_path / "outbox.db"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    child = subprocess.run([sys.executable, "-c", RESIGN_CHILD, str(db), kill_at], cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=60)
+    killed = kill_at != "none"
+    assert child.returncode == (-signal.SIGKILL if killed else 0), child.stderr
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT nonce, state FROM outbox ORDER BY id").fetchall()
+    pending = [nonce for nonce, state in rows if state == "pending"]
+    assert pending == ["o" * 24] if killed else ["n" * 24]
+    assert rows == ([("o" * 24, "pending")] if killed else
+                    [("o" * 24, "expired"), ("n" * 24, "pending")])
+
+
+# F3: a crash after the gateway accepted, before the row was marked delivered ---------------
+
+CRASH_CHILD = r"""
+import asyncio, json, os, signal, sys, time
+from emitter.client import EmitterClient
+from emitter.outbox import Outbox
+from emitter.settings import load_emitter_settings
+
+config, body, offset = sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[3])
+
+def crash(self, item_id, request_id, status=202):  # the 202 is in; nothing recorded yet
+    print("got", status, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+Outbox.mark_delivered = crash
+
+async def main():
+    settings = load_emitter_settings(config)
+    async with EmitterClient(settings, clock=lambda: time.time() + offset) as client:
+        await client.send_telemetry(body)
+
+asyncio.run(main())
+"""
+
+
+def crash_after_202(cfg: Path, body: dict, offset: float = 0.0) -> OutboxItem:
+    """A real emitter process sends ``body`` (its clock ``offset`` s off), gets the 202
+    and is SIGKILLed before it marks the row delivered. → the row it left."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    child = subprocess.run([sys.executable, "-c", CRASH_CHILD, str(cfg), json.dumps(body),
+                            str(offset)], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=60)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert child.stdout.strip() == "got 202"
+    box = Outbox(load_emitter_settings(cfg).state_dir / "outbox.db")
+    try:
+        [row] = box.pending()
+    finally:
+        box.close()
+    return row
+
+
+def restarted_clock(row: OutboxItem, age: float):
+    """The restarted emitter's clock: ``row`` is ``age`` seconds old now, and time runs."""
+    started = time.time()
+    return lambda: row.timestamp + age + (time.time() - started)
+
+
+async def test_crash_after_202_resends_the_same_bytes_inside_the_window(stack):
+    """Restarted 26 s after signing (inside the ±30 s window, but past the early re-sign
+    margin): the row is known maybe-accepted, so the SAME bytes go out first; the
+    gateway answers 409 duplicate_of and there is one finding, not two."""
+    stack.spawn()
+    await stack.wait_ready()
+    cfg = write_config(stack)
+    row = crash_after_202(cfg, telemetry())
+    assert row.maybe_accepted and row.attempts == 1
+    async with client_for(cfg, clock=restarted_clock(row, 26)) as client:
+        [result] = await client.flush()
+        item = client.outbox.get(row.id)
+        sent = client.ledger.sent_for(TENANT)
+    stack.kill_all()
+    [record] = await findings(stack)
+    assert (result.outcome, result.outbox_id, result.status) == ("duplicate", row.id, 409)
+    assert result.duplicate_of == record["request_id"] == item.request_id
+    assert item.state == "delivered" and record["nonce"] == row.nonce
+    assert sent == {FP: ATT}
+
+
+async def test_crash_after_202_then_window_passed_is_flagged_possible_duplicate(stack):
+    """Restarted after the window: the bytes cannot be recognised any more, so the body
+    is re-signed — and the new row says it may duplicate an accepted one."""
+    stack.spawn()
+    await stack.wait_ready()
+    cfg = write_config(stack)
+    row = crash_after_202(cfg, telemetry(), offset=-20)  # accepted: 20 s is inside ±30
+    async with client_for(cfg, clock=restarted_clock(row, 35)) as client:
+        [result] = await client.flush()
+        old, new = client.outbox.get(row.id), client.outbox.get(result.outbox_id)
+    stack.kill_all()
+    assert (result.outcome, result.possible_duplicate) == ("accepted", True), result
+    assert (old.state, old.replaced_by, new.possible_duplicate) == ("expired", new.id, True)
+    records = await findings(stack)
+    assert len(records) == 2 and {r["nonce"] for r in records} == {row.nonce, new.nonce}
+
+
+async def test_cancelled_send_leaves_the_row_maybe_accepted(stack):
+    """Cancelled while the request is out (a fake: the real gateway answers too fast to
+    cancel reliably): the row stays pending and is flagged maybe_accepted."""
+    arrived, released = asyncio.Event(), asyncio.Event()
+
+    async def hang(request, server):
+        arrived.set()
+        await released.wait()
+        return web.json_response({}, status=202)
+
+    async with FakeServer(stack, hang) as fake, \
+            client_for(write_config(stack, url=fake.url)) as client:
+        task = asyncio.create_task(client.send_telemetry(telemetry()))
+        await asyncio.wait_for(arrived.wait(), 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        [row] = client.outbox.pending()
+        released.set()
+    assert (row.maybe_accepted, row.attempts) == (True, 1)
+
+
+# F4: hostile answers -----------------------------------------------------------------------
+
+DEEP = b"[" * 200_000
+TEN_MIB = 10 * 1024 * 1024
+
+
+def raw_answer(status: int, body: bytes, *, chunked: bool = False):
+    async def answer(request, server):
+        if not chunked:
+            return web.Response(status=status, body=body, content_type="application/json")
+        resp = web.StreamResponse(status=status, headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        for at in range(0, len(body), 1 << 20):
+            try:
+                await resp.write(body[at:at + (1 << 20)])
+            except (ConnectionError, RuntimeError):  # the client hung up: as it should
+                break
+        return resp
+    return answer
+
+
+def unsigned_answer(**adjustment_changes):
+    """A 200 in the §6 shape whose adjustment has ``adjustment_changes`` (not signed:
+    step 1 judges it before the signature)."""
+    async def answer(request, server):
+        query = json.loads(await request.read())
+        data = [{**adjustment(), **adjustment_changes}]
+        text = json.dumps({"data": data, "signature": "x", "kid": "vv-fb-2026",
+                           "signature_algorithm": "Ed25519", "signed_at": int(time.time()),
+                           "nonce": bound_nonce(query["nonce"]),
+                           "schema_version": "feedback.response.v1"})
+        return web.Response(status=200, text=text, content_type="application/json")
+    return answer
+
+
+def signed_adjustment(**changes) -> dict:
+    return {**adjustment(), **changes}
+
+
+HOSTILE_QUERY_ANSWERS = {
+    "nested_200000_deep": raw_answer(200, DEEP),
+    "confidence_10_pow_400": unsigned_answer(confidence=10**400),
+    "signed_timestamp_2_pow_63": forged_feedback([signed_adjustment(timestamp=2**63)]),
+    "body_10_MiB": raw_answer(200, b'"' + b"a" * TEN_MIB + b'"'),
+    "body_10_MiB_chunked": raw_answer(200, b'"' + b"a" * TEN_MIB + b'"', chunked=True),
+    "more_adjustments_than_limit": forged_feedback(
+        [adjustment(), signed_adjustment(action="observe")]),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_QUERY_ANSWERS))
+async def test_hostile_feedback_answer_is_an_audited_malformed_response(stack, name):
+    async with FakeServer(stack, HOSTILE_QUERY_ANSWERS[name]) as fake, \
+            client_for(write_config(stack, url=fake.url)) as client:
+        client.ledger.record_sent(TENANT, FP, ATT)
+        with pytest.raises(FeedbackRejected) as info:
+            await client.query_feedback(TENANT, "op-001", limit=1)
+        assert info.value.code == "malformed_response", info.value
+        assert client.ledger.applied(TENANT) == []
+        audit_path = client.settings.state_dir / "emitter-audit.jsonl"
+    if name.startswith("body_10_MiB"):  # refused at the cap, never buffered whole
+        assert info.value.detail == f"answer body larger than {MAX_RESPONSE_BYTES} bytes " \
+            "(status 200)"
+    [event] = [json.loads(line) for line in audit_path.read_text().splitlines()]
+    assert (event["event.action"], event["event.reason"]) == ("feedback.rejected",
+                                                              "malformed_response")
+    assert verify_file(audit_path).ok
+
+
+@pytest.mark.parametrize("name", ["nested_200000_deep", "body_10_MiB", "body_10_MiB_chunked"])
+async def test_hostile_telemetry_answer_keeps_the_row_pending(stack, name):
+    """A 202 whose body is not a usable answer decides nothing: the row stays pending,
+    maybe accepted, with the reason recorded; the same bytes go out again later."""
+    body = DEEP if name.startswith("nested") else b'"' + b"a" * TEN_MIB + b'"'
+    answer = raw_answer(202, body, chunked=name.endswith("chunked"))
+    async with FakeServer(stack, answer) as fake, \
+            client_for(write_config(stack, url=fake.url)) as client:
+        result = await client.send_telemetry(telemetry())
+        row = client.outbox.get(result.outbox_id)
+    assert result.outcome == "queued", result
+    assert (row.state, row.maybe_accepted, row.attempts) == ("pending", True, 2)
+    assert row.last_error == (f"malformed_response: answer body larger than "
+                              f"{MAX_RESPONSE_BYTES} bytes (status 202)"
+                              if "MiB" in name else "202 malformed_response")
+    assert len({b for _, _, b in fake.calls}) == 1  # the same signed bytes each time
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_QUERY_ANSWERS))
+async def test_cli_feedback_hostile_answer_is_one_line_exit_1(stack, capsys, name):
+    async with FakeServer(stack, HOSTILE_QUERY_ANSWERS[name]) as fake:
+        cfg = str(write_config(stack, url=fake.url))
+        code, lines, err = await run_cli(capsys, "feedback", "--config", cfg, "--tenant",
+                                         TENANT, "--operator", "op-001", "--limit", "1")
+    assert (code, lines) == (1, [])
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "feedback rejected: malformed_response" in err
+
+
+async def test_cli_emit_hostile_answer_is_no_traceback(stack, capsys, tmp_path):
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(telemetry()))
+    async with FakeServer(stack, raw_answer(202, DEEP)) as fake:
+        cfg = str(write_config(stack, url=fake.url))
+        code, lines, err = await run_cli(capsys, "emit", "--config", cfg, str(one))
+    assert (code, lines) == (0, ["queued (gateway unavailable; will retry)"])
+    assert "Traceback" not in err
+
+
+# F5: only an accepted attestation hash binds an execution ------------------------------------
+
+async def test_rejected_body_does_not_lock_the_execution_hash(stack):
+    """A mistyped hash (422), then a body with another well-formed hash that the gateway
+    also refuses (422): neither binds; the corrected body is accepted and its feedback
+    verifies. Only a hash the gateway ACCEPTED makes a different one refused locally."""
+    runner = await with_policy(stack).start()
+    try:
+        await _no_lock_on_rejected_hash(stack)
+    finally:
+        await runner.cleanup()
+
+
+async def _no_lock_on_rejected_hash(gateway: Stack) -> None:
+    async with client_for(write_config(gateway)) as client:
+        typo = telemetry()
+        typo["payload"]["attributes"]["attestation_measurement_hash"] = ATT[:-1] + "g"
+        bad = await client.send_telemetry(typo)
+        assert (bad.outcome, bad.status, bad.error) == ("rejected", 422, "schema_violation")
+        other = telemetry()
+        other["payload"]["attributes"]["attestation_measurement_hash"] = ATT_OTHER
+        other["payload"]["severity"] = "catastrophic"  # refused by the schema
+        bad = await client.send_telemetry(other)
+        assert (bad.outcome, bad.status, bad.error) == ("rejected", 422, "schema_violation")
+        assert client.ledger.sent_for(TENANT) == {}
+        good = await client.send_telemetry(telemetry())
+        assert good.outcome == "accepted", good
+        assert client.ledger.sent_for(TENANT) == {FP: ATT}
+        assert (await client.send_graph(body_for(GRAPH_PATH))).outcome == "accepted"
+        applied = await client.query_feedback(TENANT, "op-001")
+        assert applied and {a["attestation_measurement_hash"] for a in applied} == {ATT}
+        conflict = telemetry()
+        conflict["payload"]["attributes"]["attestation_measurement_hash"] = ATT_OTHER
+        local = await client.send_telemetry(conflict)
+        assert (local.outcome, local.status, local.error, local.outbox_id) == (
+            "rejected", None, "attestation_mismatch", None)
+
+
+# F6: private state ------------------------------------------------------------------------
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+async def test_state_dir_and_files_are_private(gateway):
+    cfg = write_config(gateway)
+    state = load_emitter_settings(cfg).state_dir
+    (state / "outbox.db").touch(mode=0o644)  # left by an older version: tightened
+    (state / "outbox.db").chmod(0o644)
+    async with client_for(cfg) as client:
+        assert (await client.send_telemetry(telemetry())).outcome == "accepted"
+        await client.query_feedback(TENANT, "op-001")
+        files = sorted(p.name for p in state.iterdir())
+        modes = {p.name: _mode(p) for p in state.iterdir()}
+    assert {"outbox.db", "emitter.db", "emitter-audit.jsonl", "outbox.db-wal",
+            "emitter.db-wal"} <= set(files)
+    assert _mode(state) == 0o700
+    assert modes == dict.fromkeys(files, 0o600)
+
+
+def _group_writable(path: Path) -> None:
+    path.mkdir()
+    path.chmod(0o770)
+
+
+def _other_writable(path: Path) -> None:
+    path.mkdir()
+    path.chmod(0o1777)
+
+
+def _foreign(path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("chown to another user needs root")
+    path.mkdir(mode=0o700)
+    os.chown(path, 65534, 65534)
+
+
+@pytest.mark.parametrize("make", [_group_writable, _other_writable, _foreign])
+async def test_unsafe_state_dir_is_refused(stack, make):
+    good = load_emitter_settings(write_config(stack))
+    unsafe = stack.root / "emitter" / "unsafe"
+    make(unsafe)
+    with pytest.raises(ConfigError, match=r"state_dir") as info:
+        load_emitter_settings(write_config(stack, name="unsafe.toml", state_dir="unsafe"))
+    assert "\n" not in str(info.value) and str(unsafe) in str(info.value)
+    client = EmitterClient(dataclasses.replace(good, state_dir=unsafe))
+    with pytest.raises(ConfigError, match=r"state_dir"):
+        await client.open()
+    await client.close()
+    assert list(unsafe.iterdir()) == []
+
+
+# F7: `fedgate emit` checks all input before it sends anything -----------------------------
+
+@pytest.mark.parametrize(("text", "where"), [
+    ('{good}\n{bad}\n'.replace("{bad}", '{"x": 1e400}'), "line 2"),
+    ('[{good}, {"weight": -1e999}]', "item 2"),
+    ('{good}\n\n{good}\n{"x": [1, {"y": Infinity}]}\n', "line 4"),
+    ('[{good}, {"x": NaN}]', "item 2"),
+])
+async def test_cli_emit_bad_item_sends_nothing(gateway, capsys, tmp_path, text, where):
+    data = tmp_path / "input.json"
+    data.write_text(text.replace("{good}", json.dumps(telemetry())))
+    code, lines, err = await run_cli(capsys, "emit", "--config", str(write_config(gateway)),
+                                     str(data))
+    assert (code, lines) == (2, [])
+    assert err.count("\n") == 1 and where in err and "finite" in err, err
+    assert await findings(gateway) == []
+    assert not gateway.audit_path.exists() or gateway.audit_path.read_text() == ""
+
+
+# F8: flush re-reads each row ---------------------------------------------------------------
+
+async def test_flush_skips_a_row_another_task_settled_meanwhile(stack):
+    """Two stale rows; while flush waits on the first (re-signed, held by a fake
+    gateway), another task delivers the second. flush must not re-sign or resend it, and
+    a row being delivered is not sent twice."""
+    release = asyncio.Event()
+
+    async def answer(request, server):
+        if len(server.calls) == 1:
+            await release.wait()
+        return web.json_response({"accepted": True, "request_id": f"r{len(server.calls)}",
+                                  "finding_id": "f"}, status=202)
+
+    clock = Clock()
+    async with FakeServer(stack, answer) as fake, \
+            client_for(write_config(stack, url=fake.url), clock=clock) as client:
+        clock.now -= 40
+        first = client.outbox.enqueue(client.sign(telemetry()), TELEMETRY_PATH)
+        second = client.outbox.enqueue(client.sign(telemetry()), TELEMETRY_PATH)
+        clock.now += 40
+        flushing = asyncio.create_task(client.flush())
+        while not fake.calls:
+            await asyncio.sleep(0.01)
+        [held] = [i for i in client.outbox.pending_ids() if i not in (first.id, second.id)]
+        busy = await client.deliver(client.outbox.get(held))  # in flight: not sent again
+        other = await client.deliver(client.outbox.get(second.id))
+        release.set()
+        results = await flushing
+        counts = client.outbox.counts()
+    assert (busy.outcome, busy.detail) == ("queued", "already being delivered")
+    assert other.outcome == "accepted" and other.outbox_id not in (first.id, second.id)
+    assert [(r.outcome, r.outbox_id) for r in results] == [("accepted", held)]
+    assert len(fake.calls) == 2
+    assert counts == {"expired": 2, "delivered": 2}
+
+
+# TLS: a handshake the gateway refuses with an alert is "refused", not "maybe accepted" ----
+
+class AlertingTlsServer:
+    """A fake: a TLS 1.3 server (OpenSSL via ``ssl``) with the gateway's certificate that
+    trusts another CA for clients, so it ends our handshake with an ``unknown_ca`` alert
+    after our side finished (the real gateway on asyncio resets instead of alerting)."""
+
+    def __init__(self, stack: Stack, client_ca: Path) -> None:
+        pki = stack.pki
+        self.ctx = server_context(pki.gateway.cert, pki.gateway.key, client_ca)
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.url = f"https://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.handshakes: list[str] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(5)
+            try:
+                with self.ctx.wrap_socket(conn, server_side=True) as tls:
+                    self.handshakes.append("ok")
+                    tls.recv(1)
+            except (ssl.SSLError, OSError) as exc:
+                self.handshakes.append(type(exc).__name__)
+                try:  # drain the request so closing sends FIN, not a reset eating the alert
+                    while conn.recv(65536):
+                        pass
+                except OSError:
+                    pass
+            finally:
+                conn.close()
+
+    def __enter__(self) -> AlertingTlsServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+async def test_tls_alert_after_our_handshake_is_refused_not_maybe_accepted(stack, tmp_path):
+    other = init_pki(tmp_path / "other-ca", [IDENTITY])
+    with AlertingTlsServer(stack, other.ca.cert) as server:
+        cfg = write_config(stack, url=server.url)
+        async with client_for(cfg) as client:
+            result = await client.send_telemetry(telemetry())
+            row = client.outbox.get(result.outbox_id)
+            with pytest.raises(QueryError) as info:
+                await client.query_feedback(TENANT, "op-001")
+    assert (result.outcome, result.error) == ("refused", "tls_handshake_failed"), result
+    assert "ALERT_UNKNOWN_CA" in result.detail
+    assert (row.state, row.maybe_accepted, row.attempts) == ("pending", False, 1)
+    assert info.value.code == "tls_handshake_failed"
+    assert server.handshakes and "ok" not in server.handshakes

@@ -90,12 +90,67 @@ def test_same_adjustment_in_two_responses_is_applied_once(tmp_path: Path) -> Non
 
 
 def test_duplicate_within_one_response_and_new_adjustment(tmp_path: Path) -> None:
+    """Within one response: an exact copy, and the same adjustment re-issued a second
+    later (only ``timestamp`` differs), are the same adjustment; another target is new."""
     adj = BASE["response"]["data"][0]
     later = {**adj, "timestamp": adj["timestamp"] + 1}
-    case = resigned("C" * 16, data=[adj, adj, later])
+    other = {**adj, "target_urn": "urn:target:ws-18"}
+    case = resigned("C" * 16, data=[adj, adj, later, other])
     with Ledger(tmp_path / "emitter.db") as ledger:
-        assert ledger.apply(verified(case), now=BASE["now"]) == [adj, later]
-        assert ledger.applied() == [adj, later]
+        assert ledger.apply(verified(case), now=BASE["now"]) == [adj, other]
+        assert ledger.applied() == [adj, other]
+
+
+def _reissued(suffix: str, **changes: Any) -> dict[str, Any]:
+    """accept_basic's adjustment as the gateway issues it again later: same identity,
+    with a new ``timestamp`` (its issue time) and whatever else ``changes`` says."""
+    adj = {**BASE["response"]["data"][0], **changes}
+    return resigned(suffix, data=[adj])
+
+
+def test_adjustment_identity_ignores_timestamp_until_its_ttl_expires(tmp_path: Path) -> None:
+    """The gateway stamps each answer's adjustments with its own clock: the same
+    adjustment seconds later is not new. It is applied again only once it has expired
+    (``applied_at + ttl_seconds``), as a refresh."""
+    adj = BASE["response"]["data"][0]
+    ttl, t0 = adj["ttl_seconds"], BASE["now"]
+    with Ledger(tmp_path / "emitter.db") as ledger:
+        assert ledger.apply(verified(), now=t0) == [adj]
+        for n, delta in enumerate((1, 5, ttl - 1)):
+            again = _reissued(f"{'E' * 15}{n}", timestamp=adj["timestamp"] + delta,
+                              confidence=0.5, rationale="re-evaluated", ttl_seconds=600)
+            assert ledger.apply(verified(again), now=t0 + delta) == []  # still in force
+        assert ledger.in_force(t0 + ttl - 1) == [adj]
+        assert ledger.in_force(t0 + ttl) == []  # expired at applied_at + ttl_seconds
+        refresh = _reissued("F" * 16, timestamp=adj["timestamp"] + ttl)
+        fresh = refresh["response"]["data"]
+        assert ledger.apply(verified(refresh), now=t0 + ttl) == fresh  # applied again
+        assert ledger.applied() == [adj, *fresh]
+        assert ledger.in_force(t0 + ttl) == fresh
+        assert ledger.apply(verified(_reissued("G" * 16)), now=t0 + ttl + 1) == []
+    rows = sqlite3.connect(tmp_path / "emitter.db").execute(
+        "SELECT applied_at, expires_at FROM applied_adjustments ORDER BY seq").fetchall()
+    assert rows == [(t0, t0 + ttl), (t0 + ttl, t0 + 2 * ttl)]
+
+
+@pytest.mark.parametrize("member", ["action", "control", "target_urn", "tenant_id"])
+def test_adjustment_identity_members_each_make_a_new_adjustment(tmp_path: Path,
+                                                                member: str) -> None:
+    adj = BASE["response"]["data"][0]
+    changed = {**adj, member: adj[member] + "-x"}
+    with Ledger(tmp_path / "emitter.db") as ledger:
+        assert ledger.apply(verified(), now=BASE["now"]) == [adj]
+        smuggled = VerifiedFeedback(kid="vv-fb-2026", nonce="other.nonce-AAAAAAAAAAAAAAAA",
+                                    signed_at=BASE["now"], adjustments=(changed,))
+        assert ledger.apply(smuggled, now=BASE["now"] + 1) == [changed]
+
+
+def test_ledger_schema_creation_is_idempotent(tmp_path: Path) -> None:
+    path = tmp_path / "emitter.db"
+    with Ledger(path) as ledger:
+        ledger.apply(verified(), now=BASE["now"])
+    with Ledger(path) as again, Ledger(path) as third:  # re-created over existing tables
+        assert again.applied() == third.applied() == BASE["response"]["data"]
 
 
 def test_replayed_nonce_applies_nothing_new(tmp_path: Path) -> None:
@@ -119,6 +174,17 @@ def test_nonce_claim_expires_after_ttl(tmp_path: Path) -> None:
         assert ledger.apply(verified(), now=BASE["now"] + 101) == []  # purged; not re-applied
         with pytest.raises(ValueError):
             ledger.apply(verified(), now=BASE["now"], nonce_ttl_s=60)
+
+
+@pytest.mark.parametrize(("fp", "att"), [("f" * 64, "not-a-hash"), ("f" * 63, "a" * 64),
+                                         ("f" * 64, "g" * 64), ("f" * 64 + "\n", "a" * 64)])
+def test_record_sent_refuses_what_is_not_64_hex(tmp_path: Path, fp: str, att: str) -> None:
+    with Ledger(tmp_path / "emitter.db") as ledger:
+        with pytest.raises(ValueError, match="64 hex"):
+            ledger.record_sent(TENANT, fp, att)
+        assert ledger.sent_for(TENANT) == {}
+        ledger.record_sent(TENANT, "f" * 64, "a" * 64)  # a well-formed pair still binds
+        assert ledger.sent_hash(TENANT, "F" * 64) == "a" * 64
 
 
 def test_sent_survives_reopen_and_first_hash_anchors(tmp_path: Path) -> None:
@@ -210,5 +276,6 @@ def test_apply_completed_in_child_is_not_repeated_after_restart(tmp_path: Path) 
             ledger.apply(verified(), now=BASE["now"])
         assert info.value.code == "replayed_nonce"
         assert ledger.applied() == BASE["response"]["data"]
-    rows = sqlite3.connect(db).execute("SELECT count(*) FROM applied").fetchone()[0]
+    rows = sqlite3.connect(db).execute(
+        "SELECT count(*) FROM applied_adjustments").fetchone()[0]
     assert rows == 1

@@ -173,6 +173,19 @@ TABLE: list[tuple[str, Any, str]] = [
     ("confidence_bool", _with_adjustment(confidence=True), "malformed_response"),
     ("confidence_above_one", _with_adjustment(confidence=1.5), "malformed_response"),
     ("ttl_below_60", _with_adjustment(ttl_seconds=59), "malformed_response"),
+    ("ttl_above_86400", _with_adjustment(ttl_seconds=86401), "malformed_response"),
+    # an int beyond any float: compared, never converted (math.isfinite would overflow)
+    ("confidence_10_pow_400", _with_adjustment(confidence=10**400), "malformed_response"),
+    ("confidence_minus_10_pow_400", _with_adjustment(confidence=-10**400),
+     "malformed_response"),
+    # not JSON, so not signable: step 1 judges them before the signature anyway
+    ("confidence_nan", {**BASE["response"], "data": [
+        {**BASE["response"]["data"][0], "confidence": float("nan")}]}, "malformed_response"),
+    ("confidence_inf", {**BASE["response"], "data": [
+        {**BASE["response"]["data"][0], "confidence": float("inf")}]}, "malformed_response"),
+    # SQLite holds signed 64-bit integers: the timestamp must fit
+    ("timestamp_2_pow_63", _with_adjustment(timestamp=2**63), "malformed_response"),
+    ("timestamp_negative", _with_adjustment(timestamp=-1), "malformed_response"),
     ("adjustment_schema_other", _with_adjustment(schema_version="feedback.adjustment.v2"),
      "malformed_response"),
     # a malformed response is malformed before its algorithm is looked at (step 1 < 2)
@@ -218,6 +231,33 @@ TABLE: list[tuple[str, Any, str]] = [
                          ids=[name for name, _, _ in TABLE])
 def test_rejection_table(response: Any, code: str) -> None:
     assert _code(BASE, response) == code
+
+
+@pytest.mark.parametrize(("changes", "ok"), [
+    ({"timestamp": 2**63 - 1}, True), ({"timestamp": 0}, True),
+    ({"confidence": 0}, True), ({"confidence": 1}, True), ({"ttl_seconds": 86400}, True),
+    ({"ttl_seconds": 60}, True), ({"confidence": 1.0000001}, False),
+])
+def test_adjustment_range_bounds(changes: dict[str, Any], ok: bool) -> None:
+    response = _with_adjustment(**changes)
+    if ok:
+        _check(BASE, response)
+    else:
+        assert _code(BASE, response) == "malformed_response"
+
+
+def test_more_adjustments_than_the_query_limit_is_malformed() -> None:
+    """An answer may not carry more adjustments than the query's ``limit`` asked for."""
+    adj = BASE["response"]["data"][0]
+    two = _variant(data=[adj, {**adj, "action": "observe"}])
+    expect = Expectation(BASE["requested_tenant"], NONCE, BASE["sent"], limit=1)
+    with pytest.raises(FeedbackRejected) as info:
+        check_feedback(two, expect, keyring=RING, now=BASE["now"], skew_s=SKEW)
+    assert info.value.code == "malformed_response" and "limit 1" in info.value.detail
+    for limit in (2, None):  # at the limit, or no limit given: accepted
+        expect = Expectation(BASE["requested_tenant"], NONCE, BASE["sent"], limit=limit)
+        verified = check_feedback(two, expect, keyring=RING, now=BASE["now"], skew_s=SKEW)
+        assert len(verified.adjustments) == 2
 
 
 def test_resigned_base_is_accepted() -> None:
