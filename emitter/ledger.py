@@ -21,12 +21,11 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from gateway.store.sqlite import connect_durable
+from gateway.store.sqlite import connect_durable, transaction
 from schemas.canonical import dumps
 
 from .settings import private_file
@@ -81,18 +80,8 @@ class Ledger:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        """``BEGIN IMMEDIATE`` … ``COMMIT``; anything raised (a failed COMMIT included)
-        rolls back, so nothing of the block is left half-written."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-            self._db.execute("COMMIT")
-        except BaseException:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            raise
+    def _transaction(self) -> AbstractContextManager[None]:
+        return transaction(self._db)
 
     # -- step 9 + apply ------------------------------------------------------------------
 

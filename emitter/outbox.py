@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 from emitter.settings import private_file
 from emitter.signing import SignedBody
-from gateway.store.sqlite import connect_durable
+from gateway.store.sqlite import connect_durable, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -94,18 +93,8 @@ class Outbox:
     def close(self) -> None:
         self._db.close()
 
-    @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        """``BEGIN IMMEDIATE`` … ``COMMIT``; anything raised (a failed COMMIT included)
-        rolls back, so nothing of the block is left half-written."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-            self._db.execute("COMMIT")
-        except BaseException:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            raise
+    def _transaction(self) -> AbstractContextManager[None]:
+        return transaction(self._db)
 
     def _insert(self, signed: SignedBody, path: str, possible_duplicate: bool = False) -> int:
         cur = self._db.execute(

@@ -18,14 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
 from audit import verify_file
 
-from .app import make_app
 from .bootstrap import bootstrap
-from .settings import load_keys, load_settings
-from .tls import server_context
+from .server import start_gateway
 
 
 def free_port() -> int:
@@ -98,18 +94,6 @@ def render_summary(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def _serve(config: Path) -> web.AppRunner:
-    settings = load_settings(config)
-    runner = web.AppRunner(make_app(settings, load_keys(settings), echo=False),
-                           access_log=None)
-    await runner.setup()
-    ctx = server_context(settings.server.tls_cert, settings.server.tls_key,
-                         settings.server.client_ca)
-    await web.TCPSite(runner, settings.server.host, settings.server.port,
-                      ssl_context=ctx).start()
-    return runner
-
-
 async def run_demo(out_root: Path) -> Path:
     from emitter.campaign import EXECUTIONS, run_campaign
     from emitter.client import EmitterClient
@@ -119,7 +103,7 @@ async def run_demo(out_root: Path) -> Path:
         layout = bootstrap(Path(tmp), port=free_port())
         print(f"fedgate demo: dev PKI, keys and configs in {tmp} (removed at the end)",
               file=sys.stderr)
-        runner = await _serve(layout.gateway_config)
+        runner = await start_gateway(layout.gateway_config, echo=False)
         steps = sum(len(ex.events) + 1 for ex in EXECUTIONS) + 4
         progress = Progress(steps)
         try:

@@ -12,6 +12,7 @@ import asyncio
 import multiprocessing
 import signal
 import sys
+import time
 from pathlib import Path
 
 from aiohttp import web
@@ -21,16 +22,25 @@ from .settings import GatewaySettings, load_keys, load_settings
 from .tls import server_context
 
 
-async def _run(settings: GatewaySettings, *, reuse_port: bool, ready=None) -> None:
+async def start_gateway(config: Path | GatewaySettings, *, clock=time.time, echo: bool = True,
+                        reuse_port: bool = False) -> web.AppRunner:
+    """Load keys, build the TLS context and the app, run start-up, listen. The caller
+    stops it with ``await runner.cleanup()`` (used by serve, the demo and the tests)."""
+    settings = config if isinstance(config, GatewaySettings) else load_settings(config)
     keys = load_keys(settings)
     ssl_ctx = server_context(settings.server.tls_cert, settings.server.tls_key,
                              settings.server.client_ca)
-    app = make_app(settings, keys)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(make_app(settings, keys, clock=clock, echo=echo), access_log=None,
+                           handle_signals=False)
     await runner.setup()  # runs cleanup_ctx start-up: self-test, store, audit
     site = web.TCPSite(runner, settings.server.host, settings.server.port,
                        ssl_context=ssl_ctx, reuse_port=reuse_port, backlog=1024)
     await site.start()
+    return runner
+
+
+async def _run(settings: GatewaySettings, *, reuse_port: bool, ready=None) -> None:
+    runner = await start_gateway(settings, reuse_port=reuse_port)
     print(f"fedgate: serving https://{settings.server.host}:{settings.server.port} "
           f"(store {settings.store_url.split('://')[0]})", file=sys.stderr, flush=True)
     stop = asyncio.Event()

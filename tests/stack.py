@@ -18,10 +18,9 @@ import aiohttp
 from aiohttp import web
 from lab import CONFIG, IDENTITY, KEYS, TENANT, TENANT_B
 
-from gateway.app import make_app
 from gateway.pki import init_pki
-from gateway.settings import load_keys, load_settings
-from gateway.tls import client_context, server_context
+from gateway.server import start_gateway
+from gateway.tls import client_context
 from keyring.ed25519 import PrivateKey
 from keyring.keys import save_jwks
 
@@ -99,14 +98,7 @@ class Stack:
 
     # -- in-process server ----------------------------------------------------------
     async def start(self, clock=time.time) -> web.AppRunner:
-        settings = load_settings(self.config_path)
-        app = make_app(settings, load_keys(settings), clock=clock)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        ctx = server_context(settings.server.tls_cert, settings.server.tls_key,
-                             settings.server.client_ca)
-        await web.TCPSite(runner, "127.0.0.1", self.port, ssl_context=ctx).start()
-        return runner
+        return await start_gateway(self.config_path, clock=clock)
 
     # -- `fedgate serve` subprocesses --------------------------------------------------
     def spawn(self, *extra: str) -> subprocess.Popen:

@@ -43,13 +43,12 @@ from emitter.settings import load_emitter_settings
 from emitter.sync import SyncEmitterClient
 from emitter.transport import MAX_RESPONSE_BYTES
 from emitter.verify import FeedbackRejected
-from gateway.app import make_app
 from gateway.bootstrap import bootstrap
 from gateway.config import ConfigError
 from gateway.feedback import bound_nonce, sign_feedback
 from gateway.pki import init_pki
 from gateway.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
-from gateway.settings import load_keys, load_settings
+from gateway.server import start_gateway
 from gateway.store import open_store
 from gateway.tls import server_context
 from keyring import Key, Keyring, PrivateKey
@@ -729,14 +728,7 @@ async def test_campaign_second_query_applies_nothing_when_seconds_apart(tmp_path
     3 s after every feedback query: the re-issued adjustments verify and none re-applies."""
     layout = bootstrap(tmp_path / "campaign", port=free_port())
     t = [float(int(time.time()))]
-    settings = load_settings(layout.gateway_config)
-    runner = web.AppRunner(make_app(settings, load_keys(settings), clock=lambda: t[0]),
-                           access_log=None)
-    await runner.setup()
-    ctx = server_context(settings.server.tls_cert, settings.server.tls_key,
-                         settings.server.client_ca)
-    await web.TCPSite(runner, settings.server.host, settings.server.port,
-                      ssl_context=ctx).start()
+    runner = await start_gateway(layout.gateway_config, clock=lambda: t[0])
     start = t[0]
 
     def progress(step: str) -> None:
