@@ -436,3 +436,15 @@ async def test_unusable_audit_log_stops_decisions(stack):
         async with client.get(stack.url + "/readyz") as resp:
             assert resp.status == 503
             assert (await resp.json())["checks"]["audit"] is False
+
+
+async def test_gateway_refuses_to_start_when_the_self_test_fails(tmp_path, sqlite_url,
+                                                               monkeypatch):
+    """FAKE FAULT (a broken libsodium cannot be produced for real): verify accepts a
+    tampered signature, so the power-on self-test must stop start-up."""
+    import keyring.ed25519
+    from keyring.ed25519 import SelfTestError
+    st = Stack(tmp_path, sqlite_url)
+    monkeypatch.setattr(keyring.ed25519, "verify", lambda public, signature, message: True)
+    with pytest.raises(SelfTestError):
+        await st.start(clock=lambda: NOW)
