@@ -6,6 +6,7 @@ loopback sockets, the project's own PKI code, a real SQLite file or redis-server
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -99,6 +100,15 @@ class Stack:
     # -- in-process server ----------------------------------------------------------
     async def start(self, clock=time.time) -> web.AppRunner:
         return await start_gateway(self.config_path, clock=clock)
+
+    @contextlib.asynccontextmanager
+    async def running(self, clock=time.time):
+        """The in-process gateway for the duration of a ``with`` block."""
+        runner = await self.start(clock=clock)
+        try:
+            yield runner
+        finally:
+            await runner.cleanup()
 
     # -- `fedgate serve` subprocesses --------------------------------------------------
     def spawn(self, *extra: str) -> subprocess.Popen:

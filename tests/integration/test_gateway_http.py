@@ -251,25 +251,20 @@ async def test_attestation_mismatch_on_the_wire(stack):
 
 async def test_rate_limited_on_the_wire_with_retry_after(tmp_path, sqlite_url):
     st = Stack(tmp_path, sqlite_url, rate_limit_per_minute=1)
-    runner = await st.start(clock=lambda: NOW)
-    try:
-        async with st.session() as client:
-            assert (await post(client, st, TELEMETRY_PATH, *LAB.signed()))[0] == 202
-            headers, body = LAB.signed()
-            async with client.post(st.url + TELEMETRY_PATH, data=body, headers=headers) as resp:
-                assert resp.status == 429
-                assert (await resp.json())["error"] == "rate_limited"
-                assert 0 < int(resp.headers["Retry-After"]) <= 60
-    finally:
-        await runner.cleanup()
+    async with st.running(clock=lambda: NOW), st.session() as client:
+        assert (await post(client, st, TELEMETRY_PATH, *LAB.signed()))[0] == 202
+        headers, body = LAB.signed()
+        async with client.post(st.url + TELEMETRY_PATH, data=body, headers=headers) as resp:
+            assert resp.status == 429
+            assert (await resp.json())["error"] == "rate_limited"
+            assert 0 < int(resp.headers["Retry-After"]) <= 60
 
 
 async def test_store_full_is_503_store_unavailable_on_the_wire(tmp_path, sqlite_url):
     """A real SQLITE_FULL inside the gateway's own store: 503, nonce not consumed."""
     from gateway.app import STORE
     st = Stack(tmp_path, sqlite_url)
-    runner = await st.start(clock=lambda: NOW)
-    try:
+    async with st.running(clock=lambda: NOW) as runner:
         store = runner.app[STORE]
         async with st.session() as client:
             assert (await post(client, st, TELEMETRY_PATH, *LAB.signed()))[0] == 202
@@ -283,8 +278,6 @@ async def test_store_full_is_503_store_unavailable_on_the_wire(tmp_path, sqlite_
             store._db.execute("PRAGMA max_page_count = 1073741823")
             status, _, payload = await post(client, st, TELEMETRY_PATH, headers, body)
             assert status == 202, payload
-    finally:
-        await runner.cleanup()
 
 
 async def test_internal_error_never_leaks(stack, monkeypatch):
@@ -351,40 +344,34 @@ async def test_slow_body_is_judged_by_the_clock_when_it_has_arrived(tmp_path, sq
     """'now' is read after the body: a body trickled in past the window is stale (401)."""
     clock = [NOW]
     st = Stack(tmp_path, sqlite_url)
-    runner = await st.start(clock=lambda: clock[0])
-    headers, body = LAB.signed()
+    async with st.running(clock=lambda: clock[0]):
+        headers, body = LAB.signed()
 
-    async def trickle():
-        yield body[:10]
-        clock[0] = NOW + 31  # the sender stalls past clock_skew_s
-        yield body[10:]
+        async def trickle():
+            yield body[:10]
+            clock[0] = NOW + 31  # the sender stalls past clock_skew_s
+            yield body[10:]
 
-    try:
         async with st.session() as client, client.post(
                 st.url + TELEMETRY_PATH, data=trickle(), headers=headers) as resp:
             assert resp.status == 401
             assert (await resp.json())["error"] == "timestamp_out_of_window"
-    finally:
-        await runner.cleanup()
 
 
 async def test_body_slower_than_the_skew_is_408(tmp_path, sqlite_url):
     st = Stack(tmp_path, sqlite_url, clock_skew_s=1, nonce_ttl_s=3)
-    runner = await st.start(clock=lambda: NOW)
-    headers, body = LAB.signed()
+    async with st.running(clock=lambda: NOW):
+        headers, body = LAB.signed()
 
-    async def stall():
-        yield body[:10]
-        await asyncio.sleep(1.5)
-        yield body[10:]
+        async def stall():
+            yield body[:10]
+            await asyncio.sleep(1.5)
+            yield body[10:]
 
-    try:
         async with st.session() as client, client.post(
                 st.url + TELEMETRY_PATH, data=stall(), headers=headers) as resp:
             assert resp.status == 408
             assert (await resp.json())["error"] == "request_timeout"
-    finally:
-        await runner.cleanup()
 
 
 async def test_compressed_body_is_refused(stack):
