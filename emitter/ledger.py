@@ -68,8 +68,7 @@ class Ledger:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         private_file(self.path)  # 0600 before SQLite creates it (its -wal/-shm follow)
-        self._db = connect_durable(self.path, busy_timeout_ms=10_000)
-        self._db.executescript(_SCHEMA)
+        self._db = connect_durable(self.path, busy_timeout_ms=10_000, schema=_SCHEMA)
 
     def close(self) -> None:
         self._db.close()

@@ -87,8 +87,7 @@ class Outbox:
         self.path = Path(path)
         self._clock = clock
         private_file(self.path)  # 0600 before SQLite creates it (its -wal/-shm follow)
-        self._db = connect_durable(self.path)
-        self._db.executescript(SCHEMA)  # IF NOT EXISTS: idempotent
+        self._db = connect_durable(self.path, schema=SCHEMA)  # IF NOT EXISTS: idempotent
 
     def close(self) -> None:
         self._db.close()

@@ -13,11 +13,11 @@ import asyncio
 import random
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .base import Commit, CommitResult, Outcome, Record, Store, StoreError
 
@@ -38,14 +38,39 @@ CREATE TABLE IF NOT EXISTS records (
     UNIQUE (kind, record_id));
 CREATE INDEX IF NOT EXISTS records_by_tenant ON records (kind, tenant_id, seq);
 """
+T = TypeVar("T")
 PURGE_EVERY = 512  # commits between sweeps of expired nonces
 
 
+def retry_locked(fn: Callable[[], T], timeout_ms: int) -> T:
+    """``fn()``, retried every ~1 ms (jittered) while SQLite answers "database is locked",
+    until ``timeout_ms``. SQLite's own busy handler backs off to 100 ms sleeps (a 1.8 s
+    p99 with two workers, docs/BENCHMARKS.md) and is not consulted for some locks taken
+    while several processes open one new file (WAL set-up, schema creation)."""
+    deadline = time.monotonic() + timeout_ms / 1000
+    while True:
+        try:
+            return fn()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.0005 + random.random() * 0.001)
+
+
+def begin_immediate(db: sqlite3.Connection, timeout_ms: int) -> None:
+    """Take the write lock (BEGIN IMMEDIATE) with :func:`retry_locked`'s short retries."""
+    db.execute("PRAGMA busy_timeout = 0")
+    try:
+        retry_locked(lambda: db.execute("BEGIN IMMEDIATE"), timeout_ms)
+    finally:
+        db.execute(f"PRAGMA busy_timeout = {int(timeout_ms)}")
+
+
 @contextmanager
-def transaction(db: sqlite3.Connection) -> Iterator[None]:
+def transaction(db: sqlite3.Connection, timeout_ms: int = 5000) -> Iterator[None]:
     """``BEGIN IMMEDIATE`` … ``COMMIT`` on an autocommit connection; anything raised (a
     failed COMMIT included) rolls back, so nothing of the block is left half-written."""
-    db.execute("BEGIN IMMEDIATE")
+    begin_immediate(db, timeout_ms)
     try:
         yield
         db.execute("COMMIT")
@@ -55,8 +80,10 @@ def transaction(db: sqlite3.Connection) -> Iterator[None]:
         raise
 
 
-def connect_durable(path: Path, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
-    """A connection in WAL mode with synchronous=FULL: a COMMIT returns once fsynced.
+def connect_durable(path: Path, busy_timeout_ms: int = 5000,
+                    schema: str = "") -> sqlite3.Connection:
+    """A connection in WAL mode with synchronous=FULL (a COMMIT returns once fsynced),
+    with ``schema`` (idempotent DDL) applied.
 
     Autocommit mode (``isolation_level=None``): callers issue their own BEGIN.
     """
@@ -64,11 +91,14 @@ def connect_durable(path: Path, busy_timeout_ms: int = 5000) -> sqlite3.Connecti
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
                          timeout=busy_timeout_ms / 1000)
     db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-    mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    mode = retry_locked(lambda: db.execute("PRAGMA journal_mode = WAL").fetchone()[0],
+                        busy_timeout_ms)
     if mode.lower() != "wal":
         db.close()
         raise sqlite3.OperationalError(f"cannot enable WAL on {path} (got {mode})")
     db.execute("PRAGMA synchronous = FULL")  # fsync the WAL at every commit
+    if schema:
+        retry_locked(lambda: db.executescript(schema), busy_timeout_ms)
     return db
 
 
@@ -87,8 +117,7 @@ class SqliteStore(Store):
         await self._run(self._open_sync, stage="claim")
 
     def _open_sync(self) -> None:
-        db = connect_durable(self.path, self.busy_timeout_ms)
-        db.executescript(SCHEMA)
+        db = connect_durable(self.path, self.busy_timeout_ms, SCHEMA)
         self._db = db
 
     async def close(self) -> None:
@@ -113,7 +142,7 @@ class SqliteStore(Store):
 
     def _commit_sync(self, c: Commit) -> CommitResult:
         db = self._conn()
-        self._begin_immediate(db)  # takes the write lock: claims are serialised
+        begin_immediate(db, self.busy_timeout_ms)  # the write lock: claims are serialised
         try:
             decided = self._decide(db, c)
             if decided is not None:  # a rejection writes nothing
@@ -130,27 +159,6 @@ class SqliteStore(Store):
             raise
         self._commits += 1
         return CommitResult(Outcome.ACCEPTED)
-
-    def _begin_immediate(self, db: sqlite3.Connection) -> None:
-        """BEGIN IMMEDIATE, retried every ~1 ms until busy_timeout_ms.
-
-        SQLite's own busy handler backs off to 100 ms sleeps, which under several
-        workers gave a p99 of 1.5-1.8 s (docs/BENCHMARKS.md); short jittered retries
-        keep the wait close to the lock holder's commit time.
-        """
-        deadline = time.monotonic() + self.busy_timeout_ms / 1000
-        db.execute("PRAGMA busy_timeout = 0")
-        try:
-            while True:
-                try:
-                    db.execute("BEGIN IMMEDIATE")
-                    return
-                except sqlite3.OperationalError as exc:
-                    if "locked" not in str(exc) or time.monotonic() >= deadline:
-                        raise
-                    time.sleep(0.0005 + random.random() * 0.001)
-        finally:
-            db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
 
     def _decide(self, db: sqlite3.Connection, c: Commit) -> CommitResult | None:
         # 12. attestation anchor: a different hash for the pair is a mismatch
