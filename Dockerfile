@@ -7,7 +7,6 @@ COPY emitter emitter
 COPY keyring keyring
 COPY schemas schemas
 COPY audit audit
-COPY policy policy
 COPY tests/e2e tests/e2e
 RUN pip install --no-cache-dir . && mkdir -p /app/local_docs/audit
 EXPOSE 8443

@@ -2,7 +2,9 @@
 
 Used by ``fedgate demo`` (SQLite, loopback), by the docker-compose ``init`` service
 (Redis, service names) and by the e2e smoke. DEV material only: fresh keys every time,
-private keys written 0600, nothing reused across runs.
+private keys written 0600, nothing reused across runs. The policy rules are the one
+exception: the package's default rules are copied to ``DIR/policy/rules.toml`` (for the
+operator to edit) unless that file already exists, and ``gateway.toml`` names the copy.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from keyring.ed25519 import PrivateKey
 from keyring.keys import Key, Keyring, save_jwks
 
 from .pki import init_pki
+from .policy import DEFAULT_RULES_FILE
 
 IDENTITY = "spectrastrike-producer"
 PRODUCER_KID = "ss-prod-2026"
@@ -23,7 +26,7 @@ FEEDBACK_KID = "vv-fb-2026"
 TENANTS = {"op-001": "10000000-0000-0000-0000-000000000001",
            "op-002": "10000000-0000-0000-0000-000000000001",
            "op-003": "20000000-0000-0000-0000-000000000002"}
-REPO_RULES = Path(__file__).resolve().parent.parent / "policy" / "rules.toml"
+RULES = "policy/rules.toml"  # relative to gateway.toml
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,10 @@ def bootstrap(root: Path, *, store_url: str | None = None, host: str = "127.0.0.
     save_jwks(root / "keys" / "feedback.jwks.json", Keyring([Key(FEEDBACK_KID, feedback.public)]))
     store_url = store_url or f"sqlite:///{root / 'state' / 'fedgate.db'}"
     audit = root / "audit" / "gateway-audit.jsonl"
-    rules = f"rules = {_toml(str(REPO_RULES))}\n" if REPO_RULES.is_file() else ""
+    rules = root / RULES
+    if not rules.exists():  # keep an operator's edited copy
+        rules.parent.mkdir(parents=True, exist_ok=True)
+        rules.write_bytes(DEFAULT_RULES_FILE.read_bytes())
     gateway = root / "gateway.toml"
     gateway.write_text(
         "clock_skew_s = 30\nnonce_ttl_s = 120\nrequire_canonical_body = true\n"
@@ -72,8 +78,8 @@ def bootstrap(root: Path, *, store_url: str | None = None, host: str = "127.0.0.
         'tls_cert = "certs/gateway.crt"\ntls_key = "certs/gateway.key"\n'
         'client_ca = "certs/ca.crt"\n\n'
         f"[store]\nurl = {_toml(store_url)}\n\n[audit]\npath = {_toml(str(audit))}\n\n"
-        + (f"[policy]\n{rules}\n" if rules else "")
-        + f"[identities.{IDENTITY}]\npins = [{_toml(pki.identities[IDENTITY].sha256)}]\n"
+        f"[policy]\nrules = {_toml(RULES)}\n\n"
+        f"[identities.{IDENTITY}]\npins = [{_toml(pki.identities[IDENTITY].sha256)}]\n"
         f"tenants = {_toml(tenants)}\n\n[operator_tenants]\n"
         + "".join(f"{op} = {_toml(t)}\n" for op, t in TENANTS.items()),
         encoding="utf-8")

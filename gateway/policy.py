@@ -27,6 +27,8 @@ SEVERITIES = ("info", "low", "medium", "high", "critical")  # weakest first
 ACTIONS = ("observe", "tighten", "isolate")  # weakest first
 ADJUSTMENT_SCHEMA_VERSION = "feedback.adjustment.v1"
 UNKNOWN_TARGET = "urn:target:unknown"
+# The default rules ship inside the package (package data); `fedgate bootstrap` copies them.
+DEFAULT_RULES_FILE = Path(__file__).resolve().parent / "policy_rules" / "default.toml"
 SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}
 ACTION_RANK = {a: i for i, a in enumerate(ACTIONS)}
 

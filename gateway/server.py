@@ -55,18 +55,28 @@ async def _run(settings: GatewaySettings, *, reuse_port: bool, ready=None) -> No
         await runner.cleanup()
 
 
-def serve(config: Path, *, reuse_port: bool = False, ready=None) -> None:
+def warn_if_no_policy(settings: GatewaySettings) -> None:
+    """One start-up line when no rules are configured: every feedback answer is empty."""
+    if settings.policy_rules is None:
+        print(f"fedgate: warning: {settings.path}: no [policy] rules configured: every "
+              "feedback answer will carry no adjustments", file=sys.stderr, flush=True)
+
+
+def serve(config: Path, *, reuse_port: bool = False, ready=None, warn: bool = True) -> None:
     settings = load_settings(config)
+    if warn:
+        warn_if_no_policy(settings)
     asyncio.run(_run(settings, reuse_port=reuse_port, ready=ready))
 
 
 def _worker(config: str, ready) -> None:
-    serve(Path(config), reuse_port=True, ready=ready)
+    serve(Path(config), reuse_port=True, ready=ready, warn=False)  # the parent warned
 
 
 def serve_workers(config: Path, workers: int) -> int:
     """N worker processes on one port; returns the exit code."""
-    load_settings(config)  # fail fast, once, with the config error on this terminal
+    # fail fast, once, with the config error (or the warning) on this terminal
+    warn_if_no_policy(load_settings(config))
     ctx = multiprocessing.get_context("spawn")
     events = [ctx.Event() for _ in range(workers)]
     procs = [ctx.Process(target=_worker, args=(str(config), ev), name=f"fedgate-worker-{i}")

@@ -47,6 +47,7 @@ from gateway.bootstrap import bootstrap
 from gateway.config import ConfigError
 from gateway.feedback import bound_nonce, sign_feedback
 from gateway.pki import init_pki
+from gateway.policy import DEFAULT_RULES_FILE
 from gateway.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
 from gateway.server import start_gateway
 from gateway.store import open_store
@@ -680,7 +681,7 @@ async def test_cli_help(capsys, command):
 def with_policy(stack: Stack) -> Stack:
     """The stack's gateway with the repository's policy rules (the lab body — high
     severity, T1059.001 — matches ``tighten-high-severity-scripting``, ttl 1800 s)."""
-    rules = ROOT / "policy" / "rules.toml"
+    rules = DEFAULT_RULES_FILE
     with stack.config_path.open("a", encoding="utf-8") as cfg:
         cfg.write(f"\n[policy]\nrules = {toml_value(str(rules))}\n")
     return stack

@@ -24,7 +24,7 @@ from lab import NOW, TELEMETRY_BODY, TENANT, TENANT_B, Lab, body_for
 
 from gateway import errors as E
 from gateway.feedback import FeedbackIssuer, RulePolicy
-from gateway.policy import load_rules
+from gateway.policy import DEFAULT_RULES_FILE, load_rules
 from gateway.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
 from keyring import Key, Keyring, KeyStatus
 from keyring.ed25519 import PrivateKey, verify
@@ -34,7 +34,7 @@ from schemas.signing import feedback_signing_input
 from schemas.validate import Validators
 
 ROOT = Path(__file__).resolve().parents[2]
-RULES = load_rules(ROOT / "policy" / "rules.toml")
+RULES = load_rules(DEFAULT_RULES_FILE)
 VECTORS = load_vectors("feedback_v1.json")
 SEEDS = VECTORS["feedback_private_key_seed_hex"]
 RING = parse_jwks(VECTORS["keyring"])

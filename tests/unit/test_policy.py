@@ -18,6 +18,7 @@ import pytest
 from gateway.config import ConfigError
 from gateway.policy import (
     CONDITIONS,
+    DEFAULT_RULES_FILE,
     ExecutionFacts,
     evaluate,
     facts_from_records,
@@ -37,7 +38,7 @@ FP2 = "1" * 64
 ATT = "744ebf90954f39958e7612c4d74de98f4d0b9fb1dbac3711c5bab5ab1c019c4a"
 ATT_OTHER = "b0b92d22b1cb93072aa3e76085ebef6cac4013f03524f4b949502ed1018090c8"
 BASE = ExecutionFacts(TENANT, FP, ATT)
-DEFAULT_RULES = load_rules(ROOT / "policy" / "rules.toml")
+DEFAULT_RULES = load_rules(DEFAULT_RULES_FILE)
 
 
 def facts(**changes: Any) -> ExecutionFacts:
@@ -409,4 +410,4 @@ def test_default_rules_file_loads_and_ends_with_catch_all() -> None:
     assert len(DEFAULT_RULES) >= 3
     assert DEFAULT_RULES[-1].when == ()
     assert DEFAULT_RULES[0].then.action == "isolate"
-    assert (ROOT / "policy" / "rules.toml").read_text().count("[[rule]]") == len(DEFAULT_RULES)
+    assert (DEFAULT_RULES_FILE).read_text().count("[[rule]]") == len(DEFAULT_RULES)
