@@ -196,18 +196,18 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 
 def cmd_probe(args: argparse.Namespace) -> int:
     import asyncio
-    import tomllib
 
     import aiohttp
 
     from .tls import client_context
+    from .tomlfile import read_toml
 
+    raw = read_toml(Path(os.path.abspath(args.config)))  # ${NAME} references as in serve
     try:
-        raw = tomllib.loads(args.config.read_text(encoding="utf-8"))
         base = args.config.parent
         ctx = client_context(base / raw["ca"], base / raw["cert"], base / raw["key"])
         url = raw["url"].rstrip("/") + "/readyz"
-    except (KeyError, tomllib.TOMLDecodeError) as exc:
+    except KeyError as exc:
         raise ValueError(f"{args.config}: not an emitter config ({exc})") from None
 
     async def get() -> int:
