@@ -1,12 +1,15 @@
 """``fedgate``: the operator interface of PROTOCOL.md §8.
 
 Every subcommand has ``--help``; success exits 0; a failure exits non-zero with one
-line on stderr saying why (no traceback for an expected failure).
+line on stderr saying why (no traceback for an expected failure). ``fedgate --version``;
+a missing command or action (``fedgate``, ``fedgate certs``) is one line plus the usage,
+exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import sys
@@ -41,10 +44,53 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def package_version(dist: str = "fedgate") -> str:
+    """The installed distribution's version; from a source checkout that is not installed,
+    the checkout's pyproject.toml; else "unknown"."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    import tomllib
+
+    try:
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
+        if project["name"] == "fedgate":
+            return str(project["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return "unknown"
+
+
+class _Version(argparse.Action):
+    """``--version``, looked up only when asked for (start-up stays cheap)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **_: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(f"fedgate {package_version()}")
+        parser.exit()
+
+
+def _require(parser: argparse.ArgumentParser, sub: argparse._SubParsersAction,
+             what: str) -> None:
+    """Without one of ``sub``'s choices: one line naming what is missing, the usage, exit 2
+    (a chosen subcommand's own ``run`` default overrides this one)."""
+    def missing(args: argparse.Namespace) -> int:
+        parser.error(f"missing {what} (one of: {', '.join(sub.choices)})")
+        return 2  # pragma: no cover - parser.error exits
+
+    parser.set_defaults(run=missing)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedgate", description="SpectraStrike ⇄ VectorVue federation gateway.")
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _require(parser, sub, "command")
 
     serve = sub.add_parser("serve", help="run the gateway (mTLS, TLS 1.3)",
                            description="Run the gateway from a TOML config (PROTOCOL.md §8).")
@@ -53,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="worker processes sharing the port with SO_REUSEPORT (default 1)")
     serve.set_defaults(run=cmd_serve)
 
-    certs = sub.add_parser("certs", help="dev PKI").add_subparsers(metavar="ACTION")
+    certs_parser = sub.add_parser("certs", help="dev PKI")
+    certs = certs_parser.add_subparsers(metavar="ACTION")
+    _require(certs_parser, certs, "action")
     init = certs.add_parser("init", help="create a dev CA, gateway cert and client certs",
                             description="Create a DEV PKI: CA, gateway certificate (SANs "
                             "localhost, 127.0.0.1), one client certificate per identity, and "
@@ -67,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--force", action="store_true", help="overwrite existing files")
     init.set_defaults(run=cmd_certs_init)
 
-    keys = sub.add_parser("keys", help="Ed25519 keys").add_subparsers(metavar="ACTION")
+    keys_parser = sub.add_parser("keys", help="Ed25519 keys")
+    keys = keys_parser.add_subparsers(metavar="ACTION")
+    _require(keys_parser, keys, "action")
     new = keys.add_parser("new", help="create an Ed25519 key: PKCS#8 PEM + public JWK",
                           description="Write KID.pem (private, mode 0600) and KID.jwk.json "
                           "(public JWK with fedgate's members) into --out.")
@@ -77,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("--tenant", action="append", default=[], help="tenant id (repeatable)")
     new.set_defaults(run=cmd_keys_new)
 
-    aud = sub.add_parser("audit", help="audit log tools").add_subparsers(metavar="ACTION")
+    aud_parser = sub.add_parser("audit", help="audit log tools")
+    aud = aud_parser.add_subparsers(metavar="ACTION")
+    _require(aud_parser, aud, "action")
     verify = aud.add_parser("verify", help="check an audit log's hash chain",
                             description="Exit 0 when the chain is intact; non-zero naming "
                             "the first bad line otherwise.")

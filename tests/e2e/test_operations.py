@@ -1,5 +1,6 @@
 """Operator-facing behaviour of the real `fedgate` command (subprocesses, real files):
-bootstrap's policy rules, the start-up warning without rules."""
+bootstrap's policy rules, the start-up warning without rules, --version, and a missing
+command or action."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
+import pytest
 from stack import free_port
 
 from gateway.policy import DEFAULT_RULES_FILE
@@ -67,3 +70,36 @@ def test_serve_without_rules_warns_once_at_start_up(tmp_path):
     warnings = [line for line in log_path.read_text().splitlines() if "warning" in line]
     assert warnings == [f"fedgate: warning: {cfg}: no [policy] rules configured: every "
                         "feedback answer will carry no adjustments"]
+
+
+# -- fedgate --version; a missing command or action ---------------------------------------
+
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def test_version_is_the_package_version():
+    result = fedgate("--version")
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0, f"fedgate {PROJECT['version']}\n", "")
+
+
+def test_version_falls_back_to_the_checkout_when_the_distribution_is_not_installed():
+    from gateway.cli import package_version
+
+    assert package_version("fedgate-not-installed") == PROJECT["version"]
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    ((), "fedgate: error: missing command (one of: serve, certs, keys, audit, bootstrap, "
+         "probe, demo, emit, feedback)"),
+    (("certs",), "fedgate certs: error: missing action (one of: init)"),
+    (("keys",), "fedgate keys: error: missing action (one of: new)"),
+    (("audit",), "fedgate audit: error: missing action (one of: verify)"),
+])
+def test_a_missing_command_or_action_is_one_line_plus_usage_exit_2(tmp_path, args, line):
+    result = fedgate(*args, cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    usage, error = result.stderr.splitlines()[0], result.stderr.splitlines()[-1]
+    assert usage.startswith(f"usage: {' '.join(('fedgate', *args))} ")
+    assert error == line
+    assert "Traceback" not in result.stderr

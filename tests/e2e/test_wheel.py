@@ -62,6 +62,9 @@ def test_wheel_bootstrap_serve_and_feedback_outside_the_checkout(tmp_path):
     where = run([str(bin_ / "python"), "-c", "import gateway; print(gateway.__file__)"],
                 cwd=work, env=env).stdout.strip()
     assert where.startswith(str(tmp_path / "venv")), where  # the wheel, not the checkout
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert run([str(bin_ / "fedgate"), "--version"], cwd=work, env=env).stdout == (
+        f"fedgate {version}\n")  # from the installed distribution's metadata
 
     run([str(bin_ / "fedgate"), "bootstrap", "fed", "--port", str(free_port())],
         cwd=work, env=env)
