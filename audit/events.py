@@ -125,10 +125,15 @@ def feedback_event(
     kid: str | None = None,
     nonce: str | None = None,
     adjustments: int | None = None,
+    skipped: list[str] | None = None,
     detail: str | None = None,
     now: float,
 ) -> dict[str, Any]:
     """The emitter's §6 verdict on one feedback response.
+
+    ``skipped`` [v1.1]: execution fingerprints whose adjustments a verified answer
+    carried but the emitter never sent (§6 step 8): ``feedback.skipped`` (count),
+    ``feedback.skipped_executions`` and ``feedback.skip_reason`` = ``unknown_execution``.
 
     ``feedback.applied`` on success, ``feedback.rejected`` with ``reason`` = the §6 code
     otherwise; the category follows from the code (:data:`FEEDBACK_CATEGORIES`). The
@@ -159,5 +164,8 @@ def feedback_event(
         "execution_fingerprint": None,
         "feedback.nonce": nonce,
         "feedback.adjustments": adjustments,
+        "feedback.skipped": len(skipped) if skipped else None,
+        "feedback.skipped_executions": list(skipped) if skipped else None,
+        "feedback.skip_reason": "unknown_execution" if skipped else None,
         "message": _message(detail),
     })

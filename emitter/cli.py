@@ -22,7 +22,7 @@ from schemas.canonical import dumps
 
 from .client import DeliveryResult, EmitterClient, QueryError
 from .settings import load_emitter_settings
-from .verify import FeedbackRejected
+from .verify import SKIP_UNKNOWN_EXECUTION, FeedbackRejected
 
 PROGRESS_EVERY = 100
 
@@ -239,6 +239,10 @@ async def _feedback(settings, args: argparse.Namespace, out: TextIO, err: TextIO
         for adjustment in applied:
             print(json.dumps(adjustment, sort_keys=True), file=out)
         verified = client.last_feedback
-        print(f"fedgate: feedback verified (kid {verified.kid}, {len(verified.adjustments)} "
-              f"adjustment(s), {len(applied)} new)", file=err)
+        for fp in verified.skipped_executions:  # §6 step 8 [v1.1]: reported, not applied
+            print(_line(f"fedgate: feedback: skipped adjustment for execution {fp}: "
+                        f"{SKIP_UNKNOWN_EXECUTION} (this emitter never sent it)"), file=err)
+        total = len(verified.adjustments) + len(verified.skipped)
+        print(f"fedgate: feedback verified (kid {verified.kid}, {total} adjustment(s), "
+              f"{len(applied)} new, {len(verified.skipped)} skipped)", file=err)
     return 0

@@ -10,6 +10,7 @@ hostile answer could provoke) is ``malformed_response``. Every verdict is audite
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Any
 
@@ -23,7 +24,17 @@ from .transport import (
     backoff_delay,
     classify,
 )
-from .verify import Expectation, FeedbackRejected, VerifiedFeedback, check_feedback
+from .verify import (
+    SKIP_UNKNOWN_EXECUTION,
+    Expectation,
+    FeedbackRejected,
+    VerifiedFeedback,
+    check_feedback,
+)
+
+log = logging.getLogger("fedgate.emitter")
+#: at most this many skipped fingerprints are named in one audit event or log line
+MAX_NAMED_SKIPS = 100
 
 
 class QueryError(Exception):
@@ -40,8 +51,10 @@ class FeedbackQueries:
     async def query_feedback(self, tenant_id: str, operator_id: str,
                              limit: int = 100) -> list[dict[str, Any]]:
         """Ask for adjustments, verify (§6 1-8), claim the nonce and apply (step 9).
-        Returns the newly applied adjustments; raises ``FeedbackRejected`` (audited,
-        nothing applied) or ``QueryError`` (the gateway refused or was unreachable)."""
+        Returns the newly applied adjustments (``last_feedback.skipped``: the ones for
+        executions this emitter never sent, audited and logged); raises
+        ``FeedbackRejected`` (audited, nothing applied) or ``QueryError`` (the gateway
+        refused or was unreachable)."""
         body = {"operator_id": operator_id, "tenant_id": tenant_id, "limit": limit}
         signed, request_id, payload, problem = await self._query(body)
         now = self._now()
@@ -57,7 +70,13 @@ class FeedbackQueries:
                                  detail=exc.detail)
             raise
         self.last_feedback = verified
-        self._audit_feedback(request_id, tenant_id, payload, applied=len(applied))
+        skipped = [text(fp) or "" for fp in verified.skipped_executions[:MAX_NAMED_SKIPS]]
+        if verified.skipped:  # §6 step 8 [v1.1]: not applied, but never silent
+            log.warning("feedback %s: skipped %d adjustment(s) for execution(s) this emitter "
+                        "never sent (%s): %s", request_id, len(verified.skipped),
+                        SKIP_UNKNOWN_EXECUTION, ", ".join(skipped))
+        self._audit_feedback(request_id, tenant_id, payload, applied=len(applied),
+                             skipped=skipped)
         return applied
 
     def _verify(self, payload: Any, expect: Expectation, now: int) -> VerifiedFeedback:
@@ -104,13 +123,13 @@ class FeedbackQueries:
 
     def _audit_feedback(self, request_id: str, tenant_id: str, payload: Any, *,
                         reason: str | None = None, detail: str | None = None,
-                        applied: int | None = None) -> None:
+                        applied: int | None = None, skipped: list[str] | None = None) -> None:
         body = payload if isinstance(payload, dict) else {}
         kid, nonce = text(body.get("kid")), text(body.get("nonce"))
         self.audit.append(feedback_event(
             outcome="failure" if reason else "success", request_id=request_id,
             reason=reason, status=200, tenant_id=tenant_id, kid=kid, nonce=nonce,
-            adjustments=applied, detail=detail, now=self._clock()))
+            adjustments=applied, skipped=skipped, detail=detail, now=self._clock()))
 
 
 def text(value: Any) -> str | None:

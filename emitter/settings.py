@@ -9,7 +9,6 @@ plain-HTTP gateway is refused here, before anything could be sent.
 from __future__ import annotations
 
 import os
-import re
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,11 +17,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gateway.config import IDENTITY_RE, ConfigError
-from gateway.tls import normalize_pin
+from gateway.tls import is_pin, normalize_pin
 from gateway.tomlfile import load_file, path_value, readable_file
 from keyring.keys import KID_RE
 
-_PIN_RE = re.compile(r"[0-9a-f]{64}")
 _KEYS = frozenset({
     "url", "ca", "cert", "key", "server_pins", "identity", "signing_key", "kid",
     "feedback_keyring", "state_dir", "clock_skew_s", "legacy_unbound_nonce",
@@ -37,7 +35,7 @@ class EmitterSettings:
     ca: Path
     cert: Path
     key: Path
-    server_pins: tuple[str, ...]  # lowercase sha256 hex of the gateway certificate's DER
+    server_pins: tuple[str, ...]  # gateway cert sha256 (lowercase hex) or spki:<base64>
     identity: str
     signing_key: Path
     kid: str | None
@@ -141,11 +139,12 @@ def private_file(path: Path) -> None:
 
 def _pins(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
-        raise ConfigError("server_pins must be a list of sha256 hex strings")
+        raise ConfigError("server_pins must be a list of pin strings")
     pins = tuple(normalize_pin(p) for p in value)
     for pin in pins:
-        if not _PIN_RE.fullmatch(pin):
-            raise ConfigError(f"server_pins: {pin!r} is not a sha256 hex fingerprint")
+        if not is_pin(pin):
+            raise ConfigError(f"server_pins: {pin!r} is neither a sha256 hex fingerprint nor "
+                              "spki:<base64 sha256 of the key>")
     return pins
 
 

@@ -2,6 +2,8 @@
 
 Each step is one function below, in §6 order; the first failing step raises
 :class:`FeedbackRejected` whose ``code`` names it (fail closed: nothing is applied).
+[v1.1] An adjustment naming an execution this emitter never sent is not a rejection: it
+lands in :attr:`VerifiedFeedback.skipped` (reason :data:`SKIP_UNKNOWN_EXECUTION`).
 Step 9 (claim the response nonce, then apply) is the only write and lives in
 :mod:`emitter.ledger`; call it only after :func:`check_feedback` returned, so a forged
 or stale response can never burn a nonce. Decisions where §6 is terse: docs/EMITTER_VERIFY.md.
@@ -22,8 +24,8 @@ from keyring.keys import Key, Keyring, KeyringError, load_jwks
 from schemas.signing import FEEDBACK_SCHEMA_VERSION, SIGNATURE_ALGORITHM, feedback_signing_input
 
 __all__ = [
-    "CODES", "Expectation", "FeedbackRejected", "VerifiedFeedback", "check_feedback",
-    "load_feedback_keyring",
+    "CODES", "SKIP_UNKNOWN_EXECUTION", "Expectation", "FeedbackRejected", "VerifiedFeedback",
+    "check_feedback", "load_feedback_keyring",
 ]
 
 #: §6 rejection codes, in check order (``replayed_nonce`` is raised by the ledger).
@@ -32,6 +34,9 @@ CODES = (
     "timestamp_out_of_window", "nonce_not_bound", "tenant_mismatch",
     "attestation_mismatch", "replayed_nonce",
 )
+#: §6 step 8 [v1.1]: an adjustment for an execution this emitter never sent is skipped
+#: (not applied) under this reason, and the rest of a verified answer applies.
+SKIP_UNKNOWN_EXECUTION = "unknown_execution"
 ADJUSTMENT_SCHEMA_VERSION = "feedback.adjustment.v1"
 _TEXT = ("tenant_id", "execution_fingerprint", "target_urn", "action", "control",
          "attestation_measurement_hash")  # non-empty strings (§5)
@@ -69,10 +74,20 @@ class Expectation:
 
 @dataclass(frozen=True)
 class VerifiedFeedback:
+    """A verified answer: ``adjustments`` are the ones to apply; ``skipped`` the ones
+    naming an execution this emitter never sent (§6 step 8, reason ``unknown_execution``),
+    in answer order. Together they are the answer's ``data``."""
+
     kid: str
     nonce: str
     signed_at: int
     adjustments: tuple[dict[str, Any], ...]
+    skipped: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def skipped_executions(self) -> list[str]:
+        """The execution fingerprints of :attr:`skipped`, in answer order."""
+        return [adj["execution_fingerprint"] for adj in self.skipped]
 
 
 def load_feedback_keyring(path: str | Path) -> Keyring:
@@ -100,10 +115,11 @@ def check_feedback(
     if not legacy_unbound_nonce:
         _6_nonce_bound(response["nonce"], expect.request_nonce)
     _7_tenant(data, expect.tenant_id)
-    _8_attestation(data, expect.sent)
+    known, unknown = _8_attestation(data, expect.sent)
     return VerifiedFeedback(kid=response["kid"], nonce=response["nonce"],
                             signed_at=response["signed_at"],
-                            adjustments=tuple(dict(adj) for adj in data))
+                            adjustments=tuple(dict(adj) for adj in known),
+                            skipped=tuple(dict(adj) for adj in unknown))
 
 
 # -- 1. malformed_response ---------------------------------------------------------------
@@ -236,13 +252,21 @@ def _7_tenant(data: list[dict[str, Any]], tenant_id: str) -> None:
 
 # -- 8. attestation_mismatch -------------------------------------------------------------
 
-def _8_attestation(data: list[dict[str, Any]], sent: Mapping[str, str]) -> None:
+def _8_attestation(data: list[dict[str, Any]], sent: Mapping[str, str]
+                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """→ (adjustments for executions this emitter sent, adjustments to skip). [v1.1] An
+    execution it never sent (another agent of the same identity, a wiped state dir) is
+    skipped, not a rejection; one it sent with another hash rejects the whole answer."""
     sent_lower = {fp.lower(): att.lower() for fp, att in sent.items()}  # hex: any case
+    known: list[dict[str, Any]] = []
+    unknown: list[dict[str, Any]] = []
     for index, adjustment in enumerate(data):
         expected = sent_lower.get(adjustment["execution_fingerprint"].lower())
         if expected is None:
-            raise FeedbackRejected("attestation_mismatch",
-                                   f"data[{index}] names an execution this emitter never sent")
+            unknown.append(adjustment)
+            continue
+        known.append(adjustment)
         if adjustment["attestation_measurement_hash"].lower() != expected:
             raise FeedbackRejected("attestation_mismatch",
                                    f"data[{index}] attestation hash differs from the one sent")
+    return known, unknown

@@ -33,7 +33,7 @@ from .records import accepted_body
 from .routes import SIGNED_ROUTES, Route
 from .settings import GatewaySettings
 from .store import Store, open_store
-from .tls import peer_cert_sha256
+from .tls import peer_cert_pins
 
 log = logging.getLogger("fedgate.gateway")
 
@@ -184,8 +184,8 @@ async def handle_signed(request: web.Request) -> web.Response:
         log.error("refusing request %s: the audit log is unusable", ctx.request_id)
         err = E.AuditUnavailable("the audit log is unavailable")
         return json_response(err.body(ctx.request_id), err.status)
-    peer = peer_cert_sha256(request.transport.get_extra_info("ssl_object")
-                            if request.transport else None)
+    peer, peer_spki = peer_cert_pins(request.transport.get_extra_info("ssl_object")
+                                     if request.transport else None)
     started, now, exc = time.perf_counter(), None, None
     try:
         body = await read_body(request, app[SETTINGS].security.max_body_bytes,
@@ -193,7 +193,7 @@ async def handle_signed(request: web.Request) -> web.Response:
         # "now" is captured once, when the whole body is in (a slow body cannot stretch
         # the timestamp window or outlive a claim), and passed down
         now = int(app[CLOCK]())
-        req = SignedRequest(route, request.headers, body, peer, ctx.request_id)
+        req = SignedRequest(route, request.headers, body, peer, ctx.request_id, peer_spki)
         await app[PIPELINE].process(req, now, ctx)
         status, payload, action = answer(route, ctx)
     except E.GatewayError as error:

@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     init = certs.add_parser("init", help="create a dev CA, gateway cert and client certs",
                             description="Create a DEV PKI: CA, gateway certificate (SANs "
                             "localhost, 127.0.0.1), one client certificate per identity, and "
-                            "their sha256 pins (printed and written to pins.json).")
+                            "their pins (certificate sha256 and spki:<base64>), printed and "
+                            "written to pins.json.")
     init.add_argument("dir", type=Path, help="output directory")
     init.add_argument("--identity", action="append", default=None, metavar="NAME",
                       help="client identity (repeatable; default spectrastrike-producer)")

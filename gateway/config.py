@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from .tls import is_pin
+
 IDENTITY_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 TENANT_RE = re.compile(r"[a-fA-F0-9-]{36}")
-PIN_RE = re.compile(r"[0-9a-f]{64}")
 DEFAULT_MAX_BODY = 1024 * 1024
 
 
@@ -27,7 +28,9 @@ class ConfigError(ValueError):
 @dataclass(frozen=True, slots=True)
 class Identity:
     name: str
-    pins: frozenset[str]  # sha256 (DER) of accepted client certificates, lowercase hex
+    # accepted client certificates: sha256 of the DER (lowercase hex), or [v1.1]
+    # "spki:<standard base64 of sha256(SubjectPublicKeyInfo DER)>" (survives renewal)
+    pins: frozenset[str]
     tenants: frozenset[str]
 
 
@@ -111,9 +114,10 @@ def _identities(raw: Any, where: str) -> Mapping[str, Identity]:
             raise ConfigError(f"{key} must be a table with only pins and tenants")
         pins = entry.get("pins")
         if not isinstance(pins, list) or not pins or not all(
-            isinstance(p, str) and PIN_RE.fullmatch(p) for p in pins
+            is_pin(p) for p in pins
         ):
-            raise ConfigError(f"{key}.pins must be a non-empty list of lowercase sha256 hex")
+            raise ConfigError(f"{key}.pins must be a non-empty list of pins: lowercase sha256 "
+                              "hex of the certificate, or spki:<base64 sha256 of its key>")
         tenants = entry.get("tenants")
         if not isinstance(tenants, list) or not all(
             isinstance(t, str) and TENANT_RE.fullmatch(t) for t in tenants

@@ -31,6 +31,7 @@ from .config import IDENTITY_RE, SecurityConfig
 from .ratelimit import RateLimiter
 from .routes import GRAPH_SCHEMA_VERSION, Route
 from .store import Commit, Outcome, Store, StoreError
+from .tls import pin_matches
 
 TIMESTAMP_RE = re.compile(r"0|[1-9][0-9]{0,17}")  # Unix seconds: no sign, no leading zeros
 NONCE_RE = re.compile(r"[A-Za-z0-9_-]{8,128}")
@@ -48,6 +49,7 @@ class SignedRequest:
     body: bytes
     peer_cert_sha256: str | None  # sha256 of the peer leaf certificate's DER, from TLS
     request_id: str
+    peer_spki_pin: str | None = None  # "spki:<b64 sha256 of its SubjectPublicKeyInfo>"
 
 
 @dataclass(slots=True)
@@ -93,7 +95,8 @@ class Pipeline:
         if not req.body:
             raise E.EmptyBody("the request body is empty")
         # §4.3 identity: declared, known, pinned to the TLS session's certificate
-        ctx.identity = check_identity(cfg, req.headers, req.peer_cert_sha256)
+        ctx.identity = check_identity(cfg, req.headers, req.peer_cert_sha256,
+                                      req.peer_spki_pin)
         # §4.4 signature headers well-formed; timestamp inside ±clock_skew_s
         ts_text, nonce, signature, kid = signature_headers(req.headers)
         check_timestamp_window(int(ts_text), now, cfg.clock_skew_s)
@@ -195,14 +198,18 @@ def check_content_type(headers: Any) -> None:
             raise E.UnsupportedMediaType("the only charset accepted is utf-8")
 
 
-def check_identity(cfg: SecurityConfig, headers: Any, peer_fp: str | None) -> str:
+def check_identity(cfg: SecurityConfig, headers: Any, peer_fp: str | None,
+                   peer_spki: str | None = None) -> str:
+    """§4.3: the claimed identity's pins name the TLS session's leaf certificate, by its
+    sha256 (``peer_fp``) or, for an ``spki:`` pin, its SPKI hash (``peer_spki``); the
+    legacy ``X-Client-Cert-Sha256`` header, if sent, must equal ``peer_fp``."""
     name = one_header(headers, "X-Service-Identity", E.IdentityRejected)
     if name is None or not IDENTITY_RE.fullmatch(name):
         raise E.IdentityRejected("X-Service-Identity is missing or malformed")
     identity = cfg.identities.get(name)
     if identity is None:
         raise E.IdentityRejected("unknown service identity")
-    if peer_fp is None or not any(hmac.compare_digest(peer_fp, pin) for pin in identity.pins):
+    if peer_fp is None or not pin_matches(identity.pins, peer_fp, peer_spki):
         raise E.IdentityRejected("the client certificate is not pinned to this identity")
     legacy = one_header(headers, "X-Client-Cert-Sha256", E.IdentityRejected)
     if legacy is not None and not (

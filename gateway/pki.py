@@ -3,8 +3,11 @@
 One directory holds a self-signed CA, the gateway's server certificate, one client
 certificate per service identity, and ``pins.json``: the sha256 of each certificate's DER
 (lowercase hex), which is exactly what the gateway pins per identity and what the emitter
-pins for the server. EC P-256 keys, ECDSA-SHA256 signatures, PKCS#8 PEM private keys
-written 0600 in a 0700 directory. Nothing is ever overwritten unless ``force=True``.
+pins for the server, and [v1.1] the same certificates' SPKI pins
+(``spki:<base64 sha256 of the SubjectPublicKeyInfo DER>``, which survive a renewal with
+the same key): ``gateway_spki`` and ``identities_spki``. EC P-256 keys, ECDSA-SHA256
+signatures, PKCS#8 PEM private keys written 0600 in a 0700 directory. Nothing is ever
+overwritten unless ``force=True``.
 
 These are DEVELOPMENT certificates: the CA key sits next to the certificates, unencrypted.
 """
@@ -28,6 +31,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .tls import spki_pin
+
 IDENTITY_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$")
 _RESERVED = {"ca", "gateway", "pins"}  # file stems init_pki itself uses
@@ -47,6 +52,7 @@ class IssuedCert:
     cert: Path
     key: Path
     sha256: str  # sha256 of the certificate's DER, lowercase hex
+    spki: str = ""  # "spki:<base64 sha256 of its SubjectPublicKeyInfo DER>"
 
 
 @dataclass(frozen=True)
@@ -169,6 +175,11 @@ def _der_sha256(cert: x509.Certificate) -> str:
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
+def _issued(name: str, cert_path: Path, key_path: Path, cert: x509.Certificate) -> IssuedCert:
+    return IssuedCert(name, cert_path, key_path, _der_sha256(cert),
+                      spki_pin(cert.public_bytes(serialization.Encoding.DER)))
+
+
 def _write(path: Path, data: bytes, mode: int, force: bool) -> None:
     """Create ``path`` with ``mode``; never follow a symlink; replace only with ``force``."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
@@ -241,11 +252,13 @@ def init_pki(out_dir: Path, identities: list[str], *,
         key_path, cert_path = out_dir / f"{stem}.key", out_dir / f"{stem}.crt"
         _write(key_path, _key_pem(key), 0o600, force)
         _write(cert_path, _cert_pem(cert), 0o644, force)
-        out[stem] = IssuedCert(stem, cert_path, key_path, _der_sha256(cert))
+        out[stem] = _issued(stem, cert_path, key_path, cert)
     pins = {
         "ca_sha256": out["ca"].sha256,
         "gateway_sha256": out["gateway"].sha256,
         "identities": {n: out[n].sha256 for n in names},
+        "gateway_spki": out["gateway"].spki,
+        "identities_spki": {n: out[n].spki for n in names},
     }
     _write(pins_path, _pins_bytes(pins), 0o644, force)
     return PkiResult(out_dir, out["ca"], out["gateway"], {n: out[n] for n in names},
@@ -286,8 +299,10 @@ def issue_client_cert(ca_dir: Path, name: str, *, out_dir: Path | None = None,
     cert, key = _client_leaf(ca_cert, ca_key, name, _now(now), days)
     _write(key_path, _key_pem(key), 0o600, force)
     _write(cert_path, _cert_pem(cert), 0o644, force)
-    result = IssuedCert(name, cert_path, key_path, _der_sha256(cert))
+    result = _issued(name, cert_path, key_path, cert)
     if pins is not None:
         pins["identities"][name] = result.sha256
+        if isinstance(pins.get("identities_spki"), dict):  # absent in pre-v1.1 files
+            pins["identities_spki"][name] = result.spki
         _write(pins_path, _pins_bytes(pins), 0o644, force=True)  # atomic replace
     return result

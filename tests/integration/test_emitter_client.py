@@ -532,6 +532,71 @@ async def test_feedback_query_verifies_claims_and_never_reapplies(gateway):
     assert verify_file(audit_path).ok
 
 
+X2 = "5e" * 32  # an execution only the second emitter of the same identity sent
+
+
+def telemetry_for(fp: str, att: str) -> dict:
+    body = telemetry(execution_hash=fp)
+    body["payload"]["attributes"].update(execution_fingerprint=fp,
+                                         attestation_measurement_hash=att)
+    return body
+
+
+async def test_second_emitter_of_the_identity_does_not_block_feedback(stack, capsys, caplog):
+    """§6 step 8 [v1.1], real gateway: emitter A sent X1 (FP), emitter B — same identity,
+    its own state dir — sent X2. A's answer carries both: A applies X1's adjustment and
+    reports X2 skipped (unknown_execution) in its result, audit event, log and CLI."""
+    runner = await with_policy(stack).start()
+    try:
+        cfg_a = write_config(stack)
+        cfg_b = write_config(stack, name="b.toml", state_dir="state-b")
+        async with client_for(cfg_b) as b:
+            assert (await b.send_telemetry(telemetry_for(X2, ATT_OTHER))).outcome == "accepted"
+        async with client_for(cfg_a) as a:
+            assert (await a.send_telemetry(telemetry())).outcome == "accepted"
+            applied = await a.query_feedback(TENANT, "op-001")
+            verified = a.last_feedback
+            audit_path = a.settings.state_dir / "emitter-audit.jsonl"
+        assert applied and {adj["execution_fingerprint"] for adj in applied} == {FP}
+        assert verified.skipped_executions and set(verified.skipped_executions) == {X2}
+        assert [adj["attestation_measurement_hash"] for adj in verified.skipped] == [
+            ATT_OTHER] * len(verified.skipped)
+        [event] = [json.loads(line) for line in audit_path.read_text().splitlines()]
+        assert (event["event.action"], event["event.outcome"]) == ("feedback.applied",
+                                                                   "success")
+        assert event["feedback.adjustments"] == len(applied)
+        assert event["feedback.skipped_executions"] == verified.skipped_executions
+        assert event["feedback.skip_reason"] == "unknown_execution"
+        assert verify_file(audit_path).ok
+        assert any("unknown_execution" in r.getMessage() and X2 in r.getMessage()
+                   for r in caplog.records if r.name == "fedgate.emitter")
+        code, lines, err = await run_cli(capsys, "feedback", "--config", str(cfg_a),
+                                         "--tenant", TENANT, "--operator", "op-001")
+        assert code == 0 and lines == []  # verified; X1's adjustment is already in force
+        assert f"skipped adjustment for execution {X2}: unknown_execution" in err
+        assert f"{len(verified.skipped)} skipped)" in err
+        # B's own view is the mirror image: X1 is unknown to it, X2's adjustment applies
+        async with client_for(cfg_b) as b:
+            applied_b = await b.query_feedback(TENANT, "op-001")
+        assert {adj["execution_fingerprint"] for adj in applied_b} == {X2}
+        assert set(b.last_feedback.skipped_executions) == {FP}
+    finally:
+        await runner.cleanup()
+
+
+async def test_wiped_state_dir_still_rejects_a_mismatch_on_a_sent_execution(stack):
+    """The other half of step 8: an execution the emitter DID send, answered with another
+    attestation hash, still rejects the whole answer, even beside an unknown one."""
+    data = [adjustment(att=ATT_OTHER) | {"execution_fingerprint": X2}, adjustment("0" * 64)]
+    async with FakeServer(stack, forged_feedback(data)) as fake, \
+            client_for(write_config(stack, url=fake.url)) as client:
+        client.ledger.record_sent(TENANT, FP, ATT)
+        with pytest.raises(FeedbackRejected) as info:
+            await client.query_feedback(TENANT, "op-001")
+        assert info.value.code == "attestation_mismatch"
+        assert client.ledger.applied(TENANT) == [] and client.last_feedback is None
+
+
 def forged_feedback(data: list, *, key: PrivateKey = FEEDBACK_KEY, nonce: str | None = None):
     async def answer(request, server):
         query = json.loads(await request.read())

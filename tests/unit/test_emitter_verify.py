@@ -55,7 +55,7 @@ def _code(case: dict[str, Any], response: Any = None, **kw: Any) -> str:
 # -- the vector set ----------------------------------------------------------------------
 
 def test_vector_set_is_complete() -> None:
-    assert len(FEEDBACK["cases"]) == len(CASES) == 20
+    assert len(FEEDBACK["cases"]) == len(CASES) == 21
     assert {c["expect"] for c in CASES.values()} <= {"ok", *CODES}
     assert {c["expect"] for c in CASES.values()} == {"ok", *CODES}  # every code exercised
 
@@ -75,7 +75,12 @@ def test_vector(case: dict[str, Any], tmp_path: Path) -> None:
         response = case["response"]
         assert (verified.kid, verified.nonce, verified.signed_at) == (
             response["kid"], response["nonce"], response["signed_at"])
-        assert list(verified.adjustments) == response["data"]
+        skipped = case.get("skipped", [])  # v1.1: executions this emitter never sent
+        assert verified.skipped_executions == skipped
+        assert list(verified.adjustments) == [
+            adj for adj in response["data"] if adj["execution_fingerprint"] not in skipped]
+        assert list(verified.skipped) == [
+            adj for adj in response["data"] if adj["execution_fingerprint"] in skipped]
     else:
         assert _code(case) == case["expect"]
 
@@ -214,8 +219,6 @@ TABLE: list[tuple[str, Any, str]] = [
     ("nonce_suffix_not_urlsafe", _variant(nonce=f"{NONCE}.{'a' * 15}+"), "nonce_not_bound"),
     ("nonce_prefix_only_partial", _variant(nonce=f"{NONCE[:-1]}.{'a' * 16}"),
      "nonce_not_bound"),
-    ("adjustment_for_unsent_execution",
-     _with_adjustment(execution_fingerprint=OTHER_FP), "attestation_mismatch"),
     ("second_adjustment_mismatch",
      _variant(data=[BASE["response"]["data"][0],
                     {**BASE["response"]["data"][0],
@@ -350,3 +353,40 @@ def test_load_feedback_keyring(tmp_path: Path) -> None:
     path.write_text(json.dumps(producer), encoding="utf-8")
     with pytest.raises(KeyringError, match="producer key"):
         load_feedback_keyring(path)
+
+
+# -- v1.1 §6 step 8: an execution this emitter never sent is skipped, not a rejection ----
+
+def test_unsent_execution_is_skipped_and_the_rest_applies(tmp_path: Path) -> None:
+    known = BASE["response"]["data"][0]
+    unknown = {**known, "execution_fingerprint": OTHER_FP, "attestation_measurement_hash":
+               OTHER_ATT}
+    verified = _check(BASE, _variant(data=[unknown, known]))
+    assert (list(verified.adjustments), list(verified.skipped)) == ([known], [unknown])
+    assert verified.skipped_executions == [OTHER_FP]
+    with Ledger(tmp_path / "emitter.db") as ledger:  # only the known one is applied
+        assert ledger.apply(verified, now=BASE["now"]) == [known]
+        assert ledger.applied() == [known] and ledger.claimed(verified.nonce)
+
+
+def test_only_unsent_executions_verifies_with_nothing_to_apply() -> None:
+    unknown = {**BASE["response"]["data"][0], "execution_fingerprint": OTHER_FP}
+    verified = _check(BASE, _variant(data=[unknown]))
+    assert (verified.adjustments, verified.skipped) == ((), (unknown,))
+
+
+@pytest.mark.parametrize("order", ["unknown_first", "mismatch_first"])
+def test_a_skip_never_hides_a_mismatch_on_a_sent_execution(order: str) -> None:
+    known = BASE["response"]["data"][0]
+    unknown = {**known, "execution_fingerprint": OTHER_FP}
+    mismatch = {**known, "attestation_measurement_hash": OTHER_ATT}
+    data = [unknown, mismatch] if order == "unknown_first" else [mismatch, unknown]
+    assert _code(BASE, _variant(data=data)) == "attestation_mismatch"
+
+
+def test_a_skip_does_not_bypass_the_earlier_checks() -> None:
+    unknown = {**BASE["response"]["data"][0], "execution_fingerprint": OTHER_FP}
+    other_tenant = {**unknown, "tenant_id": "3526adb4-6352-d1d7-fa72-23d93cd439b3"}
+    assert _code(BASE, _variant(data=[other_tenant])) == "tenant_mismatch"
+    forged = {**_variant(data=[unknown]), "data": [{**unknown, "action": "relax"}]}
+    assert _code(BASE, forged) == "invalid_signature"
