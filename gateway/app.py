@@ -126,8 +126,7 @@ async def request_id_middleware(request: web.Request, handler) -> web.StreamResp
         if exc.status < 400:
             raise
         code = ROUTER_CODES.get(exc.status, "bad_request")
-        response = json_response({"accepted": False, "request_id": request_id, "error": code,
-                                  "detail": exc.reason}, exc.status)
+        response = json_response(E.error_body(request_id, code, exc.reason), exc.status)
         if exc.status == 405:
             response.headers["Allow"] = exc.headers.get("Allow", "POST")
         await audit_unrouted(request, request_id, exc.status, code)
