@@ -52,6 +52,7 @@ ECHO = web.AppKey("echo", bool)
 REQUEST_ID = web.RequestKey("request_id", str)
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 ROUTER_CODES = {404: "not_found", 405: "method_not_allowed"}
+OTHER_HTTP_CODE = "bad_request"  # any other HTTP refusal raised below the middleware
 
 
 class _Quiet:
@@ -125,9 +126,8 @@ async def request_id_middleware(request: web.Request, handler) -> web.StreamResp
     except web.HTTPException as exc:  # 404 / 405 from the router (§4 step 1)
         if exc.status < 400:
             raise
-        code = ROUTER_CODES.get(exc.status, "bad_request")
-        response = json_response({"accepted": False, "request_id": request_id, "error": code,
-                                  "detail": exc.reason}, exc.status)
+        code = ROUTER_CODES.get(exc.status, OTHER_HTTP_CODE)
+        response = json_response(E.error_body(request_id, code, exc.reason), exc.status)
         if exc.status == 405:
             response.headers["Allow"] = exc.headers.get("Allow", "POST")
         await audit_unrouted(request, request_id, exc.status, code)

@@ -29,14 +29,27 @@ class GatewayError(Exception):
         self.extra = extra  # extra members of the error body (duplicate_of, pointer, ...)
 
     def body(self, request_id: str) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "accepted": False,
-            "request_id": request_id,
-            "error": self.error,
-            "detail": self.detail,
-        }
-        out.update(self.extra)
-        return out
+        return error_body(request_id, self.error, self.detail, **self.extra)
+
+
+def error_body(request_id: str, code: str, detail: str, **extra: Any) -> dict[str, Any]:
+    """The one error body shape (PROTOCOL.md §4, v1.1), for every refusal on the wire.
+
+    ``error``/``detail`` are the v1 members; ``status`` and ``errors`` are what the
+    SpectraStrike client reads (``errors[0].code``). ``extra`` (``duplicate_of``,
+    ``pointer``, ...) sits beside them and can never replace them.
+    """
+    out: dict[str, Any] = {
+        "accepted": False,
+        "status": "rejected",
+        "request_id": request_id,
+        "error": code,
+        "detail": detail,
+        "errors": [{"code": code, "message": detail}],
+    }
+    for name, value in extra.items():
+        out.setdefault(name, value)
+    return out
 
 
 # -- step 2: transport-level input ------------------------------------------------------
