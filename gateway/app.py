@@ -3,7 +3,8 @@
 Resources (store, keys, validators, audit log, pipeline) are built once at start-up in
 ``resources`` (aiohttp ``cleanup_ctx``) and reached through typed ``web.AppKey``s; a
 handler never opens a connection. Every answer carries ``X-Request-Id``; every signed
-request produces exactly one audit event, accepted or rejected.
+request produces exactly one decision event, accepted or rejected (a feedback query whose
+answer left unusable stored records out adds one `feedback.records_skipped` event).
 """
 
 from __future__ import annotations
