@@ -16,8 +16,12 @@ Appending, in every process that shares the file:
 3. write the new line with one ``os.write`` on an ``O_APPEND`` descriptor, ``fsync``;
 4. unlock.
 
-Cost per append is independent of the file's length. ``verify_file`` streams the file
-once: O(n) time, memory bounded by the longest line.
+Lines are read back with :func:`schemas.canonical.load_stored`, the gateway's own
+strict parser (PROTOCOL.md §3: one parser for every later reader), and a line that
+parser would refuse (say an integer beyond 64 bits) is never written: the appender
+checks its own line first, so the chain can never hold a line that stops the next
+append or a SIEM. Cost per append is independent of the file's length. ``verify_file``
+streams the file once: O(n) time, memory bounded by the longest line.
 """
 
 from __future__ import annotations
@@ -31,9 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from schemas.canonical import dumps
+from schemas.canonical import (
+    INVALID_UTF8,
+    MALFORMED,
+    NOT_OBJECT,
+    CanonicalError,
+    dumps,
+    load_stored,
+)
 
 __all__ = ["GENESIS", "AuditError", "AuditLog", "VerifyResult", "event_hash", "verify_file"]
 
@@ -54,6 +63,18 @@ def event_hash(event: dict[str, Any]) -> str:
 
 def _is_hex64(value: Any) -> bool:
     return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX
+
+
+def _read_line(line: bytes) -> dict[str, Any]:
+    """One audit line (newline stripped) with the one strict reader; ValueError(reason)."""
+    try:
+        return load_stored(line)
+    except CanonicalError as exc:
+        if exc.code == NOT_OBJECT:
+            raise ValueError("not a JSON object") from None
+        if exc.code in (MALFORMED, INVALID_UTF8):
+            raise ValueError("not JSON") from None
+        raise ValueError(f"not strict canonical JSON ({exc.code})") from None
 
 
 def _read_block(fd: int, offset: int, length: int) -> bytes:
@@ -90,10 +111,10 @@ def _tail_hash(fd: int) -> str:
         raise AuditError("audit file ends with a torn line (no newline): run "
                          "`fedgate audit verify` and repair it before appending")
     try:
-        last = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        raise AuditError("last line of the audit file is not JSON") from None
-    if not isinstance(last, dict) or not _is_hex64(last.get("hash")):
+        last = _read_line(line[:-1])
+    except ValueError as exc:
+        raise AuditError(f"last line of the audit file is {exc}") from None
+    if not _is_hex64(last.get("hash")):
         raise AuditError("last line of the audit file has no well-formed hash")
     if event_hash(last) != last["hash"]:
         raise AuditError("last line of the audit file fails its own hash (edited)")
@@ -161,7 +182,12 @@ class AuditLog:
             try:
                 body["prev_hash"] = _tail_hash(fd)
                 body["hash"] = event_hash(body)
-                self._write(fd, dumps(body) + b"\n")
+                line = dumps(body)
+                try:
+                    _read_line(line)  # never write what the chain's readers refuse
+                except ValueError as exc:
+                    raise AuditError(f"event is {exc}; not written") from None
+                self._write(fd, line + b"\n")
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         return body
@@ -211,12 +237,7 @@ def _check_line(raw: bytes, prev: str) -> str:
     """The line's hash if it extends the chain after ``prev``; else ValueError(reason)."""
     if not raw.endswith(b"\n"):
         raise ValueError("torn line (no trailing newline): truncated or crashed write")
-    try:
-        event = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise ValueError("not JSON") from None
-    if not isinstance(event, dict):
-        raise ValueError("not a JSON object")
+    event = _read_line(raw[:-1])
     if not _is_hex64(event.get("hash")):
         raise ValueError("missing or ill-formed hash")
     if not _is_hex64(event.get("prev_hash")):

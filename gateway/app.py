@@ -3,7 +3,8 @@
 Resources (store, keys, validators, audit log, pipeline) are built once at start-up in
 ``resources`` (aiohttp ``cleanup_ctx``) and reached through typed ``web.AppKey``s; a
 handler never opens a connection. Every answer carries ``X-Request-Id``; every signed
-request produces exactly one audit event, accepted or rejected.
+request produces exactly one decision event, accepted or rejected (a feedback query whose
+answer left unusable stored records out adds one `feedback.records_skipped` event).
 """
 
 from __future__ import annotations
@@ -204,6 +205,9 @@ async def handle_signed(request: web.Request) -> web.Response:
     if not await audit(app, ctx, peer, action, status, exc):
         err = E.AuditUnavailable("the decision could not be audited")
         status, payload = err.status, err.body(ctx.request_id)
+    if ctx.skipped_records and not await audit_skipped(app, ctx, peer, status):
+        err = E.AuditUnavailable("the decision could not be audited")
+        status, payload = err.status, err.body(ctx.request_id)
     app[METRICS].count(route.kind, status, exc.error if exc else None)
     response = json_response(payload, status)
     if isinstance(exc, E.RateLimited):
@@ -245,6 +249,19 @@ async def audit(app: web.Application, ctx: Context, peer: str | None, action: st
         execution_fingerprint=ctx.execution_fingerprint, attestation_hash=ctx.attestation_hash,
         detail=exc.detail if exc else None, now=time.time(),
     ))
+
+
+async def audit_skipped(app: web.Application, ctx: Context, peer: str | None,
+                        status: int) -> bool:
+    """Stored records a feedback answer left out (gateway/evidence.py): counted by reason,
+    and one event per query naming how many and the first few record ids (bounded)."""
+    report = ctx.skipped_records
+    app[METRICS].records_skipped.update(report.counts)
+    return await emit_audit(app, request_event(
+        action="feedback.records_skipped", outcome="failure", category=["database"],
+        status=status, request_id=ctx.request_id, reason="stored_record_unusable",
+        identity=ctx.identity, peer_sha256=peer, tenant_id=ctx.tenant_id, kid=ctx.kid,
+        detail=report.summary(), now=time.time()))
 
 
 async def audit_unrouted(request: web.Request, request_id: str, status: int,

@@ -1,12 +1,16 @@
 """The feedback answer (PROTOCOL.md §5-§6): adjustments, signed by ``feedback_kid``.
 
-:class:`RulePolicy` turns the tenant's stored findings and graphs into adjustments with
-the rules of :mod:`gateway.policy`; :class:`FeedbackIssuer` signs them (§6 input, the
-tenant the query named), binds the response nonce to the query nonce
-(``<query nonce>.<16 url-safe random chars>``) and records the whole response in the
-store before handing it out: feedback that could not be recorded is never issued (503
-``store_unavailable``). Without a policy the answer is an empty, still signed and bound,
-``data`` array — the gateway never invents an adjustment. See docs/POLICY.md.
+:class:`RulePolicy` turns the stored findings and graphs of the tenant that the querying
+identity sent itself (§5 [v1.1]: an answer carries only the querying identity's
+executions) into adjustments with the rules of :mod:`gateway.policy`. Records are read
+with the gateway's own parser (:mod:`gateway.evidence`); one that cannot be used is left
+out of the decision and reported in :attr:`Decision.skipped`, never a refusal.
+:class:`FeedbackIssuer` signs them (§6 input, the tenant the query named), binds the
+response nonce to the query nonce (``<query nonce>.<16 url-safe random chars>``) and
+records the whole response in the store before handing it out: feedback that could not
+be recorded is never issued (503 ``store_unavailable``). Without a policy the answer is
+an empty, still signed and bound, ``data`` array — the gateway never invents an
+adjustment. See docs/POLICY.md.
 """
 
 from __future__ import annotations
@@ -15,9 +19,8 @@ import base64
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
-
-import orjson
 
 from keyring import PrivateKey
 from schemas.signing import (
@@ -28,19 +31,31 @@ from schemas.signing import (
 from schemas.validate import Validators
 
 from . import errors as E
+from .evidence import Evidence, SkipReport, Unusable, read_evidence
 from .policy import ACTION_RANK, Rule, evaluate, facts_from_records
 from .store import Store, StoreError
 
 log = logging.getLogger("fedgate.feedback")
 
-Policy = Callable[[Store, str, int, int], Awaitable[list[dict[str, Any]]]]
+
+@dataclass(slots=True)
+class Decision:
+    """A policy's answer: the adjustments, and the stored records it had to leave out."""
+
+    adjustments: list[dict[str, Any]] = field(default_factory=list)
+    skipped: SkipReport = field(default_factory=SkipReport)
+
+
+#: ``await policy(store, tenant_id, limit, now, identity=...)`` → :class:`Decision`
+Policy = Callable[..., Awaitable[Decision]]
 MAX_RECORDS_PER_KIND = 10_000  # findings and graphs read per query (newest first)
 MAX_BYTES_PER_KIND = 16 * 1024 * 1024  # ... and at most this much stored data per kind
 PAGE = 16  # records fetched per store call: bounds the overshoot of the budget
 
 
-async def no_adjustments(store: Store, tenant_id: str, limit: int, now: int) -> list[dict]:
-    return []
+async def no_adjustments(store: Store, tenant_id: str, limit: int, now: int, *,
+                         identity: str) -> Decision:
+    return Decision()
 
 
 def bound_nonce(query_nonce: str) -> str:
@@ -65,7 +80,7 @@ def _priority(adjustment: dict[str, Any]) -> tuple[int, str]:
 
 
 class RulePolicy:
-    """The rules as a :data:`Policy`: ``await policy(store, tenant_id, limit, now)``."""
+    """The rules as a :data:`Policy`."""
 
     def __init__(self, rules: Iterable[Rule], *, validators: Validators | None = None,
                  max_records: int = MAX_RECORDS_PER_KIND,
@@ -75,41 +90,50 @@ class RulePolicy:
         self.max_records = max_records
         self.max_bytes = max_bytes
 
-    async def __call__(self, store: Store, tenant_id: str, limit: int,
-                       now: int) -> list[dict[str, Any]]:
-        findings = await self._records(store, "finding", tenant_id)
-        graphs = await self._records(store, "graph", tenant_id)
+    async def __call__(self, store: Store, tenant_id: str, limit: int, now: int, *,
+                       identity: str) -> Decision:
+        decision = Decision()
+        findings = await self._records(store, "finding", tenant_id, identity, decision.skipped)
+        graphs = await self._records(store, "graph", tenant_id, identity, decision.skipped)
         anchors = await self._anchors(store, tenant_id, [*findings, *graphs])
-        adjustments = []
         for facts in facts_from_records(tenant_id, findings, graphs, anchors):
             adjustment = evaluate(self.rules, facts, now)
             if adjustment is not None:
                 self.validators.validate("adjustment", adjustment)  # fail closed: a bug
-                adjustments.append(adjustment)
-        return sorted(adjustments, key=_priority)[:limit]
+                decision.adjustments.append(adjustment)
+        decision.adjustments = sorted(decision.adjustments, key=_priority)[:limit]
+        return decision
 
-    async def _records(self, store: Store, kind: str, tenant_id: str) -> list[dict[str, Any]]:
-        """The newest records first, in pages, within a count and a byte budget (a flood of
-        large findings cannot make one query read the whole history); oldest first out."""
-        records: list[dict[str, Any]] = []
-        budget = self.max_bytes
+    async def _records(self, store: Store, kind: str, tenant_id: str, identity: str,
+                       skipped: SkipReport) -> list[Evidence]:
+        """``identity``'s usable records, newest first, in pages, within a count and a
+        byte budget (a flood of large records cannot make one query read the whole
+        history); returned oldest first. Unusable records go to ``skipped``."""
+        records: list[Evidence] = []
+        budget, offset = self.max_bytes, 0
         while len(records) < self.max_records and budget > 0:
-            want = min(PAGE, self.max_records - len(records))
-            page = await store.list_records(kind, tenant_id, want, newest_first=True,
-                                            offset=len(records))
+            page = await store.list_records(kind, tenant_id, PAGE, newest_first=True,
+                                            offset=offset)
+            offset += len(page)
             for raw in page:
-                if budget <= 0:
+                if budget <= 0 or len(records) >= self.max_records:
                     break
                 budget -= len(raw)
-                records.append(orjson.loads(raw))
-            if len(page) < want:
+                try:
+                    record = read_evidence(kind, raw)
+                except Unusable as exc:
+                    skipped.add(kind, raw, exc.reason)
+                    continue
+                if record.identity == identity:
+                    records.append(record)
+            if len(page) < PAGE:
                 break
         return records[::-1]
 
     @staticmethod
-    async def _anchors(store: Store, tenant_id: str, records: list[dict]) -> dict[str, str]:
-        fingerprints = sorted({r["execution_fingerprint"] for r in records
-                               if isinstance(r.get("execution_fingerprint"), str)})
+    async def _anchors(store: Store, tenant_id: str,
+                       records: list[Evidence]) -> dict[str, str]:
+        fingerprints = sorted({r.execution_fingerprint for r in records})
         anchors = {}
         for fp in fingerprints:
             anchor = await store.get_anchor(tenant_id, fp)
@@ -131,10 +155,15 @@ class FeedbackIssuer:
         handed out and a failure here consumes nothing."""
         limit = ctx.body.get("limit", 100)
         try:
-            data = (await self.policy(self.store, ctx.tenant_id, limit, now))[:limit]
+            decision = await self.policy(self.store, ctx.tenant_id, limit, now,
+                                         identity=ctx.identity)
         except StoreError as exc:
             log.warning("feedback: store read failed: %s", exc.detail)
             raise E.StoreUnavailable("the store could not be read") from exc
+        if decision.skipped:
+            log.warning("feedback (request %s): %s", ctx.request_id, decision.skipped.summary())
+            ctx.skipped_records = decision.skipped
+        data = decision.adjustments[:limit]
         return sign_feedback(self.key, self.kid, tenant_id=ctx.tenant_id, data=data,
                              signed_at=now, nonce=bound_nonce(ctx.body["nonce"]),
                              request_id=ctx.request_id)

@@ -43,6 +43,7 @@ class Metrics:
                                   "Time from body read to decision, per signed request.")
         self.store = Histogram("fedgate_store_commit_seconds",
                                "Time of the atomic store commit (steps 12-14).")
+        self.records_skipped: Counter[str] = Counter()  # by reason (gateway/evidence.py)
 
     def count(self, route: str, status: int, error: str | None) -> None:
         self.requests[(route, status, error or "")] += 1
@@ -53,5 +54,10 @@ class Metrics:
         for (route, status, error), n in sorted(self.requests.items()):
             lines.append(
                 f'fedgate_requests_total{{route="{route}",status="{status}",error="{error}"}} {n}')
+        lines += ["# HELP fedgate_feedback_records_skipped_total Stored records a feedback "
+                  "decision left out, by reason.",
+                  "# TYPE fedgate_feedback_records_skipped_total counter"]
+        for reason, n in sorted(self.records_skipped.items()):
+            lines.append(f'fedgate_feedback_records_skipped_total{{reason="{reason}"}} {n}')
         lines += self.pipeline.render() + self.store.render()
         return "\n".join(lines) + "\n"

@@ -66,6 +66,7 @@ class Context:
     record_id: str | None = None
     body: dict[str, Any] = field(default_factory=dict)
     response: dict[str, Any] | None = None  # a feedback query's signed answer
+    skipped_records: Any = None  # a query: stored records its answer had to leave out
 
 
 class Pipeline:

@@ -10,7 +10,6 @@ the hash in an adjustment is always the anchored one, never invented. See docs/P
 
 from __future__ import annotations
 
-import base64
 import re
 import tomllib
 from collections import Counter
@@ -19,9 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from .config import ConfigError
+from .evidence import Evidence
 
 SEVERITIES = ("info", "low", "medium", "high", "critical")  # weakest first
 ACTIONS = ("observe", "tighten", "isolate")  # weakest first
@@ -258,47 +256,38 @@ def evaluate(rules: Iterable[Rule], facts: ExecutionFacts, now: int) -> dict[str
 
 # -- facts --------------------------------------------------------------------------------
 
-def record_body(record: Mapping[str, Any]) -> dict[str, Any]:
-    """The signed request body a stored record keeps (``body_b64``), parsed."""
-    try:
-        body = orjson.loads(base64.b64decode(record["body_b64"], validate=True))
-    except (KeyError, TypeError, ValueError, RecursionError):
-        body = None
-    if not isinstance(body, dict):
-        raise ValueError("stored record has no decodable body_b64 JSON object")
-    return body
-
-
 def facts_from_records(
-    tenant_id: str, findings: Iterable[Mapping[str, Any]], graphs: Iterable[Mapping[str, Any]],
+    tenant_id: str, findings: Iterable[Evidence], graphs: Iterable[Evidence],
     anchors: Mapping[str, str],
 ) -> list[ExecutionFacts]:
-    """Facts per execution (sorted by fingerprint), from stored records oldest first.
+    """Facts per execution (sorted by fingerprint), from checked records oldest first.
 
     Only executions with an anchor count, and only their records made under the
-    anchored attestation hash; records of another tenant are ignored.
+    anchored attestation hash; records of another tenant are ignored. Which records are
+    the querying identity's own is the caller's choice (:mod:`gateway.feedback`).
     """
-    groups: dict[str, tuple[list, list]] = {}
+    groups: dict[str, tuple[list[Evidence], list[Evidence]]] = {}
     for is_graph, records in ((0, findings), (1, graphs)):
         for record in records:
-            fp = record.get("execution_fingerprint")
-            anchor = anchors.get(fp) if isinstance(fp, str) else None
-            if (record.get("tenant_id") != tenant_id or not anchor
-                    or str(record.get("attestation_measurement_hash")).lower() != anchor.lower()):
+            fp = record.execution_fingerprint
+            anchor = anchors.get(fp)
+            if (record.tenant_id != tenant_id or not anchor
+                    or record.attestation_hash != anchor.lower()):
                 continue
             groups.setdefault(fp, ([], []))[is_graph].append(record)
     return [_facts(tenant_id, fp, anchors[fp], *groups[fp]) for fp in sorted(groups)]
 
 
-def _facts(tenant_id: str, fp: str, anchor: str, findings: list, graphs: list) -> ExecutionFacts:
-    payloads = [_dict(record_body(r).get("payload")) for r in findings]
-    graph = _dict(record_body(graphs[-1]).get("graph")) if graphs else {}
+def _facts(tenant_id: str, fp: str, anchor: str, findings: list[Evidence],
+           graphs: list[Evidence]) -> ExecutionFacts:
+    payloads = [_dict(r.body.get("payload")) for r in findings]
+    graph = _dict(graphs[-1].body.get("graph")) if graphs else {}
     graph_target = _text(graph.get("target_urn"))
     own = [_finding_target(p) for p in payloads]
     named = Counter(t for t in own if t)
     target = graph_target or (named.most_common(1)[0][0] if named else UNKNOWN_TARGET)
     severities = [p["severity"] for p in payloads if p.get("severity") in SEVERITY_RANK]
-    times = [r["received_at"] for r in (*findings, *graphs) if type(r.get("received_at")) is int]
+    times = [r.received_at for r in (*findings, *graphs)]
     return ExecutionFacts(
         tenant_id=tenant_id, execution_fingerprint=fp, attestation_hash=anchor,
         target_urn=target,

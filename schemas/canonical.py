@@ -12,9 +12,12 @@ them raw), and any integer beyond 64 bits (orjson refuses them). It is checked
 byte-for-byte against the reference on every vector and under hypothesis.
 
 ``loads`` is the strict parser: invalid UTF-8, duplicate keys, NaN/Infinity, lone
-surrogates, trailing data and absurd nesting are all rejected with a named code.
-``parse_canonical`` is what the gateway calls on a body: orjson first (fast), and only
-when the body is not already canonical the strict parser, to name the failure.
+surrogates, integers outside signed 64 bits, trailing data and absurd nesting are all
+rejected with a named code. ``parse_canonical`` is what the gateway calls on a body:
+orjson first (fast), and only when the body is not already canonical the strict parser,
+to name the failure. ``load_stored`` is what every LATER reader of stored bytes calls
+(policy engine, audit chain, exports): the same parser, so whatever the gateway accepted
+is readable again, and whatever a later reader refuses the gateway refused too.
 """
 
 from __future__ import annotations
@@ -26,14 +29,20 @@ from typing import Any
 
 import orjson
 
-__all__ = ["CanonicalError", "dumps", "dumps_reference", "loads", "parse_canonical",
-           "too_deep"]
+__all__ = ["INT64_MAX", "INT64_MIN", "CanonicalError", "dumps", "dumps_reference",
+           "load_stored", "loads", "parse_canonical", "too_deep"]
 
 #: Parser failure codes (vectors/canonical_json.json names the first three).
 MALFORMED = "malformed_json"
 DUPLICATE_KEY = "duplicate_key"
 NON_FINITE = "non_finite_number"
 INVALID_UTF8 = "invalid_utf8"
+INTEGER_RANGE = "integer_out_of_range"
+NOT_OBJECT = "not_an_object"
+
+#: PROTOCOL.md §3 [v1.1]: integers are signed 64-bit, what every later reader can hold.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_INT64_DIGITS = 20  # "-9223372036854775808": no in-range integer has a longer text
 
 
 class CanonicalError(ValueError):
@@ -126,9 +135,18 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _int64(text: str) -> int:
+    """A JSON integer in [−2^63, 2^63−1]; the length is judged before ``int()`` runs."""
+    value = int(text) if len(text) <= _INT64_DIGITS else None
+    if value is None or not INT64_MIN <= value <= INT64_MAX:
+        shown = text if len(text) <= 32 else f"{text[:16]}...({len(text)} digits)"
+        raise CanonicalError(INTEGER_RANGE, f"integer {shown} is outside signed 64 bits")
+    return value
+
+
 _DECODER = json.JSONDecoder(
     object_pairs_hook=_pairs_no_duplicates, parse_constant=_no_constants,
-    parse_float=_finite_float,
+    parse_float=_finite_float, parse_int=_int64,
 )
 _JSON_WS = " \t\r\n"  # RFC 8259 insignificant whitespace, as json.loads skips it
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -187,22 +205,45 @@ def too_deep(value: Any, limit: int) -> bool:
     return False
 
 
+#: Only a run of 19+ digits can spell an integer beyond 64 bits (2^63 has 19 digits).
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+
+
+def _ints_in_range(value: Any) -> bool:
+    """True when every integer in ``value`` lies in signed 64 bits (iterative walk)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is int:
+            if not INT64_MIN <= item <= INT64_MAX:
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
+
+
 def parse_canonical(data: bytes) -> tuple[Any, bool]:
     """Parse a body and tell whether it is byte-identical to its canonical form.
 
     Fast path: orjson accepts only valid UTF-8, finite numbers and no trailing data;
     a body equal to the canonical form of what orjson read cannot hold duplicate keys
-    (canonical output never repeats a key). Everything else goes through :func:`loads`,
-    so failures carry the strict parser's code.
+    (canonical output never repeats a key). orjson reads integers up to 2^64−1 as ints
+    (beyond that as floats, which never re-serialise to the same bytes), so a body with
+    a long digit run has its integers checked against 64 bits before the fast answer.
+    Everything else goes through :func:`loads`, so failures carry the strict parser's
+    code.
     """
     try:
         fast = orjson.loads(data)
     except (orjson.JSONDecodeError, RecursionError):
         fast = None
     else:
-        # orjson.loads yields only JSON types and finite floats; big ints became floats.
+        # orjson.loads yields only JSON types and finite floats; ints beyond u64 are floats.
         try:
-            if dumps(fast) == data:
+            if dumps(fast) == data and (
+                    _LONG_DIGITS.search(data) is None or _ints_in_range(fast)):
                 return fast, True
         except (ValueError, RecursionError):
             pass
@@ -211,3 +252,21 @@ def parse_canonical(data: bytes) -> tuple[Any, bool]:
         return value, dumps(value) == data
     except (ValueError, RecursionError) as exc:
         raise CanonicalError(MALFORMED, f"cannot serialise: {exc}") from None
+
+
+def load_stored(data: bytes) -> dict[str, Any]:
+    """The one reader of stored JSON: records, their signed bodies, audit lines.
+
+    Exactly the gateway's parser (:func:`parse_canonical`: the orjson fast path for the
+    canonical bytes the gateway writes, the strict parser for anything else) plus "a
+    JSON object at the top". Raises :class:`CanonicalError`; never anything else.
+    """
+    try:
+        value, _ = parse_canonical(data)
+    except CanonicalError:
+        raise
+    except (TypeError, ValueError, RecursionError) as exc:  # e.g. ``data`` not bytes
+        raise CanonicalError(MALFORMED, f"unreadable: {type(exc).__name__}") from None
+    if not isinstance(value, dict):
+        raise CanonicalError(NOT_OBJECT, "the top-level JSON value is not an object")
+    return value

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from conftest import load_vectors
-from lab import NOW, TELEMETRY_BODY, TENANT, TENANT_B, Lab, body_for
+from lab import IDENTITY, NOW, TELEMETRY_BODY, TENANT, TENANT_B, Lab, body_for
 
 from gateway import errors as E
 from gateway.feedback import FeedbackIssuer, RulePolicy
@@ -71,6 +71,14 @@ async def post(lab: Lab, path: str, body: dict[str, Any]):
     return ctx
 
 
+async def decide(policy: RulePolicy, store, tenant: str, limit: int,
+                 identity: str = IDENTITY) -> list[dict[str, Any]]:
+    """The adjustments for ``identity``'s query; no record of ``feed`` is skipped."""
+    decision = await policy(store, tenant, limit, NOW, identity=identity)
+    assert not decision.skipped, decision.skipped.summary()
+    return decision.adjustments
+
+
 async def feed(store) -> None:
     lab = Lab(store)
     await post(lab, GRAPH_PATH, graph(FP_GRAPH, 10, "urn:target:db-01"))
@@ -109,7 +117,7 @@ EXPECTED = [  # strongest action first, then by fingerprint
 async def test_rule_policy_gives_expected_adjustments(store) -> None:
     await feed(store)
     assert await store.get_anchor(TENANT, FP_UNANCHORED) is None
-    got = await RulePolicy(RULES)(store, TENANT, 100, NOW)
+    got = await decide(RulePolicy(RULES), store, TENANT, 100)
     assert got == EXPECTED
     for adj in got:  # the anchored hash, as the store holds it
         assert adj["attestation_measurement_hash"] == await store.get_anchor(
@@ -123,12 +131,12 @@ LIMIT_ROWS = {"1": (1, EXPECTED[:1]), "2": (2, EXPECTED[:2]), "1000": (1000, EXP
 @pytest.mark.parametrize("limit, expected", LIMIT_ROWS.values(), ids=LIMIT_ROWS)
 async def test_rule_policy_limit_keeps_strongest(store, limit: int, expected: list) -> None:
     await feed(store)
-    assert await RulePolicy(RULES)(store, TENANT, limit, NOW) == expected
+    assert await decide(RulePolicy(RULES), store, TENANT, limit) == expected
 
 
 async def test_rule_policy_other_tenant_sees_nothing(store) -> None:
     await feed(store)
-    assert await RulePolicy(RULES)(store, TENANT_B, 100, NOW) == []
+    assert await decide(RulePolicy(RULES), store, TENANT_B, 100) == []
 
 
 async def query_ctx(store, limit: int = 10):
@@ -263,10 +271,10 @@ async def test_policy_reads_newest_records_within_its_budget(store) -> None:
     await post(lab, TELEMETRY_PATH, telemetry(FP_CRIT, severity="critical",
                                               mitre_tactics=["TA0006"]))
     await post(lab, GRAPH_PATH, graph(FP_QUIET, 2, "urn:target:ws-17"))
-    everything = await RulePolicy(RULES)(store, TENANT, 100, NOW)
+    everything = await decide(RulePolicy(RULES), store, TENANT, 100)
     small = RulePolicy(RULES, max_records=1)  # the newest finding and the newest graph only
-    newest = await small(store, TENANT, 100, NOW)
+    newest = await decide(small, store, TENANT, 100)
     assert {a["execution_fingerprint"] for a in everything} == {FP_GRAPH, FP_CRIT, FP_QUIET}
     assert {a["execution_fingerprint"] for a in newest} == {FP_CRIT, FP_QUIET}
     stingy = RulePolicy(RULES, max_bytes=1)  # one record per kind, then the budget is spent
-    assert await stingy(store, TENANT, 100, NOW) == newest
+    assert await decide(stingy, store, TENANT, 100) == newest

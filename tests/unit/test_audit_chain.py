@@ -418,3 +418,31 @@ def test_new_file_is_not_world_readable(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert (tmp_path / "p.jsonl").stat().st_mode & 0o777 == 0o640
+
+
+# -- one parser for every reader (PROTOCOL.md §3 [v1.1]): integers are signed 64-bit ----------
+
+def _chained_line(prev: str, **extra: object) -> bytes:
+    """A line with a correct ``prev_hash`` and ``hash`` (what a forger or a bug could write)."""
+    event = {**make_event(5), **extra, "prev_hash": prev}
+    event["hash"] = chain.event_hash(event)
+    return chain.dumps(event) + b"\n"
+
+
+@pytest.mark.parametrize("value", [2**63, 2**64 - 1, -(2**63) - 1, 10**308])
+def test_line_with_integer_beyond_64_bits_breaks_the_chain(five: Path, value: int) -> None:
+    five.write_bytes(five.read_bytes() + _chained_line(verify_file(five).last_hash, n=value))
+    result = verify_file(five)
+    assert (result.ok, result.first_bad_line) == (False, 6)
+    assert result.reason == "not strict canonical JSON (integer_out_of_range)"
+
+
+@pytest.mark.parametrize("value", [2**63, -(2**63) - 1])
+def test_event_with_integer_beyond_64_bits_is_never_written(five: Path, value: int) -> None:
+    before = five.read_bytes()
+    with AuditLog(five) as log:
+        with pytest.raises(AuditError, match="integer_out_of_range"):
+            log.append({**make_event(5), "n": value})
+        log.append({**make_event(6), "n": 2**63 - 1})  # the chain stays appendable
+    assert five.read_bytes().startswith(before)
+    assert verify_file(five).lines == 6

@@ -20,7 +20,16 @@ from conftest import load_vectors
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from schemas.canonical import CanonicalError, dumps, dumps_reference, loads, parse_canonical
+from schemas.canonical import (
+    INT64_MAX,
+    INT64_MIN,
+    CanonicalError,
+    dumps,
+    dumps_reference,
+    load_stored,
+    loads,
+    parse_canonical,
+)
 
 VECTORS = load_vectors("canonical_json.json")["cases"]
 
@@ -32,7 +41,9 @@ EXPECTED_VECTOR_NAMES = {
     "control_chars",
     "slash_not_escaped",
     "floats_python_repr",
-    "big_int",
+    "int64_bounds",
+    "int_beyond_64_bits_rejected",
+    "int_just_beyond_int64_rejected",
     "key_order_by_code_point",
     "nested_arrays_keep_order",
     "duplicate_keys_rejected",
@@ -140,13 +151,26 @@ EDGE_CASES: list[tuple[str, bytes, tuple]] = [
     ("valid_surrogate_pair", b'{"a":"\\ud83d\\ude00"}', _ok({"a": "\U0001f600"}, True)),
     ("deep_array_100000", DEEP_ARRAY, _err("malformed_json")),
     ("deep_object_100000", DEEP_OBJECT, _err("malformed_json")),
-    ("int_2_pow_64", b'{"n":%d}' % BIG, _ok({"n": BIG}, True)),
-    ("int_minus_2_pow_64", b'{"n":%d}' % -BIG, _ok({"n": -BIG}, True)),
-    ("int_318_bits", b'{"n":%d}' % HUGE, _ok({"n": HUGE}, True)),
-    ("int_u64_max", b"18446744073709551615", _ok(2**64 - 1, True)),
-    ("int_i64_min", b"-9223372036854775808", _ok(-(2**63), True)),
-    # More digits than int() accepts (sys.int_info.default_max_str_digits): a code, not a crash.
-    ("int_5000_digits", b'{"n":' + b"7" * 5000 + b"}", _err("malformed_json")),
+    # [v1.1] integers are signed 64-bit: [-2^63, 2^63-1]; orjson alone would read up to
+    # 2^64-1 as an int and beyond that as a float, so each side of each bound is a row.
+    ("int_i64_max", b'{"n":9223372036854775807}', _ok({"n": INT64_MAX}, True)),
+    ("int_i64_min", b"-9223372036854775808", _ok(INT64_MIN, True)),
+    ("int_i64_max_plus_1", b'{"n":9223372036854775808}', _err("integer_out_of_range")),
+    ("int_i64_min_minus_1", b'{"n":-9223372036854775809}', _err("integer_out_of_range")),
+    ("int_u64_max", b"18446744073709551615", _err("integer_out_of_range")),
+    ("int_u64_max_in_list", b'{"a":[1,18446744073709551615]}', _err("integer_out_of_range")),
+    ("int_2_pow_64", b'{"n":%d}' % BIG, _err("integer_out_of_range")),
+    ("int_minus_2_pow_64", b'{"n":%d}' % -BIG, _err("integer_out_of_range")),
+    ("int_318_bits", b'{"n":%d}' % HUGE, _err("integer_out_of_range")),
+    ("int_309_digits", b'{"free":' + b"9" * 309 + b"}", _err("integer_out_of_range")),
+    ("int_i64_max_not_canonical", b'{"n": 9223372036854775807}', _ok({"n": INT64_MAX}, False)),
+    ("minus_zero_int", b"-0", _ok(0, False)),
+    ("long_digit_run_in_string", b'{"s":"12345678901234567890123"}',
+     _ok({"s": "12345678901234567890123"}, True)),
+    ("float_with_many_digits_is_a_float", b'{"f":1.2345678901234567e+30}',
+     _ok({"f": 1.2345678901234567e30}, True)),
+    # Judged by its length before int() runs (which refuses > 4300 digits): never a crash.
+    ("int_5000_digits", b'{"n":' + b"7" * 5000 + b"}", _err("integer_out_of_range")),
     # 1e400 is valid JSON grammar but overflows to inf: not a finite number.
     ("overflow_1e400", b'{"a":1e400}', _err("non_finite_number")),
     ("overflow_minus_1e400", b'{"a":-1e400}', _err("non_finite_number")),
@@ -266,10 +290,11 @@ def test_dumps_refuses_what_the_reference_refuses(value: Any, error: type[Except
 # -- properties -------------------------------------------------------------------------
 
 TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)))
+INT64 = st.integers(min_value=INT64_MIN, max_value=INT64_MAX)
 SCALARS = (
     st.none()
     | st.booleans()
-    | st.integers()
+    | INT64
     | st.floats(allow_nan=False, allow_infinity=False)
     | TEXT
 )
@@ -325,3 +350,49 @@ def test_property_unsorted_object_is_not_canonical(value: dict) -> None:
     parsed, is_canonical = parse_canonical(text)
     assert is_canonical is False
     assert tagged(parsed) == tagged(value)
+
+
+BEYOND_INT64 = (st.integers(min_value=INT64_MAX + 1)
+                | st.integers(max_value=INT64_MIN - 1)
+                | st.sampled_from([INT64_MAX + 1, INT64_MIN - 1, 2**64 - 1, 2**64]))
+
+
+@PROPERTY_SETTINGS
+@given(JSON_VALUES, BEYOND_INT64)
+def test_property_integer_beyond_64_bits_is_refused_everywhere(value: Any, big: int) -> None:
+    """Wherever an out-of-range integer hides, both paths refuse it with the same code
+    (the serialiser still writes it: it is the §3 definition, not a gate)."""
+    for doc in ({"big": big, "other": value}, {"a": [value, {"b": big}]}):
+        data = dumps_reference(doc)
+        assert dumps(doc) == data
+        for read in (loads, parse_canonical, load_stored):
+            with pytest.raises(CanonicalError) as exc:
+                read(data)
+            assert exc.value.code == "integer_out_of_range"
+
+
+# -- load_stored: what every later reader calls --------------------------------------------
+
+STORED_ROWS: dict[str, tuple[bytes, str | None]] = {
+    "canonical_object": (b'{"a":1,"b":[true,null]}', None),
+    "non_canonical_object_still_strict_json": (b'{"b":1, "a":2}', None),
+    "int_beyond_64_bits": (b'{"n":' + b"9" * 309 + b"}", "integer_out_of_range"),
+    "u64_range_int": (b'{"n":18446744073709551615}', "integer_out_of_range"),
+    "duplicate_key": (b'{"a":1,"a":2}', "duplicate_key"),
+    "nan": (b'{"a":NaN}', "non_finite_number"),
+    "invalid_utf8": (b'{"a":"\xff"}', "invalid_utf8"),
+    "top_level_array": (b"[1]", "not_an_object"),
+    "top_level_null": (b"null", "not_an_object"),
+    "empty": (b"", "malformed_json"),
+    "torn": (b'{"a":', "malformed_json"),
+}
+
+
+@pytest.mark.parametrize(("data", "code"), STORED_ROWS.values(), ids=STORED_ROWS)
+def test_load_stored(data: bytes, code: str | None) -> None:
+    if code is None:
+        assert load_stored(data) == loads(data)
+        return
+    with pytest.raises(CanonicalError) as exc:
+        load_stored(data)
+    assert exc.value.code == code
