@@ -17,7 +17,6 @@ import copy
 import hashlib
 import json
 import uuid
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,12 +25,12 @@ from stack import Stack
 
 from audit import verify_file
 from emitter.signing import sign_request
+from gateway.policy import DEFAULT_RULES_FILE
 from gateway.routes import QUERY_PATH, TELEMETRY_PATH
 from gateway.store import Record, open_store
 from keyring import Key, Keyring, PrivateKey
 from schemas.canonical import dumps
 
-ROOT = Path(__file__).resolve().parents[2]
 OTHER = "spectrastrike-other"
 OTHER_KEY = PrivateKey(hashlib.sha256(b"lab producer key, spectrastrike-other").digest())
 SIGNERS = {IDENTITY: (PRODUCER, "lab-2026"), OTHER: (OTHER_KEY, "lab-other-2026")}
@@ -47,7 +46,7 @@ class PolicyStack(Stack):
     KEYRING = Keyring([*(KEYS[kid] for kid in KEYS),
                        Key("lab-other-2026", OTHER_KEY.public, identity=OTHER,
                            tenants=frozenset({TENANT}))])
-    POLICY_RULES = ROOT / "policy" / "rules.toml"
+    POLICY_RULES = DEFAULT_RULES_FILE
 
 
 def critical_finding(fp: str) -> dict[str, Any]:
