@@ -124,7 +124,7 @@ class Pipeline:
         # stored with the nonce claim, so a failed answer never consumes the nonce
         if req.route.kind == "query" and self.respond is not None:
             ctx.response = await self.respond(ctx, now)
-        # §4.12-14 anchor attestation, claim the nonce, persist: one atomic store step
+        # §4.12-14 owner and attestation anchor, claim the nonce, persist: one atomic step
         commit = records.build_commit(req, body, ctx, now, cfg, signature)
         await self.commit(commit)
         ctx.record_id = commit.record.record_id
@@ -163,13 +163,20 @@ class Pipeline:
         finally:
             if self.store_timer is not None:
                 self.store_timer(time.perf_counter() - started)
+        if result.outcome is Outcome.EXECUTION_NOT_OWNED:
+            raise E.ExecutionNotOwned("this execution belongs to another service identity")
         if result.outcome is Outcome.ATTESTATION_MISMATCH:
             raise E.AttestationMismatch(
                 "attestation_measurement_hash differs from the hash anchored for this execution"
             )
         if result.outcome is Outcome.REPLAYED:
-            extra = {"duplicate_of": result.duplicate_of} if result.duplicate_of else {}
-            raise E.ReplayedNonce("this nonce was already used by this identity", **extra)
+            raise_replayed(result.duplicate_of)
+
+
+def raise_replayed(duplicate_of: str | None) -> None:
+    extra = {"duplicate_of": duplicate_of} if duplicate_of else {}
+    raise E.ReplayedNonce("this nonce was already used by this identity for this tenant",
+                          **extra)
 
 
 # -- the checks, each small and pure ------------------------------------------------------

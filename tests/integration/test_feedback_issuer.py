@@ -207,7 +207,7 @@ async def test_failed_feedback_write_keeps_the_query_nonce(store) -> None:
     store._db.execute(f"PRAGMA max_page_count = {pages}")
     status, error, _ = await lab.send(headers, raw, QUERY_PATH)
     assert (status, error) == (503, "store_unavailable")
-    assert not await store.is_claimed("spectrastrike-producer", QUERY_NONCE, NOW)
+    assert not await store.is_claimed("spectrastrike-producer", TENANT, QUERY_NONCE, NOW)
     assert await store.list_records("feedback", TENANT) == []
     store._db.execute("PRAGMA max_page_count = 1073741823")
     status, error, ctx = await lab.send(headers, raw, QUERY_PATH)

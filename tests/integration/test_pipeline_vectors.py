@@ -57,10 +57,12 @@ async def send_case(pipeline: Pipeline, case: dict):
 
 async def assert_nothing_written(store, case: dict) -> None:
     headers = CIMultiDict(case["headers"])
+    tenants = set(TELEMETRY["config"]["operator_tenants"].values())
     for identity in TELEMETRY["config"]["identities"]:
         nonce = headers.get("X-Telemetry-Nonce", "")
-        assert not await store.is_claimed(identity, nonce, case["now"])
-    for tenant in set(TELEMETRY["config"]["operator_tenants"].values()):
+        for tenant in tenants:
+            assert not await store.is_claimed(identity, tenant, nonce, case["now"])
+    for tenant in tenants:
         for kind in ("finding", "graph", "feedback"):
             assert await store.list_records(kind, tenant) == []
 
@@ -75,7 +77,8 @@ async def test_telemetry_vector(store, case):
     status, error, outcome = await send_case(pipeline, case)
     assert (status, error) == (case["expect"]["status"], case["expect"]["error"])
     if status == 202:
-        record = json.loads(await store.get_record("finding", outcome.record_id))
+        record = json.loads(await store.get_record("finding", outcome.record_id,
+                                                   outcome.tenant_id))
         assert base64.b64decode(record["body_b64"]) == base64.b64decode(case["body_b64"])
         assert record["peer_cert_sha256"] == case["peer_cert_sha256"]
     elif prior is None:
