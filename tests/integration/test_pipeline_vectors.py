@@ -23,7 +23,7 @@ from schemas.validate import Validators
 
 TELEMETRY = load_vectors("telemetry_v1.json")
 CASES = {case["name"]: case for case in TELEMETRY["cases"]}
-EXPECTED_NAMES = 42
+EXPECTED_NAMES = 46
 VALIDATORS = Validators()
 
 
@@ -67,13 +67,28 @@ async def assert_nothing_written(store, case: dict) -> None:
             assert await store.list_records(kind, tenant) == []
 
 
+def chain(case: dict) -> list[str]:
+    """The cases ``case`` comes after, oldest first (``after`` may itself have one)."""
+    names = []
+    while (name := case.get("after")) is not None:
+        assert name not in names, f"an `after` cycle through {name}"
+        names.append(name)
+        case = CASES[name]
+    return names[::-1]
+
+
+def test_after_chains_resolve():
+    assert chain(CASES["reject_execution_not_owned"]) == [
+        "accept_basic", "accept_same_nonce_other_tenant"]
+
+
 @pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
 async def test_telemetry_vector(store, case):
     pipeline = vector_pipeline(store)
     prior = None
-    if "after" in case:
-        status, error, prior = await send_case(pipeline, CASES[case["after"]])
-        assert (status, error) == (202, None)
+    for name in chain(case):  # the `after` chain, oldest first, each accepted
+        status, error, prior = await send_case(pipeline, CASES[name])
+        assert (status, error) == (202, None), name
     status, error, outcome = await send_case(pipeline, case)
     assert (status, error) == (case["expect"]["status"], case["expect"]["error"])
     if status == 202:
