@@ -49,13 +49,18 @@ def toml_value(value) -> str:
 
 
 class Stack:
-    def __init__(self, root: Path, store_url: str, **security) -> None:
+    def __init__(self, root: Path, store_url: str, *, tenants: dict | None = None,
+                 keys=KEYS, policy_rules: Path | None = None, **security) -> None:
+        """``tenants``: identity → its tenants (default: the lab's); ``keys``: the producer
+        keyring; ``policy_rules``: a rules file for the feedback policy (default none)."""
         self.root = root
         self.store_url = store_url
         self.port = free_port()
+        self.tenants = tenants or {IDENTITY: [TENANT], "spectrastrike-other": [TENANT_B]}
+        self.policy_rules = policy_rules
         self.pki = init_pki(root / "certs", IDENTITIES)
         (root / "keys").mkdir()
-        save_jwks(root / "keys" / "producers.jwks.json", KEYS)
+        save_jwks(root / "keys" / "producers.jwks.json", keys)
         (root / "keys" / "feedback.pem").write_bytes(PrivateKey(FEEDBACK_SEED).to_pem())
         self.audit_path = root / "audit" / "gateway-audit.jsonl"
         self.config_path = root / "gateway.toml"
@@ -77,10 +82,11 @@ class Stack:
             "", "[store]", f"url = {toml_value(self.store_url)}",
             "", "[audit]", f"path = {toml_value(str(self.audit_path))}",
         ]
-        tenants = {IDENTITY: [TENANT], "spectrastrike-other": [TENANT_B]}
+        if self.policy_rules is not None:
+            lines += ["", "[policy]", f"rules = {toml_value(str(self.policy_rules))}"]
         for name in IDENTITIES:
             lines += ["", f"[identities.{name}]", f"pins = [{toml_value(self.pin(name))}]",
-                      f"tenants = {toml_value(tenants[name])}"]
+                      f"tenants = {toml_value(self.tenants[name])}"]
         lines += ["", "[operator_tenants]"]
         lines += [f"{op} = {toml_value(t)}" for op, t in CONFIG["operator_tenants"].items()]
         self.config_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
