@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
 import re
 import time
@@ -123,6 +124,9 @@ class Pipeline:
         # §5 a feedback query's answer is computed (read-only) before the single write and
         # stored with the nonce claim, so a failed answer never consumes the nonce
         if req.route.kind == "query" and self.respond is not None:
+            # §4.13 (early) a replayed query is refused before its answer is computed: a
+            # read-only look at the claim; the claim at commit stays the authority
+            await self.refuse_claimed(ctx, nonce, hashlib.sha256(req.body).hexdigest(), now)
             ctx.response = await self.respond(ctx, now)
         # §4.12-14 owner and attestation anchor, claim the nonce, persist: one atomic step
         commit = records.build_commit(req, body, ctx, now, cfg, signature)
@@ -151,6 +155,15 @@ class Pipeline:
                                     pointer=exc.pointer) from None
         records.check_semantics(route, body)
         return body
+
+    async def refuse_claimed(self, ctx: Context, nonce: str, digest: str, now: int) -> None:
+        try:
+            claim = await self.store.get_claim(ctx.identity, ctx.tenant_id, nonce, now)
+        except StoreError:
+            raise E.ReplayStoreUnavailable("the replay store is unavailable") from None
+        if claim is not None:
+            duplicate = claim.request_id if claim.body_digest == digest else None
+            raise_replayed(duplicate)
 
     async def commit(self, commit: Commit) -> None:
         started = time.perf_counter()

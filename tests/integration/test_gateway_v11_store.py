@@ -10,10 +10,11 @@ import uuid
 
 import pytest
 from lab import FP, IDENTITY, KEYS, NOW, PRODUCER, TENANT, body_for
-from stack import Stack
+from stack import ROOT, Stack
 
 from emitter.signing import sign_request
-from gateway.routes import GRAPH_PATH, TELEMETRY_PATH
+from gateway.app import ISSUER
+from gateway.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
 from keyring import Key, Keyring, PrivateKey
 
 OTHER = "spectrastrike-other"
@@ -67,3 +68,34 @@ async def test_another_identity_cannot_send_for_an_owned_execution(shared_tenant
     events = [json.loads(line) for line in st.audit_path.read_text().splitlines()]
     refused = [e for e in events if e.get("event.reason") == "execution_not_owned"]
     assert [e["http.response.status_code"] for e in refused] == [403, 403, 403]
+
+
+@pytest.fixture
+async def with_policy(tmp_path, store_url):
+    st = Stack(tmp_path, store_url, policy_rules=ROOT / "policy" / "rules.toml")
+    async with st.running(clock=lambda: NOW) as runner:
+        issuer = runner.app[ISSUER]
+        real, calls = issuer.policy, []
+
+        async def counted(*args):  # the real rule policy, counted
+            calls.append(args[1:])
+            return await real(*args)
+
+        issuer.policy = counted
+        yield st, calls
+
+
+async def test_replayed_query_is_refused_before_its_answer_is_computed(with_policy):
+    st, calls = with_policy
+    assert (await post(st, TELEMETRY_PATH, *signed(TELEMETRY_PATH, telemetry(FP))))[0] == 202
+    headers, body = signed(QUERY_PATH, body_for(QUERY_PATH), nonce="query-nonce-0001")
+    status, first = await post(st, QUERY_PATH, headers, body)
+    assert status == 200 and len(calls) == 1
+    status, again = await post(st, QUERY_PATH, headers, body)
+    assert (status, again["error"], again["duplicate_of"]) == (
+        409, "replayed_nonce", first["request_id"])
+    other = signed(QUERY_PATH, body_for(QUERY_PATH, limit=5), nonce="query-nonce-0001")
+    status, changed = await post(st, QUERY_PATH, *other)
+    assert (status, changed["error"]) == (409, "replayed_nonce")
+    assert "duplicate_of" not in changed
+    assert len(calls) == 1  # neither replay reached the policy
