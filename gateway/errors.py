@@ -128,6 +128,12 @@ class AttestationMismatch(GatewayError):
     status, error = 403, "attestation_mismatch"
 
 
+class ExecutionNotOwned(GatewayError):
+    """[v1.1] The execution was anchored by another service identity (§5)."""
+
+    status, error, category = 403, "execution_not_owned", IAM
+
+
 # -- steps 13, 14: the single write -----------------------------------------------------
 class ReplayedNonce(GatewayError):
     status, error = 409, "replayed_nonce"
@@ -162,6 +168,6 @@ ALL_ERRORS: tuple[type[GatewayError], ...] = (
     MalformedSignatureHeaders, TimestampOutOfWindow, UnknownKid, KeyNotValid,
     InvalidSignature, MalformedJson, NonCanonicalBody, SchemaViolation, HeaderBodyMismatch,
     MappingViolation, SchemaVersionNotAllowed, RateLimited, AttestationMismatch,
-    ReplayedNonce, ReplayStoreUnavailable, StoreUnavailable, RequestTimeout, AuditUnavailable,
-    InternalError,
+    ExecutionNotOwned, ReplayedNonce, ReplayStoreUnavailable, StoreUnavailable, RequestTimeout,
+    AuditUnavailable, InternalError,
 )

@@ -95,7 +95,7 @@ class RulePolicy:
         decision = Decision()
         findings = await self._records(store, "finding", tenant_id, identity, decision.skipped)
         graphs = await self._records(store, "graph", tenant_id, identity, decision.skipped)
-        anchors = await self._anchors(store, tenant_id, [*findings, *graphs])
+        anchors = await self._anchors(store, tenant_id, identity, [*findings, *graphs])
         for facts in facts_from_records(tenant_id, findings, graphs, anchors):
             adjustment = evaluate(self.rules, facts, now)
             if adjustment is not None:
@@ -131,11 +131,15 @@ class RulePolicy:
         return records[::-1]
 
     @staticmethod
-    async def _anchors(store: Store, tenant_id: str,
+    async def _anchors(store: Store, tenant_id: str, identity: str,
                        records: list[Evidence]) -> dict[str, str]:
+        """The anchored hash of each execution ``identity`` owns (§5 v1.1): an execution
+        anchored by another identity, or whose owner is unknown, gets no adjustment."""
         fingerprints = sorted({r.execution_fingerprint for r in records})
         anchors = {}
         for fp in fingerprints:
+            if await store.get_anchor_owner(tenant_id, fp) != identity:
+                continue
             anchor = await store.get_anchor(tenant_id, fp)
             if anchor:
                 anchors[fp] = anchor

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
 import re
 import time
@@ -127,8 +128,11 @@ class Pipeline:
         # §5 a feedback query's answer is computed (read-only) before the single write and
         # stored with the nonce claim, so a failed answer never consumes the nonce
         if req.route.kind == "query" and self.respond is not None:
+            # §4.13 (early) a replayed query is refused before its answer is computed: a
+            # read-only look at the claim; the claim at commit stays the authority
+            await self.refuse_claimed(ctx, nonce, hashlib.sha256(req.body).hexdigest(), now)
             ctx.response = await self.respond(ctx, now)
-        # §4.12-14 anchor attestation, claim the nonce, persist: one atomic store step
+        # §4.12-14 owner and attestation anchor, claim the nonce, persist: one atomic step
         commit = records.build_commit(req, body, ctx, now, cfg, signature)
         await self.commit(commit)
         ctx.record_id = commit.record.record_id
@@ -156,6 +160,15 @@ class Pipeline:
         records.check_semantics(route, body)
         return body
 
+    async def refuse_claimed(self, ctx: Context, nonce: str, digest: str, now: int) -> None:
+        try:
+            claim = await self.store.get_claim(ctx.identity, ctx.tenant_id, nonce, now)
+        except StoreError:
+            raise E.ReplayStoreUnavailable("the replay store is unavailable") from None
+        if claim is not None:
+            duplicate = claim.request_id if claim.body_digest == digest else None
+            raise_replayed(duplicate)
+
     async def commit(self, commit: Commit) -> None:
         started = time.perf_counter()
         try:
@@ -167,13 +180,20 @@ class Pipeline:
         finally:
             if self.store_timer is not None:
                 self.store_timer(time.perf_counter() - started)
+        if result.outcome is Outcome.EXECUTION_NOT_OWNED:
+            raise E.ExecutionNotOwned("this execution belongs to another service identity")
         if result.outcome is Outcome.ATTESTATION_MISMATCH:
             raise E.AttestationMismatch(
                 "attestation_measurement_hash differs from the hash anchored for this execution"
             )
         if result.outcome is Outcome.REPLAYED:
-            extra = {"duplicate_of": result.duplicate_of} if result.duplicate_of else {}
-            raise E.ReplayedNonce("this nonce was already used by this identity", **extra)
+            raise_replayed(result.duplicate_of)
+
+
+def raise_replayed(duplicate_of: str | None) -> None:
+    extra = {"duplicate_of": duplicate_of} if duplicate_of else {}
+    raise E.ReplayedNonce("this nonce was already used by this identity for this tenant",
+                          **extra)
 
 
 # -- the checks, each small and pure ------------------------------------------------------

@@ -49,18 +49,23 @@ def toml_value(value) -> str:
 
 
 class Stack:
-    #: what a subclass may change: tenants per identity, producer keyring, [policy] rules
+    #: defaults a subclass may change: tenants per identity, producer keyring, [policy] rules
     TENANTS = {IDENTITY: [TENANT], "spectrastrike-other": [TENANT_B]}
     KEYRING = KEYS
     POLICY_RULES: Path | None = None
 
-    def __init__(self, root: Path, store_url: str, **security) -> None:
+    def __init__(self, root: Path, store_url: str, *, tenants: dict | None = None,
+                 keys=None, policy_rules: Path | None = None, **security) -> None:
+        """``tenants``: identity → its tenants; ``keys``: the producer keyring;
+        ``policy_rules``: a rules file for the feedback policy (defaults: the class's)."""
         self.root = root
         self.store_url = store_url
         self.port = free_port()
+        self.tenants = tenants or self.TENANTS
+        self.policy_rules = policy_rules if policy_rules is not None else self.POLICY_RULES
         self.pki = init_pki(root / "certs", IDENTITIES)
         (root / "keys").mkdir()
-        save_jwks(root / "keys" / "producers.jwks.json", self.KEYRING)
+        save_jwks(root / "keys" / "producers.jwks.json", keys or self.KEYRING)
         (root / "keys" / "feedback.pem").write_bytes(PrivateKey(FEEDBACK_SEED).to_pem())
         self.audit_path = root / "audit" / "gateway-audit.jsonl"
         self.config_path = root / "gateway.toml"
@@ -82,11 +87,11 @@ class Stack:
             "", "[store]", f"url = {toml_value(self.store_url)}",
             "", "[audit]", f"path = {toml_value(str(self.audit_path))}",
         ]
-        if self.POLICY_RULES is not None:
-            lines += ["", "[policy]", f"rules = {toml_value(str(self.POLICY_RULES))}"]
+        if self.policy_rules is not None:
+            lines += ["", "[policy]", f"rules = {toml_value(str(self.policy_rules))}"]
         for name in IDENTITIES:
             lines += ["", f"[identities.{name}]", f"pins = [{toml_value(self.pin(name))}]",
-                      f"tenants = {toml_value(self.TENANTS[name])}"]
+                      f"tenants = {toml_value(self.tenants[name])}"]
         lines += ["", "[operator_tenants]"]
         lines += [f"{op} = {toml_value(t)}" for op, t in CONFIG["operator_tenants"].items()]
         self.config_path.write_text("\n".join(lines) + "\n", encoding="utf-8")

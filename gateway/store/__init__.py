@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from .base import Anchor, Commit, CommitResult, Outcome, Record, Store, StoreError
+from .base import Anchor, Claim, Commit, CommitResult, Outcome, Record, Store, StoreError
 
 __all__ = [
-    "Anchor", "Commit", "CommitResult", "Outcome", "Record", "Store", "StoreError", "open_store",
+    "Anchor", "Claim", "Commit", "CommitResult", "Outcome", "Record", "Store", "StoreError",
+    "open_store",
 ]
 
 

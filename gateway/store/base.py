@@ -2,9 +2,9 @@
 
 Both implementations (``sqlite.SqliteStore``, ``redis.RedisStore``) run the same
 contract tests. ``commit`` is the only write on the request path: in one atomic step it
-(12) checks/sets the attestation anchor, (13) claims ``(identity, nonce)`` and (14)
-persists the record. If any part fails nothing is written, so a failed write never
-consumes a nonce.
+(12) checks the execution's owner and attestation anchor (setting both for a new
+execution), (13) claims ``(identity, tenant_id, nonce)`` and (14) persists the record. If
+any part fails nothing is written, so a failed write never consumes a nonce.
 """
 
 from __future__ import annotations
@@ -30,7 +30,11 @@ class StoreError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Anchor:
-    """First attestation hash seen for ``(tenant_id, execution_fingerprint)``."""
+    """First attestation hash seen for ``(tenant_id, execution_fingerprint)``.
+
+    The commit that anchors an execution also records its owner: the commit's identity
+    (PROTOCOL.md §5 v1.1). Only that identity may later send for the execution.
+    """
 
     tenant_id: str
     execution_fingerprint: str
@@ -55,6 +59,8 @@ class Record:
 
 @dataclass(frozen=True, slots=True)
 class Commit:
+    """The nonce is claimed per ``(identity, record.tenant_id, nonce)`` (§4.13 v1.1)."""
+
     identity: str
     nonce: str
     body_digest: str  # sha256 hex of the exact body bytes
@@ -64,11 +70,24 @@ class Commit:
     record: Record
     anchor: Anchor | None  # None: no anchoring for this request
 
+    @property
+    def tenant_id(self) -> str:
+        return self.record.tenant_id
+
 
 class Outcome(StrEnum):
     ACCEPTED = "accepted"
     ATTESTATION_MISMATCH = "attestation_mismatch"
+    EXECUTION_NOT_OWNED = "execution_not_owned"
     REPLAYED = "replayed"
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A live nonce claim: the digest of the accepted body and its request id."""
+
+    body_digest: str
+    request_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,14 +127,28 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def is_claimed(self, identity: str, nonce: str, now: int) -> bool:
-        """True when ``(identity, nonce)`` holds an unexpired claim (read-only)."""
+    async def get_claim(self, identity: str, tenant_id: str, nonce: str,
+                        now: int) -> Claim | None:
+        """The unexpired claim of ``(identity, tenant_id, nonce)``, or one made before v1.1
+        for ``(identity, nonce)`` (read-only); None when the nonce is free."""
+
+    async def is_claimed(self, identity: str, tenant_id: str, nonce: str, now: int) -> bool:
+        """True when the nonce holds an unexpired claim (read-only), see ``get_claim``."""
+        return await self.get_claim(identity, tenant_id, nonce, now) is not None
 
     @abc.abstractmethod
-    async def get_record(self, kind: str, record_id: str) -> bytes | None: ...
+    async def get_record(self, kind: str, record_id: str, tenant_id: str) -> bytes | None:
+        """The record ``(kind, record_id)`` of ``tenant_id``; None if absent or another
+        tenant's (records live in their tenant's key space)."""
 
     @abc.abstractmethod
     async def get_anchor(self, tenant_id: str, execution_fingerprint: str) -> str | None: ...
+
+    @abc.abstractmethod
+    async def get_anchor_owner(self, tenant_id: str, execution_fingerprint: str) -> str | None:
+        """The identity that owns the execution; None when it has no anchor or its owner
+        is unknown (an anchor from before v1.1 with no record to take it from: owned by
+        nobody, refused for everyone)."""
 
     @abc.abstractmethod
     async def list_records(self, kind: str, tenant_id: str, limit: int = 1000, *,

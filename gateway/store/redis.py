@@ -3,20 +3,23 @@
 Key layout (``P`` = ``key_prefix``; braces are Redis Cluster hash tags):
 
 - ``P:{<tenant>}:a:<fp>``          anchor: the first attestation hash (no TTL)
+- ``P:{<tenant>}:o:<fp>``          owner: the identity that anchored it (no TTL; ``""``:
+                                   a pre-v1.1 anchor whose owner is unknown — nobody's)
 - ``P:{<tenant>}:r:<kind>:<id>``   record: its canonical JSON bytes (no TTL)
 - ``P:{<tenant>}:i:<kind>``        index: list of record ids, oldest first
-- ``P:{id:<identity>}:n:<nonce>``  claim: ``<expires_at>|<body digest>|<request id>``, TTL
-                                   nonce_ttl_s
-- ``P:p:<kind>:<id>``              pointer: record id -> tenant (for ``get_record``)
+- ``P:{<tenant>}:n:<identity>:<nonce>``  claim: ``<expires_at>|<body digest>|<request
+                                   id>``, TTL nonce_ttl_s
+- ``P:schema``                     hash: layout version, ``legacy_nonces_until``
 
 A claim is live while the key exists (Redis clock, garbage collection) and its
 ``expires_at`` (= ``commit.now + nonce_ttl_s``) is after the request's ``now``: the same
 gateway clock as the timestamp window (§4.4) and the same rule as the SQLite store.
 
-The nonce namespace is per identity across all routes and tenants (§4.13), so the nonce
-key is tagged by identity and the pointer key by nothing: one commit touches three hash
-slots. A single Redis (with replicas) is fine; a Redis Cluster would need the identity,
-tenant and pointer slots co-located, which it cannot guarantee — run one primary.
+Nonces are claimed per (identity, tenant) (§4.13 v1.1) and records are read by tenant,
+so every key of one commit carries the tenant's hash tag: one Redis Cluster slot. The
+only exception is the upgrade window (``redis_scripts.migrate``): until the last claim
+made under the pre-v1.1 layout (``P:{id:<identity>}:n:<nonce>``) expires, that key is
+also checked — on the single Redis every pre-v1.1 deployment runs.
 """
 
 from __future__ import annotations
@@ -28,47 +31,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from .base import Commit, CommitResult, Outcome, Record, Store, StoreError
-
-# The shebang makes this a flagged (Redis 7) write script: with maxmemory reached, a
-# read-only replica or a failing AOF, Redis refuses the whole EVALSHA before running it.
-# Without the shebang only the first write would be refused; the script is also ordered
-# so that every check runs before the first write. Nothing is rolled back in Redis, so
-# neither defence may be dropped.
-COMMIT_LUA = """#!lua
--- KEYS[1] nonce  KEYS[2] record  KEYS[3] pointer  KEYS[4] index  KEYS[5] anchor (optional)
--- ARGV[1] claim (expires_at|digest|request_id)  ARGV[2] nonce TTL s  ARGV[3] record data
--- ARGV[4] tenant  ARGV[5] record id  ARGV[6] attestation hash (with KEYS[5])  ARGV[7] now
--- 1. attestation anchor: a different hash already anchored -> mismatch, nothing written
-if KEYS[5] then
-  local anchored = redis.call('GET', KEYS[5])
-  if anchored and anchored ~= ARGV[6] then return {'mismatch', anchored} end
-end
--- 2. replay: a live claim -> replayed with the stored claim, nothing written
-local claimed = redis.call('GET', KEYS[1])
-if claimed and (tonumber(string.match(claimed, '^%d+')) or math.huge) > tonumber(ARGV[7]) then
-  return {'replayed', claimed}
-end
--- 3. record id already used -> conflict, nothing written
-if redis.call('EXISTS', KEYS[2], KEYS[3]) > 0 then return {'conflict'} end
--- 4. write everything: claim (replacing an expired one), anchor, record, pointer, index
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-if KEYS[5] then redis.call('SET', KEYS[5], ARGV[6], 'NX') end
-redis.call('SET', KEYS[2], ARGV[3])
-redis.call('SET', KEYS[3], ARGV[4])
-redis.call('RPUSH', KEYS[4], ARGV[5])
-return {'accepted'}
-"""
-
-# A record outside any claim (issued feedback): same record/pointer/index layout.
-# KEYS[1] record  KEYS[2] pointer  KEYS[3] index; ARGV[1] data  ARGV[2] tenant  ARGV[3] id
-PUT_LUA = """#!lua
-if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 'conflict' end
-redis.call('SET', KEYS[1], ARGV[1])
-redis.call('SET', KEYS[2], ARGV[2])
-redis.call('RPUSH', KEYS[3], ARGV[3])
-return 'ok'
-"""
+from .base import Claim, Commit, CommitResult, Outcome, Record, Store, StoreError
+from .redis_scripts import COMMIT_LUA, PUT_LUA, migrate
 
 _IDENTITY = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _TENANT = re.compile(r"[a-fA-F0-9-]{36}")
@@ -100,6 +64,7 @@ class RedisStore(Store):
         self.prefix = _check(_PREFIX, key_prefix, "key_prefix")
         self._redis: Redis | None = None
         self._sha = ""
+        self._legacy_until = 0  # pre-v1.1 claims may be live while a request's now < this
 
     # -- keys ---------------------------------------------------------------------------
     def _tenant(self, tenant_id: str) -> str:
@@ -109,14 +74,19 @@ class RedisStore(Store):
         rid = _check(_RECORD_ID, record_id, "record id")
         return f"{self._tenant(tenant_id)}:r:{_check(_KIND, kind, 'kind')}:{rid}"
 
-    def _pointer_key(self, kind: str, record_id: str) -> str:
-        rid = _check(_RECORD_ID, record_id, "record id")
-        return f"{self.prefix}:p:{_check(_KIND, kind, 'kind')}:{rid}"
+    def _index_key(self, tenant_id: str, kind: str) -> str:
+        return f"{self._tenant(tenant_id)}:i:{_check(_KIND, kind, 'kind')}"
 
-    def _anchor_key(self, tenant_id: str, fp: str) -> str:
-        return f"{self._tenant(tenant_id)}:a:{_check(_HEX64, fp, 'execution fingerprint')}"
+    def _anchor_key(self, tenant_id: str, fp: str, part: str = "a") -> str:
+        """``part`` ``a``: the anchored hash; ``o``: the owner."""
+        return f"{self._tenant(tenant_id)}:{part}:{_check(_HEX64, fp, 'execution fingerprint')}"
 
-    def _nonce_key(self, identity: str, nonce: str) -> str:
+    def _nonce_key(self, identity: str, tenant_id: str, nonce: str) -> str:
+        ident = _check(_IDENTITY, identity, "identity")
+        return f"{self._tenant(tenant_id)}:n:{ident}:{_check(_NONCE, nonce, 'nonce')}"
+
+    def _legacy_nonce_key(self, identity: str, nonce: str) -> str:
+        """A claim made before v1.1 (per identity, in the identity's slot)."""
         ident = _check(_IDENTITY, identity, "identity")
         return f"{self.prefix}:{{id:{ident}}}:n:{_check(_NONCE, nonce, 'nonce')}"
 
@@ -140,6 +110,7 @@ class RedisStore(Store):
                              "Redis 7.0 or newer is required") from e
         except RedisError as e:
             raise StoreError("claim", f"Redis is unavailable ({type(e).__name__}: {e})") from e
+        self._legacy_until = await self._call(migrate, self.prefix)
 
     async def _check_durable(self) -> None:
         try:
@@ -174,18 +145,21 @@ class RedisStore(Store):
         rec, anchor = commit.record, commit.anchor
         if commit.nonce_ttl_s <= 0:
             raise ValueError("nonce_ttl_s must be positive")
-        args = [
-            5 if anchor else 4,
-            self._nonce_key(commit.identity, commit.nonce),
-            self._record_key(rec.tenant_id, rec.kind, rec.record_id),
-            self._pointer_key(rec.kind, rec.record_id),
-            f"{self._tenant(rec.tenant_id)}:i:{rec.kind}",
-        ]
+        if anchor is not None and anchor.tenant_id != rec.tenant_id:
+            raise ValueError("the anchor and the record must belong to one tenant")
+        keys = [self._nonce_key(commit.identity, rec.tenant_id, commit.nonce),
+                self._record_key(rec.tenant_id, rec.kind, rec.record_id),
+                self._index_key(rec.tenant_id, rec.kind)]
         if anchor is not None:
-            args.append(self._anchor_key(anchor.tenant_id, anchor.execution_fingerprint))
+            fp = anchor.execution_fingerprint
+            keys += [self._anchor_key(rec.tenant_id, fp), self._anchor_key(rec.tenant_id, fp, "o")]
+        legacy = commit.now < self._legacy_until
+        if legacy:
+            keys.append(self._legacy_nonce_key(commit.identity, commit.nonce))
         claim = f"{commit.now + commit.nonce_ttl_s}|{commit.body_digest}|{commit.request_id}"
-        args += [claim, commit.nonce_ttl_s, rec.data, rec.tenant_id, rec.record_id,
-                 anchor.attestation_hash if anchor else "", commit.now]
+        args = [len(keys), *keys, claim, commit.nonce_ttl_s, rec.data, rec.record_id,
+                commit.now, commit.identity, anchor.attestation_hash if anchor else "",
+                "1" if legacy else "0"]
         reply = await self._call(self._evalsha, args, refused="write")
         return self._result(reply, commit.body_digest)
 
@@ -219,46 +193,59 @@ class RedisStore(Store):
             return CommitResult(Outcome.REPLAYED, duplicate_of=dup)
         if status == b"mismatch":
             return CommitResult(Outcome.ATTESTATION_MISMATCH, anchored_hash=reply[1].decode())
+        if status == b"not_owned":
+            return CommitResult(Outcome.EXECUTION_NOT_OWNED)
+        if status == b"unmigrated":  # another gateway is still back-filling owners
+            raise StoreError("claim", "the execution's owner is not migrated yet (v1.1)")
         raise StoreError("write", "record id already exists; nothing was written")
 
     async def put_record(self, record: Record, now: int) -> None:
         keys = [self._record_key(record.tenant_id, record.kind, record.record_id),
-                self._pointer_key(record.kind, record.record_id),
-                f"{self._tenant(record.tenant_id)}:i:{record.kind}"]
-        reply = await self._call(Redis.eval, PUT_LUA, 3, *keys, record.data, record.tenant_id,
-                                 record.record_id, refused="write")
+                self._index_key(record.tenant_id, record.kind)]
+        reply = await self._call(Redis.eval, PUT_LUA, 2, *keys, record.data, record.record_id,
+                                 refused="write")
         if reply != b"ok":
             raise StoreError("write", "record id already exists; nothing was written")
 
     # -- reads --------------------------------------------------------------------------
-    async def is_claimed(self, identity: str, nonce: str, now: int) -> bool:
-        if not (_IDENTITY.fullmatch(identity) and _NONCE.fullmatch(nonce)):
-            return False  # never claimable: the pipeline refuses such requests first
-        claim = await self._call(Redis.get, self._nonce_key(identity, nonce))
-        return claim is not None and int(claim.split(b"|", 1)[0]) > now
+    async def get_claim(self, identity: str, tenant_id: str, nonce: str,
+                        now: int) -> Claim | None:
+        if not (_IDENTITY.fullmatch(identity) and _NONCE.fullmatch(nonce)
+                and _TENANT.fullmatch(tenant_id)):
+            return None  # never claimable: the pipeline refuses such requests first
+        keys = [self._nonce_key(identity, tenant_id, nonce)]
+        if now < self._legacy_until:
+            keys.append(self._legacy_nonce_key(identity, nonce))
+        for key in keys:  # one GET each: the legacy key lives in another slot
+            value = await self._call(Redis.get, key)
+            if value is not None:
+                expires_at, digest, request_id = value.decode().split("|", 2)
+                if int(expires_at) > now:
+                    return Claim(digest, request_id)
+        return None
 
-    async def get_record(self, kind: str, record_id: str) -> bytes | None:
-        tenant = await self._call(Redis.get, self._pointer_key(kind, record_id))
-        if tenant is None:
-            return None
-        return await self._call(Redis.get, self._record_key(tenant.decode(), kind, record_id))
+    async def get_record(self, kind: str, record_id: str, tenant_id: str) -> bytes | None:
+        return await self._call(Redis.get, self._record_key(tenant_id, kind, record_id))
 
     async def get_anchor(self, tenant_id: str, execution_fingerprint: str) -> str | None:
         value = await self._call(Redis.get, self._anchor_key(tenant_id, execution_fingerprint))
         return None if value is None else value.decode()
 
+    async def get_anchor_owner(self, tenant_id: str, execution_fingerprint: str) -> str | None:
+        value = await self._call(Redis.get,
+                                 self._anchor_key(tenant_id, execution_fingerprint, "o"))
+        return (value.decode() or None) if value is not None else None
+
     async def list_records(self, kind: str, tenant_id: str, limit: int = 1000, *,
                            newest_first: bool = False, offset: int = 0) -> list[bytes]:
         if limit <= 0 or offset < 0:
             return []
-        prefix = self._tenant(tenant_id)
-        kind = _check(_KIND, kind, "kind")
+        prefix, index = self._tenant(tenant_id), self._index_key(tenant_id, kind)
         if newest_first:  # the index is oldest first: take a slice from its end, reversed
-            ids = (await self._call(Redis.lrange, f"{prefix}:i:{kind}",
-                                    -(offset + limit), -(offset + 1)))[::-1]
+            ids = (await self._call(Redis.lrange, index, -(offset + limit),
+                                    -(offset + 1)))[::-1]
         else:
-            ids = await self._call(Redis.lrange, f"{prefix}:i:{kind}", offset,
-                                   offset + limit - 1)
+            ids = await self._call(Redis.lrange, index, offset, offset + limit - 1)
         if not ids:
             return []
         keys = [f"{prefix}:r:{kind}:{rid.decode()}" for rid in ids]

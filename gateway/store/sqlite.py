@@ -3,8 +3,9 @@
 Each store object owns one connection used from one dedicated thread, so the event loop
 never blocks on disk and several worker processes can share the file: SQLite's own
 locking serialises writers (``BEGIN IMMEDIATE`` + ``busy_timeout``). ``commit`` is one
-transaction: anchor check, nonce claim and record insert succeed or vanish together,
-and a 202 is only answered after the WAL is fsynced (durable across a crash).
+transaction: owner and anchor check, nonce claim and record insert succeed or vanish
+together, and a 202 is only answered after the WAL is fsynced (durable across a crash).
+The schema and its upgrade from the pre-v1.1 layout live in ``sqlite_schema``.
 """
 
 from __future__ import annotations
@@ -19,25 +20,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .base import Commit, CommitResult, Outcome, Record, Store, StoreError
+from .base import Claim, Commit, CommitResult, Outcome, Record, Store, StoreError
+from .sqlite_schema import SCHEMA, migrate, sweep_legacy_nonces
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS nonces (
-    identity TEXT NOT NULL, nonce TEXT NOT NULL, expires_at INTEGER NOT NULL,
-    body_digest TEXT NOT NULL, request_id TEXT NOT NULL,
-    PRIMARY KEY (identity, nonce)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS nonces_expiry ON nonces (expires_at);
-CREATE TABLE IF NOT EXISTS anchors (
-    tenant_id TEXT NOT NULL, execution_fingerprint TEXT NOT NULL,
-    attestation_hash TEXT NOT NULL, created_at INTEGER NOT NULL,
-    PRIMARY KEY (tenant_id, execution_fingerprint)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS records (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    kind TEXT NOT NULL, record_id TEXT NOT NULL, tenant_id TEXT NOT NULL,
-    execution_fingerprint TEXT, created_at INTEGER NOT NULL, data BLOB NOT NULL,
-    UNIQUE (kind, record_id));
-CREATE INDEX IF NOT EXISTS records_by_tenant ON records (kind, tenant_id, seq);
-"""
 T = TypeVar("T")
 PURGE_EVERY = 512  # commits between sweeps of expired nonces
 
@@ -110,6 +95,7 @@ class SqliteStore(Store):
         self._db: sqlite3.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._commits = 0
+        self._legacy_nonces = False  # the pre-v1.1 table still holds live claims
 
     # -- lifecycle --------------------------------------------------------------------
     async def open(self) -> None:
@@ -118,6 +104,12 @@ class SqliteStore(Store):
 
     def _open_sync(self) -> None:
         db = connect_durable(self.path, self.busy_timeout_ms, SCHEMA)
+        try:
+            with transaction(db, self.busy_timeout_ms):
+                self._legacy_nonces = migrate(db)
+        except BaseException:
+            db.close()
+            raise
         self._db = db
 
     async def close(self) -> None:
@@ -161,33 +153,50 @@ class SqliteStore(Store):
         return CommitResult(Outcome.ACCEPTED)
 
     def _decide(self, db: sqlite3.Connection, c: Commit) -> CommitResult | None:
-        # 12. attestation anchor: a different hash for the pair is a mismatch
+        # 12. the execution's owner, then its attestation anchor
         if c.anchor is not None:
             row = db.execute(
-                "SELECT attestation_hash FROM anchors"
+                "SELECT attestation_hash, owner FROM anchors"
                 " WHERE tenant_id=? AND execution_fingerprint=?",
                 (c.anchor.tenant_id, c.anchor.execution_fingerprint)).fetchone()
+            if row is not None and row[1] != c.identity:  # NULL owner: nobody's
+                return CommitResult(Outcome.EXECUTION_NOT_OWNED)
             if row is not None and row[0] != c.anchor.attestation_hash:
                 return CommitResult(Outcome.ATTESTATION_MISMATCH, anchored_hash=row[0])
-        # 13. replay: an unexpired (identity, nonce) claim
-        row = db.execute(
-            "SELECT body_digest, request_id FROM nonces"
-            " WHERE identity=? AND nonce=? AND expires_at>?",
-            (c.identity, c.nonce, c.now)).fetchone()
-        if row is not None:
-            duplicate_of = row[1] if row[0] == c.body_digest else None
+        # 13. replay: an unexpired (identity, tenant, nonce) claim, or a pre-v1.1 one
+        claim = self._claim(db, c.identity, c.tenant_id, c.nonce, c.now)
+        if claim is not None:
+            duplicate_of = claim.request_id if claim.body_digest == c.body_digest else None
             return CommitResult(Outcome.REPLAYED, duplicate_of=duplicate_of)
         return None
+
+    def _claim(self, db: sqlite3.Connection, identity: str, tenant_id: str, nonce: str,
+               now: int) -> Claim | None:
+        row = db.execute(
+            "SELECT body_digest, request_id FROM claims"
+            " WHERE identity=? AND tenant_id=? AND nonce=? AND expires_at>?",
+            (identity, tenant_id, nonce, now)).fetchone()
+        if row is None and self._legacy_nonces:  # claimed per identity before v1.1
+            row = db.execute(
+                "SELECT body_digest, request_id FROM nonces"
+                " WHERE identity=? AND nonce=? AND expires_at>?",
+                (identity, nonce, now)).fetchone()
+        return None if row is None else Claim(row[0], row[1])
 
     def _write(self, db: sqlite3.Connection, c: Commit) -> None:
         try:
             # 13. claim (replacing an expired claim of the same nonce, if any)
-            db.execute("INSERT OR REPLACE INTO nonces VALUES (?,?,?,?,?)",
-                       (c.identity, c.nonce, c.now + c.nonce_ttl_s, c.body_digest, c.request_id))
-            if c.anchor is not None:
-                db.execute("INSERT OR IGNORE INTO anchors VALUES (?,?,?,?)",
-                           (c.anchor.tenant_id, c.anchor.execution_fingerprint,
-                            c.anchor.attestation_hash, c.now))
+            db.execute(
+                "INSERT OR REPLACE INTO claims (identity, tenant_id, nonce, expires_at,"
+                " body_digest, request_id) VALUES (?,?,?,?,?,?)",
+                (c.identity, c.tenant_id, c.nonce, c.now + c.nonce_ttl_s, c.body_digest,
+                 c.request_id))
+            if c.anchor is not None:  # 12. a new execution: anchored and owned by us
+                db.execute(
+                    "INSERT OR IGNORE INTO anchors (tenant_id, execution_fingerprint,"
+                    " attestation_hash, created_at, owner) VALUES (?,?,?,?,?)",
+                    (c.anchor.tenant_id, c.anchor.execution_fingerprint,
+                     c.anchor.attestation_hash, c.now, c.identity))
             # 14. persist the record
             r = c.record
             db.execute(
@@ -195,7 +204,9 @@ class SqliteStore(Store):
                 " created_at, data) VALUES (?,?,?,?,?,?)",
                 (r.kind, r.record_id, r.tenant_id, r.execution_fingerprint, c.now, r.data))
             if self._commits % PURGE_EVERY == PURGE_EVERY - 1:
-                db.execute("DELETE FROM nonces WHERE expires_at <= ?", (c.now,))
+                db.execute("DELETE FROM claims WHERE expires_at <= ?", (c.now,))
+                if self._legacy_nonces:
+                    self._legacy_nonces = sweep_legacy_nonces(db, c.now)
         except sqlite3.Error as exc:
             raise StoreError("write", f"sqlite write failed: {exc}") from exc
 
@@ -213,23 +224,30 @@ class SqliteStore(Store):
             raise StoreError("write", f"sqlite write failed: {exc}") from exc
 
     # -- reads ------------------------------------------------------------------------
-    async def is_claimed(self, identity: str, nonce: str, now: int) -> bool:
-        row = await self._run(lambda: self._conn().execute(
-            "SELECT 1 FROM nonces WHERE identity=? AND nonce=? AND expires_at>?",
-            (identity, nonce, now)).fetchone(), stage="claim")
-        return row is not None
+    async def get_claim(self, identity: str, tenant_id: str, nonce: str,
+                        now: int) -> Claim | None:
+        return await self._run(lambda: self._claim(self._conn(), identity, tenant_id, nonce,
+                                                   now), stage="claim")
 
-    async def get_record(self, kind: str, record_id: str) -> bytes | None:
+    async def get_record(self, kind: str, record_id: str, tenant_id: str) -> bytes | None:
         row = await self._run(lambda: self._conn().execute(
-            "SELECT data FROM records WHERE kind=? AND record_id=?", (kind, record_id)
-        ).fetchone(), stage="claim")
+            "SELECT data FROM records WHERE kind=? AND record_id=? AND tenant_id=?",
+            (kind, record_id, tenant_id)).fetchone(), stage="claim")
         return None if row is None else bytes(row[0])
 
     async def get_anchor(self, tenant_id: str, execution_fingerprint: str) -> str | None:
-        row = await self._run(lambda: self._conn().execute(
-            "SELECT attestation_hash FROM anchors WHERE tenant_id=? AND execution_fingerprint=?",
-            (tenant_id, execution_fingerprint)).fetchone(), stage="claim")
+        row = await self._anchor_row(tenant_id, execution_fingerprint)
         return None if row is None else row[0]
+
+    async def get_anchor_owner(self, tenant_id: str, execution_fingerprint: str) -> str | None:
+        row = await self._anchor_row(tenant_id, execution_fingerprint)
+        return None if row is None else row[1]
+
+    async def _anchor_row(self, tenant_id: str, fp: str) -> tuple[str, str | None] | None:
+        return await self._run(lambda: self._conn().execute(
+            "SELECT attestation_hash, owner FROM anchors"
+            " WHERE tenant_id=? AND execution_fingerprint=?", (tenant_id, fp)).fetchone(),
+            stage="claim")
 
     async def list_records(self, kind: str, tenant_id: str, limit: int = 1000, *,
                            newest_first: bool = False, offset: int = 0) -> list[bytes]:

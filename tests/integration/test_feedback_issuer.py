@@ -26,10 +26,11 @@ from gateway import errors as E
 from gateway.feedback import FeedbackIssuer, RulePolicy
 from gateway.policy import DEFAULT_RULES_FILE, load_rules
 from gateway.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
+from gateway.store import Record
 from keyring import Key, Keyring, KeyStatus
 from keyring.ed25519 import PrivateKey, verify
 from keyring.keys import parse_jwks
-from schemas.canonical import loads
+from schemas.canonical import dumps, loads
 from schemas.signing import feedback_signing_input
 from schemas.validate import Validators
 
@@ -139,6 +140,23 @@ async def test_rule_policy_other_tenant_sees_nothing(store) -> None:
     assert await decide(RulePolicy(RULES), store, TENANT_B, 100) == []
 
 
+async def test_rule_policy_ignores_records_for_executions_another_identity_owns(
+        store) -> None:
+    """A finding stored before v1.1 from another identity of the tenant, for an execution
+    IDENTITY anchored (so owns), gives that identity no adjustment for it (§5 v1.1)."""
+    await feed(store)
+    other = "spectrastrike-other"
+    for raw in await store.list_records("finding", TENANT):
+        evidence = loads(raw)
+        if evidence["execution_fingerprint"] == FP_CRIT:
+            evidence.update(identity=other, finding_id="legacy-" + evidence["finding_id"])
+            await store.put_record(Record("finding", evidence["finding_id"], TENANT, FP_CRIT,
+                                          dumps(evidence)), NOW)
+    assert await store.get_anchor_owner(TENANT, FP_CRIT) == IDENTITY
+    assert await decide(RulePolicy(RULES), store, TENANT, 100, identity=other) == []
+    assert await decide(RulePolicy(RULES), store, TENANT, 100) == EXPECTED
+
+
 async def query_ctx(store, limit: int = 10):
     lab = Lab(store)
     headers, raw = lab.signed(QUERY_PATH, body_for(QUERY_PATH, limit=limit), nonce=QUERY_NONCE)
@@ -215,7 +233,7 @@ async def test_failed_feedback_write_keeps_the_query_nonce(store) -> None:
     store._db.execute(f"PRAGMA max_page_count = {pages}")
     status, error, _ = await lab.send(headers, raw, QUERY_PATH)
     assert (status, error) == (503, "store_unavailable")
-    assert not await store.is_claimed("spectrastrike-producer", QUERY_NONCE, NOW)
+    assert not await store.is_claimed("spectrastrike-producer", TENANT, QUERY_NONCE, NOW)
     assert await store.list_records("feedback", TENANT) == []
     store._db.execute("PRAGMA max_page_count = 1073741823")
     status, error, ctx = await lab.send(headers, raw, QUERY_PATH)

@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from lab import IDENTITY, Lab
+from lab import IDENTITY, TENANT, Lab
 from stack import ROOT, Stack
 
 from gateway.routes import TELEMETRY_PATH
@@ -61,7 +61,7 @@ async def test_kill_9_right_after_202_loses_nothing(stack):
     store = open_store(stack.store_url)
     await store.open()
     try:
-        record = await store.get_record("finding", payload["finding_id"])
+        record = await store.get_record("finding", payload["finding_id"], TENANT)
     finally:
         await store.close()
     assert json.loads(record)["request_id"] == payload["request_id"]

@@ -157,8 +157,8 @@ async def test_rejection_row(store, name):
     got_status, got_code, exc = await lab.send(headers, body, path, peer=peer)
     assert (got_status, got_code) == (status, code), getattr(exc, "detail", exc)
     nonce = CIMultiDict(headers).get("X-Telemetry-Nonce", "")
-    assert not await store.is_claimed(IDENTITY, nonce, NOW)
     for tenant in (TENANT, TENANT_B):
+        assert not await store.is_claimed(IDENTITY, tenant, nonce, NOW)
         for kind in ("finding", "graph", "feedback"):
             assert await store.list_records(kind, tenant) == []
 
@@ -187,7 +187,7 @@ async def test_attestation_mismatch_after_anchor(store):
     headers, raw = lab.signed(GRAPH_PATH, body=graph, nonce="nonce-graph-0001")
     status, code, _ = await lab.send(headers, raw, GRAPH_PATH)
     assert (status, code) == (403, "attestation_mismatch")
-    assert not await store.is_claimed(IDENTITY, "nonce-graph-0001", NOW)
+    assert not await store.is_claimed(IDENTITY, TENANT, "nonce-graph-0001", NOW)
     assert await store.list_records("graph", TENANT) == []
     # anchoring switched off: the same graph is accepted
     status, code, _ = await Lab(store, anchor_attestation=False).send(headers, raw, GRAPH_PATH)
@@ -202,7 +202,7 @@ async def test_rate_limited_after_quota_with_retry_after(store):
     status, code, exc = await lab.send(headers, raw)
     assert (status, code) == (429, "rate_limited")
     assert 0 < exc.extra["retry_after"] <= 60
-    assert not await store.is_claimed(IDENTITY, headers["X-Telemetry-Nonce"], NOW)
+    assert not await store.is_claimed(IDENTITY, TENANT, headers["X-Telemetry-Nonce"], NOW)
 
 
 async def test_redis_down_is_replay_store_unavailable(redis_server, redis_url):
@@ -230,7 +230,7 @@ async def test_sqlite_locked_is_replay_store_unavailable(sqlite_url):
         status, code, _ = await Lab(store).send(headers, raw)
         assert (status, code) == (503, "replay_store_unavailable")
         blocker.execute("ROLLBACK")
-        assert not await store.is_claimed(IDENTITY, headers["X-Telemetry-Nonce"], NOW)
+        assert not await store.is_claimed(IDENTITY, TENANT, headers["X-Telemetry-Nonce"], NOW)
         assert (await Lab(store).send(headers, raw))[:2] == (202, None)
     finally:
         blocker.close()
@@ -251,7 +251,7 @@ async def test_sqlite_full_is_store_unavailable_and_keeps_the_nonce(sqlite_url):
                                      "description": "x" * 20000}))
         status, code, _ = await lab.send(headers, raw)
         assert (status, code) == (503, "store_unavailable")
-        assert not await store.is_claimed(IDENTITY, headers["X-Telemetry-Nonce"], NOW)
+        assert not await store.is_claimed(IDENTITY, TENANT, headers["X-Telemetry-Nonce"], NOW)
         store._db.execute("PRAGMA max_page_count = 1073741823")
         assert (await lab.send(headers, raw))[:2] == (202, None)
     finally:

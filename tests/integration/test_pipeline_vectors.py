@@ -23,7 +23,7 @@ from schemas.validate import Validators
 
 TELEMETRY = load_vectors("telemetry_v1.json")
 CASES = {case["name"]: case for case in TELEMETRY["cases"]}
-EXPECTED_NAMES = 42
+EXPECTED_NAMES = 46
 VALIDATORS = Validators()
 
 
@@ -57,25 +57,43 @@ async def send_case(pipeline: Pipeline, case: dict):
 
 async def assert_nothing_written(store, case: dict) -> None:
     headers = CIMultiDict(case["headers"])
+    tenants = set(TELEMETRY["config"]["operator_tenants"].values())
     for identity in TELEMETRY["config"]["identities"]:
         nonce = headers.get("X-Telemetry-Nonce", "")
-        assert not await store.is_claimed(identity, nonce, case["now"])
-    for tenant in set(TELEMETRY["config"]["operator_tenants"].values()):
+        for tenant in tenants:
+            assert not await store.is_claimed(identity, tenant, nonce, case["now"])
+    for tenant in tenants:
         for kind in ("finding", "graph", "feedback"):
             assert await store.list_records(kind, tenant) == []
+
+
+def chain(case: dict) -> list[str]:
+    """The cases ``case`` comes after, oldest first (``after`` may itself have one)."""
+    names = []
+    while (name := case.get("after")) is not None:
+        assert name not in names, f"an `after` cycle through {name}"
+        names.append(name)
+        case = CASES[name]
+    return names[::-1]
+
+
+def test_after_chains_resolve():
+    assert chain(CASES["reject_execution_not_owned"]) == [
+        "accept_basic", "accept_same_nonce_other_tenant"]
 
 
 @pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
 async def test_telemetry_vector(store, case):
     pipeline = vector_pipeline(store)
     prior = None
-    if "after" in case:
-        status, error, prior = await send_case(pipeline, CASES[case["after"]])
-        assert (status, error) == (202, None)
+    for name in chain(case):  # the `after` chain, oldest first, each accepted
+        status, error, prior = await send_case(pipeline, CASES[name])
+        assert (status, error) == (202, None), name
     status, error, outcome = await send_case(pipeline, case)
     assert (status, error) == (case["expect"]["status"], case["expect"]["error"])
     if status == 202:
-        record = json.loads(await store.get_record("finding", outcome.record_id))
+        record = json.loads(await store.get_record("finding", outcome.record_id,
+                                                   outcome.tenant_id))
         assert base64.b64decode(record["body_b64"]) == base64.b64decode(case["body_b64"])
         assert record["peer_cert_sha256"] == case["peer_cert_sha256"]
     elif prior is None:

@@ -45,18 +45,22 @@ SCENARIOS = [
     ]),
     ("nonce_namespace_is_per_identity", [
         ({}, Outcome.ACCEPTED, None),
-        ({"identity": "spectrastrike-other", "request_id": "req-2", "record_id": "rec-2"},
-         Outcome.ACCEPTED, None),
+        ({"identity": "spectrastrike-other", "request_id": "req-2", "record_id": "rec-2",
+          "fp": None}, Outcome.ACCEPTED, None),
     ]),
     ("nonce_shared_across_routes", [
         ({}, Outcome.ACCEPTED, None),
         ({"kind": "graph", "request_id": "req-2", "record_id": "rec-2", "fp": None},
          Outcome.REPLAYED, "req-1"),
     ]),
-    ("nonce_shared_across_tenants_of_one_identity", [
+    # [v1.1] §4.13: one nonce namespace per (identity, tenant)
+    ("nonce_namespace_is_per_tenant", [
         ({"fp": None}, Outcome.ACCEPTED, None),
         ({"tenant": OTHER_TENANT, "fp": None, "request_id": "req-2", "record_id": "rec-2",
-          "digest": "e" * 64}, Outcome.REPLAYED, None),
+          "digest": "e" * 64}, Outcome.ACCEPTED, None),
+        ({"tenant": OTHER_TENANT, "fp": None, "request_id": "req-3", "record_id": "rec-3",
+          "digest": "e" * 64}, Outcome.REPLAYED, "req-2"),
+        ({"fp": None, "request_id": "req-4", "record_id": "rec-4"}, Outcome.REPLAYED, "req-1"),
     ]),
     ("nonce_expires_after_ttl", [
         ({}, Outcome.ACCEPTED, None),
@@ -83,6 +87,31 @@ SCENARIOS = [
         ({"nonce": "nonce-0002", "request_id": "req-2", "record_id": "rec-2", "att": HASH_B,
           "tenant": OTHER_TENANT}, Outcome.ACCEPTED, None),
     ]),
+    # [v1.1] §5: an execution belongs to the identity that anchored it
+    ("execution_not_owned_by_another_identity", [
+        ({}, Outcome.ACCEPTED, None),
+        ({"identity": "spectrastrike-other", "nonce": "nonce-0002", "request_id": "req-2",
+          "record_id": "rec-2"}, Outcome.EXECUTION_NOT_OWNED, None),
+        ({"nonce": "nonce-0003", "request_id": "req-3", "record_id": "rec-3"},
+         Outcome.ACCEPTED, None),
+    ]),
+    ("ownership_is_per_tenant", [
+        ({}, Outcome.ACCEPTED, None),
+        ({"identity": "spectrastrike-other", "tenant": OTHER_TENANT, "request_id": "req-2",
+          "record_id": "rec-2"}, Outcome.ACCEPTED, None),
+    ]),
+    ("not_owned_checked_before_attestation", [
+        ({}, Outcome.ACCEPTED, None),
+        ({"identity": "spectrastrike-other", "nonce": "nonce-0002", "request_id": "req-2",
+          "record_id": "rec-2", "att": HASH_B}, Outcome.EXECUTION_NOT_OWNED, None),
+    ]),
+    ("not_owned_checked_before_replay", [
+        ({"identity": "spectrastrike-other", "fp": None}, Outcome.ACCEPTED, None),
+        ({"nonce": "nonce-0002", "request_id": "req-2", "record_id": "rec-2"},
+         Outcome.ACCEPTED, None),
+        ({"identity": "spectrastrike-other", "request_id": "req-3", "record_id": "rec-3"},
+         Outcome.EXECUTION_NOT_OWNED, None),
+    ]),
     ("attestation_checked_before_replay", [
         ({}, Outcome.ACCEPTED, None),
         ({"request_id": "req-2", "record_id": "rec-2", "att": HASH_B},
@@ -103,22 +132,46 @@ async def test_rejected_commit_writes_nothing(store):
     assert (await store.commit(make_commit())).outcome is Outcome.ACCEPTED
     mismatch = make_commit("nonce-0002", request_id="req-2", record_id="rec-2", att=HASH_B)
     assert (await store.commit(mismatch)).outcome is Outcome.ATTESTATION_MISMATCH
-    assert not await store.is_claimed("spectrastrike-producer", "nonce-0002", NOW)
-    assert await store.get_record("finding", "rec-2") is None
+    assert not await store.is_claimed("spectrastrike-producer", TENANT, "nonce-0002", NOW)
+    assert await store.get_record("finding", "rec-2", TENANT) is None
     replay = make_commit(request_id="req-3", record_id="rec-3")
     assert (await store.commit(replay)).outcome is Outcome.REPLAYED
-    assert await store.get_record("finding", "rec-3") is None
+    assert await store.get_record("finding", "rec-3", TENANT) is None
     assert await store.get_anchor(TENANT, FP) == HASH_A
+
+
+async def test_not_owned_commit_writes_nothing(store):
+    assert (await store.commit(make_commit())).outcome is Outcome.ACCEPTED
+    squat = make_commit("nonce-0002", identity="spectrastrike-other", request_id="req-2",
+                        record_id="rec-2")
+    assert (await store.commit(squat)).outcome is Outcome.EXECUTION_NOT_OWNED
+    assert not await store.is_claimed("spectrastrike-other", TENANT, "nonce-0002", NOW)
+    assert await store.get_record("finding", "rec-2", TENANT) is None
+    assert await store.get_anchor_owner(TENANT, FP) == "spectrastrike-producer"
+    assert await store.get_anchor_owner(OTHER_TENANT, FP) is None
+    assert await store.get_anchor_owner(TENANT, "0" * 64) is None
+
+
+async def test_get_claim_names_the_accepted_request(store):
+    assert await store.get_claim("spectrastrike-producer", TENANT, "nonce-0001", NOW) is None
+    await store.commit(make_commit(fp=None))
+    claim = await store.get_claim("spectrastrike-producer", TENANT, "nonce-0001", NOW)
+    assert claim is not None and (claim.body_digest, claim.request_id) == ("d" * 64, "req-1")
+    assert await store.get_claim("spectrastrike-producer", OTHER_TENANT, "nonce-0001",
+                                 NOW) is None
+    assert await store.get_claim("spectrastrike-other", TENANT, "nonce-0001", NOW) is None
+    assert await store.get_claim("spectrastrike-producer", TENANT, "nonce-0001",
+                                 NOW + 120) is None
 
 
 async def test_accepted_commit_is_readable(store):
     await store.commit(make_commit())
-    assert await store.get_record("finding", "rec-1") == b'{"record":"rec-1"}'
+    assert await store.get_record("finding", "rec-1", TENANT) == b'{"record":"rec-1"}'
     assert await store.get_anchor(TENANT, FP) == HASH_A
     assert await store.get_anchor(OTHER_TENANT, FP) is None
-    assert await store.is_claimed("spectrastrike-producer", "nonce-0001", NOW)
-    assert not await store.is_claimed("spectrastrike-producer", "nonce-0001", NOW + 120)
-    assert await store.get_record("graph", "rec-1") is None
+    assert await store.is_claimed("spectrastrike-producer", TENANT, "nonce-0001", NOW)
+    assert not await store.is_claimed("spectrastrike-producer", TENANT, "nonce-0001", NOW + 120)
+    assert await store.get_record("graph", "rec-1", TENANT) is None
 
 
 async def test_list_records_by_kind_and_tenant_oldest_first(store):
@@ -140,7 +193,7 @@ async def test_records_survive_reopen(store_url):
     second = open_store(store_url)
     await second.open()
     try:
-        assert await second.get_record("finding", "rec-1") is not None
+        assert await second.get_record("finding", "rec-1", TENANT) is not None
         replay = make_commit(request_id="req-2", record_id="rec-2")
         assert (await second.commit(replay)).outcome is Outcome.REPLAYED
     finally:
@@ -167,10 +220,31 @@ async def test_fifty_concurrent_claims_of_one_nonce_exactly_one_wins(store_url):
     check = open_store(store_url)
     await check.open()
     try:
-        kept = [i for i in range(50) if await check.get_record("finding", f"rec-{i}")]
+        kept = [i for i in range(50) if await check.get_record("finding", f"rec-{i}", TENANT)]
     finally:
         await check.close()
     assert kept == [outcomes.index(Outcome.ACCEPTED)]
+
+
+async def test_two_identities_racing_for_a_new_execution_one_owns_it(store_url):
+    """40 commits for one new execution, from two identities, each through its own
+    connection and with its own nonce: every accepted one is from the same identity."""
+    identities = ["spectrastrike-producer", "spectrastrike-other"]
+    stores = [open_store(store_url) for _ in range(40)]
+    await asyncio.gather(*(s.open() for s in stores))
+    try:
+        commits = [make_commit(f"nonce-{i:04d}", identity=identities[i % 2],
+                               request_id=f"req-{i}", record_id=f"rec-{i}") for i in range(40)]
+        results = await asyncio.gather(*(s.commit(c) for s, c in zip(stores, commits, strict=True)))
+        owner = await stores[0].get_anchor_owner(TENANT, FP)
+    finally:
+        await asyncio.gather(*(s.close() for s in stores))
+    by_identity = {ident: {r.outcome for c, r in zip(commits, results, strict=True)
+                           if c.identity == ident} for ident in identities}
+    assert owner in identities
+    assert by_identity[owner] == {Outcome.ACCEPTED}
+    loser, = set(identities) - {owner}
+    assert by_identity[loser] == {Outcome.EXECUTION_NOT_OWNED}
 
 
 async def test_ping_true_when_open(store):
@@ -180,7 +254,7 @@ async def test_ping_true_when_open(store):
 async def test_put_record_outside_a_claim(store):
     record = Record("feedback", "fb-1", TENANT, None, b'{"issued":1}')
     await store.put_record(record, NOW)
-    assert await store.get_record("feedback", "fb-1") == b'{"issued":1}'
+    assert await store.get_record("feedback", "fb-1", TENANT) == b'{"issued":1}'
     assert await store.list_records("feedback", TENANT) == [b'{"issued":1}']
     with pytest.raises(StoreError) as exc:
         await store.put_record(record, NOW)

@@ -65,10 +65,10 @@ def make_server(tmp_path: Path, redis_server):
 async def test_commit_outcomes_and_reads(store: RedisStore) -> None:
     first = make_commit()
     assert (await store.commit(first)).outcome is Outcome.ACCEPTED
-    assert await store.get_record("finding", first.record.record_id) == first.record.data
+    assert await store.get_record("finding", first.record.record_id, TENANT) == first.record.data
     assert await store.get_anchor(TENANT, FP) == HASH
-    assert await store.is_claimed(IDENTITY, first.nonce, first.now) is True
-    assert await store.is_claimed(IDENTITY, "never-used-nonce", first.now) is False
+    assert await store.is_claimed(IDENTITY, TENANT, first.nonce, first.now) is True
+    assert await store.is_claimed(IDENTITY, TENANT, "never-used-nonce", first.now) is False
     again = await store.commit(make_commit(nonce=first.nonce))
     assert again.outcome is Outcome.REPLAYED and again.duplicate_of == first.request_id
     other = await store.commit(make_commit(nonce=first.nonce, digest="00" * 32))
@@ -85,15 +85,15 @@ async def test_record_id_conflict_writes_nothing(store: RedisStore) -> None:
     with pytest.raises(StoreError) as err:
         await store.commit(clash)
     assert err.value.stage == "write"
-    assert await store.is_claimed(IDENTITY, clash.nonce, clash.now) is False
+    assert await store.is_claimed(IDENTITY, TENANT, clash.nonce, clash.now) is False
     assert await store.list_records("finding", TENANT) == [first.record.data]
 
 
 async def test_expired_claim_is_replaced(store: RedisStore) -> None:
     first = make_commit(ttl=60)
     await store.commit(first)
-    assert await store.is_claimed(IDENTITY, first.nonce, first.now + 59) is True
-    assert await store.is_claimed(IDENTITY, first.nonce, first.now + 60) is False
+    assert await store.is_claimed(IDENTITY, TENANT, first.nonce, first.now + 59) is True
+    assert await store.is_claimed(IDENTITY, TENANT, first.nonce, first.now + 60) is False
     early = replace(make_commit(nonce=first.nonce), now=first.now + 59)
     assert (await store.commit(early)).outcome is Outcome.REPLAYED
     late = replace(make_commit(nonce=first.nonce), now=first.now + 60)
@@ -121,7 +121,7 @@ async def test_list_records_oldest_first_and_limit(store: RedisStore) -> None:
 async def test_invalid_key_parts_are_refused(store: RedisStore, redis_url: str, change) -> None:
     with pytest.raises(ValueError):
         await store.commit(replace(make_commit(), **change))
-    assert list(raw(redis_url).scan_iter(match="*")) == []
+    assert list(raw(redis_url).scan_iter(match="fedgate:{*")) == []
 
 
 async def test_keys_are_prefixed_and_tenant_tagged(store: RedisStore, redis_url: str) -> None:
@@ -130,8 +130,8 @@ async def test_keys_are_prefixed_and_tenant_tagged(store: RedisStore, redis_url:
     keys = sorted(k.decode() for k in raw(redis_url).scan_iter(match="*"))
     rid, tagged = c.record.record_id, f"fedgate:{{{TENANT}}}:"
     assert keys == sorted([
-        f"fedgate:{{id:{IDENTITY}}}:n:{c.nonce}", f"{tagged}a:{FP}", f"{tagged}i:finding",
-        f"{tagged}r:finding:{rid}", f"fedgate:p:finding:{rid}",
+        f"{tagged}n:{IDENTITY}:{c.nonce}", f"{tagged}a:{FP}", f"{tagged}o:{FP}",
+        f"{tagged}i:finding", f"{tagged}r:finding:{rid}", "fedgate:schema",
     ])
 
 
@@ -139,9 +139,9 @@ async def test_ttls(store: RedisStore, redis_url: str) -> None:
     c = make_commit(ttl=4321)
     await store.commit(c)
     r, tagged = raw(redis_url), f"fedgate:{{{TENANT}}}:"
-    assert r.ttl(f"fedgate:{{id:{IDENTITY}}}:n:{c.nonce}") == 4321
-    for key in (f"{tagged}a:{FP}", f"{tagged}r:finding:{c.record.record_id}",
-                f"{tagged}i:finding", f"fedgate:p:finding:{c.record.record_id}"):
+    assert r.ttl(f"{tagged}n:{IDENTITY}:{c.nonce}") == 4321
+    for key in (f"{tagged}a:{FP}", f"{tagged}o:{FP}", f"{tagged}r:finding:{c.record.record_id}",
+                f"{tagged}i:finding"):
         assert r.ttl(key) == -1, key
 
 
@@ -202,10 +202,11 @@ async def test_config_not_permitted(make_server) -> None:
 
 
 async def test_out_of_memory_writes_nothing(make_server) -> None:
-    server = make_server("--maxmemory", "1mb", "--maxmemory-policy", "noeviction")
+    server = make_server("--maxmemory-policy", "noeviction")
     s = RedisStore(server.url)
-    await s.open()
+    await s.open()  # writes its layout version: done before memory runs out
     r = raw(server.url)
+    r.config_set("maxmemory", "1mb")
     with contextlib.suppress(redis.exceptions.OutOfMemoryError):  # already over the limit
         r.set("filler", b"x" * (2 * 1024 * 1024))
     assert r.info("memory")["used_memory"] > 1024 * 1024
@@ -215,7 +216,7 @@ async def test_out_of_memory_writes_nothing(make_server) -> None:
     assert err.value.stage == "write" and "maxmemory" in err.value.detail
     # refused before the script ran (flagged write script), not by its first write
     assert r.info("commandstats")["cmdstat_evalsha"]["rejected_calls"] == 1
-    assert [k for k in r.scan_iter(match="fedgate:*")] == []
+    assert [k for k in r.scan_iter(match="fedgate:{*")] == []
     r.config_set("maxmemory", 0)
     assert (await s.commit(c)).outcome is Outcome.ACCEPTED  # the nonce was not consumed
     await s.close()

@@ -63,6 +63,7 @@ TELEMETRY_EXPECTED: dict[str, tuple[KeyStatus, int | None, int | None, str | Non
     "ss-revoked": (KeyStatus.REVOKED, None, None, PRODUCER, {TENANT_A}),
     "ss-b-2026": (KeyStatus.ACTIVE, None, None, PRODUCER, {TENANT_B}),
     "ss-future": (KeyStatus.ACTIVE, 1795003600, None, PRODUCER, {TENANT_A}),
+    "ss-other-2026": (KeyStatus.ACTIVE, None, None, "spectrastrike-other", {TENANT_B}),  # v1.1
 }
 FEEDBACK_EXPECTED = {
     "vv-fb-2026": (KeyStatus.ACTIVE, None, None, None, set()),
@@ -94,8 +95,10 @@ def test_parse_vector_keyrings(doc: dict, expected: dict) -> None:
 
 def test_parse_jwks_for_identity_in_keyring_order() -> None:
     ring = parse_jwks(TELEMETRY["keyring"])
-    assert [k.kid for k in ring.for_identity(PRODUCER)] == list(TELEMETRY_EXPECTED)
-    assert ring.for_identity("spectrastrike-other") == ()
+    assert [k.kid for k in ring.for_identity(PRODUCER)] == [
+        kid for kid, exp in TELEMETRY_EXPECTED.items() if exp[3] == PRODUCER]
+    assert [k.kid for k in ring.for_identity("spectrastrike-other")] == ["ss-other-2026"]
+    assert ring.for_identity("nobody") == ()
     assert parse_jwks(FEEDBACK["keyring"]).for_identity(PRODUCER) == ()
 
 
@@ -280,8 +283,7 @@ SELECTION: dict[str, tuple[str, str, str | None, int, tuple[str, ...] | str]] = 
     "no_kid_retired_expired": ("telemetry+other", PRODUCER, None, SS_2025_NA + 1,
                                ("ss-a-2026", "ss-a-2027", "ss-b-2026", "ss-future")),
     "no_kid_other_identity": ("telemetry+other", "other", None, NOW, ("other-1",)),
-    "identity_without_keys": ("telemetry+other", "spectrastrike-other", None, NOW,
-                              "unknown_kid"),
+    "identity_without_keys": ("telemetry+other", "nobody", None, NOW, "unknown_kid"),
     "identity_without_keys_with_kid": ("telemetry+other", "nobody", "ss-a-2026", NOW,
                                        "unknown_kid"),
     "identity_all_keys_invalid_now": ("telemetry+other", "dead", None, NOW, "key_not_valid"),

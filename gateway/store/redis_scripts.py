@@ -1,0 +1,141 @@
+"""The Redis store's Lua scripts and its upgrade from the key layout before v1.1.
+
+Every key a script touches is passed in ``KEYS`` (none is built inside a script), and
+all of them carry the tenant's hash tag ``{<tenant>}`` — one Redis Cluster hash slot per
+commit — except, during an upgrade only, the pre-v1.1 claim ``P:{id:<identity>}:n:<nonce>``
+(see :func:`migrate`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+# The shebang makes this a flagged (Redis 7) write script: with maxmemory reached, a
+# read-only replica or a failing AOF, Redis refuses the whole EVALSHA before running it.
+# Without the shebang only the first write would be refused; the script is also ordered
+# so that every check runs before the first write. Nothing is rolled back in Redis, so
+# neither defence may be dropped.
+COMMIT_LUA = """#!lua
+-- KEYS[1] claim  KEYS[2] record  KEYS[3] index  then, when ARGV[7] ~= '':
+-- KEYS[4] anchor  KEYS[5] owner; and last, when ARGV[8] == '1', the pre-v1.1 claim
+-- ARGV[1] claim (expires_at|digest|request_id)  ARGV[2] nonce TTL s  ARGV[3] record data
+-- ARGV[4] record id  ARGV[5] now  ARGV[6] identity  ARGV[7] attestation hash or ''
+-- ARGV[8] '1' when the last key is a pre-v1.1 claim to honour
+local now = tonumber(ARGV[5])
+local function live(key)
+  local claim = redis.call('GET', key)
+  if claim and (tonumber(string.match(claim, '^%d+')) or math.huge) > now then return claim end
+  return nil
+end
+-- 1. the execution's owner, then its attestation anchor: refused -> nothing written
+if ARGV[7] ~= '' then
+  local anchored = redis.call('GET', KEYS[4])
+  local owner = redis.call('GET', KEYS[5])
+  if anchored and not owner then return {'unmigrated'} end
+  if owner and owner ~= ARGV[6] then return {'not_owned'} end
+  if anchored and anchored ~= ARGV[7] then return {'mismatch', anchored} end
+end
+-- 2. replay: a live claim (or a live pre-v1.1 one) -> replayed, nothing written
+local claimed = live(KEYS[1])
+if not claimed and ARGV[8] == '1' then claimed = live(KEYS[#KEYS]) end
+if claimed then return {'replayed', claimed} end
+-- 3. record id already used -> conflict, nothing written
+if redis.call('EXISTS', KEYS[2]) > 0 then return {'conflict'} end
+-- 4. write everything: claim (replacing an expired one), anchor and owner, record, index
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+if ARGV[7] ~= '' then
+  redis.call('SET', KEYS[4], ARGV[7], 'NX')
+  redis.call('SET', KEYS[5], ARGV[6], 'NX')
+end
+redis.call('SET', KEYS[2], ARGV[3])
+redis.call('RPUSH', KEYS[3], ARGV[4])
+return {'accepted'}
+"""
+
+# A record outside any claim (issued feedback): same record/index layout.
+# KEYS[1] record  KEYS[2] index; ARGV[1] data  ARGV[2] record id
+PUT_LUA = """#!lua
+if redis.call('EXISTS', KEYS[1]) > 0 then return 'conflict' end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('RPUSH', KEYS[2], ARGV[2])
+return 'ok'
+"""
+
+SCHEMA_VERSION = b"2"  # 1 (implicit): pre-v1.1 layout; 2: v1.1
+BATCH = 500
+
+
+async def migrate(r: Redis, prefix: str) -> int:
+    """Upgrade a pre-v1.1 keyspace (idempotent); return ``legacy_nonces_until``.
+
+    Recorded in the hash ``P:schema`` once done, so later opens read one key:
+
+    - ``legacy_nonces_until``: the latest ``expires_at`` of the pre-v1.1 claims
+      ``P:{id:<identity>}:n:<nonce>``. Until then the store also consults that key
+      (in another hash slot: fine on the single Redis every pre-v1.1 deployment runs).
+    - owners of pre-v1.1 anchors, back-filled (``SET NX``) by :func:`backfill_owners`.
+
+    Pre-v1.1 gateways must be stopped first: they still write the old layout.
+    """
+    meta_key = f"{prefix}:schema"
+    meta = await r.hgetall(meta_key)
+    if meta.get(b"version") == SCHEMA_VERSION:
+        return int(meta.get(b"legacy_nonces_until", b"0"))
+    until = 0
+    keys = [k async for k in r.scan_iter(match=f"{prefix}:{{id:*}}:n:*", count=BATCH)]
+    for i in range(0, len(keys), BATCH):
+        for value in await r.mget(keys[i:i + BATCH]):
+            head = (value or b"").split(b"|", 1)[0]
+            until = max(until, int(head) if head.isdigit() else 0)
+    await backfill_owners(r, prefix)
+    await r.hset(meta_key, mapping={"version": SCHEMA_VERSION, "legacy_nonces_until": until})
+    return until
+
+
+async def backfill_owners(r: Redis, prefix: str) -> None:
+    """Give each anchor without an owner key the identity of the oldest finding or graph
+    record of its execution (evidence ``identity``; within a kind the index order, across
+    kinds ``received_at``). No record, or two identities in the same second: owner ``""``
+    — owned by nobody, refused for everyone (never "first comer takes it")."""
+    anchor_re = re.compile(re.escape(prefix) + r":\{([a-fA-F0-9-]{36})\}:a:([A-Fa-f0-9]{64})")
+    unowned: dict[str, set[str]] = {}
+    async for key in r.scan_iter(match=f"{prefix}:{{*}}:a:*", count=BATCH):
+        m = anchor_re.fullmatch(key.decode())
+        if m and not await r.exists(f"{prefix}:{{{m[1]}}}:o:{m[2]}"):
+            unowned.setdefault(m[1], set()).add(m[2])
+    for tenant, fps in unowned.items():
+        first: dict[str, tuple[int, str]] = {}  # fp -> (received_at, identity or "")
+        for kind in ("finding", "graph"):
+            seen: set[str] = set()
+            async for record in _records(r, f"{prefix}:{{{tenant}}}", kind):
+                fp, at, ident = (record.get("execution_fingerprint"),
+                                 record.get("received_at"), record.get("identity"))
+                if fp not in fps or fp in seen or not isinstance(at, int):
+                    continue
+                seen.add(fp)  # the oldest record of this kind for the execution
+                ident = ident if isinstance(ident, str) else ""
+                if fp not in first or at < first[fp][0]:
+                    first[fp] = (at, ident)
+                elif at == first[fp][0] and ident != first[fp][1]:
+                    first[fp] = (at, "")  # ambiguous: nobody's
+        for fp in fps:
+            owner = first.get(fp, (0, ""))[1]
+            await r.set(f"{prefix}:{{{tenant}}}:o:{fp}", owner, nx=True)
+
+
+async def _records(r: Redis, tagged: str, kind: str):
+    """The tenant's records of ``kind``, oldest first, parsed (unparsable ones skipped)."""
+    start = 0
+    while ids := await r.lrange(f"{tagged}:i:{kind}", start, start + BATCH - 1):
+        start += len(ids)
+        for raw in await r.mget([f"{tagged}:r:{kind}:{rid.decode()}" for rid in ids]):
+            try:
+                record: Any = orjson.loads(raw) if raw is not None else None
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                yield record

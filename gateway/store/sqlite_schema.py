@@ -1,0 +1,80 @@
+"""The SQLite store's schema and its upgrade from the layout before protocol v1.1.
+
+v1.1 claims nonces per ``(identity, tenant_id, nonce)`` (table ``claims``) and records
+the owner of each execution (``anchors.owner``). :func:`migrate` runs at every open, in
+one write transaction (so concurrent openers serialise), and is idempotent:
+
+- ``anchors.owner`` is added if missing and, once (``PRAGMA user_version`` 0 → 1),
+  back-filled from the identity in the evidence of the **oldest** finding or graph
+  record of that execution — the request that made the anchor. An anchor with no such
+  record keeps ``owner`` NULL: owned by nobody, refused for everyone (never "first
+  comer takes it": another producer of the tenant could learn the fingerprint from
+  old feedback answers and squat on it).
+- the pre-v1.1 ``nonces(identity, nonce)`` table is kept: while it holds rows the
+  store consults it for live claims (judged with the request's ``now``, as every claim),
+  so an upgrade opens no replay window. Nothing writes to it any more; the periodic
+  sweep deletes its expired rows (with a request's ``now``), and once it is empty the
+  store stops reading it. It can then be dropped by hand.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS claims (
+    identity TEXT NOT NULL, tenant_id TEXT NOT NULL, nonce TEXT NOT NULL,
+    expires_at INTEGER NOT NULL, body_digest TEXT NOT NULL, request_id TEXT NOT NULL,
+    PRIMARY KEY (identity, tenant_id, nonce)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS claims_expiry ON claims (expires_at);
+CREATE TABLE IF NOT EXISTS anchors (
+    tenant_id TEXT NOT NULL, execution_fingerprint TEXT NOT NULL,
+    attestation_hash TEXT NOT NULL, created_at INTEGER NOT NULL, owner TEXT,
+    PRIMARY KEY (tenant_id, execution_fingerprint)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS records (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL, record_id TEXT NOT NULL, tenant_id TEXT NOT NULL,
+    execution_fingerprint TEXT, created_at INTEGER NOT NULL, data BLOB NOT NULL,
+    UNIQUE (kind, record_id));
+CREATE INDEX IF NOT EXISTS records_by_tenant ON records (kind, tenant_id, seq);
+CREATE INDEX IF NOT EXISTS records_by_execution
+    ON records (tenant_id, execution_fingerprint, seq);
+"""
+SCHEMA_VERSION = 1  # PRAGMA user_version once the v1.1 migration has run
+
+# The owner of a pre-v1.1 anchor: the identity in the oldest finding/graph record of the
+# execution (its evidence JSON), when that record is valid JSON with a string identity.
+BACKFILL_OWNERS = """
+UPDATE anchors SET owner = (
+    SELECT CASE WHEN json_valid(d) AND json_type(d, '$.identity') = 'text'
+                THEN json_extract(d, '$.identity') END
+    FROM (SELECT CAST(r.data AS TEXT) AS d FROM records r
+          WHERE r.tenant_id = anchors.tenant_id
+            AND r.execution_fingerprint = anchors.execution_fingerprint
+            AND r.kind IN ('finding', 'graph')
+          ORDER BY r.seq LIMIT 1))
+WHERE owner IS NULL
+"""
+
+
+def migrate(db: sqlite3.Connection) -> bool:
+    """Upgrade a pre-v1.1 file in place (call inside a write transaction); return True
+    when the legacy ``nonces`` table holds claims (live or not: no clock is read here)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(anchors)")}
+    if "owner" not in columns:
+        db.execute("ALTER TABLE anchors ADD COLUMN owner TEXT")
+    if db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+        db.execute(BACKFILL_OWNERS)
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    return sweep_legacy_nonces(db, None)
+
+
+def sweep_legacy_nonces(db: sqlite3.Connection, now: int | None) -> bool:
+    """Delete the pre-v1.1 claims expired at ``now`` (none when None); True while rows
+    remain."""
+    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'nonces'"
+                  ).fetchone() is None:
+        return False
+    if now is not None:
+        db.execute("DELETE FROM nonces WHERE expires_at <= ?", (now,))
+    return db.execute("SELECT 1 FROM nonces LIMIT 1").fetchone() is not None
