@@ -146,12 +146,12 @@ async def test_unusable_stored_record_is_skipped_not_a_500(tmp_path, store_url, 
         assert (again, replayed["error"]) == (409, "replayed_nonce")
         async with stack.session() as client, client.get(stack.url + "/metrics") as resp:
             metrics = await resp.text()
-    # the query and its replay each read the record: each skip is counted
-    assert f'fedgate_feedback_records_skipped_total{{reason="{reason}"}} 2' in metrics
+    # the replay is refused before its answer is computed (§4.13 v1.1): one read, one skip
+    assert f'fedgate_feedback_records_skipped_total{{reason="{reason}"}} 1' in metrics
     events = [json.loads(line) for line in stack.audit_path.read_text().splitlines()]
     skipped = [e for e in events if e["event.action"] == "feedback.records_skipped"]
     assert [(e["request_id"], e["http.response.status_code"]) for e in skipped] == [
-        (payload["request_id"], 200), (replayed["request_id"], 409)]
+        (payload["request_id"], 200)]
     assert all(f"{reason}=1" in e["message"] and f"{kind} " in e["message"]
                for e in skipped)
     assert verify_file(stack.audit_path).ok

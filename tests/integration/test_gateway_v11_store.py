@@ -10,10 +10,11 @@ import uuid
 
 import pytest
 from lab import FP, IDENTITY, KEYS, NOW, PRODUCER, TENANT, body_for
-from stack import ROOT, Stack
+from stack import Stack
 
 from emitter.signing import sign_request
 from gateway.app import ISSUER
+from gateway.policy import DEFAULT_RULES_FILE
 from gateway.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
 from keyring import Key, Keyring, PrivateKey
 
@@ -72,7 +73,7 @@ async def test_another_identity_cannot_send_for_an_owned_execution(shared_tenant
 
 @pytest.fixture
 async def with_policy(tmp_path, store_url):
-    st = Stack(tmp_path, store_url, policy_rules=ROOT / "policy" / "rules.toml")
+    st = Stack(tmp_path, store_url, policy_rules=DEFAULT_RULES_FILE)
     async with st.running(clock=lambda: NOW) as runner:
         issuer = runner.app[ISSUER]
         real, calls = issuer.policy, []
