@@ -78,9 +78,9 @@ async def with_policy(tmp_path, store_url):
         issuer = runner.app[ISSUER]
         real, calls = issuer.policy, []
 
-        async def counted(*args):  # the real rule policy, counted
+        async def counted(*args, **kwargs):  # the real rule policy, counted
             calls.append(args[1:])
-            return await real(*args)
+            return await real(*args, **kwargs)
 
         issuer.policy = counted
         yield st, calls
