@@ -3,19 +3,21 @@
 Issue 7 point 3: without it, 1,100 raw TCP connections (or ~1,000 idle mTLS ones) starved
 legitimate producers and ran the process out of file descriptors. Each accepted socket is
 one ``Conn`` (the asyncio TLS protocol of that socket, so it is tracked from ``accept``,
-before the handshake) in one of three states:
+before the handshake) in one of four states:
 
-* **waiting** — accepted, or data arrived after an idle spell, and the request's headers
-  are not complete yet. Closed ``header_timeout_s`` after it entered the state (for a
-  new connection that includes the TLS handshake, which asyncio also bounds by
-  ``handshake_timeout_s``).
+* **silent** — accepted, nothing received yet. Closed ``handshake_timeout_s`` after accept
+  (asyncio also bounds the whole TLS handshake by ``handshake_timeout_s``).
+* **waiting** — bytes are arriving (the TLS handshake, or the next request on a kept-alive
+  connection) and the request's headers are not complete yet. Closed ``header_timeout_s``
+  after its first byte, however slowly the rest trickles in.
 * **active** — a request is in the application (its headers are complete); the body is
   bounded by the application's own body timeout. Never shed.
 * **idle** — keep-alive between requests; closed ``idle_timeout_s`` after the response.
 
 **The cap** (``max_connections`` per worker, lowered to fit the open-files limit): when a
-new socket would exceed it, the guard sheds the connection that has made no progress for
-the longest time (oldest state change among waiting and idle ones). A flood of sockets
+new socket would exceed it, the guard sheds the oldest silent connection, else the one
+that has made no progress for the longest time (oldest state change among waiting and
+idle ones). A flood of sockets
 that never complete a request therefore churns among itself, while a producer, whose
 connection goes from accept to complete headers in milliseconds, is the newest one and
 gets through. Only when every connection is active is the new one refused.
@@ -48,7 +50,7 @@ log = logging.getLogger("fedgate.conn")
 RESERVED_FDS = 64
 MAX_BACKLOG = 1024
 SUMMARY_EVERY_S = 10.0
-WAITING, ACTIVE, IDLE = "waiting", "active", "idle"
+SILENT, WAITING, ACTIVE, IDLE = "silent", "waiting", "active", "idle"
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,16 +77,20 @@ def raise_fd_limit() -> int:
 
 def fit_limits(server: Any, fd_limit: int) -> Limits:
     """``server`` is ``ServerSettings``. The accept backlog is also how many sockets asyncio
-    accepts in one batch before any is seen here: two batches are kept as headroom."""
-    backlog = min(MAX_BACKLOG, max(16, (fd_limit - RESERVED_FDS) // 8))
-    room = fd_limit - RESERVED_FDS - 2 * backlog
-    if room < 1:
+    accepts in one batch before any is seen here (and a shed socket's descriptor is freed
+    one loop iteration later): two batches (at most cap / 2) are kept as headroom."""
+    room = (fd_limit - RESERVED_FDS) * 2 // 3  # the rest: up to two accept batches
+    if room < 16:
         raise ValueError(f"the open-files limit ({fd_limit}) is too low to serve: "
-                         f"raise `ulimit -n` (hard) above {RESERVED_FDS + 2 * backlog}")
+                         f"raise `ulimit -n` (hard) above {RESERVED_FDS + 24}")
     cap = min(server.max_connections, room)
     if cap < server.max_connections:
         log.warning("server.max_connections = %d lowered to %d to stay below the "
                     "open-files limit (%d)", server.max_connections, cap, fd_limit)
+    # A batch smaller than the cap: a producer's new socket then lives through the
+    # batch that follows it (long enough for its ClientHello to be read) before it
+    # could be the oldest silent one.
+    backlog = min(MAX_BACKLOG, max(8, cap // 4))
     return Limits(server.handshake_timeout_s, server.header_timeout_s,
                   server.idle_timeout_s, cap, backlog)
 
@@ -99,7 +105,7 @@ class Conn(sslproto.SSLProtocol):
                          ssl_shutdown_timeout=limits.handshake_timeout_s)
         self.guard, self.handler = guard, handler
         self.raw: asyncio.BaseTransport | None = None
-        self.state, self.since, self.doomed = WAITING, 0.0, False
+        self.state, self.since, self.doomed = SILENT, 0.0, False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.raw = transport
@@ -113,8 +119,8 @@ class Conn(sslproto.SSLProtocol):
         super().connection_lost(exc)
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self.state is IDLE:  # the next request begins: its headers are now due
-            self.guard.move(self, WAITING)
+        if self.state is SILENT or self.state is IDLE:  # a handshake or request begins:
+            self.guard.move(self, WAITING)             # its headers are now due
         super().buffer_updated(nbytes)
 
     def abort(self) -> None:
@@ -129,8 +135,9 @@ class ConnectionGuard:
 
     def __init__(self, limits: Limits, metrics: Metrics) -> None:
         self.limits, self.metrics = limits, metrics
-        self._table: dict[str, OrderedDict[Conn, None]] = {WAITING: OrderedDict(),
-                                                           IDLE: OrderedDict()}
+        # state → its connections, oldest state change first (so also earliest deadline)
+        self._table: dict[str, OrderedDict[Conn, None]] = {
+            SILENT: OrderedDict(), WAITING: OrderedDict(), IDLE: OrderedDict()}
         self._open: set[Conn] = set()
         self._by_handler: dict[Any, Conn] = {}
         self._recent: Counter[str] = Counter()
@@ -168,7 +175,7 @@ class ConnectionGuard:
             self._shed(victim, "shed")
         self._open.add(conn)
         self._by_handler[conn.handler] = conn
-        self.move(conn, WAITING)
+        self.move(conn, SILENT)
 
     def move(self, conn: Conn, state: str) -> None:
         if conn not in self._open:
@@ -188,10 +195,11 @@ class ConnectionGuard:
     def lost(self, conn: Conn, exc: BaseException | None) -> None:
         if conn not in self._open:
             return
-        if conn.state is WAITING and isinstance(exc, ConnectionAbortedError):
-            self._count("handshake_timeout")  # asyncio's ssl_handshake_timeout
-        elif conn.state is WAITING and isinstance(exc, ssl.SSLError):
-            self._count("handshake_failed")
+        if conn.state is SILENT or conn.state is WAITING:
+            if isinstance(exc, ConnectionAbortedError):  # asyncio's ssl_handshake_timeout
+                self._count("handshake_timeout")
+            elif isinstance(exc, ssl.SSLError):
+                self._count("handshake_failed")
         self._forget(conn)
 
     def _shed(self, conn: Conn, reason: str) -> None:
@@ -206,7 +214,10 @@ class ConnectionGuard:
         self.metrics.connections_open = len(self._open)
 
     def _oldest(self) -> Conn | None:
-        firsts = [next(iter(t)) for t in self._table.values() if t]
+        """The connection to shed: the oldest silent one, else the oldest waiting or idle."""
+        if self._table[SILENT]:
+            return next(iter(self._table[SILENT]))
+        firsts = [next(iter(self._table[s])) for s in (WAITING, IDLE) if self._table[s]]
         return min(firsts, key=lambda c: c.since) if firsts else None
 
     def _count(self, reason: str) -> None:
@@ -219,11 +230,13 @@ class ConnectionGuard:
     # -- the sweeper -------------------------------------------------------------------
     async def _sweep(self) -> None:
         limits = self.limits
-        tick = min(1.0, max(0.05, min(limits.header_timeout_s, limits.idle_timeout_s) / 4))
+        tick = min(1.0, max(0.05, min(limits.handshake_timeout_s, limits.header_timeout_s,
+                                       limits.idle_timeout_s) / 4))
         last_summary = self._now()
         while True:
             await asyncio.sleep(tick)
             now = self._now()
+            self._expire(SILENT, now - limits.handshake_timeout_s, "handshake_timeout")
             self._expire(WAITING, now - limits.header_timeout_s, "header_timeout")
             self._expire(IDLE, now - limits.idle_timeout_s, "idle_timeout")
             if now - last_summary >= SUMMARY_EVERY_S:

@@ -1,7 +1,8 @@
 """Prometheus text exposition (version 0.0.4) without a client library.
 
 Counters of requests by route, status and error code; histograms of the pipeline's and
-the store's latency; the connection guard's gauges and early closes (gateway/conn.py). Per process: with ``--workers N`` each worker exposes its own.
+the store's latency; the connection guard's gauges and early closes (gateway/conn.py).
+Per process: with ``--workers N`` each worker exposes its own.
 No label ever carries tenant data, keys or pins.
 """
 

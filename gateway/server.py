@@ -60,7 +60,7 @@ async def start_gateway(config: Path | GatewaySettings, *, clock=time.time, echo
     app[GUARD] = guard = ConnectionGuard(limits, app[METRICS])
     app.on_cleanup.append(guard.close)
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                           keepalive_timeout=limits.idle_timeout_s)
+                           keepalive_timeout=limits.idle_timeout_s + 1)  # guard's first
     await runner.setup()  # runs cleanup_ctx start-up: self-test, store, audit
     site = GuardedSite(runner, settings.server.host, settings.server.port,
                        ssl_context=ssl_ctx, guard=guard, reuse_port=reuse_port)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -49,8 +50,10 @@ def toml_value(value) -> str:
 
 
 class Stack:
-    def __init__(self, root: Path, store_url: str, **security) -> None:
+    def __init__(self, root: Path, store_url: str, *, server: dict | None = None,
+                 **security) -> None:
         self.root = root
+        self.server_options = dict(server or {})  # extra [server] keys
         self.store_url = store_url
         self.port = free_port()
         self.pki = init_pki(root / "certs", IDENTITIES)
@@ -74,6 +77,7 @@ class Stack:
             "", "[server]", 'host = "127.0.0.1"', f"port = {self.port}",
             'tls_cert = "certs/gateway.crt"', 'tls_key = "certs/gateway.key"',
             'client_ca = "certs/ca.crt"',
+            *(f"{k} = {toml_value(v)}" for k, v in self.server_options.items()),
             "", "[store]", f"url = {toml_value(self.store_url)}",
             "", "[audit]", f"path = {toml_value(str(self.audit_path))}",
         ]
@@ -111,14 +115,20 @@ class Stack:
             await runner.cleanup()
 
     # -- `fedgate serve` subprocesses --------------------------------------------------
-    def spawn(self, *extra: str) -> subprocess.Popen:
+    def spawn(self, *extra: str, fd_soft_limit: int | None = None) -> subprocess.Popen:
         """A `fedgate serve` process; its output goes to ``serve.log`` (a pipe nobody
-        reads would fill up and stall the gateway under load)."""
+        reads would fill up and stall the gateway under load). ``fd_soft_limit``: start
+        it with that soft RLIMIT_NOFILE (the hard one unchanged), like `ulimit -Sn`."""
+        def limit_fds() -> None:
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (fd_soft_limit, hard))
+
         log = (self.root / "serve.log").open("ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "serve", "--config", str(self.config_path),
              *extra], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+            env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
+            preexec_fn=limit_fds if fd_soft_limit is not None else None)
         log.close()
         self.procs.append(proc)
         return proc
