@@ -26,6 +26,7 @@ from keyring import Keyring, PrivateKey, self_test
 from schemas.validate import Validators
 
 from . import errors as E
+from .conn import track_requests
 from .feedback import FeedbackIssuer, RulePolicy, no_adjustments
 from .metrics import Metrics
 from .pipeline import Context, Pipeline, SignedRequest, check_content_type
@@ -70,7 +71,7 @@ def make_app(settings: GatewaySettings, keys: tuple[Keyring, PrivateKey], *,
     ``echo``: also log a one-line summary of every audit event to stderr.
     """
     app = web.Application(client_max_size=settings.security.max_body_bytes + 1,
-                          middlewares=[request_id_middleware])
+                          middlewares=[track_requests, request_id_middleware])
     app[SETTINGS], app[KEYS], app[CLOCK] = settings, keys, clock
     app[METRICS] = Metrics()
     app[READY], app[ECHO] = {"self_test": False, "audit": True}, echo

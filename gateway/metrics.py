@@ -1,7 +1,8 @@
 """Prometheus text exposition (version 0.0.4) without a client library.
 
 Counters of requests by route, status and error code; histograms of the pipeline's and
-the store's latency. Per process: with ``--workers N`` each worker exposes its own.
+the store's latency; the connection guard's gauges and early closes (gateway/conn.py).
+Per process: with ``--workers N`` each worker exposes its own.
 No label ever carries tenant data, keys or pins.
 """
 
@@ -44,6 +45,9 @@ class Metrics:
         self.store = Histogram("fedgate_store_commit_seconds",
                                "Time of the atomic store commit (steps 12-14).")
         self.records_skipped: Counter[str] = Counter()  # by reason (gateway/evidence.py)
+        self.connections_closed: Counter[str] = Counter()  # reason -> n (gateway/conn.py)
+        self.connections_open = 0
+        self.connections_max = 0
 
     def count(self, route: str, status: int, error: str | None) -> None:
         self.requests[(route, status, error or "")] += 1
@@ -60,4 +64,14 @@ class Metrics:
         for reason, n in sorted(self.records_skipped.items()):
             lines.append(f'fedgate_feedback_records_skipped_total{{reason="{reason}"}} {n}')
         lines += self.pipeline.render() + self.store.render()
+        lines += ["# HELP fedgate_connections_closed_total Connections closed early by the "
+                  "gateway, by reason.", "# TYPE fedgate_connections_closed_total counter"]
+        lines += [f'fedgate_connections_closed_total{{reason="{reason}"}} {n}'
+                  for reason, n in sorted(self.connections_closed.items())]
+        lines += ["# HELP fedgate_connections_open Connections open in this worker.",
+                  "# TYPE fedgate_connections_open gauge",
+                  f"fedgate_connections_open {self.connections_open}",
+                  "# HELP fedgate_connections_max The per-worker connection cap in force.",
+                  "# TYPE fedgate_connections_max gauge",
+                  f"fedgate_connections_max {self.connections_max}"]
         return "\n".join(lines) + "\n"

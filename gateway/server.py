@@ -17,9 +17,34 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .app import make_app
+from .app import METRICS, make_app
+from .conn import GUARD, ConnectionGuard, fit_limits, raise_fd_limit
 from .settings import GatewaySettings, load_keys, load_settings
 from .tls import server_context
+
+
+class GuardedSite(web.BaseSite):
+    """A TCP listener whose every accepted socket goes through the ``ConnectionGuard``
+    (which does the TLS itself, so it sees sockets before their handshake)."""
+
+    __slots__ = ("_host", "_port", "_reuse_port", "_guard")
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, *,
+                 ssl_context, guard: ConnectionGuard, reuse_port: bool) -> None:
+        super().__init__(runner, ssl_context=ssl_context, backlog=guard.limits.backlog)
+        self._host, self._port, self._reuse_port, self._guard = host, port, reuse_port, guard
+
+    @property
+    def name(self) -> str:
+        return f"https://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        factory = self._guard.protocol_factory(self._runner.server, self._ssl_context)
+        self._server = await asyncio.get_running_loop().create_server(
+            factory, self._host, self._port, backlog=self._backlog,
+            reuse_address=True, reuse_port=self._reuse_port)
+        self._guard.start()
 
 
 async def start_gateway(config: Path | GatewaySettings, *, clock=time.time, echo: bool = True,
@@ -30,11 +55,15 @@ async def start_gateway(config: Path | GatewaySettings, *, clock=time.time, echo
     keys = load_keys(settings)
     ssl_ctx = server_context(settings.server.tls_cert, settings.server.tls_key,
                              settings.server.client_ca)
-    runner = web.AppRunner(make_app(settings, keys, clock=clock, echo=echo), access_log=None,
-                           handle_signals=False)
+    limits = fit_limits(settings.server, raise_fd_limit())
+    app = make_app(settings, keys, clock=clock, echo=echo)
+    app[GUARD] = guard = ConnectionGuard(limits, app[METRICS])
+    app.on_cleanup.append(guard.close)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           keepalive_timeout=limits.idle_timeout_s + 1)  # guard's first
     await runner.setup()  # runs cleanup_ctx start-up: self-test, store, audit
-    site = web.TCPSite(runner, settings.server.host, settings.server.port,
-                       ssl_context=ssl_ctx, reuse_port=reuse_port, backlog=1024)
+    site = GuardedSite(runner, settings.server.host, settings.server.port,
+                       ssl_context=ssl_ctx, guard=guard, reuse_port=reuse_port)
     await site.start()
     return runner
 

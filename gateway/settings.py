@@ -27,7 +27,15 @@ DEFAULT_STORE_URL = "sqlite:///state/fedgate.db"
 DEFAULT_AUDIT_PATH = "audit/gateway-audit.jsonl"
 _OWN_KEYS = frozenset({"producer_keyring", "feedback_key", "feedback_kid",
                        "server", "store", "audit", "policy"})
-_SERVER_KEYS = frozenset({"host", "port", "tls_cert", "tls_key", "client_ca", "max_body_bytes"})
+# [server] connection limits (issue 7.3, docs/CONFIG.md): name → (default, bounds, kind)
+_CONN_LIMITS: dict[str, tuple[float, float, float, str]] = {
+    "handshake_timeout_s": (10.0, 0.0, 300.0, "a number of seconds in (0, 300]"),
+    "header_timeout_s": (10.0, 0.0, 300.0, "a number of seconds in (0, 300]"),
+    "idle_timeout_s": (30.0, 0.0, 3600.0, "a number of seconds in (0, 3600]"),
+    "max_connections": (4096, 0, 1_000_000, "an integer in [1, 1000000]"),
+}
+_SERVER_KEYS = frozenset({"host", "port", "tls_cert", "tls_key", "client_ca", "max_body_bytes",
+                          *_CONN_LIMITS})
 _IDENTITY_KEYS = frozenset({"pins", "tenants"})
 _SQLITE, _REDIS = "sqlite:///", ("redis://", "rediss://")
 
@@ -55,6 +63,10 @@ class ServerSettings:
     tls_cert: Path
     tls_key: Path
     client_ca: Path
+    handshake_timeout_s: float = _CONN_LIMITS["handshake_timeout_s"][0]
+    header_timeout_s: float = _CONN_LIMITS["header_timeout_s"][0]
+    idle_timeout_s: float = _CONN_LIMITS["idle_timeout_s"][0]
+    max_connections: int = int(_CONN_LIMITS["max_connections"][0])
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -166,7 +178,20 @@ def _server(server: Mapping[str, Any], base: Path) -> ServerSettings:
         tls_cert=readable_file(server, "tls_cert", base, "server."),
         tls_key=readable_file(server, "tls_key", base, "server."),
         client_ca=readable_file(server, "client_ca", base, "server."),
+        **{name: _conn_limit(server, name) for name in _CONN_LIMITS},
     )
+
+
+def _conn_limit(server: Mapping[str, Any], name: str) -> float | int:
+    default, low, high, what = _CONN_LIMITS[name]
+    value = server.get(name, default)
+    if name == "max_connections":
+        ok = _is_int(value) and low < value <= high
+    else:
+        ok = (_is_int(value) or isinstance(value, float)) and low < value <= high
+    if not ok:
+        raise ConfigError(f"server.{name} must be {what}, got {value!r}")
+    return value if name == "max_connections" else float(value)
 
 
 

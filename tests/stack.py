@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -55,10 +56,13 @@ class Stack:
     POLICY_RULES: Path | None = None
 
     def __init__(self, root: Path, store_url: str, *, tenants: dict | None = None,
-                 keys=None, policy_rules: Path | None = None, **security) -> None:
+                 keys=None, policy_rules: Path | None = None, server: dict | None = None,
+                 **security) -> None:
         """``tenants``: identity → its tenants; ``keys``: the producer keyring;
-        ``policy_rules``: a rules file for the feedback policy (defaults: the class's)."""
+        ``policy_rules``: a rules file for the feedback policy (defaults: the class's);
+        ``server``: extra [server] keys."""
         self.root = root
+        self.server_options = dict(server or {})  # extra [server] keys
         self.store_url = store_url
         self.port = free_port()
         self.tenants = tenants or self.TENANTS
@@ -84,6 +88,7 @@ class Stack:
             "", "[server]", 'host = "127.0.0.1"', f"port = {self.port}",
             'tls_cert = "certs/gateway.crt"', 'tls_key = "certs/gateway.key"',
             'client_ca = "certs/ca.crt"',
+            *(f"{k} = {toml_value(v)}" for k, v in self.server_options.items()),
             "", "[store]", f"url = {toml_value(self.store_url)}",
             "", "[audit]", f"path = {toml_value(str(self.audit_path))}",
         ]
@@ -122,14 +127,20 @@ class Stack:
             await runner.cleanup()
 
     # -- `fedgate serve` subprocesses --------------------------------------------------
-    def spawn(self, *extra: str) -> subprocess.Popen:
+    def spawn(self, *extra: str, fd_soft_limit: int | None = None) -> subprocess.Popen:
         """A `fedgate serve` process; its output goes to ``serve.log`` (a pipe nobody
-        reads would fill up and stall the gateway under load)."""
+        reads would fill up and stall the gateway under load). ``fd_soft_limit``: start
+        it with that soft RLIMIT_NOFILE (the hard one unchanged), like `ulimit -Sn`."""
+        def limit_fds() -> None:
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (fd_soft_limit, hard))
+
         log = (self.root / "serve.log").open("ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "serve", "--config", str(self.config_path),
              *extra], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+            env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
+            preexec_fn=limit_fds if fd_soft_limit is not None else None)
         log.close()
         self.procs.append(proc)
         return proc

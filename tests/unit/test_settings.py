@@ -42,6 +42,10 @@ tls_cert = "certs/gateway.crt"
 tls_key = "certs/gateway.key"
 client_ca = "certs/ca.crt"
 max_body_bytes = 2048
+handshake_timeout_s = 3
+header_timeout_s = 4.5
+idle_timeout_s = 20
+max_connections = 500
 
 [store]
 url = "sqlite:///state/test.db"
@@ -135,6 +139,9 @@ def test_valid_config_loads_with_paths_relative_to_its_directory(tmp_path, monke
     assert s.server.tls_cert == conf / "certs/gateway.crt"
     assert s.server.tls_key == conf / "certs/gateway.key"
     assert s.server.client_ca == conf / "certs/ca.crt"
+    server = s.server
+    assert (server.handshake_timeout_s, server.header_timeout_s, server.idle_timeout_s,
+            server.max_connections) == (3.0, 4.5, 20.0, 500)
     assert s.store_url == f"sqlite:///{conf}/state/test.db"
     assert s.store_url.startswith("sqlite:////")  # the store strips "sqlite:///" → absolute
     assert dict(s.store_options) == {"busy_timeout_ms": 250}
@@ -155,6 +162,8 @@ def test_defaults_apply(tmp_path) -> None:
     assert s.policy_rules is None
     assert ServerSettings(tls_cert=cfg, tls_key=cfg, client_ca=cfg).host == "127.0.0.1"
     assert ServerSettings(tls_cert=cfg, tls_key=cfg, client_ca=cfg).port == 8443
+    assert (s.server.handshake_timeout_s, s.server.header_timeout_s, s.server.idle_timeout_s,
+            s.server.max_connections) == (10.0, 10.0, 30.0, 4096)
     sec = s.security
     assert (sec.clock_skew_s, sec.nonce_ttl_s, sec.max_body_bytes) == (30, 120, DEFAULT_MAX_BODY)
     assert sec.allowed_schema_versions == {"1.0"} and sec.require_canonical_body is True
@@ -227,6 +236,22 @@ INVALID = [
     ("port-string", sub("port = 9443", 'port = "9443"'), ["server.port"]),
     ("port-bool", sub("port = 9443", "port = true"), ["server.port"]),
     ("host-empty", sub('host = "0.0.0.0"', 'host = ""'), ["server.host"]),
+    ("header-timeout-zero", sub("header_timeout_s = 4.5", "header_timeout_s = 0"),
+     ["server.header_timeout_s must be a number of seconds in (0, 300]"]),
+    ("header-timeout-nan", sub("header_timeout_s = 4.5", "header_timeout_s = nan"),
+     ["server.header_timeout_s"]),
+    ("handshake-timeout-too-long", sub("handshake_timeout_s = 3", "handshake_timeout_s = 301"),
+     ["server.handshake_timeout_s"]),
+    ("handshake-timeout-string", sub("handshake_timeout_s = 3", 'handshake_timeout_s = "3"'),
+     ["server.handshake_timeout_s"]),
+    ("idle-timeout-negative", sub("idle_timeout_s = 20", "idle_timeout_s = -1"),
+     ["server.idle_timeout_s must be a number of seconds in (0, 3600]"]),
+    ("idle-timeout-bool", sub("idle_timeout_s = 20", "idle_timeout_s = true"),
+     ["server.idle_timeout_s"]),
+    ("max-connections-zero", sub("max_connections = 500", "max_connections = 0"),
+     ["server.max_connections must be an integer in [1, 1000000]"]),
+    ("max-connections-float", sub("max_connections = 500", "max_connections = 500.0"),
+     ["server.max_connections"]),
     ("store-url-postgres", sub("sqlite:///state/test.db", "postgres://u:secret@h/db"),
      ["store.url"]),
     ("store-url-sqlite-no-path", sub("sqlite:///state/test.db", "sqlite:///"), ["store.url"]),

@@ -1,0 +1,274 @@
+"""The connection guard: every socket a worker accepts is bounded in time and in number.
+
+Issue 7 point 3: without it, 1,100 raw TCP connections (or ~1,000 idle mTLS ones) starved
+legitimate producers and ran the process out of file descriptors. Each accepted socket is
+one ``Conn`` (the asyncio TLS protocol of that socket, so it is tracked from ``accept``,
+before the handshake) in one of four states:
+
+* **silent** — accepted, nothing received yet. Closed ``handshake_timeout_s`` after accept
+  (asyncio also bounds the whole TLS handshake by ``handshake_timeout_s``).
+* **waiting** — bytes are arriving (the TLS handshake, or the next request on a kept-alive
+  connection) and the request's headers are not complete yet. Closed ``header_timeout_s``
+  after its first byte, however slowly the rest trickles in.
+* **active** — a request is in the application (its headers are complete); the body is
+  bounded by the application's own body timeout. Never shed.
+* **idle** — keep-alive between requests; closed ``idle_timeout_s`` after the response.
+
+**The cap** (``max_connections`` per worker, lowered to fit the open-files limit): when a
+new socket would exceed it, the guard sheds the oldest silent connection, else the one
+that has made no progress for the longest time (oldest state change among waiting and
+idle ones). A flood of sockets
+that never complete a request therefore churns among itself, while a producer, whose
+connection goes from accept to complete headers in milliseconds, is the newest one and
+gets through. Only when every connection is active is the new one refused.
+
+Closing is ``abort()`` of the socket transport: the descriptor is freed at once, with no
+TLS close_notify to wait for. Closes are counted in ``fedgate_connections_closed_total``
+by reason and summarised in one warning at most every ``SUMMARY_EVERY_S``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import ssl
+from asyncio import sslproto
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from .metrics import Metrics
+
+log = logging.getLogger("fedgate.conn")
+
+# Descriptors kept free besides the connections and two accept batches: stdio, the
+# listening socket, the audit file, SQLite (db, -wal, -shm), the Redis pool, imports.
+RESERVED_FDS = 64
+MAX_BACKLOG = 1024
+SUMMARY_EVERY_S = 10.0
+SILENT, WAITING, ACTIVE, IDLE = "silent", "waiting", "active", "idle"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    handshake_timeout_s: float
+    header_timeout_s: float
+    idle_timeout_s: float
+    max_connections: int  # the cap in force (already fitted to the open-files limit)
+    backlog: int
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one; return the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or want <= soft:
+        return soft if soft != resource.RLIM_INFINITY else 1 << 20
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ValueError, OSError):
+        return soft
+    return want
+
+
+def fit_limits(server: Any, fd_limit: int) -> Limits:
+    """``server`` is ``ServerSettings``. The accept backlog is also how many sockets asyncio
+    accepts in one batch before any is seen here (and a shed socket's descriptor is freed
+    one loop iteration later): two batches (at most cap / 2) are kept as headroom."""
+    room = (fd_limit - RESERVED_FDS) * 2 // 3  # the rest: up to two accept batches
+    if room < 16:
+        raise ValueError(f"the open-files limit ({fd_limit}) is too low to serve: "
+                         f"raise `ulimit -n` (hard) above {RESERVED_FDS + 24}")
+    cap = min(server.max_connections, room)
+    if cap < server.max_connections:
+        log.warning("server.max_connections = %d lowered to %d to stay below the "
+                    "open-files limit (%d)", server.max_connections, cap, fd_limit)
+    # A batch smaller than the cap: a producer's new socket then lives through the
+    # batch that follows it (long enough for its ClientHello to be read) before it
+    # could be the oldest silent one.
+    backlog = min(MAX_BACKLOG, max(8, cap // 4))
+    return Limits(server.handshake_timeout_s, server.header_timeout_s,
+                  server.idle_timeout_s, cap, backlog)
+
+
+class Conn(sslproto.SSLProtocol):
+    """asyncio's own TLS protocol for one accepted socket, reporting to the guard."""
+
+    def __init__(self, guard: ConnectionGuard, handler: Any, ctx: ssl.SSLContext) -> None:
+        limits = guard.limits
+        super().__init__(asyncio.get_running_loop(), handler, ctx, None, server_side=True,
+                         ssl_handshake_timeout=limits.handshake_timeout_s,
+                         ssl_shutdown_timeout=limits.handshake_timeout_s)
+        self.guard, self.handler = guard, handler
+        self.raw: asyncio.BaseTransport | None = None
+        self.state, self.since, self.doomed = SILENT, 0.0, False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.raw = transport
+        if self.doomed:  # shed or refused before asyncio handed us the socket
+            transport.abort()
+            return
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.guard.lost(self, exc)
+        super().connection_lost(exc)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.state is SILENT or self.state is IDLE:  # a handshake or request begins:
+            self.guard.move(self, WAITING)             # its headers are now due
+        super().buffer_updated(nbytes)
+
+    def abort(self) -> None:
+        if self.raw is None:
+            self.doomed = True
+        else:
+            self.raw.abort()
+
+
+class ConnectionGuard:
+    """One per worker, made at start-up; see the module docstring."""
+
+    def __init__(self, limits: Limits, metrics: Metrics) -> None:
+        self.limits, self.metrics = limits, metrics
+        # state → its connections, oldest state change first (so also earliest deadline)
+        self._table: dict[str, OrderedDict[Conn, None]] = {
+            SILENT: OrderedDict(), WAITING: OrderedDict(), IDLE: OrderedDict()}
+        self._open: set[Conn] = set()
+        self._by_handler: dict[Any, Conn] = {}
+        self._recent: Counter[str] = Counter()
+        self._sweeper: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        metrics.connections_max = limits.max_connections
+
+    def protocol_factory(self, server: Callable[[], Any],
+                         ctx: ssl.SSLContext) -> Callable[[], Conn]:
+        """For ``loop.create_server`` (without ``ssl=``: each ``Conn`` does the TLS)."""
+        def accept() -> Conn:
+            conn = Conn(self, server(), ctx)
+            self._admit(conn)
+            return conn
+        return accept
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._sweeper = asyncio.create_task(self._sweep(), name="fedgate-conn-guard")
+
+    async def close(self, *_: Any) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for conn in list(self._open):
+            conn.abort()
+
+    # -- state changes ---------------------------------------------------------------
+    def _admit(self, conn: Conn) -> None:
+        while len(self._open) >= self.limits.max_connections:
+            victim = self._oldest()
+            if victim is None:  # every connection is serving a request: refuse this one
+                self._count("refused")
+                conn.doomed = True
+                return
+            self._shed(victim, "shed")
+        self._open.add(conn)
+        self._by_handler[conn.handler] = conn
+        self.move(conn, SILENT)
+
+    def move(self, conn: Conn, state: str) -> None:
+        if conn not in self._open:
+            return
+        self._table.get(conn.state, {}).pop(conn, None)
+        conn.state, conn.since = state, self._now()
+        if state is not ACTIVE:
+            self._table[state][conn] = None
+        self.metrics.connections_open = len(self._open)
+
+    def request_started(self, handler: Any) -> Conn | None:
+        conn = self._by_handler.get(handler)
+        if conn is not None:
+            self.move(conn, ACTIVE)
+        return conn
+
+    def lost(self, conn: Conn, exc: BaseException | None) -> None:
+        if conn not in self._open:
+            return
+        if conn.state is SILENT or conn.state is WAITING:
+            if isinstance(exc, ConnectionAbortedError):  # asyncio's ssl_handshake_timeout
+                self._count("handshake_timeout")
+            elif isinstance(exc, ssl.SSLError):
+                self._count("handshake_failed")
+        self._forget(conn)
+
+    def _shed(self, conn: Conn, reason: str) -> None:
+        self._count(reason)
+        self._forget(conn)
+        conn.abort()
+
+    def _forget(self, conn: Conn) -> None:
+        self._open.discard(conn)
+        self._table.get(conn.state, {}).pop(conn, None)
+        self._by_handler.pop(conn.handler, None)
+        self.metrics.connections_open = len(self._open)
+
+    def _oldest(self) -> Conn | None:
+        """The connection to shed: the oldest silent one, else the oldest waiting or idle."""
+        if self._table[SILENT]:
+            return next(iter(self._table[SILENT]))
+        firsts = [next(iter(self._table[s])) for s in (WAITING, IDLE) if self._table[s]]
+        return min(firsts, key=lambda c: c.since) if firsts else None
+
+    def _count(self, reason: str) -> None:
+        self.metrics.connections_closed[reason] += 1
+        self._recent[reason] += 1
+
+    def _now(self) -> float:
+        return (self._loop or asyncio.get_running_loop()).time()
+
+    # -- the sweeper -------------------------------------------------------------------
+    async def _sweep(self) -> None:
+        limits = self.limits
+        tick = min(1.0, max(0.05, min(limits.handshake_timeout_s, limits.header_timeout_s,
+                                       limits.idle_timeout_s) / 4))
+        last_summary = self._now()
+        while True:
+            await asyncio.sleep(tick)
+            now = self._now()
+            self._expire(SILENT, now - limits.handshake_timeout_s, "handshake_timeout")
+            self._expire(WAITING, now - limits.header_timeout_s, "header_timeout")
+            self._expire(IDLE, now - limits.idle_timeout_s, "idle_timeout")
+            if now - last_summary >= SUMMARY_EVERY_S:
+                last_summary = now
+                self._summary()
+
+    def _expire(self, state: str, cutoff: float, reason: str) -> None:
+        table = self._table[state]
+        while table:
+            conn = next(iter(table))
+            if conn.since > cutoff:
+                return
+            self._shed(conn, reason)
+
+    def _summary(self) -> None:
+        if self._recent:
+            what = ", ".join(f"{n} {reason}" for reason, n in sorted(self._recent.items()))
+            log.warning("connections closed early in the last %.0f s: %s (%d open, cap %d)",
+                        SUMMARY_EVERY_S, what, len(self._open), self.limits.max_connections)
+            self._recent.clear()
+
+
+GUARD = web.AppKey("conn_guard", ConnectionGuard)
+
+
+@web.middleware
+async def track_requests(request: web.Request, handler) -> web.StreamResponse:
+    """Outermost middleware: headers complete → active; the handler done → idle."""
+    guard = request.app.get(GUARD)
+    conn = guard.request_started(request.protocol) if guard is not None else None
+    try:
+        return await handler(request)
+    finally:
+        if conn is not None:
+            guard.move(conn, IDLE)
