@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from audit import verify_file
+from audit.chain import verify_lines
 from keyring.ed25519 import PrivateKey, SelfTestError
 from keyring.keys import KID_RE, Key, KeyringError
 
@@ -131,9 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     aud = aud_parser.add_subparsers(metavar="ACTION")
     _require(aud_parser, aud, "action")
     verify = aud.add_parser("verify", help="check an audit log's hash chain",
-                            description="Exit 0 when the chain is intact; non-zero naming "
-                            "the first bad line otherwise.")
-    verify.add_argument("file", type=Path)
+                            description="Exit 0 and print 'FILE: intact: N lines, last hash "
+                            "HEX' when the chain is intact (record the last hash elsewhere: "
+                            "only a copy of it shows that trailing lines were removed). Exit 1 "
+                            "with one line naming the first bad line when the chain is broken; "
+                            "exit 2 when the file cannot be read.")
+    verify.add_argument("file", type=Path, help="audit log (JSON lines)")
     verify.set_defaults(run=cmd_audit_verify)
 
     boot = sub.add_parser("bootstrap", help="lay out a dev federation: PKI, keys, configs",
@@ -217,13 +220,23 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    result = verify_file(args.file)
+    """0 intact (count and last hash on stdout); 1 broken chain; 2 unreadable file."""
+    try:
+        with open(args.file, "rb") as fh:
+            result = verify_lines(fh)
+    except OSError as exc:
+        reason = _OS_REASONS.get(type(exc)) or (exc.strerror or str(exc)).lower()
+        print(f"fedgate: error: {args.file}: {reason}", file=sys.stderr)
+        return 2
     if result.ok:
-        print(f"{args.file}: ok ({result.lines} events, chain intact)")
+        print(f"{args.file}: {result}")
         return 0
-    print(f"fedgate: {args.file}: line {result.first_bad_line}: {result.reason}",
-          file=sys.stderr)
+    print(f"fedgate: error: {args.file}: {result}", file=sys.stderr)
     return 1
+
+
+_OS_REASONS = {FileNotFoundError: "no such file", IsADirectoryError: "is a directory",
+               PermissionError: "permission denied"}
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
