@@ -141,8 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     boot = sub.add_parser("bootstrap", help="lay out a dev federation: PKI, keys, configs",
                           description="Write certs/, keys/, gateway.toml and emitter.toml "
-                          "into DIR (DEV material: fresh keys every time).")
+                          "into DIR (DEV material: fresh keys every time). Paths in the two "
+                          "configs are relative to DIR. The default policy rules are copied "
+                          "to DIR/policy/rules.toml unless that file exists (an operator's "
+                          "copy is never overwritten, not even with --force: delete it to "
+                          "get the defaults back).")
     boot.add_argument("dir", type=Path)
+    boot.add_argument("--force", action="store_true",
+                      help="replace the certificates, keys and configs a previous bootstrap "
+                      "wrote in DIR (the store and audit log are left alone)")
     boot.add_argument("--store-url", help="store url (default sqlite under DIR/state)")
     boot.add_argument("--host", default="127.0.0.1",
                       help="gateway host name the emitter connects to (default 127.0.0.1)")
@@ -194,10 +201,15 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
     try:
         result = init_pki(args.dir, args.identity or ["spectrastrike-producer"], **kwargs)
     except PkiError as exc:
-        raise ValueError(str(exc)) from None
+        raise ValueError(_flag_named(exc)) from None
     print(json.dumps(result.pins, indent=2))
     print(f"fedgate: wrote dev PKI to {args.dir} (pins in {result.pins_path})", file=sys.stderr)
     return 0
+
+
+def _flag_named(exc: Exception) -> str:
+    """gateway.pki's "(use force)" names the keyword; on the command line it is --force."""
+    return str(exc).replace("(use force)", "(use --force)")
 
 
 def cmd_keys_new(args: argparse.Namespace) -> int:
@@ -252,9 +264,9 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     hosts = tuple(dict.fromkeys(["localhost", "127.0.0.1", args.host]))
     try:
         layout = bootstrap(args.dir, store_url=args.store_url, host=args.host, port=args.port,
-                           hosts=hosts, bind=args.bind)
+                           hosts=hosts, bind=args.bind, force=args.force)
     except PkiError as exc:
-        raise ValueError(str(exc)) from None
+        raise ValueError(_flag_named(exc)) from None
     print(f"gateway config: {layout.gateway_config}\nemitter config: {layout.emitter_config}")
     return 0
 

@@ -3,12 +3,20 @@ subprocesses, real files, real gateways over real mTLS."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
+import tomllib
 from pathlib import Path
 
+from stack import free_port
+
 from audit import AuditLog
+from gateway.pki import cert_sha256
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -26,6 +34,101 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
     return lines[0]
+
+
+@contextlib.contextmanager
+def serving(root: Path):
+    """`fedgate serve` on ROOT/gateway.toml (cwd elsewhere), until /readyz answers 200
+    over mTLS to ROOT/emitter.toml."""
+    log_path = root.parent / f"{root.name}-serve.log"
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config",
+                                 str(root / "gateway.toml")], cwd=root.parent, env=ENV,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while fedgate("probe", "--config", str(root / "emitter.toml")).returncode != 0:
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        yield proc
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
+
+
+def absolute_values(config: Path) -> list[str]:
+    """Every string value in a TOML file that is an absolute path (or sqlite URL)."""
+    found, stack = [], [tomllib.loads(config.read_text())]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, str) and (node.startswith("/") or node.startswith("sqlite:////")
+                                        or "://" not in node and os.path.isabs(node)):
+            found.append(node)
+    return found
+
+
+# -- fedgate bootstrap -------------------------------------------------------------------
+
+def test_bootstrap_writes_paths_relative_to_the_config_so_the_directory_can_move(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    result = fedgate("bootstrap", "fed", "--port", str(free_port()), cwd=work)  # relative DIR
+    assert result.returncode == 0, result.stderr
+    for name in ("gateway.toml", "emitter.toml"):
+        text = (work / "fed" / name).read_text()
+        assert absolute_values(work / "fed" / name) == [], name
+        assert str(tmp_path) not in text and str(ROOT) not in text
+    moved = tmp_path / "elsewhere" / "fed"
+    moved.parent.mkdir()
+    shutil.move(work / "fed", moved)
+    with serving(moved):
+        pass
+    # the gateway's state and audit log live in the (moved) directory, nowhere else
+    assert (moved / "state" / "fedgate.db").is_file()
+    assert (moved / "audit" / "gateway-audit.jsonl").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "work"]
+    assert list(work.iterdir()) == []
+
+
+def test_bootstrap_refuses_an_existing_federation_naming_force(tmp_path):
+    root = tmp_path / "fed"
+    assert fedgate("bootstrap", str(root)).returncode == 0
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    again = fedgate("bootstrap", str(root))
+    assert again.returncode == 2 and again.stdout == ""
+    line = one_error_line(again)
+    assert line.startswith(f"fedgate: error: refusing to overwrite {root}/")
+    assert "(use --force" in line
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+
+
+def test_bootstrap_force_replaces_what_it_generated_and_keeps_the_rules(tmp_path):
+    root = tmp_path / "fed"
+    assert fedgate("bootstrap", str(root), "--port", str(free_port())).returncode == 0
+    rules = root / "policy" / "rules.toml"
+    rules.write_text(rules.read_text() + "\n# edited by the operator\n")
+    edited = rules.read_bytes()
+    old_ca = (root / "certs" / "ca.crt").read_bytes()
+    old_key = (root / "keys" / "ss-prod-2026.pem").read_bytes()
+    result = fedgate("bootstrap", str(root), "--force", "--port", str(free_port()))
+    assert result.returncode == 0, result.stderr
+    assert rules.read_bytes() == edited
+    assert (root / "certs" / "ca.crt").read_bytes() != old_ca
+    assert (root / "keys" / "ss-prod-2026.pem").read_bytes() != old_key
+    assert (root / "keys" / "ss-prod-2026.pem").stat().st_mode & 0o777 == 0o600
+    assert not [p for p in root.rglob(".*.tmp")]
+    gateway = tomllib.loads((root / "gateway.toml").read_text())
+    emitter = tomllib.loads((root / "emitter.toml").read_text())
+    producer_pin = cert_sha256((root / "certs" / "spectrastrike-producer.crt").read_bytes())
+    assert gateway["identities"]["spectrastrike-producer"]["pins"] == [producer_pin]
+    assert emitter["server_pins"] == [cert_sha256((root / "certs/gateway.crt").read_bytes())]
+    with serving(root):  # the replaced material works together
+        pass
 
 
 # -- fedgate audit verify ----------------------------------------------------------------
