@@ -159,9 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     probe = sub.add_parser("probe", help="GET /readyz over mTLS (for healthchecks)",
                            description="Exit 0 when the gateway named by an emitter config "
-                           "answers /readyz with 200 over mTLS, 1 otherwise.")
+                           "answers /readyz with 200 over the same pinned mTLS transport as "
+                           "'fedgate emit' (CA, client certificate, server_pins); 1 with one "
+                           "line naming the reason otherwise (e.g. server_pin_mismatch); 2 "
+                           "on a config error.")
     probe.add_argument("--config", required=True, type=Path, help="emitter TOML file")
-    probe.add_argument("--timeout", type=float, default=3.0)
+    probe.add_argument("--timeout", type=float, default=3.0,
+                       help="seconds for the whole request (default 3)")
     probe.set_defaults(run=cmd_probe)
 
     demo = sub.add_parser("demo", help="the whole flow on this machine (embedded store)",
@@ -272,34 +276,38 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
+    """GET /readyz through the transport ``fedgate emit`` uses (same TLS context, same
+    server_pins check): a gateway that emit would refuse is never reported healthy."""
     import asyncio
 
-    import aiohttp
+    from emitter.settings import load_transport_settings
+    from emitter.transport import TRANSPORT_ERRORS, classify, get, open_session
 
     from .tls import client_context
-    from .tomlfile import read_toml
 
-    raw = read_toml(Path(os.path.abspath(args.config)))  # ${NAME} references as in serve
-    try:
-        base = args.config.parent
-        ctx = client_context(base / raw["ca"], base / raw["cert"], base / raw["key"])
-        url = raw["url"].rstrip("/") + "/readyz"
-    except KeyError as exc:
-        raise ValueError(f"{args.config}: not an emitter config ({exc})") from None
+    if not args.timeout > 0:
+        raise ValueError("--timeout must be a positive number of seconds")
+    settings = load_transport_settings(args.config)  # ${NAME}, relative paths: as emit
+    ctx = client_context(settings.ca, settings.cert, settings.key)
+    url = settings.url + "/readyz"
 
-    async def get() -> int:
-        timeout = aiohttp.ClientTimeout(total=args.timeout)
-        async with aiohttp.ClientSession(timeout=timeout) as client, client.get(
-                url, ssl=ctx, allow_redirects=False) as resp:
-            return resp.status
+    async def probe() -> int:
+        async with open_session(ctx, settings.server_pins, args.timeout) as session:
+            status, _, _ = await get(session, url, ssl_context=ctx)
+            return status
 
     try:
-        status = asyncio.run(get())
-    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        print(f"fedgate: probe: {url}: {type(exc).__name__}", file=sys.stderr)
+        status = asyncio.run(probe())
+    except TRANSPORT_ERRORS as exc:
+        failure = classify(exc)
+        line = " ".join(f"fedgate: probe: {url}: {failure.code}: {failure.detail}".split())
+        print(line[:1000], file=sys.stderr)
+        return 1
+    if status != 200:
+        print(f"fedgate: probe: {url}: answered {status}", file=sys.stderr)
         return 1
     print(f"{url}: {status}")
-    return 0 if status == 200 else 1
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,6 +4,7 @@ subprocesses, real files, real gateways over real mTLS."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -13,9 +14,11 @@ import time
 import tomllib
 from pathlib import Path
 
+import pytest
 from stack import free_port
 
 from audit import AuditLog
+from emitter.campaign import EXECUTIONS, Execution, telemetry_body
 from gateway.pki import cert_sha256
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -129,6 +132,62 @@ def test_bootstrap_force_replaces_what_it_generated_and_keeps_the_rules(tmp_path
     assert emitter["server_pins"] == [cert_sha256((root / "certs/gateway.crt").read_bytes())]
     with serving(root):  # the replaced material works together
         pass
+
+
+# -- fedgate probe: the same pinned transport as fedgate emit --------------------------
+
+@pytest.fixture
+def fed(tmp_path):
+    """A bootstrapped federation with its `fedgate serve` running."""
+    root = tmp_path / "fed"
+    result = fedgate("bootstrap", str(root), "--port", str(free_port()))
+    assert result.returncode == 0, result.stderr
+    with serving(root):
+        yield root
+
+
+def emit(config: Path, execution: Execution = EXECUTIONS[0]) -> subprocess.CompletedProcess:
+    body = telemetry_body(execution, execution.events[0], 1)
+    return fedgate("emit", "--config", str(config), "-", input=json.dumps(body))
+
+
+def with_changes(config: Path, name: str, **changes: str | list[str]) -> Path:
+    """A copy of an emitter config beside it (so its relative paths still hold)."""
+    lines = [line for line in config.read_text().splitlines()
+             if line.split(" = ", 1)[0] not in changes]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in changes.items()]
+    out = config.with_name(name)
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def test_probe_refuses_a_gateway_whose_certificate_is_not_pinned_like_emit(fed):
+    good = fed / "emitter.toml"
+    ok = fedgate("probe", "--config", str(good))
+    assert ok.returncode == 0, ok.stderr
+    url = tomllib.loads(good.read_text())["url"] + "/readyz"
+    assert ok.stdout == f"{url}: 200\n"
+    # a real certificate from the same CA, but not the gateway's
+    wrong = with_changes(good, "wrong-pin.toml", server_pins=[
+        cert_sha256((fed / "certs" / "spectrastrike-producer.crt").read_bytes())],
+        state_dir="wrong-pin-state")
+    probe = fedgate("probe", "--config", str(wrong))
+    assert probe.returncode == 1 and probe.stdout == ""
+    reason = "server_pin_mismatch: the gateway certificate matches no server_pins"
+    assert one_error_line(probe) == f"fedgate: probe: {url}: {reason}"
+    sent = emit(wrong)  # emit refuses the same gateway for the same reason
+    assert sent.returncode == 1, sent.stderr
+    assert sent.stdout == "refused server_pin_mismatch (not sent; kept in the outbox)\n"
+    assert "server_pin_mismatch (the gateway certificate matches no server_pins)" in sent.stderr
+    assert emit(good).stdout.startswith("accepted ")  # the gateway itself is fine
+
+
+def test_probe_config_errors_are_one_line_exit_2(tmp_path):
+    config = tmp_path / "emitter.toml"
+    config.write_text('url = "http://127.0.0.1:1"\n')
+    result = fedgate("probe", "--config", str(config))
+    assert result.returncode == 2
+    assert one_error_line(result).startswith(f"fedgate: error: {config}: url must use https://")
 
 
 # -- fedgate audit verify ----------------------------------------------------------------
