@@ -17,7 +17,15 @@ from pathlib import Path
 
 from audit.chain import verify_lines
 from keyring.ed25519 import PrivateKey, SelfTestError
-from keyring.keys import KID_RE, Key, KeyringError
+from keyring.keys import (
+    KID_RE,
+    Key,
+    KeyringError,
+    KeyStatus,
+    add_to_jwks,
+    key_from_jwk,
+    load_jwks,
+)
 
 from .config import ConfigError
 from .store import StoreError
@@ -120,11 +128,24 @@ def build_parser() -> argparse.ArgumentParser:
     _require(keys_parser, keys, "action")
     new = keys.add_parser("new", help="create an Ed25519 key: PKCS#8 PEM + public JWK",
                           description="Write KID.pem (private, mode 0600) and KID.jwk.json "
-                          "(public JWK with fedgate's members) into --out.")
+                          "(public JWK with fedgate's members) into --out; with --jwks, also "
+                          "append the public JWK to that JWKS file (e.g. the gateway's "
+                          "producer_keyring; created if missing, replaced atomically, a kid "
+                          "already in it is refused before any file is written). The gateway "
+                          "reads the keyring at start-up: restart it to use the new key.")
     new.add_argument("--kid", required=True, help="key id, ^[A-Za-z0-9._:-]{1,128}$")
     new.add_argument("--out", required=True, type=Path, help="output directory")
     new.add_argument("--identity", help="service identity the key signs for (producer keys)")
-    new.add_argument("--tenant", action="append", default=[], help="tenant id (repeatable)")
+    new.add_argument("--tenant", action="append", default=[],
+                     help="tenant id the key may sign for (repeatable; producer keys)")
+    new.add_argument("--status", choices=[s.value for s in KeyStatus], default="active",
+                     help="key status (default active; retired: verify-only)")
+    new.add_argument("--not-before", type=int, metavar="UNIX_SECONDS",
+                     help="not valid before this time")
+    new.add_argument("--not-after", type=int, metavar="UNIX_SECONDS",
+                     help="not valid after this time")
+    new.add_argument("--jwks", type=Path, metavar="FILE",
+                     help="JWKS file to append the public JWK to")
     new.set_defaults(run=cmd_keys_new)
 
     aud_parser = sub.add_parser("audit", help="audit log tools")
@@ -219,18 +240,33 @@ def _flag_named(exc: Exception) -> str:
 def cmd_keys_new(args: argparse.Namespace) -> int:
     if not KID_RE.fullmatch(args.kid):
         raise ValueError(f"--kid {args.kid!r} must match ^[A-Za-z0-9._:-]{{1,128}}$")
-    args.out.mkdir(parents=True, exist_ok=True)
+    for flag, value in (("--not-before", args.not_before), ("--not-after", args.not_after)):
+        if value is not None and value < 0:
+            raise ValueError(f"{flag} must be Unix seconds (>= 0), got {value}")
+    if None not in (args.not_before, args.not_after) and args.not_after < args.not_before:
+        raise ValueError("--not-after is before --not-before")
     pem, jwk = args.out / f"{args.kid}.pem", args.out / f"{args.kid}.jwk.json"
     for path in (pem, jwk):
         if path.exists():
             raise ValueError(f"{path} exists; refusing to overwrite a key")
+    if args.jwks is not None:  # refuse before writing anything
+        if not args.jwks.parent.is_dir():
+            raise ValueError(f"--jwks {args.jwks}: no such directory {args.jwks.parent}")
+        if args.jwks.exists() and args.kid in load_jwks(args.jwks):
+            raise ValueError(f"{args.jwks}: kid {args.kid!r} is already in this keyring")
     key = PrivateKey(os.urandom(32))
+    public = Key(kid=args.kid, public=key.public, identity=args.identity,
+                 tenants=frozenset(args.tenant), status=KeyStatus(args.status),
+                 not_before=args.not_before, not_after=args.not_after)
+    key_from_jwk(public.to_jwk())  # the loader's own checks (identity, tenants)
+    args.out.mkdir(parents=True, exist_ok=True)
     fd = os.open(pem, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(key.to_pem())
-    public = Key(kid=args.kid, public=key.public, identity=args.identity,
-                 tenants=frozenset(args.tenant))
     jwk.write_text(json.dumps(public.to_jwk(), indent=2) + "\n", encoding="utf-8")
+    if args.jwks is not None:
+        add_to_jwks(args.jwks, public)
+        print(f"fedgate: added {args.kid} to {args.jwks}", file=sys.stderr)
     print(json.dumps(public.to_jwk()))
     return 0
 

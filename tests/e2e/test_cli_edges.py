@@ -20,6 +20,7 @@ from stack import free_port
 from audit import AuditLog
 from emitter.campaign import EXECUTIONS, Execution, telemetry_body
 from gateway.pki import cert_sha256
+from keyring.keys import KeyStatus, load_jwks
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -188,6 +189,99 @@ def test_probe_config_errors_are_one_line_exit_2(tmp_path):
     result = fedgate("probe", "--config", str(config))
     assert result.returncode == 2
     assert one_error_line(result).startswith(f"fedgate: error: {config}: url must use https://")
+
+
+# -- fedgate keys new --jwks -------------------------------------------------------------
+
+def test_keys_new_jwks_creates_a_keyring_the_loader_accepts(tmp_path):
+    jwks = tmp_path / "producers.jwks.json"
+    result = fedgate("keys", "new", "--kid", "k-1", "--out", str(tmp_path / "k"),
+                     "--identity", "ss-a", "--tenant", "t-2", "--tenant", "t-1",
+                     "--status", "retired", "--not-before", "100", "--not-after", "200",
+                     "--jwks", str(jwks))
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert json.loads(jwks.read_text()) == {"keys": [printed]}
+    assert json.loads((tmp_path / "k" / "k-1.jwk.json").read_text()) == printed
+    key = load_jwks(jwks)["k-1"]
+    assert (key.identity, key.tenants, key.status, key.not_before, key.not_after) == (
+        "ss-a", frozenset({"t-1", "t-2"}), KeyStatus.RETIRED, 100, 200)
+
+
+def test_keys_new_jwks_appends_and_keeps_the_other_keys(tmp_path):
+    jwks = tmp_path / "producers.jwks.json"
+    assert fedgate("keys", "new", "--kid", "k-1", "--out", str(tmp_path),
+                   "--jwks", str(jwks)).returncode == 0
+    first = json.loads(jwks.read_text())["keys"][0]
+    jwks.chmod(0o640)
+    result = fedgate("keys", "new", "--kid", "k-2", "--out", str(tmp_path), "--identity",
+                     "ss-a", "--jwks", str(jwks))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(jwks.read_text())["keys"] == [first, json.loads(result.stdout)]
+    assert list(load_jwks(jwks)) == ["k-1", "k-2"]
+    assert jwks.stat().st_mode & 0o777 == 0o640
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_keys_new_jwks_refuses_a_duplicate_kid_before_writing_anything(tmp_path):
+    jwks = tmp_path / "producers.jwks.json"
+    assert fedgate("keys", "new", "--kid", "k-1", "--out", str(tmp_path / "a"),
+                   "--jwks", str(jwks)).returncode == 0
+    before = jwks.read_bytes()
+    again = fedgate("keys", "new", "--kid", "k-1", "--out", str(tmp_path / "b"),
+                    "--jwks", str(jwks))
+    assert again.returncode == 2 and again.stdout == ""
+    assert one_error_line(again) == (
+        f"fedgate: error: {jwks}: kid 'k-1' is already in this keyring")
+    assert jwks.read_bytes() == before
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    ("{", "not JSON"), ('{"keys": [{"kid": "x"}]}', "key 'x': not an Ed25519 OKP key")])
+def test_keys_new_jwks_refuses_a_file_the_loader_refuses(tmp_path, content, reason):
+    jwks = tmp_path / "producers.jwks.json"
+    jwks.write_text(content)
+    result = fedgate("keys", "new", "--kid", "k-1", "--out", str(tmp_path / "k"),
+                     "--jwks", str(jwks))
+    assert result.returncode == 2
+    line = one_error_line(result)
+    assert line.startswith(f"fedgate: error: {jwks}: ") and reason in line
+    assert jwks.read_text() == content and not (tmp_path / "k").exists()
+
+
+def test_keys_new_refuses_a_window_that_ends_before_it_starts(tmp_path):
+    result = fedgate("keys", "new", "--kid", "k-1", "--out", str(tmp_path / "k"),
+                     "--not-before", "200", "--not-after", "100")
+    assert result.returncode == 2
+    assert one_error_line(result) == "fedgate: error: --not-after is before --not-before"
+
+
+def test_a_gateway_accepts_a_key_added_with_keys_new_jwks(tmp_path):
+    root = tmp_path / "fed"
+    assert fedgate("bootstrap", str(root), "--port", str(free_port())).returncode == 0
+    tenants = tomllib.loads((root / "gateway.toml").read_text())[
+        "identities"]["spectrastrike-producer"]["tenants"]
+    added = fedgate("keys", "new", "--kid", "ss-prod-2027", "--out", str(root / "keys"),
+                    "--identity", "spectrastrike-producer",
+                    *[a for t in tenants for a in ("--tenant", t)],
+                    "--jwks", str(root / "keys" / "producers.jwks.json"))
+    assert added.returncode == 0, added.stderr
+    # a key made without --jwks: the gateway does not know it
+    assert fedgate("keys", "new", "--kid", "ss-stray", "--out", str(root / "keys"),
+                   "--identity", "spectrastrike-producer").returncode == 0
+    emitter = root / "emitter.toml"
+    new_key = with_changes(emitter, "new-key.toml", kid="ss-prod-2027",
+                           signing_key="keys/ss-prod-2027.pem", state_dir="new-key-state")
+    stray = with_changes(emitter, "stray.toml", kid="ss-stray",
+                         signing_key="keys/ss-stray.pem", state_dir="stray-state")
+    with serving(root):
+        accepted = emit(new_key)
+        assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+        assert accepted.stdout.startswith("accepted ")
+        rejected = emit(stray, EXECUTIONS[1])
+        assert rejected.returncode == 1
+        assert rejected.stdout == "rejected 401 unknown_kid\n"
 
 
 # -- fedgate audit verify ----------------------------------------------------------------
