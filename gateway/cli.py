@@ -122,6 +122,23 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--days", type=int, default=30, help="validity in days (default 30)")
     init.add_argument("--force", action="store_true", help="overwrite existing files")
     init.set_defaults(run=cmd_certs_init)
+    issue = certs.add_parser("issue", help="issue one more client certificate from an "
+                             "existing dev CA",
+                             description="Sign a new client certificate for --identity with "
+                             "the CA in DIR (ca.crt, ca.key, as 'certs init' wrote them): "
+                             "write DIR/NAME.crt and DIR/NAME.key (0600), record its sha256 "
+                             "pin in DIR/pins.json, and print its pins as JSON: sha256 (what "
+                             "[identities.NAME] pins holds) and spki. An identity already in "
+                             "pins.json, or existing NAME.crt/.key, are refused without "
+                             "--force.")
+    issue.add_argument("dir", type=Path, help="directory holding the CA ('certs init' DIR)")
+    issue.add_argument("--identity", required=True, metavar="NAME",
+                       help="client identity, ^[A-Za-z0-9._-]{1,128}$")
+    issue.add_argument("--days", type=int, default=30,
+                       help="validity in days (default 30; never past the CA's)")
+    issue.add_argument("--force", action="store_true",
+                       help="replace an existing certificate and pin for NAME")
+    issue.set_defaults(run=cmd_certs_issue)
 
     keys_parser = sub.add_parser("keys", help="Ed25519 keys")
     keys = keys_parser.add_subparsers(metavar="ACTION")
@@ -229,6 +246,25 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
         raise ValueError(_flag_named(exc)) from None
     print(json.dumps(result.pins, indent=2))
     print(f"fedgate: wrote dev PKI to {args.dir} (pins in {result.pins_path})", file=sys.stderr)
+    return 0
+
+
+def cmd_certs_issue(args: argparse.Namespace) -> int:
+    from .pki import PkiError, issue_client_cert, spki_pin
+
+    if not (args.dir / "ca.crt").is_file() or not (args.dir / "ca.key").is_file():
+        raise ValueError(f"{args.dir}: no dev CA here (ca.crt and ca.key, as 'fedgate "
+                         "certs init' writes them)")
+    try:
+        issued = issue_client_cert(args.dir, args.identity, days=args.days, force=args.force)
+        spki = spki_pin(issued.cert.read_bytes())
+    except PkiError as exc:
+        raise ValueError(_flag_named(exc)) from None
+    print(json.dumps({"identity": issued.name, "sha256": issued.sha256, "spki": spki},
+                     indent=2))
+    pins = args.dir / "pins.json"
+    where = f"pin recorded in {pins}" if pins.exists() else f"no {pins}: pin not recorded"
+    print(f"fedgate: wrote {issued.cert} and {issued.key} ({where})", file=sys.stderr)
     return 0
 
 

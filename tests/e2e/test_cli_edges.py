@@ -3,7 +3,9 @@ subprocesses, real files, real gateways over real mTLS."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -282,6 +284,95 @@ def test_a_gateway_accepts_a_key_added_with_keys_new_jwks(tmp_path):
         rejected = emit(stray, EXECUTIONS[1])
         assert rejected.returncode == 1
         assert rejected.stdout == "rejected 401 unknown_kid\n"
+
+
+# -- fedgate certs issue ------------------------------------------------------------------
+
+def openssl_spki_pin(cert: Path) -> str:
+    """The RFC 7469 recipe, with the openssl command line."""
+    pub = subprocess.run(["openssl", "x509", "-in", str(cert), "-pubkey", "-noout"],
+                         capture_output=True, check=True).stdout
+    der = subprocess.run(["openssl", "pkey", "-pubin", "-outform", "der"], input=pub,
+                         capture_output=True, check=True).stdout
+    return "spki:" + base64.b64encode(hashlib.sha256(der).digest()).decode()
+
+
+def test_certs_issue_signs_one_more_client_cert_with_the_existing_ca(tmp_path):
+    pki = tmp_path / "pki"
+    assert fedgate("certs", "init", str(pki), "--identity", "ss-a").returncode == 0
+    before = json.loads((pki / "pins.json").read_text())
+    ca = (pki / "ca.crt").read_bytes()
+    result = fedgate("certs", "issue", str(pki), "--identity", "ss-b")
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    cert = pki / "ss-b.crt"
+    assert printed == {"identity": "ss-b", "sha256": cert_sha256(cert.read_bytes()),
+                       "spki": openssl_spki_pin(cert)}
+    assert (pki / "ca.crt").read_bytes() == ca  # the same CA, not a new one
+    verify = subprocess.run(["openssl", "verify", "-CAfile", str(pki / "ca.crt"),
+                             "-purpose", "sslclient", str(cert)], capture_output=True,
+                            text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert (pki / "ss-b.key").stat().st_mode & 0o777 == 0o600
+    after = json.loads((pki / "pins.json").read_text())
+    assert after == {**before, "identities": {**before["identities"],
+                                              "ss-b": printed["sha256"]}}
+
+
+def test_certs_issue_refuses_a_pinned_identity_unless_forced(tmp_path):
+    pki = tmp_path / "pki"
+    assert fedgate("certs", "init", str(pki), "--identity", "ss-a").returncode == 0
+    old = (pki / "ss-a.crt").read_bytes()
+    again = fedgate("certs", "issue", str(pki), "--identity", "ss-a")
+    assert again.returncode == 2 and again.stdout == ""
+    line = one_error_line(again)
+    assert line.startswith("fedgate: error: identity 'ss-a' already pinned in ")
+    assert line.endswith("(use --force)")
+    assert (pki / "ss-a.crt").read_bytes() == old
+    forced = fedgate("certs", "issue", str(pki), "--identity", "ss-a", "--force")
+    assert forced.returncode == 0, forced.stderr
+    new_pin = json.loads(forced.stdout)["sha256"]
+    assert new_pin != cert_sha256(old)
+    assert json.loads((pki / "pins.json").read_text())["identities"]["ss-a"] == new_pin
+
+
+def test_certs_issue_without_a_ca_is_one_line(tmp_path):
+    result = fedgate("certs", "issue", str(tmp_path), "--identity", "ss-a")
+    assert result.returncode == 2
+    assert one_error_line(result) == (
+        f"fedgate: error: {tmp_path}: no dev CA here (ca.crt and ca.key, as 'fedgate certs "
+        "init' writes them)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_gateway_pinned_to_an_issued_cert_accepts_it_over_mtls(tmp_path):
+    """certs issue + keys new --jwks: a new service identity, end to end."""
+    root = tmp_path / "fed"
+    assert fedgate("bootstrap", str(root), "--port", str(free_port())).returncode == 0
+    issued = fedgate("certs", "issue", str(root / "certs"), "--identity", "ss-edge")
+    assert issued.returncode == 0, issued.stderr
+    pin = json.loads(issued.stdout)["sha256"]
+    execution = Execution("op-003", "edge-run", "10.0.9.9", 2, EXECUTIONS[2].events)
+    with (root / "gateway.toml").open("a") as cfg:
+        cfg.write(f'\n[identities.ss-edge]\npins = ["{pin}"]\n'
+                  f'tenants = ["{execution.tenant}"]\n')
+    added = fedgate("keys", "new", "--kid", "edge-1", "--out", str(root / "keys"),
+                    "--identity", "ss-edge", "--tenant", execution.tenant,
+                    "--jwks", str(root / "keys" / "producers.jwks.json"))
+    assert added.returncode == 0, added.stderr
+    edge = with_changes(root / "emitter.toml", "edge.toml", identity="ss-edge",
+                        cert="certs/ss-edge.crt", key="certs/ss-edge.key", kid="edge-1",
+                        signing_key="keys/edge-1.pem", state_dir="edge-state")
+    # control: the same identity and key over the bootstrap producer's certificate
+    other_cert = with_changes(edge, "edge-other-cert.toml", state_dir="edge-other-state",
+                              cert="certs/spectrastrike-producer.crt",
+                              key="certs/spectrastrike-producer.key")
+    with serving(root):
+        accepted = emit(edge, execution)
+        assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+        assert accepted.stdout.startswith("accepted ")
+        rejected = emit(other_cert, execution)
+        assert (rejected.returncode, rejected.stdout) == (1, "rejected 401 identity_rejected\n")
 
 
 # -- fedgate audit verify ----------------------------------------------------------------
