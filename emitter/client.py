@@ -41,6 +41,7 @@ from .transport import (
     ServerPins,
     backoff_delay,
     classify,
+    open_session,
     post,
     retry_after,
 )
@@ -141,11 +142,8 @@ class EmitterClient(FeedbackQueries):
         self.ledger = Ledger(state / "emitter.db")
         private_file(state / "emitter-audit.jsonl")
         self.audit = AuditLog(state / "emitter-audit.jsonl")
-        pins = self.settings.server_pins
-        connector = aiohttp.TCPConnector(ssl=ServerPins(pins) if pins else self._ssl)
-        timeout = aiohttp.ClientTimeout(total=self.settings.request_timeout_s)
-        self.session = aiohttp.ClientSession(connector=connector, timeout=timeout,
-                                             trust_env=False)
+        self.session = open_session(self._ssl, self.settings.server_pins,
+                                    self.settings.request_timeout_s)
         return self
 
     async def close(self) -> None:

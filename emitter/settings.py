@@ -49,6 +49,18 @@ class EmitterSettings:
     request_timeout_s: float = 10.0
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TransportSettings:
+    """What reaching the gateway needs (``fedgate probe``): the emitter file's own keys."""
+
+    path: Path | None
+    url: str
+    ca: Path
+    cert: Path
+    key: Path
+    server_pins: tuple[str, ...]
+
+
 def check_url(url: Any) -> str:
     """An ``https://`` URL without credentials, query or fragment; ConfigError otherwise."""
     if not isinstance(url, str) or not url:
@@ -71,6 +83,24 @@ def check_url(url: Any) -> str:
 def load_emitter_settings(path: str | Path) -> EmitterSettings:
     """Read and check the whole file; ``ConfigError`` (one line, naming the key) on a defect."""
     return load_file(path, _build)
+
+
+def load_transport_settings(path: str | Path) -> TransportSettings:
+    """``url``, ``ca``, ``cert``, ``key`` and ``server_pins`` of an emitter file, read and
+    checked exactly as :func:`load_emitter_settings` does; the other keys are not opened
+    (a healthcheck creates no ``state_dir`` and needs no signing key)."""
+    return load_file(path, _build_transport)
+
+
+def _build_transport(cfg: Path, raw: Mapping[str, Any]) -> TransportSettings:
+    unknown = sorted(set(raw) - _KEYS)
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r}")
+    base = cfg.parent
+    return TransportSettings(
+        path=cfg, url=check_url(raw.get("url")), ca=readable_file(raw, "ca", base),
+        cert=readable_file(raw, "cert", base), key=readable_file(raw, "key", base),
+        server_pins=_pins(raw.get("server_pins", [])))
 
 
 def _build(cfg: Path, raw: Mapping[str, Any]) -> EmitterSettings:

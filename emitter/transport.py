@@ -2,6 +2,8 @@
 
 * :class:`ServerPins` pins the gateway certificate, checked after the TLS handshake and
   before a byte of the request is written.
+* :func:`open_session` is the one session both ``fedgate emit`` and ``fedgate probe``
+  use: the pins on the connector, the CA-verifying TLS 1.3 context on every request.
 * :func:`post` sends exactly the given bytes (no redirect) and reads the answer in chunks,
   at most :data:`MAX_RESPONSE_BYTES`: a larger answer raises :class:`ResponseTooLarge`
   without being buffered. :func:`parse_json` turns the body into JSON or ``None``, never
@@ -106,6 +108,25 @@ async def post(session: aiohttp.ClientSession, url: str, headers: dict[str, str]
                             allow_redirects=False) as resp:
         raw = await read_capped(resp, limit)
         return resp.status, parse_json(raw), resp.headers
+
+
+async def get(session: aiohttp.ClientSession, url: str, *, ssl_context: ssl.SSLContext,
+              limit: int = MAX_RESPONSE_BYTES) -> tuple[int, Any, Any]:
+    """One GET (``fedgate probe``), same rules as :func:`post`: no redirect, answer capped."""
+    async with session.get(url, ssl=ssl_context, allow_redirects=False) as resp:
+        raw = await read_capped(resp, limit)
+        return resp.status, parse_json(raw), resp.headers
+
+
+def open_session(ssl_context: ssl.SSLContext, pins: tuple[str, ...],
+                 timeout_s: float) -> aiohttp.ClientSession:
+    """The emitter's HTTP session. With ``pins`` the connector checks the gateway
+    certificate against them after the handshake (:class:`ServerPins`); the handshake
+    itself always uses ``ssl_context``, which :func:`post`/:func:`get` pass on every
+    request (a request without it would skip the CA check). No proxy from the environment."""
+    connector = aiohttp.TCPConnector(ssl=ServerPins(pins) if pins else ssl_context)
+    return aiohttp.ClientSession(connector=connector, trust_env=False,
+                                 timeout=aiohttp.ClientTimeout(total=timeout_s))
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,22 +2,29 @@
 
 Used by ``fedgate demo`` (SQLite, loopback), by the docker-compose ``init`` service
 (Redis, service names) and by the e2e smoke. DEV material only: fresh keys every time,
-private keys written 0600, nothing reused across runs. The policy rules are the one
-exception: the package's default rules are copied to ``DIR/policy/rules.toml`` (for the
-operator to edit) unless that file already exists, and ``gateway.toml`` names the copy.
+private keys written 0600, nothing reused across runs. A directory that already holds
+any of the generated files is refused unless ``force=True``, which replaces each of them
+atomically. The policy rules are the one exception: the package's default rules are
+copied to ``DIR/policy/rules.toml`` (for the operator to edit) unless that file already
+exists — even with ``force`` — and ``gateway.toml`` names the copy.
+
+Every path written into the two configs is relative to the config file (so the
+directory can be moved, and nothing absolute about the machine that ran bootstrap is
+recorded); only an operator's own ``store_url`` is written as given.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 from keyring.ed25519 import PrivateKey
-from keyring.keys import Key, Keyring, save_jwks
+from keyring.keys import Key, Keyring
 
-from .pki import init_pki
+from .pki import PkiError, init_pki
 from .policy import DEFAULT_RULES_FILE
 
 IDENTITY = "spectrastrike-producer"
@@ -26,7 +33,9 @@ FEEDBACK_KID = "vv-fb-2026"
 TENANTS = {"op-001": "10000000-0000-0000-0000-000000000001",
            "op-002": "10000000-0000-0000-0000-000000000001",
            "op-003": "20000000-0000-0000-0000-000000000002"}
-RULES = "policy/rules.toml"  # relative to gateway.toml
+RULES = "policy/rules.toml"  # relative to gateway.toml, as are the two below
+STORE_URL = "sqlite:///state/fedgate.db"
+AUDIT = "audit/gateway-audit.jsonl"
 
 
 @dataclass(frozen=True)
@@ -38,10 +47,33 @@ class Layout:
     store_url: str
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
+def _write(path: Path, data: bytes, mode: int, force: bool) -> None:
+    """Create ``path`` with ``mode``; with ``force`` replace it atomically (temp + rename)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    target = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp") if force else path
+    fd = os.open(target, flags, mode)
+    try:
+        os.fchmod(fd, mode)  # independent of the umask
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        if force:
+            os.replace(target, path)
+    except BaseException:
+        if force:
+            target.unlink(missing_ok=True)
+        raise
+
+
+def generated_files(root: Path) -> list[Path]:
+    """Every file ``bootstrap`` writes under ``root`` (the rules copy excepted)."""
+    root = Path(root)
+    certs = [root / "certs" / f"{stem}{ext}" for stem in ("ca", "gateway", IDENTITY)
+             for ext in (".crt", ".key")]
+    keys = [root / "keys" / name for name in (
+        f"{PRODUCER_KID}.pem", f"{FEEDBACK_KID}.pem", "producers.jwks.json",
+        "feedback.jwks.json")]
+    return [*certs, root / "certs" / "pins.json", *keys, root / "gateway.toml",
+            root / "emitter.toml"]
 
 
 def _toml(value: object) -> str:
@@ -50,26 +82,34 @@ def _toml(value: object) -> str:
 
 def bootstrap(root: Path, *, store_url: str | None = None, host: str = "127.0.0.1",
               port: int = 8443, hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
-              bind: str | None = None) -> Layout:
-    """Write certs/, keys/, gateway.toml and emitter.toml under ``root``."""
+              bind: str | None = None, force: bool = False) -> Layout:
+    """Write certs/, keys/, gateway.toml and emitter.toml under ``root``; refuse (PkiError)
+    when any of them exists, unless ``force``."""
     root = Path(root)
+    if not force:
+        existing = [p for p in generated_files(root) if os.path.lexists(p)]
+        if existing:
+            more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+            raise PkiError(f"refusing to overwrite {existing[0]}{more} (use --force to "
+                           f"replace what bootstrap generated; {RULES} is kept)")
     (root / "keys").mkdir(parents=True, exist_ok=True)
-    pki = init_pki(root / "certs", [IDENTITY], hosts=list(hosts))
+    pki = init_pki(root / "certs", [IDENTITY], hosts=list(hosts), force=force)
     producer, feedback = PrivateKey(os.urandom(32)), PrivateKey(os.urandom(32))
-    _write_private(root / "keys" / f"{PRODUCER_KID}.pem", producer.to_pem())
-    _write_private(root / "keys" / f"{FEEDBACK_KID}.pem", feedback.to_pem())
+    _write(root / "keys" / f"{PRODUCER_KID}.pem", producer.to_pem(), 0o600, force)
+    _write(root / "keys" / f"{FEEDBACK_KID}.pem", feedback.to_pem(), 0o600, force)
     tenants = sorted(set(TENANTS.values()))
-    save_jwks(root / "keys" / "producers.jwks.json", Keyring([
-        Key(PRODUCER_KID, producer.public, identity=IDENTITY, tenants=frozenset(tenants))]))
-    save_jwks(root / "keys" / "feedback.jwks.json", Keyring([Key(FEEDBACK_KID, feedback.public)]))
-    store_url = store_url or f"sqlite:///{root / 'state' / 'fedgate.db'}"
-    audit = root / "audit" / "gateway-audit.jsonl"
+    producers = Keyring([Key(PRODUCER_KID, producer.public, identity=IDENTITY,
+                             tenants=frozenset(tenants))])
+    _write(root / "keys" / "producers.jwks.json", _jwks(producers), 0o644, force)
+    _write(root / "keys" / "feedback.jwks.json",
+           _jwks(Keyring([Key(FEEDBACK_KID, feedback.public)])), 0o644, force)
     rules = root / RULES
-    if not rules.exists():  # keep an operator's edited copy
+    if not rules.exists():  # keep an operator's edited copy, even with force
         rules.parent.mkdir(parents=True, exist_ok=True)
         rules.write_bytes(DEFAULT_RULES_FILE.read_bytes())
+    configured_store = store_url or STORE_URL
     gateway = root / "gateway.toml"
-    gateway.write_text(
+    _write(gateway, (
         "clock_skew_s = 30\nnonce_ttl_s = 120\nrequire_canonical_body = true\n"
         'allowed_schema_versions = ["1.0"]\nanchor_attestation = true\n'
         f'producer_keyring = "keys/producers.jwks.json"\n'
@@ -77,18 +117,25 @@ def bootstrap(root: Path, *, store_url: str | None = None, host: str = "127.0.0.
         f"[server]\nhost = {_toml(bind or host)}\nport = {port}\n"
         'tls_cert = "certs/gateway.crt"\ntls_key = "certs/gateway.key"\n'
         'client_ca = "certs/ca.crt"\n\n'
-        f"[store]\nurl = {_toml(store_url)}\n\n[audit]\npath = {_toml(str(audit))}\n\n"
+        f"[store]\nurl = {_toml(configured_store)}\n\n[audit]\npath = {_toml(AUDIT)}\n\n"
         f"[policy]\nrules = {_toml(RULES)}\n\n"
         f"[identities.{IDENTITY}]\npins = [{_toml(pki.identities[IDENTITY].sha256)}]\n"
         f"tenants = {_toml(tenants)}\n\n[operator_tenants]\n"
-        + "".join(f"{op} = {_toml(t)}\n" for op, t in TENANTS.items()),
-        encoding="utf-8")
+        + "".join(f"{op} = {_toml(t)}\n" for op, t in TENANTS.items())).encode(),
+        0o644, force)
     emitter = root / "emitter.toml"
-    emitter.write_text(
+    _write(emitter, (
         f'url = "https://{host}:{port}"\nca = "certs/ca.crt"\n'
         f'cert = "certs/{IDENTITY}.crt"\nkey = "certs/{IDENTITY}.key"\n'
         f"server_pins = [{_toml(pki.gateway.sha256)}]\nidentity = {_toml(IDENTITY)}\n"
         f'signing_key = "keys/{PRODUCER_KID}.pem"\nkid = "{PRODUCER_KID}"\n'
-        'feedback_keyring = "keys/feedback.jwks.json"\nstate_dir = "emitter-state"\n',
-        encoding="utf-8")
-    return Layout(root, gateway, emitter, audit, store_url)
+        'feedback_keyring = "keys/feedback.jwks.json"\nstate_dir = "emitter-state"\n'
+        ).encode(), 0o644, force)
+    base = root.resolve()
+    if store_url is None:
+        store_url = f"sqlite:///{base / STORE_URL.removeprefix('sqlite:///')}"
+    return Layout(root, gateway, emitter, base / AUDIT, store_url)
+
+
+def _jwks(keyring: Keyring) -> bytes:
+    return (json.dumps(keyring.to_jwks(), indent=2) + "\n").encode()

@@ -15,9 +15,17 @@ import os
 import sys
 from pathlib import Path
 
-from audit import verify_file
+from audit.chain import verify_lines
 from keyring.ed25519 import PrivateKey, SelfTestError
-from keyring.keys import KID_RE, Key, KeyringError
+from keyring.keys import (
+    KID_RE,
+    Key,
+    KeyringError,
+    KeyStatus,
+    add_to_jwks,
+    key_from_jwk,
+    load_jwks,
+)
 
 from .config import ConfigError
 from .store import StoreError
@@ -115,32 +123,72 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--days", type=int, default=30, help="validity in days (default 30)")
     init.add_argument("--force", action="store_true", help="overwrite existing files")
     init.set_defaults(run=cmd_certs_init)
+    issue = certs.add_parser("issue", help="issue one more client certificate from an "
+                             "existing dev CA",
+                             description="Sign a new client certificate for --identity with "
+                             "the CA in DIR (ca.crt, ca.key, as 'certs init' wrote them): "
+                             "write DIR/NAME.crt and DIR/NAME.key (0600), record its sha256 "
+                             "pin in DIR/pins.json, and print its pins as JSON: sha256 (what "
+                             "[identities.NAME] pins holds) and spki. An identity already in "
+                             "pins.json, or existing NAME.crt/.key, are refused without "
+                             "--force.")
+    issue.add_argument("dir", type=Path, help="directory holding the CA ('certs init' DIR)")
+    issue.add_argument("--identity", required=True, metavar="NAME",
+                       help="client identity, ^[A-Za-z0-9._-]{1,128}$")
+    issue.add_argument("--days", type=int, default=30,
+                       help="validity in days (default 30; never past the CA's)")
+    issue.add_argument("--force", action="store_true",
+                       help="replace an existing certificate and pin for NAME")
+    issue.set_defaults(run=cmd_certs_issue)
 
     keys_parser = sub.add_parser("keys", help="Ed25519 keys")
     keys = keys_parser.add_subparsers(metavar="ACTION")
     _require(keys_parser, keys, "action")
     new = keys.add_parser("new", help="create an Ed25519 key: PKCS#8 PEM + public JWK",
                           description="Write KID.pem (private, mode 0600) and KID.jwk.json "
-                          "(public JWK with fedgate's members) into --out.")
+                          "(public JWK with fedgate's members) into --out; with --jwks, also "
+                          "append the public JWK to that JWKS file (e.g. the gateway's "
+                          "producer_keyring; created if missing, replaced atomically, a kid "
+                          "already in it is refused before any file is written). The gateway "
+                          "reads the keyring at start-up: restart it to use the new key.")
     new.add_argument("--kid", required=True, help="key id, ^[A-Za-z0-9._:-]{1,128}$")
     new.add_argument("--out", required=True, type=Path, help="output directory")
     new.add_argument("--identity", help="service identity the key signs for (producer keys)")
-    new.add_argument("--tenant", action="append", default=[], help="tenant id (repeatable)")
+    new.add_argument("--tenant", action="append", default=[],
+                     help="tenant id the key may sign for (repeatable; producer keys)")
+    new.add_argument("--status", choices=[s.value for s in KeyStatus], default="active",
+                     help="key status (default active; retired: verify-only)")
+    new.add_argument("--not-before", type=int, metavar="UNIX_SECONDS",
+                     help="not valid before this time")
+    new.add_argument("--not-after", type=int, metavar="UNIX_SECONDS",
+                     help="not valid after this time")
+    new.add_argument("--jwks", type=Path, metavar="FILE",
+                     help="JWKS file to append the public JWK to")
     new.set_defaults(run=cmd_keys_new)
 
     aud_parser = sub.add_parser("audit", help="audit log tools")
     aud = aud_parser.add_subparsers(metavar="ACTION")
     _require(aud_parser, aud, "action")
     verify = aud.add_parser("verify", help="check an audit log's hash chain",
-                            description="Exit 0 when the chain is intact; non-zero naming "
-                            "the first bad line otherwise.")
-    verify.add_argument("file", type=Path)
+                            description="Exit 0 and print 'FILE: intact: N lines, last hash "
+                            "HEX' when the chain is intact (record the last hash elsewhere: "
+                            "only a copy of it shows that trailing lines were removed). Exit 1 "
+                            "with one line naming the first bad line when the chain is broken; "
+                            "exit 2 when the file cannot be read.")
+    verify.add_argument("file", type=Path, help="audit log (JSON lines)")
     verify.set_defaults(run=cmd_audit_verify)
 
     boot = sub.add_parser("bootstrap", help="lay out a dev federation: PKI, keys, configs",
                           description="Write certs/, keys/, gateway.toml and emitter.toml "
-                          "into DIR (DEV material: fresh keys every time).")
+                          "into DIR (DEV material: fresh keys every time). Paths in the two "
+                          "configs are relative to DIR. The default policy rules are copied "
+                          "to DIR/policy/rules.toml unless that file exists (an operator's "
+                          "copy is never overwritten, not even with --force: delete it to "
+                          "get the defaults back).")
     boot.add_argument("dir", type=Path)
+    boot.add_argument("--force", action="store_true",
+                      help="replace the certificates, keys and configs a previous bootstrap "
+                      "wrote in DIR (the store and audit log are left alone)")
     boot.add_argument("--store-url", help="store url (default sqlite under DIR/state)")
     boot.add_argument("--host", default="127.0.0.1",
                       help="gateway host name the emitter connects to (default 127.0.0.1)")
@@ -150,9 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     probe = sub.add_parser("probe", help="GET /readyz over mTLS (for healthchecks)",
                            description="Exit 0 when the gateway named by an emitter config "
-                           "answers /readyz with 200 over mTLS, 1 otherwise.")
+                           "answers /readyz with 200 over the same pinned mTLS transport as "
+                           "'fedgate emit' (CA, client certificate, server_pins); 1 with one "
+                           "line naming the reason otherwise (e.g. server_pin_mismatch); 2 "
+                           "on a config error.")
     probe.add_argument("--config", required=True, type=Path, help="emitter TOML file")
-    probe.add_argument("--timeout", type=float, default=3.0)
+    probe.add_argument("--timeout", type=float, default=3.0,
+                       help="seconds for the whole request (default 3)")
     probe.set_defaults(run=cmd_probe)
 
     demo = sub.add_parser("demo", help="the whole flow on this machine (embedded store)",
@@ -192,39 +244,88 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
     try:
         result = init_pki(args.dir, args.identity or ["spectrastrike-producer"], **kwargs)
     except PkiError as exc:
-        raise ValueError(str(exc)) from None
+        raise ValueError(_flag_named(exc)) from None
     print(json.dumps(result.pins, indent=2))
     print(f"fedgate: wrote dev PKI to {args.dir} (pins in {result.pins_path})", file=sys.stderr)
     return 0
 
 
+def cmd_certs_issue(args: argparse.Namespace) -> int:
+    from .pki import PkiError, issue_client_cert, spki_pin
+
+    if not (args.dir / "ca.crt").is_file() or not (args.dir / "ca.key").is_file():
+        raise ValueError(f"{args.dir}: no dev CA here (ca.crt and ca.key, as 'fedgate "
+                         "certs init' writes them)")
+    try:
+        issued = issue_client_cert(args.dir, args.identity, days=args.days, force=args.force)
+        spki = spki_pin(issued.cert.read_bytes())
+    except PkiError as exc:
+        raise ValueError(_flag_named(exc)) from None
+    print(json.dumps({"identity": issued.name, "sha256": issued.sha256, "spki": spki},
+                     indent=2))
+    pins = args.dir / "pins.json"
+    where = f"pin recorded in {pins}" if pins.exists() else f"no {pins}: pin not recorded"
+    print(f"fedgate: wrote {issued.cert} and {issued.key} ({where})", file=sys.stderr)
+    return 0
+
+
+def _flag_named(exc: Exception) -> str:
+    """gateway.pki's "(use force)" names the keyword; on the command line it is --force."""
+    return str(exc).replace("(use force)", "(use --force)")
+
+
 def cmd_keys_new(args: argparse.Namespace) -> int:
     if not KID_RE.fullmatch(args.kid):
         raise ValueError(f"--kid {args.kid!r} must match ^[A-Za-z0-9._:-]{{1,128}}$")
-    args.out.mkdir(parents=True, exist_ok=True)
+    for flag, value in (("--not-before", args.not_before), ("--not-after", args.not_after)):
+        if value is not None and value < 0:
+            raise ValueError(f"{flag} must be Unix seconds (>= 0), got {value}")
+    if None not in (args.not_before, args.not_after) and args.not_after < args.not_before:
+        raise ValueError("--not-after is before --not-before")
     pem, jwk = args.out / f"{args.kid}.pem", args.out / f"{args.kid}.jwk.json"
     for path in (pem, jwk):
         if path.exists():
             raise ValueError(f"{path} exists; refusing to overwrite a key")
+    if args.jwks is not None:  # refuse before writing anything
+        if not args.jwks.parent.is_dir():
+            raise ValueError(f"--jwks {args.jwks}: no such directory {args.jwks.parent}")
+        if args.jwks.exists() and args.kid in load_jwks(args.jwks):
+            raise ValueError(f"{args.jwks}: kid {args.kid!r} is already in this keyring")
     key = PrivateKey(os.urandom(32))
+    public = Key(kid=args.kid, public=key.public, identity=args.identity,
+                 tenants=frozenset(args.tenant), status=KeyStatus(args.status),
+                 not_before=args.not_before, not_after=args.not_after)
+    key_from_jwk(public.to_jwk())  # the loader's own checks (identity, tenants)
+    args.out.mkdir(parents=True, exist_ok=True)
     fd = os.open(pem, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(key.to_pem())
-    public = Key(kid=args.kid, public=key.public, identity=args.identity,
-                 tenants=frozenset(args.tenant))
     jwk.write_text(json.dumps(public.to_jwk(), indent=2) + "\n", encoding="utf-8")
+    if args.jwks is not None:
+        add_to_jwks(args.jwks, public)
+        print(f"fedgate: added {args.kid} to {args.jwks}", file=sys.stderr)
     print(json.dumps(public.to_jwk()))
     return 0
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    result = verify_file(args.file)
+    """0 intact (count and last hash on stdout); 1 broken chain; 2 unreadable file."""
+    try:
+        with open(args.file, "rb") as fh:
+            result = verify_lines(fh)
+    except OSError as exc:
+        reason = _OS_REASONS.get(type(exc)) or (exc.strerror or str(exc)).lower()
+        print(f"fedgate: error: {args.file}: {reason}", file=sys.stderr)
+        return 2
     if result.ok:
-        print(f"{args.file}: ok ({result.lines} events, chain intact)")
+        print(f"{args.file}: {result}")
         return 0
-    print(f"fedgate: {args.file}: line {result.first_bad_line}: {result.reason}",
-          file=sys.stderr)
+    print(f"fedgate: error: {args.file}: {result}", file=sys.stderr)
     return 1
+
+
+_OS_REASONS = {FileNotFoundError: "no such file", IsADirectoryError: "is a directory",
+               PermissionError: "permission denied"}
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -240,42 +341,46 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     hosts = tuple(dict.fromkeys(["localhost", "127.0.0.1", args.host]))
     try:
         layout = bootstrap(args.dir, store_url=args.store_url, host=args.host, port=args.port,
-                           hosts=hosts, bind=args.bind)
+                           hosts=hosts, bind=args.bind, force=args.force)
     except PkiError as exc:
-        raise ValueError(str(exc)) from None
+        raise ValueError(_flag_named(exc)) from None
     print(f"gateway config: {layout.gateway_config}\nemitter config: {layout.emitter_config}")
     return 0
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
+    """GET /readyz through the transport ``fedgate emit`` uses (same TLS context, same
+    server_pins check): a gateway that emit would refuse is never reported healthy."""
     import asyncio
 
-    import aiohttp
+    from emitter.settings import load_transport_settings
+    from emitter.transport import TRANSPORT_ERRORS, classify, get, open_session
 
     from .tls import client_context
-    from .tomlfile import read_toml
 
-    raw = read_toml(Path(os.path.abspath(args.config)))  # ${NAME} references as in serve
-    try:
-        base = args.config.parent
-        ctx = client_context(base / raw["ca"], base / raw["cert"], base / raw["key"])
-        url = raw["url"].rstrip("/") + "/readyz"
-    except KeyError as exc:
-        raise ValueError(f"{args.config}: not an emitter config ({exc})") from None
+    if not args.timeout > 0:
+        raise ValueError("--timeout must be a positive number of seconds")
+    settings = load_transport_settings(args.config)  # ${NAME}, relative paths: as emit
+    ctx = client_context(settings.ca, settings.cert, settings.key)
+    url = settings.url + "/readyz"
 
-    async def get() -> int:
-        timeout = aiohttp.ClientTimeout(total=args.timeout)
-        async with aiohttp.ClientSession(timeout=timeout) as client, client.get(
-                url, ssl=ctx, allow_redirects=False) as resp:
-            return resp.status
+    async def probe() -> int:
+        async with open_session(ctx, settings.server_pins, args.timeout) as session:
+            status, _, _ = await get(session, url, ssl_context=ctx)
+            return status
 
     try:
-        status = asyncio.run(get())
-    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        print(f"fedgate: probe: {url}: {type(exc).__name__}", file=sys.stderr)
+        status = asyncio.run(probe())
+    except TRANSPORT_ERRORS as exc:
+        failure = classify(exc)
+        line = " ".join(f"fedgate: probe: {url}: {failure.code}: {failure.detail}".split())
+        print(line[:1000], file=sys.stderr)
+        return 1
+    if status != 200:
+        print(f"fedgate: probe: {url}: answered {status}", file=sys.stderr)
         return 1
     print(f"{url}: {status}")
-    return 0 if status == 200 else 1
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import fcntl
 import json
+import os
 import re
+import secrets
+import stat
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -192,3 +196,55 @@ def load_jwks(path: str | Path) -> Keyring:
 
 def save_jwks(path: str | Path, keyring: Keyring) -> None:
     Path(path).write_text(json.dumps(keyring.to_jwks(), indent=2) + "\n", encoding="utf-8")
+
+
+def add_to_jwks(path: str | Path, key: Key) -> None:
+    """Append ``key``'s public JWK to the JWKS file ``path`` (created, mode 0644, when
+    missing), atomically: the new file is written beside it and renamed over it, under
+    an exclusive lock on the directory (two writers never lose each other's key). The
+    other keys and members are kept as they are. KeyringError (one line naming the file)
+    when the existing file is not a JWKS this loader accepts or already holds the kid."""
+    path = Path(os.path.realpath(path))  # replace a symlink's target, not the link
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise KeyringError(f"{path}: cannot open its directory ({exc.strerror})") from None
+    try:
+        fcntl.flock(dir_fd, fcntl.LOCK_EX)
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            doc: Any = {"keys": []}
+            mode = 0o644
+        except OSError as exc:
+            raise KeyringError(f"{path}: cannot read ({exc.strerror})") from None
+        else:
+            try:
+                doc = json.loads(raw)
+            except ValueError as exc:
+                raise KeyringError(f"{path}: not JSON ({exc})") from None
+            mode = stat.S_IMODE(path.stat().st_mode)
+        try:
+            existing = parse_jwks(doc)
+        except KeyringError as exc:
+            raise KeyringError(f"{path}: {exc}") from None
+        if key.kid in existing:
+            raise KeyringError(f"{path}: kid {key.kid!r} is already in this keyring")
+        doc["keys"].append(key.to_jwk())
+        parse_jwks(doc)  # what is written loads
+        data = (json.dumps(doc, indent=2) + "\n").encode()
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+        try:
+            os.fchmod(fd, mode)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)  # releases the lock
