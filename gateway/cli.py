@@ -251,17 +251,16 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
 
 
 def cmd_certs_issue(args: argparse.Namespace) -> int:
-    from .pki import PkiError, issue_client_cert, spki_pin
+    from .pki import PkiError, issue_client_cert
 
     if not (args.dir / "ca.crt").is_file() or not (args.dir / "ca.key").is_file():
         raise ValueError(f"{args.dir}: no dev CA here (ca.crt and ca.key, as 'fedgate "
                          "certs init' writes them)")
     try:
         issued = issue_client_cert(args.dir, args.identity, days=args.days, force=args.force)
-        spki = spki_pin(issued.cert.read_bytes())
     except PkiError as exc:
         raise ValueError(_flag_named(exc)) from None
-    print(json.dumps({"identity": issued.name, "sha256": issued.sha256, "spki": spki},
+    print(json.dumps({"identity": issued.name, "sha256": issued.sha256, "spki": issued.spki},
                      indent=2))
     pins = args.dir / "pins.json"
     where = f"pin recorded in {pins}" if pins.exists() else f"no {pins}: pin not recorded"

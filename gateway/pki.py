@@ -306,20 +306,3 @@ def issue_client_cert(ca_dir: Path, name: str, *, out_dir: Path | None = None,
             pins["identities_spki"][name] = result.spki
         _write(pins_path, _pins_bytes(pins), 0o644, force=True)  # atomic replace
     return result
-
-
-def spki_pin(pem_or_der: bytes) -> str:
-    """``spki:`` + standard base64 of the sha256 of the certificate's DER
-    SubjectPublicKeyInfo (the RFC 7469 pin: it survives re-issuing for the same key)."""
-    import base64
-
-    try:
-        if pem_or_der.lstrip().startswith(b"-----BEGIN"):
-            cert = x509.load_pem_x509_certificate(pem_or_der)
-        else:
-            cert = x509.load_der_x509_certificate(pem_or_der)
-    except ValueError as exc:
-        raise PkiError(f"not an X.509 certificate: {exc}") from None
-    spki = cert.public_key().public_bytes(serialization.Encoding.DER,
-                                          serialization.PublicFormat.SubjectPublicKeyInfo)
-    return "spki:" + base64.b64encode(hashlib.sha256(spki).digest()).decode("ascii")

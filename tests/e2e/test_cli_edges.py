@@ -3,9 +3,7 @@ subprocesses, real files, real gateways over real mTLS."""
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -17,6 +15,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from pins import openssl_spki_pin
 from stack import free_port
 
 from audit import AuditLog
@@ -288,13 +287,6 @@ def test_a_gateway_accepts_a_key_added_with_keys_new_jwks(tmp_path):
 
 # -- fedgate certs issue ------------------------------------------------------------------
 
-def openssl_spki_pin(cert: Path) -> str:
-    """The RFC 7469 recipe, with the openssl command line."""
-    pub = subprocess.run(["openssl", "x509", "-in", str(cert), "-pubkey", "-noout"],
-                         capture_output=True, check=True).stdout
-    der = subprocess.run(["openssl", "pkey", "-pubin", "-outform", "der"], input=pub,
-                         capture_output=True, check=True).stdout
-    return "spki:" + base64.b64encode(hashlib.sha256(der).digest()).decode()
 
 
 def test_certs_issue_signs_one_more_client_cert_with_the_existing_ca(tmp_path):

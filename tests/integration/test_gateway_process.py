@@ -146,8 +146,8 @@ def test_certs_init_and_keys_new_cli(tmp_path):
     assert again.returncode != 0 and "refusing to overwrite" in again.stderr
 
 
-@pytest.mark.parametrize("args", [[], ["serve"], ["certs", "init"], ["certs", "issue"], ["keys", "new"],
-                                  ["audit", "verify"],
+@pytest.mark.parametrize("args", [[], ["serve"], ["certs", "init"], ["certs", "issue"],
+                                  ["keys", "new"], ["audit", "verify"],
                                   ["bootstrap"], ["probe"], ["demo"], ["emit"], ["feedback"]])
 def test_help_everywhere(args):
     result = run_cli(*args, "--help")

@@ -8,10 +8,8 @@ same or a new key); every request crosses a loopback TLS 1.3 socket.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
-import subprocess
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,6 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from lab import IDENTITY, NOW, PRODUCER, Lab, body_for
+from pins import openssl_spki_pin
 from stack import FEEDBACK_SEED, Stack, toml_value
 
 from emitter.client import EmitterClient
@@ -213,13 +212,6 @@ async def test_emitter_spki_server_pin_survives_a_gateway_cert_renewal(stack, tm
 
 # -- fedgate certs init --------------------------------------------------------------------
 
-def openssl_spki_pin(cert: Path) -> str:
-    """The HPKP recipe, by the openssl CLI: an independent computation of the pin."""
-    pub = subprocess.run(["openssl", "x509", "-in", str(cert), "-pubkey", "-noout"],
-                         check=True, capture_output=True).stdout
-    spki = subprocess.run(["openssl", "pkey", "-pubin", "-outform", "DER"], input=pub,
-                          check=True, capture_output=True).stdout
-    return "spki:" + base64.b64encode(hashlib.sha256(spki).digest()).decode()
 
 
 def test_certs_init_prints_and_writes_spki_pins(tmp_path, capsys):
