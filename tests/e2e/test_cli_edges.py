@@ -307,8 +307,9 @@ def test_certs_issue_signs_one_more_client_cert_with_the_existing_ca(tmp_path):
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert (pki / "ss-b.key").stat().st_mode & 0o777 == 0o600
     after = json.loads((pki / "pins.json").read_text())
-    assert after == {**before, "identities": {**before["identities"],
-                                              "ss-b": printed["sha256"]}}
+    assert after == {**before,
+                     "identities": {**before["identities"], "ss-b": printed["sha256"]},
+                     "identities_spki": {**before["identities_spki"], "ss-b": printed["spki"]}}
 
 
 def test_certs_issue_refuses_a_pinned_identity_unless_forced(tmp_path):
