@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 from keyring.ed25519 import PrivateKey
 from keyring.keys import Key, Keyring
 
-from .pki import PkiError, init_pki
+from .pki import PkiError, init_pki, write_file
 from .policy import DEFAULT_RULES_FILE
 
 IDENTITY = "spectrastrike-producer"
@@ -46,22 +45,6 @@ class Layout:
     gateway_audit: Path
     store_url: str
 
-
-def _write(path: Path, data: bytes, mode: int, force: bool) -> None:
-    """Create ``path`` with ``mode``; with ``force`` replace it atomically (temp + rename)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    target = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp") if force else path
-    fd = os.open(target, flags, mode)
-    try:
-        os.fchmod(fd, mode)  # independent of the umask
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        if force:
-            os.replace(target, path)
-    except BaseException:
-        if force:
-            target.unlink(missing_ok=True)
-        raise
 
 
 def generated_files(root: Path) -> list[Path]:
@@ -95,13 +78,13 @@ def bootstrap(root: Path, *, store_url: str | None = None, host: str = "127.0.0.
     (root / "keys").mkdir(parents=True, exist_ok=True)
     pki = init_pki(root / "certs", [IDENTITY], hosts=list(hosts), force=force)
     producer, feedback = PrivateKey(os.urandom(32)), PrivateKey(os.urandom(32))
-    _write(root / "keys" / f"{PRODUCER_KID}.pem", producer.to_pem(), 0o600, force)
-    _write(root / "keys" / f"{FEEDBACK_KID}.pem", feedback.to_pem(), 0o600, force)
+    write_file(root / "keys" / f"{PRODUCER_KID}.pem", producer.to_pem(), 0o600, force)
+    write_file(root / "keys" / f"{FEEDBACK_KID}.pem", feedback.to_pem(), 0o600, force)
     tenants = sorted(set(TENANTS.values()))
     producers = Keyring([Key(PRODUCER_KID, producer.public, identity=IDENTITY,
                              tenants=frozenset(tenants))])
-    _write(root / "keys" / "producers.jwks.json", _jwks(producers), 0o644, force)
-    _write(root / "keys" / "feedback.jwks.json",
+    write_file(root / "keys" / "producers.jwks.json", _jwks(producers), 0o644, force)
+    write_file(root / "keys" / "feedback.jwks.json",
            _jwks(Keyring([Key(FEEDBACK_KID, feedback.public)])), 0o644, force)
     rules = root / RULES
     if not rules.exists():  # keep an operator's edited copy, even with force
@@ -109,7 +92,7 @@ def bootstrap(root: Path, *, store_url: str | None = None, host: str = "127.0.0.
         rules.write_bytes(DEFAULT_RULES_FILE.read_bytes())
     configured_store = store_url or STORE_URL
     gateway = root / "gateway.toml"
-    _write(gateway, (
+    write_file(gateway, (
         "clock_skew_s = 30\nnonce_ttl_s = 120\nrequire_canonical_body = true\n"
         'allowed_schema_versions = ["1.0"]\nanchor_attestation = true\n'
         f'producer_keyring = "keys/producers.jwks.json"\n'
@@ -124,7 +107,7 @@ def bootstrap(root: Path, *, store_url: str | None = None, host: str = "127.0.0.
         + "".join(f"{op} = {_toml(t)}\n" for op, t in TENANTS.items())).encode(),
         0o644, force)
     emitter = root / "emitter.toml"
-    _write(emitter, (
+    write_file(emitter, (
         f'url = "https://{host}:{port}"\nca = "certs/ca.crt"\n'
         f'cert = "certs/{IDENTITY}.crt"\nkey = "certs/{IDENTITY}.key"\n'
         f"server_pins = [{_toml(pki.gateway.sha256)}]\nidentity = {_toml(IDENTITY)}\n"

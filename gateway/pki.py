@@ -180,7 +180,7 @@ def _issued(name: str, cert_path: Path, key_path: Path, cert: x509.Certificate) 
                       spki_pin(cert.public_bytes(serialization.Encoding.DER)))
 
 
-def _write(path: Path, data: bytes, mode: int, force: bool) -> None:
+def write_file(path: Path, data: bytes, mode: int, force: bool) -> None:
     """Create ``path`` with ``mode``; never follow a symlink; replace only with ``force``."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     target = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp") if force else path
@@ -250,8 +250,8 @@ def init_pki(out_dir: Path, identities: list[str], *,
     out: dict[str, IssuedCert] = {}
     for stem, (cert, key) in issued.items():
         key_path, cert_path = out_dir / f"{stem}.key", out_dir / f"{stem}.crt"
-        _write(key_path, _key_pem(key), 0o600, force)
-        _write(cert_path, _cert_pem(cert), 0o644, force)
+        write_file(key_path, _key_pem(key), 0o600, force)
+        write_file(cert_path, _cert_pem(cert), 0o644, force)
         out[stem] = _issued(stem, cert_path, key_path, cert)
     pins = {
         "ca_sha256": out["ca"].sha256,
@@ -260,7 +260,7 @@ def init_pki(out_dir: Path, identities: list[str], *,
         "gateway_spki": out["gateway"].spki,
         "identities_spki": {n: out[n].spki for n in names},
     }
-    _write(pins_path, _pins_bytes(pins), 0o644, force)
+    write_file(pins_path, _pins_bytes(pins), 0o644, force)
     return PkiResult(out_dir, out["ca"], out["gateway"], {n: out[n] for n in names},
                      pins_path, pins)
 
@@ -297,12 +297,12 @@ def issue_client_cert(ca_dir: Path, name: str, *, out_dir: Path | None = None,
         _refuse_existing([cert_path, key_path])
     _prepare_dir(out_dir)
     cert, key = _client_leaf(ca_cert, ca_key, name, _now(now), days)
-    _write(key_path, _key_pem(key), 0o600, force)
-    _write(cert_path, _cert_pem(cert), 0o644, force)
+    write_file(key_path, _key_pem(key), 0o600, force)
+    write_file(cert_path, _cert_pem(cert), 0o644, force)
     result = _issued(name, cert_path, key_path, cert)
     if pins is not None:
         pins["identities"][name] = result.sha256
         if isinstance(pins.get("identities_spki"), dict):  # absent in pre-v1.1 files
             pins["identities_spki"][name] = result.spki
-        _write(pins_path, _pins_bytes(pins), 0o644, force=True)  # atomic replace
+        write_file(pins_path, _pins_bytes(pins), 0o644, force=True)  # atomic replace
     return result

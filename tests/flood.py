@@ -82,7 +82,15 @@ async def half_sent(host: str, port: int, ctx: ssl.SSLContext, *, deadline: floa
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.1)
-    sent = time.monotonic()
+    try:
+        return await lifetime(reader, wait_s)
+    finally:
+        writer.close()
+
+
+async def lifetime(reader: asyncio.StreamReader, wait_s: float = 10.0) -> float | None:
+    """Seconds until the server closes the connection (None: still open after wait_s)."""
+    t0 = time.monotonic()
     try:
         async with asyncio.timeout(wait_s):
             while await reader.read(4096):
@@ -91,9 +99,7 @@ async def half_sent(host: str, port: int, ctx: ssl.SSLContext, *, deadline: floa
         return None
     except OSError:
         pass  # reset by the server: closed too
-    finally:
-        writer.close()
-    return time.monotonic() - sent
+    return time.monotonic() - t0
 
 
 def main() -> int:

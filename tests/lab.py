@@ -6,6 +6,7 @@ the lab makes its own producer keys (fixed seeds: deterministic) and configurati
 
 from __future__ import annotations
 
+import base64
 import copy
 import hashlib
 import uuid
@@ -19,6 +20,7 @@ from gateway.config import SecurityConfig
 from gateway.pipeline import Context, Pipeline, SignedRequest
 from gateway.routes import GRAPH_PATH, QUERY_PATH, SIGNED_ROUTES, TELEMETRY_PATH
 from keyring import Key, Keyring, KeyStatus, PrivateKey
+from schemas.signing import request_signing_input
 from schemas.validate import Validators
 
 NOW = 1_795_000_000
@@ -110,3 +112,12 @@ class Lab:
         except E.GatewayError as exc:
             return exc.status, exc.error, exc
         return 202, None, ctx
+
+
+def raw_signed(body: bytes, nonce: str = "nonce-raw-0001") -> tuple[dict, bytes]:
+    """Headers signing arbitrary bytes (for bodies the canonical serialiser never makes)."""
+    sig = PRODUCER.sign(request_signing_input(str(NOW), nonce, body))
+    return ({"Content-Type": "application/json", "X-Service-Identity": IDENTITY,
+             "X-Telemetry-Timestamp": str(NOW), "X-Telemetry-Nonce": nonce,
+             "X-Telemetry-Signature": base64.b64encode(sig).decode(),
+             "X-Telemetry-Key-Id": "lab-2026"}, body)

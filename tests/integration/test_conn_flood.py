@@ -24,7 +24,7 @@ import time
 
 import aiohttp
 import pytest
-from flood import half_sent
+from flood import half_sent, lifetime
 from lab import Lab
 from stack import ROOT, Stack
 
@@ -123,19 +123,6 @@ async def test_flood_does_not_starve_producers_and_half_sent_requests_are_closed
     assert None not in lifetimes, "a half-sent request was still connected"
     assert counts.get("header_timeout", 0) + counts.get("shed", 0) >= HALF
 
-
-async def lifetime(reader: asyncio.StreamReader, wait_s: float = 10.0) -> float | None:
-    """Seconds until the server closes the connection (None: still open after wait_s)."""
-    t0 = time.monotonic()
-    try:
-        async with asyncio.timeout(wait_s):
-            while await reader.read(4096):
-                pass
-    except TimeoutError:
-        return None
-    except OSError:
-        pass
-    return time.monotonic() - t0
 
 
 async def test_silent_and_idle_connections_are_closed(tmp_path, sqlite_url):

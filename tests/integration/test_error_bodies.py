@@ -11,7 +11,6 @@ which is what the SpectraStrike client reads.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import sqlite3
 from collections.abc import Awaitable, Callable
@@ -19,7 +18,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from lab import ATT_OTHER, IDENTITY, KEYS, NOW, PRODUCER, TENANT, TENANT_B, Lab, body_for
+from lab import (
+    ATT_OTHER,
+    IDENTITY,
+    KEYS,
+    NOW,
+    TENANT,
+    TENANT_B,
+    Lab,
+    body_for,
+    raw_signed,
+)
 from stack import Stack, toml_value
 
 from gateway import errors as E
@@ -28,7 +37,6 @@ from gateway.routes import GRAPH_PATH, TELEMETRY_PATH
 from keyring import Key, Keyring, PrivateKey
 from keyring.keys import save_jwks
 from schemas.canonical import dumps
-from schemas.signing import request_signing_input
 
 OTHER = "spectrastrike-other"
 OTHER_KEY = PrivateKey(hashlib.sha256(b"error bodies: the other identity's key").digest())
@@ -54,14 +62,6 @@ class Env:
         async with self.stack.session() as client, client.get(self.stack.url + path) as resp:
             return resp.status, resp.headers.copy(), await resp.json()
 
-
-def raw_signed(body: bytes, nonce: str = "nonce-raw-0001") -> tuple[dict, bytes]:
-    """Headers signing arbitrary bytes (bodies the canonical serialiser never makes)."""
-    sig = PRODUCER.sign(request_signing_input(str(NOW), nonce, body))
-    return ({"Content-Type": "application/json", "X-Service-Identity": IDENTITY,
-             "X-Telemetry-Timestamp": str(NOW), "X-Telemetry-Nonce": nonce,
-             "X-Telemetry-Signature": base64.b64encode(sig).decode(),
-             "X-Telemetry-Key-Id": "lab-2026"}, body)
 
 
 def signed(**kw) -> tuple[dict, bytes]:

@@ -13,7 +13,7 @@ import json
 import ssl
 
 import pytest
-from lab import IDENTITY, NOW, TENANT, Lab, body_for
+from lab import IDENTITY, NOW, TENANT, Lab, body_for, raw_signed
 from stack import Stack
 
 from audit import verify_file
@@ -45,18 +45,6 @@ def canonical(obj) -> bytes:
     from schemas.canonical import dumps
     return dumps(obj)
 
-
-def raw_signed(body: bytes, nonce: str = "nonce-raw-0001") -> tuple[dict, bytes]:
-    """Headers signing arbitrary bytes (for bodies the canonical serialiser never makes)."""
-    from lab import PRODUCER
-
-    from keyring.ed25519 import PrivateKey  # noqa: F401
-    from schemas.signing import request_signing_input
-    sig = PRODUCER.sign(request_signing_input(str(NOW), nonce, body))
-    return ({"Content-Type": "application/json", "X-Service-Identity": IDENTITY,
-             "X-Telemetry-Timestamp": str(NOW), "X-Telemetry-Nonce": nonce,
-             "X-Telemetry-Signature": base64.b64encode(sig).decode(),
-             "X-Telemetry-Key-Id": "lab-2026"}, body)
 
 # name → (build() → (path, headers, body), status, code)
 WIRE_ROWS = {
@@ -219,7 +207,6 @@ async def test_health_ready_metrics_reveal_nothing_secret(stack):
 
 
 async def test_feedback_answer_is_signed_and_bound_to_the_query(stack):
-    import base64
 
     from stack import FEEDBACK_SEED
 
