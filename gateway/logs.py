@@ -35,7 +35,7 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
           "error": logging.ERROR}
 KEYS = frozenset({"format", "level", "access"})
 ACCESS_LOGGER = "fedgate.access"
-_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s'\"]*@")
+_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s'\"]*@")  # to the last '@'
 _FIRST = ("timestamp", "level", "logger", "message")
 
 
