@@ -1,5 +1,5 @@
 """gateway/logs.py: rendering, redaction, the failure throttle (the process tests are in
-tests/integration/test_logs.py)."""
+tests/integration/test_serve_logs.py)."""
 
 from __future__ import annotations
 
