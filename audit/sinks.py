@@ -2,8 +2,10 @@
 
 Built once at start-up. The file line is the canonical JSON the chain hashes, so it is
 rendered by :class:`audit.chain.AuditLog`, not by a structlog renderer; structlog only
-writes the short human summary to stderr (INFO). A failed append raises: the caller
-decides (the gateway fails closed), nothing is dropped silently.
+writes the short human summary (by default to stderr at INFO; the gateway passes its own
+logger and ``level="debug"``: a decision per request is not an operator's log line). A
+failed append raises: the caller decides (the gateway fails closed), nothing is dropped
+silently.
 """
 
 from __future__ import annotations
@@ -47,15 +49,17 @@ def stderr_logger() -> Any:
 class AuditSink:
     """``emit(event)``: append to the chained file (durably), then log a summary."""
 
-    def __init__(self, path: Path | str, *, fsync: bool = True, logger: Any = None) -> None:
+    def __init__(self, path: Path | str, *, fsync: bool = True, logger: Any = None,
+                 level: str = "info") -> None:
         self.log = AuditLog(path, fsync=fsync)
         self.logger = logger if logger is not None else stderr_logger()
+        self.level = level  # the logger's method the summary is written with
 
     def emit(self, event: dict[str, Any]) -> None:
         chained = self.log.append(event)
         summary = {name: chained[key] for name, key in _SUMMARY if chained.get(key) is not None}
-        self.logger.info(chained.get("event.action", "audit"), hash=chained["hash"][:16],
-                         **summary)
+        getattr(self.logger, self.level)(chained.get("event.action", "audit"),
+                                         hash=chained["hash"][:16], **summary)
 
     def close(self) -> None:
         self.log.close()

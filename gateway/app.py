@@ -26,6 +26,7 @@ from keyring import Keyring, PrivateKey, self_test
 from schemas.validate import Validators
 
 from . import errors as E
+from . import logs
 from .conn import track_requests
 from .feedback import FeedbackIssuer, RulePolicy, no_adjustments
 from .metrics import Metrics
@@ -34,7 +35,7 @@ from .policy import load_rules
 from .records import accepted_body
 from .routes import SIGNED_ROUTES, Route
 from .settings import GatewaySettings
-from .store import Store, open_store
+from .store import Store, StoreError, open_store
 from .tls import peer_cert_pins
 
 log = logging.getLogger("fedgate.gateway")
@@ -50,6 +51,8 @@ METRICS = web.AppKey("metrics", Metrics)
 CLOCK = web.AppKey("clock", object)
 READY = web.AppKey("ready", dict)
 ECHO = web.AppKey("echo", bool)
+STORE_FAILURES = web.AppKey("store_failures", logs.Throttle)
+AUDIT_REFUSALS = web.AppKey("audit_refusals", logs.Throttle)
 
 REQUEST_ID = web.RequestKey("request_id", str)
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -60,7 +63,7 @@ OTHER_HTTP_CODE = "bad_request"  # any other HTTP refusal raised below the middl
 class _Quiet:
     """An audit echo that says nothing (the demo shows its own progress)."""
 
-    def info(self, *args: Any, **kwargs: Any) -> None:
+    def debug(self, *args: Any, **kwargs: Any) -> None:
         return None
 
 
@@ -68,13 +71,19 @@ def make_app(settings: GatewaySettings, keys: tuple[Keyring, PrivateKey], *,
              clock: Callable[[], float] = time.time, echo: bool = True) -> web.Application:
     """The gateway application; ``keys`` were loaded and checked by the caller.
 
-    ``echo``: also log a one-line summary of every audit event to stderr.
+    ``echo``: also log a one-line summary of every audit event (``fedgate.audit``, at
+    debug: shown with ``--log-level debug``). A store failure is logged with its cause
+    (``fedgate.store``, warning, throttled); so is a refusal for want of an audit log.
     """
     app = web.Application(client_max_size=settings.security.max_body_bytes + 1,
                           middlewares=[track_requests, request_id_middleware])
     app[SETTINGS], app[KEYS], app[CLOCK] = settings, keys, clock
     app[METRICS] = Metrics()
     app[READY], app[ECHO] = {"self_test": False, "audit": True}, echo
+    app[STORE_FAILURES] = logs.Throttle(logs.get_logger("fedgate.store"), "store unavailable")
+    app[AUDIT_REFUSALS] = logs.Throttle(logs.get_logger("fedgate.audit"),
+                                        "refusing signed requests: the audit log is unusable",
+                                        level=logging.ERROR)
     app.cleanup_ctx.append(resources)
     app.on_response_prepare.append(hide_server_version)
     for path in SIGNED_ROUTES:
@@ -97,8 +106,8 @@ async def resources(app: web.Application) -> AsyncIterator[None]:
     store = open_store(settings.store_url, **settings.store_options)
     await store.open()
     app[STORE] = store
-    app[AUDIT] = AuditSink(settings.audit_path,
-                           logger=None if app[ECHO] else _Quiet())
+    app[AUDIT] = AuditSink(settings.audit_path, level="debug",
+                           logger=logs.get_logger("fedgate.audit") if app[ECHO] else _Quiet())
     app[AUDIT_EXECUTOR] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedgate-audit")
     app[ISSUER] = FeedbackIssuer(store, feedback_key, settings.feedback_kid, policy=policy)
     app[PIPELINE] = Pipeline(settings.security, keyring, validators, store,
@@ -183,7 +192,8 @@ async def handle_signed(request: web.Request) -> web.Response:
     route: Route = SIGNED_ROUTES[request.path]
     ctx = Context(request[REQUEST_ID])
     if not app[READY]["audit"]:  # fail closed: no decision without its audit event
-        log.error("refusing request %s: the audit log is unusable", ctx.request_id)
+        app[AUDIT_REFUSALS].failed("an earlier append failed (restart the gateway)",
+                                   request_id=ctx.request_id)
         err = E.AuditUnavailable("the audit log is unavailable")
         return json_response(err.body(ctx.request_id), err.status)
     peer, peer_spki = peer_cert_pins(request.transport.get_extra_info("ssl_object")
@@ -203,6 +213,7 @@ async def handle_signed(request: web.Request) -> web.Response:
         status, payload, action = exc.status, exc.body(ctx.request_id), f"{route.kind}.rejected"
     finally:
         app[METRICS].pipeline.observe(time.perf_counter() - started)
+    note_store(app, ctx, route, exc)
     if not await audit(app, ctx, peer, action, status, exc):
         err = E.AuditUnavailable("the decision could not be audited")
         status, payload = err.status, err.body(ctx.request_id)
@@ -216,6 +227,17 @@ async def handle_signed(request: web.Request) -> web.Response:
     if isinstance(exc, E.BodyTooLarge | E.RequestTimeout | E.UnsupportedMediaType):
         response.force_close()  # an unread body must not be parsed as the next request
     return response
+
+
+def note_store(app: web.Application, ctx: Context, route: Route,
+               exc: E.GatewayError | None) -> None:
+    """A 503 for a store failure logs its cause (throttled); a success after, the recovery."""
+    if exc is None:
+        app[STORE_FAILURES].recovered()
+    elif isinstance(exc.__cause__, StoreError):
+        app[STORE_FAILURES].failed(exc.__cause__, stage=exc.__cause__.stage, status=exc.status,
+                                   error=exc.error, route=route.kind,
+                                   request_id=ctx.request_id)
 
 
 def answer(route: Route, ctx: Context) -> tuple[int, dict[str, Any], str]:

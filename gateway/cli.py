@@ -40,16 +40,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except (ConfigError, KeyringError, SelfTestError, ValueError) as exc:
-        print(f"fedgate: error: {exc}", file=sys.stderr)
+        _error(str(exc))
         return 2
     except StoreError as exc:
-        print(f"fedgate: error: store unavailable: {exc.detail}", file=sys.stderr)
+        _error(f"store unavailable: {exc.detail}")
         return 1
     except OSError as exc:
-        print(f"fedgate: error: {exc}", file=sys.stderr)
+        _error(str(exc))
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _error(message: str) -> None:
+    """The one failure line: a JSON log line once `serve --log-format json` set logging up."""
+    from . import logs
+
+    if logs.is_json():
+        logs.get_logger("fedgate").error(message)
+    else:
+        print(f"fedgate: error: {message}", file=sys.stderr)
 
 
 def package_version(dist: str = "fedgate") -> str:
@@ -105,6 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", required=True, type=Path, help="gateway TOML file")
     serve.add_argument("--workers", type=int, default=1,
                        help="worker processes sharing the port with SO_REUSEPORT (default 1)")
+    serve.add_argument("--log-format", choices=("console", "json"), default=None,
+                       help="console: one readable line per record; json: one JSON object "
+                       "per line (default: [log] format, else console)")
+    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                       default=None, help="lowest level logged; debug adds one line per "
+                       "decision (default: [log] level, else info)")
+    serve.add_argument("--access-log", action="store_true", default=None,
+                       help="one line per HTTP request: method, path, status, duration, "
+                       "request id, peer (default: [log] access, else off)")
     serve.set_defaults(run=cmd_serve)
 
     certs_parser = sub.add_parser("certs", help="dev PKI")
@@ -225,14 +244,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from . import logs
     from .server import serve, serve_workers
 
+    overrides = {"format": args.log_format, "level": args.log_level,
+                 "access": args.access_log}
+    logs.configure(logs.LogSettings().merged(overrides))  # until the config file is read
     if args.workers < 1:
         raise ValueError("--workers must be at least 1")
     if args.workers == 1:
-        serve(args.config)
+        serve(args.config, log_overrides=overrides)
         return 0
-    return serve_workers(args.config, args.workers)
+    return serve_workers(args.config, args.workers, log_overrides=overrides)
 
 
 def cmd_certs_init(args: argparse.Namespace) -> int:

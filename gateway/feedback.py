@@ -161,8 +161,7 @@ class FeedbackIssuer:
         try:
             decision = await self.policy(self.store, ctx.tenant_id, limit, now,
                                          identity=ctx.identity)
-        except StoreError as exc:
-            log.warning("feedback: store read failed: %s", exc.detail)
+        except StoreError as exc:  # the cause is logged by the app (throttled)
             raise E.StoreUnavailable("the store could not be read") from exc
         if decision.skipped:
             log.warning("feedback (request %s): %s", ctx.request_id, decision.skipped.summary())

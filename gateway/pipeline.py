@@ -163,8 +163,8 @@ class Pipeline:
     async def refuse_claimed(self, ctx: Context, nonce: str, digest: str, now: int) -> None:
         try:
             claim = await self.store.get_claim(ctx.identity, ctx.tenant_id, nonce, now)
-        except StoreError:
-            raise E.ReplayStoreUnavailable("the replay store is unavailable") from None
+        except StoreError as exc:  # the cause is logged by the app (throttled)
+            raise E.ReplayStoreUnavailable("the replay store is unavailable") from exc
         if claim is not None:
             duplicate = claim.request_id if claim.body_digest == digest else None
             raise_replayed(duplicate)
@@ -175,8 +175,8 @@ class Pipeline:
             result = await self.store.commit(commit)
         except StoreError as exc:
             if exc.stage == "claim":
-                raise E.ReplayStoreUnavailable("the replay store is unavailable") from None
-            raise E.StoreUnavailable("the store could not persist the request") from None
+                raise E.ReplayStoreUnavailable("the replay store is unavailable") from exc
+            raise E.StoreUnavailable("the store could not persist the request") from exc
         finally:
             if self.store_timer is not None:
                 self.store_timer(time.perf_counter() - started)

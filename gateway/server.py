@@ -9,18 +9,22 @@ others are stopped too (fail closed, let the supervisor restart the whole servic
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import signal
-import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from aiohttp import web
 
+from . import logs
 from .app import METRICS, make_app
 from .conn import GUARD, ConnectionGuard, fit_limits, raise_fd_limit
 from .settings import GatewaySettings, load_keys, load_settings
 from .tls import server_context
+
+log = logs.get_logger("fedgate.server")
 
 
 class GuardedSite(web.BaseSite):
@@ -48,9 +52,10 @@ class GuardedSite(web.BaseSite):
 
 
 async def start_gateway(config: Path | GatewaySettings, *, clock=time.time, echo: bool = True,
-                        reuse_port: bool = False) -> web.AppRunner:
+                        reuse_port: bool = False, access_log: bool = False) -> web.AppRunner:
     """Load keys, build the TLS context and the app, run start-up, listen. The caller
-    stops it with ``await runner.cleanup()`` (used by serve, the demo and the tests)."""
+    stops it with ``await runner.cleanup()`` (used by serve, the demo and the tests).
+    ``access_log``: one ``fedgate.access`` line per HTTP request (gateway/logs.py)."""
     settings = config if isinstance(config, GatewaySettings) else load_settings(config)
     keys = load_keys(settings)
     ssl_ctx = server_context(settings.server.tls_cert, settings.server.tls_key,
@@ -59,7 +64,9 @@ async def start_gateway(config: Path | GatewaySettings, *, clock=time.time, echo
     app = make_app(settings, keys, clock=clock, echo=echo)
     app[GUARD] = guard = ConnectionGuard(limits, app[METRICS])
     app.on_cleanup.append(guard.close)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+    access = dict(access_log=logging.getLogger(logs.ACCESS_LOGGER),
+                  access_log_class=logs.AccessLogger) if access_log else dict(access_log=None)
+    runner = web.AppRunner(app, **access, handle_signals=False,
                            keepalive_timeout=limits.idle_timeout_s + 1)  # guard's first
     await runner.setup()  # runs cleanup_ctx start-up: self-test, store, audit
     site = GuardedSite(runner, settings.server.host, settings.server.port,
@@ -68,10 +75,11 @@ async def start_gateway(config: Path | GatewaySettings, *, clock=time.time, echo
     return runner
 
 
-async def _run(settings: GatewaySettings, *, reuse_port: bool, ready=None) -> None:
-    runner = await start_gateway(settings, reuse_port=reuse_port)
-    print(f"fedgate: serving https://{settings.server.host}:{settings.server.port} "
-          f"(store {settings.store_url.split('://')[0]})", file=sys.stderr, flush=True)
+async def _run(settings: GatewaySettings, *, reuse_port: bool, ready=None,
+               access_log: bool = False) -> None:
+    runner = await start_gateway(settings, reuse_port=reuse_port, access_log=access_log)
+    log.info(f"serving https://{settings.server.host}:{settings.server.port}",
+             store=settings.store_url.split("://")[0], access_log=access_log)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -80,35 +88,49 @@ async def _run(settings: GatewaySettings, *, reuse_port: bool, ready=None) -> No
         ready.set()
     try:
         await stop.wait()
+        log.info("stopping")
     finally:
         await runner.cleanup()
+        log.info("stopped")
 
 
 def warn_if_no_policy(settings: GatewaySettings) -> None:
     """One start-up line when no rules are configured: every feedback answer is empty."""
     if settings.policy_rules is None:
-        print(f"fedgate: warning: {settings.path}: no [policy] rules configured: every "
-              "feedback answer will carry no adjustments", file=sys.stderr, flush=True)
+        log.warning(f"{settings.path}: no [policy] rules configured: every feedback answer "
+                    "will carry no adjustments")
 
 
-def serve(config: Path, *, reuse_port: bool = False, ready=None, warn: bool = True) -> None:
+def load_and_log(config: Path, log_overrides: Mapping | None) -> GatewaySettings:
+    """The settings, and this process's logging set up from ``[log]`` + the flags."""
     settings = load_settings(config)
+    logs.configure(settings.log.merged(log_overrides),
+                   secrets=logs.url_secrets(settings.store_url))
+    return settings
+
+
+def serve(config: Path, *, reuse_port: bool = False, ready=None, warn: bool = True,
+          log_overrides: Mapping | None = None) -> None:
+    settings = load_and_log(config, log_overrides)
     if warn:
         warn_if_no_policy(settings)
-    asyncio.run(_run(settings, reuse_port=reuse_port, ready=ready))
+    asyncio.run(_run(settings, reuse_port=reuse_port, ready=ready,
+                     access_log=settings.log.merged(log_overrides).access))
 
 
-def _worker(config: str, ready) -> None:
-    serve(Path(config), reuse_port=True, ready=ready, warn=False)  # the parent warned
+def _worker(config: str, ready, log_overrides: Mapping | None = None) -> None:
+    serve(Path(config), reuse_port=True, ready=ready, warn=False,  # the parent warned
+          log_overrides=log_overrides)
 
 
-def serve_workers(config: Path, workers: int) -> int:
+def serve_workers(config: Path, workers: int, *, log_overrides: Mapping | None = None) -> int:
     """N worker processes on one port; returns the exit code."""
     # fail fast, once, with the config error (or the warning) on this terminal
-    warn_if_no_policy(load_settings(config))
+    warn_if_no_policy(load_and_log(config, log_overrides))
     ctx = multiprocessing.get_context("spawn")
     events = [ctx.Event() for _ in range(workers)]
-    procs = [ctx.Process(target=_worker, args=(str(config), ev), name=f"fedgate-worker-{i}")
+    procs = [ctx.Process(target=_worker, args=(str(config), ev, dict(log_overrides or {})),
+                         name=f"fedgate-worker-{i}")
              for i, ev in enumerate(events)]
     for proc in procs:
         proc.start()

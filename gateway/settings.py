@@ -20,13 +20,15 @@ from keyring.ed25519 import PrivateKey
 from keyring.keys import KID_RE, Keyring, KeyringError, load_jwks
 
 from .config import ConfigError, SecurityConfig
+from .logs import KEYS as LOG_KEYS
+from .logs import LogSettings, from_table
 from .tomlfile import load_file, path_value, readable_file
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8443
 DEFAULT_STORE_URL = "sqlite:///state/fedgate.db"
 DEFAULT_AUDIT_PATH = "audit/gateway-audit.jsonl"
 _OWN_KEYS = frozenset({"producer_keyring", "feedback_key", "feedback_kid",
-                       "server", "store", "audit", "policy"})
+                       "server", "store", "audit", "policy", "log"})
 # [server] connection limits (issue 7.3, docs/CONFIG.md): name → (default, bounds, kind)
 _CONN_LIMITS: dict[str, tuple[float, float, float, str]] = {
     "handshake_timeout_s": (10.0, 0.0, 300.0, "a number of seconds in (0, 300]"),
@@ -81,6 +83,7 @@ class GatewaySettings:
     feedback_kid: str
     audit_path: Path
     policy_rules: Path | None = None
+    log: LogSettings = LogSettings()  # [log]; `fedgate serve` flags override it
 
 
 def load_settings(path: str | Path) -> GatewaySettings:
@@ -126,6 +129,7 @@ def _build(cfg: Path, raw: Mapping[str, Any]) -> GatewaySettings:
         producer_keyring=readable_file(raw, "producer_keyring", base),
         feedback_key=readable_file(raw, "feedback_key", base),
         feedback_kid=_feedback_kid(raw), audit_path=_audit(audit, base), policy_rules=rules,
+        log=from_table(_table(raw, "log", LOG_KEYS)),
     )
 
 

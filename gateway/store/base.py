@@ -13,6 +13,8 @@ import abc
 from dataclasses import dataclass
 from enum import StrEnum
 
+from ..logs import redact
+
 
 class StoreError(Exception):
     """The store could not be reached or could not write; the request fails closed.
@@ -23,6 +25,7 @@ class StoreError(Exception):
     """
 
     def __init__(self, stage: str, detail: str) -> None:
+        detail = redact(detail)  # a driver's message may carry a URL with its password
         super().__init__(detail)
         self.stage = stage
         self.detail = detail

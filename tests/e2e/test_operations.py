@@ -67,8 +67,9 @@ def test_serve_without_rules_warns_once_at_start_up(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=15)
-    warnings = [line for line in log_path.read_text().splitlines() if "warning" in line]
-    assert warnings == [f"fedgate: warning: {cfg}: no [policy] rules configured: every "
+    warnings = [line.split(" ", 1)[1] for line in log_path.read_text().splitlines()
+                if " warning " in line]  # console format: "<timestamp> <level> <logger>: …"
+    assert warnings == [f"warning fedgate.server: {cfg}: no [policy] rules configured: every "
                         "feedback answer will carry no adjustments"]
 
 

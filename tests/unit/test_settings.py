@@ -13,6 +13,7 @@ import pytest
 from conftest import ROOT
 
 from gateway.config import DEFAULT_MAX_BODY, ConfigError
+from gateway.logs import LogSettings
 from gateway.settings import GatewaySettings, ServerSettings, load_keys, load_settings
 from keyring.ed25519 import PrivateKey
 from keyring.keys import Key, Keyring, save_jwks
@@ -56,6 +57,11 @@ path = "logs/audit.jsonl"
 
 [policy]
 rules = "policy/rules.toml"
+
+[log]
+format = "json"
+level = "warning"
+access = true
 
 [identities.{IDENTITY}]
 pins = ["{PIN}"]
@@ -149,6 +155,9 @@ def test_valid_config_loads_with_paths_relative_to_its_directory(tmp_path, monke
     assert (s.feedback_key, s.feedback_kid) == (conf / "keys/fb.pem", "vv-fb-2026")
     assert s.audit_path == conf / "logs/audit.jsonl" and s.audit_path.parent.is_dir()
     assert s.policy_rules == conf / "policy/rules.toml"
+    assert s.log == LogSettings(format="json", level="warning", access=True)
+    assert s.log.merged({"format": "console", "level": None, "access": None}) == LogSettings(
+        format="console", level="warning", access=True)  # a flag overrides its key only
 
 
 def test_defaults_apply(tmp_path) -> None:
@@ -160,6 +169,7 @@ def test_defaults_apply(tmp_path) -> None:
     assert s.audit_path == tmp_path / "audit/gateway-audit.jsonl"
     assert s.audit_path.parent.is_dir()  # created at load
     assert s.policy_rules is None
+    assert s.log == LogSettings(format="console", level="info", access=False)
     assert ServerSettings(tls_cert=cfg, tls_key=cfg, client_ca=cfg).host == "127.0.0.1"
     assert ServerSettings(tls_cert=cfg, tls_key=cfg, client_ca=cfg).port == 8443
     assert (s.server.handshake_timeout_s, s.server.header_timeout_s, s.server.idle_timeout_s,
@@ -213,6 +223,17 @@ INVALID = [
      ["unknown key 'audit.rotate'"]),
     ("unknown-policy-key", sub("rules =", "reload = 1\nrules ="), ["unknown key 'policy.reload'"]),
     ("unknown-table", lambda t: t + "\n[metrics]\nport = 9100\n", ["unknown key 'metrics'"]),
+    ("unknown-log-key", sub("access = true", "access = true\nfile = 1"),
+     ["unknown key 'log.file'"]),
+    ("log-format-bad", sub('format = "json"', 'format = "logfmt"'),
+     ["log.format must be one of console, json"]),
+    ("log-level-bad", sub('level = "warning"', 'level = "WARN"'),
+     ["log.level must be one of debug, info, warning, error"]),
+    ("log-access-string", sub("access = true", 'access = "yes"'),
+     ["log.access must be true or false"]),
+    ("log-not-a-table", lambda t: 'log = "json"\n' + sub(
+        '[log]\nformat = "json"\nlevel = "warning"\naccess = true\n', "")(t),
+     ["log must be a table"]),
     ("server-not-a-table", lambda t: 'server = "x"\n' + t.replace("[server]", "[serverx]"),
      ["server must be a table"]),
     ("missing-tls-cert-file", sub("certs/gateway.crt", "certs/nope.crt"),
