@@ -40,8 +40,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from .base import Claim, Commit, CommitResult, Outcome, Record, Store, StoreError
-from .redis_epoch import (epoch_start, eviction_policy, eviction_refusal, read_epoch,
-                          sync_epoch)
+from .redis_epoch import epoch_start, eviction_policy, eviction_refusal, read_epoch, sync_epoch
 from .redis_scripts import COMMIT_LUA, PUT_LUA, migrate
 
 log = logging.getLogger("fedgate.store")
