@@ -312,7 +312,18 @@ async def handle_readyz(request: web.Request) -> web.Response:
                          200 if ready else 503)
 
 
+def store_metrics(store: Store) -> str:
+    """The store's own counter (docs/STORES.md "Store amnesia")."""
+    return ("# HELP fedgate_store_amnesia_total New replay-store epochs this process saw "
+            "begin: the store had lost its state (flushed, restarted empty) or was new.\n"
+            "# TYPE fedgate_store_amnesia_total counter\n"
+            f"fedgate_store_amnesia_total {store.amnesia_count}\n")
+
+
 async def handle_metrics(request: web.Request) -> web.Response:
-    return web.Response(text=request.app[METRICS].render(),
+    text = request.app[METRICS].render()
+    if STORE in request.app:
+        text += store_metrics(request.app[STORE])
+    return web.Response(text=text,
                         content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})

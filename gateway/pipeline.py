@@ -180,6 +180,10 @@ class Pipeline:
         finally:
             if self.store_timer is not None:
                 self.store_timer(time.perf_counter() - started)
+        if result.outcome is Outcome.BEFORE_EPOCH:  # docs/STORES.md "Store amnesia"
+            raise E.ReplayStoreUnavailable(
+                "the replay store lost its state; a request signed before it recovered "
+                "cannot be judged — re-sign it with a fresh timestamp")
         if result.outcome is Outcome.EXECUTION_NOT_OWNED:
             raise E.ExecutionNotOwned("this execution belongs to another service identity")
         if result.outcome is Outcome.ATTESTATION_MISMATCH:

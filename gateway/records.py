@@ -99,7 +99,7 @@ def build_commit(
     return Commit(
         identity=ctx.identity, nonce=body["nonce"], body_digest=digest,
         request_id=ctx.request_id, now=now, nonce_ttl_s=cfg.nonce_ttl_s,
-        record=record, anchor=anchor,
+        record=record, anchor=anchor, valid_from=body["timestamp"] - cfg.clock_skew_s,
     )
 
 

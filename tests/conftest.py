@@ -73,6 +73,13 @@ class RedisServer:
             s.sendall(b"FLUSHALL\r\n")
             assert s.recv(16).startswith(b"+OK")
 
+    def provision(self, prefix: str = "fedgate") -> None:
+        """Declare the empty store new (epoch 0, docs/STORES.md "Store amnesia"), or the
+        gateway treats it as one that lost its state and refuses its first requests."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+            s.sendall(f"HSETNX {prefix}:schema epoch 0|provisioned\r\n".encode())
+            assert s.recv(16).startswith(b":")
+
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
@@ -88,6 +95,7 @@ def redis_url(redis_server: RedisServer) -> str:
     if redis_server.proc is None:  # a test stopped it: bring it back
         redis_server.start()
     redis_server.flushall()
+    redis_server.provision()
     return redis_server.url
 
 

@@ -72,10 +72,20 @@ class Commit:
     nonce_ttl_s: int
     record: Record
     anchor: Anchor | None  # None: no anchoring for this request
+    #: The earliest gateway second at which this signed request could have been accepted:
+    #: its timestamp − clock_skew_s. A request whose ``valid_from`` is at or before the
+    #: start of the store's epoch is refused (``BEFORE_EPOCH``): its nonce may have been
+    #: claimed in a past the store forgot. None: ``now − nonce_ttl_s``, a lower bound
+    #: (nonce_ttl_s > 2 × clock_skew_s), so refusing more, never less.
+    valid_from: int | None = None
 
     @property
     def tenant_id(self) -> str:
         return self.record.tenant_id
+
+    @property
+    def earliest(self) -> int:
+        return self.now - self.nonce_ttl_s if self.valid_from is None else self.valid_from
 
 
 class Outcome(StrEnum):
@@ -83,6 +93,9 @@ class Outcome(StrEnum):
     ATTESTATION_MISMATCH = "attestation_mismatch"
     EXECUTION_NOT_OWNED = "execution_not_owned"
     REPLAYED = "replayed"
+    #: the store lost its state (see docs/STORES.md "Store amnesia") and this request could
+    #: have been accepted before the new epoch began: refused, nothing written
+    BEFORE_EPOCH = "before_epoch"
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +119,8 @@ class Store(abc.ABC):
     """Async store; created once at start-up, closed at shutdown."""
 
     url: str
+    #: new epochs this process saw begin: the store had lost its state (or was brand new)
+    amnesia_count: int = 0
 
     @abc.abstractmethod
     async def open(self) -> None:

@@ -9,7 +9,14 @@ Key layout (``P`` = ``key_prefix``; braces are Redis Cluster hash tags):
 - ``P:{<tenant>}:i:<kind>``        index: list of record ids, oldest first
 - ``P:{<tenant>}:n:<identity>:<nonce>``  claim: ``<expires_at>|<body digest>|<request
                                    id>``, TTL nonce_ttl_s
-- ``P:schema``                     hash: layout version, ``legacy_nonces_until``
+- ``P:{<tenant>}:epoch``           the store's epoch, copied into the tenant's slot
+- ``P:schema``                     hash: layout version, ``legacy_nonces_until``, ``epoch``
+
+A commit runs only while the tenant's epoch marker equals the epoch the gateway holds;
+a store that lost its state starts a new epoch, and requests that could have been
+accepted before it are refused (``redis_epoch``; docs/STORES.md "Store amnesia").
+The server must run ``maxmemory-policy noeviction`` (checked at ``open`` and by
+``ping``): evicted claims would go unnoticed.
 
 A claim is live while the key exists (Redis clock, garbage collection) and its
 ``expires_at`` (= ``commit.now + nonce_ttl_s``) is after the request's ``now``: the same
@@ -24,6 +31,7 @@ also checked — on the single Redis every pre-v1.1 deployment runs.
 
 from __future__ import annotations
 
+import logging
 import re
 
 from redis.asyncio import Redis
@@ -32,7 +40,10 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from .base import Claim, Commit, CommitResult, Outcome, Record, Store, StoreError
+from .redis_epoch import epoch_start, eviction_policy, eviction_refusal, read_epoch, sync_epoch
 from .redis_scripts import COMMIT_LUA, PUT_LUA, migrate
+
+log = logging.getLogger("fedgate.store")
 
 _IDENTITY = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _TENANT = re.compile(r"[a-fA-F0-9-]{36}")
@@ -42,6 +53,7 @@ _HEX64 = re.compile(r"[A-Fa-f0-9]{64}")
 _RECORD_ID = re.compile(r"[!-z|~]{1,256}")  # printable ASCII without '{' and '}'
 _PREFIX = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _ACCEPTED = CommitResult(Outcome.ACCEPTED)
+_BEFORE_EPOCH = CommitResult(Outcome.BEFORE_EPOCH)
 
 
 def _check(pattern: re.Pattern[str], value: str, what: str) -> str:
@@ -65,6 +77,8 @@ class RedisStore(Store):
         self._redis: Redis | None = None
         self._sha = ""
         self._legacy_until = 0  # pre-v1.1 claims may be live while a request's now < this
+        self._epoch: str | None = None  # None: the store holds none yet (new or wiped)
+        self._unsafe: str | None = None  # why commits are refused (eviction policy)
 
     # -- keys ---------------------------------------------------------------------------
     def _tenant(self, tenant_id: str) -> str:
@@ -85,6 +99,9 @@ class RedisStore(Store):
         ident = _check(_IDENTITY, identity, "identity")
         return f"{self._tenant(tenant_id)}:n:{ident}:{_check(_NONCE, nonce, 'nonce')}"
 
+    def _epoch_key(self, tenant_id: str) -> str:
+        return f"{self._tenant(tenant_id)}:epoch"
+
     def _legacy_nonce_key(self, identity: str, nonce: str) -> str:
         """A claim made before v1.1 (per identity, in the identity's slot)."""
         ident = _check(_IDENTITY, identity, "identity")
@@ -103,6 +120,8 @@ class RedisStore(Store):
         await self._call(Redis.ping)
         if self.require_durable:
             await self._check_durable()
+        if (refusal := eviction_refusal(await self._call(eviction_policy))) is not None:
+            raise StoreError("claim", refusal)
         try:
             self._sha = await self._redis.script_load(COMMIT_LUA)
         except ResponseError as e:  # a server before 7.0 rejects the '#!lua' shebang
@@ -110,6 +129,7 @@ class RedisStore(Store):
                              "Redis 7.0 or newer is required") from e
         except RedisError as e:
             raise StoreError("claim", f"Redis is unavailable ({type(e).__name__}: {e})") from e
+        self._epoch = await self._call(read_epoch, self.prefix)  # before migrate
         self._legacy_until = await self._call(migrate, self.prefix)
 
     async def _check_durable(self) -> None:
@@ -135,10 +155,18 @@ class RedisStore(Store):
             self._redis = None
 
     async def ping(self) -> bool:
+        """Also re-reads the eviction policy: while it is unsafe, not ready and every
+        commit fails closed."""
         try:
-            return self._redis is not None and bool(await self._redis.ping())
+            if self._redis is None or not await self._redis.ping():
+                return False
+            refusal = eviction_refusal(await eviction_policy(self._redis))
         except Exception:  # readiness probe: any failure means "not ready"
             return False
+        if refusal != self._unsafe and refusal is not None:
+            log.error("refusing commits: %s", refusal)
+        self._unsafe = refusal
+        return refusal is None
 
     # -- commit -------------------------------------------------------------------------
     async def commit(self, commit: Commit) -> CommitResult:
@@ -147,9 +175,11 @@ class RedisStore(Store):
             raise ValueError("nonce_ttl_s must be positive")
         if anchor is not None and anchor.tenant_id != rec.tenant_id:
             raise ValueError("the anchor and the record must belong to one tenant")
+        if self._unsafe is not None:
+            raise StoreError("claim", self._unsafe)
         keys = [self._nonce_key(commit.identity, rec.tenant_id, commit.nonce),
                 self._record_key(rec.tenant_id, rec.kind, rec.record_id),
-                self._index_key(rec.tenant_id, rec.kind)]
+                self._index_key(rec.tenant_id, rec.kind), self._epoch_key(rec.tenant_id)]
         if anchor is not None:
             fp = anchor.execution_fingerprint
             keys += [self._anchor_key(rec.tenant_id, fp), self._anchor_key(rec.tenant_id, fp, "o")]
@@ -160,8 +190,29 @@ class RedisStore(Store):
         args = [len(keys), *keys, claim, commit.nonce_ttl_s, rec.data, rec.record_id,
                 commit.now, commit.identity, anchor.attestation_hash if anchor else "",
                 "1" if legacy else "0"]
-        reply = await self._call(self._evalsha, args, refused="write")
-        return self._result(reply, commit.body_digest)
+        for _ in range(3):  # the epoch can change under us only by another loss of state
+            if self._epoch is None:
+                await self._sync_epoch(keys[3], commit.now)
+            if commit.earliest <= epoch_start(self._epoch):
+                return _BEFORE_EPOCH
+            reply = await self._call(self._evalsha, [*args, self._epoch], refused="write")
+            if reply[0] != b"epoch":
+                return self._result(reply, commit.body_digest)
+            await self._sync_epoch(keys[3], commit.now)
+        raise StoreError("claim", "the store's epoch kept changing during the commit")
+
+    async def _sync_epoch(self, tenant_key: str, now: int) -> None:
+        """Adopt the store's epoch for this tenant (starting one at ``now`` if the store
+        has none); one log line and the counter when it is a new one for this process."""
+        epoch, started = await self._call(sync_epoch, self.prefix, tenant_key, now)
+        if epoch != self._epoch:
+            self.amnesia_count += 1
+            log.warning(
+                "replay store %s: new epoch %s (%s); the store held no epoch marker: it was "
+                "flushed, restarted without its data, or is new; signed requests that could "
+                "have been accepted at or before it are refused (503 replay_store_unavailable)",
+                self.prefix, epoch, "started here" if started else "started by another gateway")
+        self._epoch = epoch
 
     async def _evalsha(self, client: Redis, args: list) -> list:
         try:

@@ -20,11 +20,16 @@ from redis.asyncio import Redis
 # so that every check runs before the first write. Nothing is rolled back in Redis, so
 # neither defence may be dropped.
 COMMIT_LUA = """#!lua
--- KEYS[1] claim  KEYS[2] record  KEYS[3] index  then, when ARGV[7] ~= '':
--- KEYS[4] anchor  KEYS[5] owner; and last, when ARGV[8] == '1', the pre-v1.1 claim
+-- KEYS[1] claim  KEYS[2] record  KEYS[3] index  KEYS[4] the tenant's epoch marker
+-- then, when ARGV[7] ~= '': KEYS[5] anchor  KEYS[6] owner; and last, when ARGV[8] == '1',
+-- the pre-v1.1 claim
 -- ARGV[1] claim (expires_at|digest|request_id)  ARGV[2] nonce TTL s  ARGV[3] record data
 -- ARGV[4] record id  ARGV[5] now  ARGV[6] identity  ARGV[7] attestation hash or ''
--- ARGV[8] '1' when the last key is a pre-v1.1 claim to honour
+-- ARGV[8] '1' when the last key is a pre-v1.1 claim to honour  ARGV[9] the gateway's epoch
+-- 0. the store's epoch (redis_epoch.py): a missing or other marker means the store lost
+-- its state or started a new epoch -> nothing judged, nothing written
+local epoch = redis.call('GET', KEYS[4])
+if epoch ~= ARGV[9] then return {'epoch'} end
 local now = tonumber(ARGV[5])
 local function live(key)
   local claim = redis.call('GET', key)
@@ -33,8 +38,8 @@ local function live(key)
 end
 -- 1. the execution's owner, then its attestation anchor: refused -> nothing written
 if ARGV[7] ~= '' then
-  local anchored = redis.call('GET', KEYS[4])
-  local owner = redis.call('GET', KEYS[5])
+  local anchored = redis.call('GET', KEYS[5])
+  local owner = redis.call('GET', KEYS[6])
   if anchored and not owner then return {'unmigrated'} end
   if owner and owner ~= ARGV[6] then return {'not_owned'} end
   if anchored and anchored ~= ARGV[7] then return {'mismatch', anchored} end
@@ -48,8 +53,8 @@ if redis.call('EXISTS', KEYS[2]) > 0 then return {'conflict'} end
 -- 4. write everything: claim (replacing an expired one), anchor and owner, record, index
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 if ARGV[7] ~= '' then
-  redis.call('SET', KEYS[4], ARGV[7], 'NX')
-  redis.call('SET', KEYS[5], ARGV[6], 'NX')
+  redis.call('SET', KEYS[5], ARGV[7], 'NX')
+  redis.call('SET', KEYS[6], ARGV[6], 'NX')
 end
 redis.call('SET', KEYS[2], ARGV[3])
 redis.call('RPUSH', KEYS[3], ARGV[4])
@@ -65,7 +70,8 @@ redis.call('RPUSH', KEYS[2], ARGV[2])
 return 'ok'
 """
 
-SCHEMA_VERSION = b"2"  # 1 (implicit): pre-v1.1 layout; 2: v1.1
+SCHEMA_VERSION = b"3"  # 1 (implicit): pre-v1.1 layout; 2: v1.1; 3: v1.1 with epochs
+MIGRATED = (b"2", SCHEMA_VERSION)
 BATCH = 500
 
 
@@ -83,7 +89,7 @@ async def migrate(r: Redis, prefix: str) -> int:
     """
     meta_key = f"{prefix}:schema"
     meta = await r.hgetall(meta_key)
-    if meta.get(b"version") == SCHEMA_VERSION:
+    if meta.get(b"version") in MIGRATED:
         return int(meta.get(b"legacy_nonces_until", b"0"))
     until = 0
     keys = [k async for k in r.scan_iter(match=f"{prefix}:{{id:*}}:n:*", count=BATCH)]

@@ -28,7 +28,8 @@ def test_redis_is_durable():
     command = SERVICES["redis"]["command"]
     assert command[0] == "redis-server"
     flags = dict(zip(command[1::2], command[2::2], strict=True))
-    assert flags == {"--appendonly": "yes", "--appendfsync": "always"}  # RedisStore requires
+    assert flags == {"--appendonly": "yes", "--appendfsync": "always",  # RedisStore requires
+                     "--maxmemory-policy": "noeviction"}
 
 
 @pytest.mark.parametrize("service", ["init", "gateway"])

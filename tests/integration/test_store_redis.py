@@ -51,10 +51,12 @@ def make_server(tmp_path: Path, redis_server):
     """Start dedicated redis-servers (conftest's RedisServer) with extra arguments."""
     servers = []
 
-    def start(*args: str):
+    def start(*args: str, provision: bool = True):
         server = type(redis_server)(tmp_path / f"redis{len(servers)}", extra_args=args)
         servers.append(server)
         server.start()
+        if provision:
+            server.provision()
         return server
 
     yield start
@@ -131,7 +133,7 @@ async def test_keys_are_prefixed_and_tenant_tagged(store: RedisStore, redis_url:
     rid, tagged = c.record.record_id, f"fedgate:{{{TENANT}}}:"
     assert keys == sorted([
         f"{tagged}n:{IDENTITY}:{c.nonce}", f"{tagged}a:{FP}", f"{tagged}o:{FP}",
-        f"{tagged}i:finding", f"{tagged}r:finding:{rid}", "fedgate:schema",
+        f"{tagged}i:finding", f"{tagged}r:finding:{rid}", f"{tagged}epoch", "fedgate:schema",
     ])
 
 
@@ -141,7 +143,7 @@ async def test_ttls(store: RedisStore, redis_url: str) -> None:
     r, tagged = raw(redis_url), f"fedgate:{{{TENANT}}}:"
     assert r.ttl(f"{tagged}n:{IDENTITY}:{c.nonce}") == 4321
     for key in (f"{tagged}a:{FP}", f"{tagged}o:{FP}", f"{tagged}r:finding:{c.record.record_id}",
-                f"{tagged}i:finding"):
+                f"{tagged}i:finding", f"{tagged}epoch"):
         assert r.ttl(key) == -1, key
 
 
