@@ -133,6 +133,7 @@ def redis_with_password(tmp_path_factory):
     server = RedisServer(tmp_path_factory.mktemp("redis-pw"), extra_args=(
         "--user", "fedgate", "on", f">{PASSWORD}", "~*", "&*", "+@all"))
     server.start()
+    server.provision()  # a new, empty store: no amnesia window (docs/STORES.md)
     yield server
     server.stop()
 
