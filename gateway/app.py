@@ -280,12 +280,16 @@ async def handle_healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"}, 200)
 
 
-async def handle_readyz(request: web.Request) -> web.Response:
-    app = request.app
+async def readiness(app: web.Application) -> tuple[bool, dict[str, bool]]:
+    """(ready, checks) of this process's gateway: /readyz here and on the admin listener."""
     store_ok = STORE in app and await app[STORE].ping()
     checks = {"store": store_ok, "keys": bool(app[KEYS][0]),
               "self_test": app[READY]["self_test"], "audit": app[READY]["audit"]}
-    ready = all(checks.values())
+    return all(checks.values()), checks
+
+
+async def handle_readyz(request: web.Request) -> web.Response:
+    ready, checks = await readiness(request.app)
     return json_response({"status": "ready" if ready else "not_ready", "checks": checks},
                          200 if ready else 503)
 

@@ -39,17 +39,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.run(args) or 0
-    except (ConfigError, KeyringError, SelfTestError, ValueError) as exc:
-        print(f"fedgate: error: {exc}", file=sys.stderr)
-        return 2
-    except StoreError as exc:
-        print(f"fedgate: error: store unavailable: {exc.detail}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"fedgate: error: {exc}", file=sys.stderr)
-        return 1
+    except Exception as exc:
+        reported = one_line(exc)
+        if reported is None:
+            raise
+        code, line = reported
+        print(line, file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         return 130
+
+
+def one_line(exc: BaseException) -> tuple[int, str] | None:
+    """(exit code, the one stderr line) for an expected failure; None for a bug."""
+    if isinstance(exc, ConfigError | KeyringError | SelfTestError | ValueError):
+        return 2, f"fedgate: error: {exc}"
+    if isinstance(exc, StoreError):
+        return 1, f"fedgate: error: store unavailable: {exc.detail}"
+    if isinstance(exc, OSError):
+        return 1, f"fedgate: error: {exc}"
+    return None
 
 
 def package_version(dist: str = "fedgate") -> str:
@@ -104,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Run the gateway from a TOML config (PROTOCOL.md §8).")
     serve.add_argument("--config", required=True, type=Path, help="gateway TOML file")
     serve.add_argument("--workers", type=int, default=1,
-                       help="worker processes sharing the port with SO_REUSEPORT (default 1)")
+                       help="worker processes accepting on the one socket the supervisor "
+                       "binds (default 1)")
     serve.set_defaults(run=cmd_serve)
 
     certs_parser = sub.add_parser("certs", help="dev PKI")
@@ -225,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import serve, serve_workers
+    from .server import serve
+    from .workers import serve_workers
 
     if args.workers < 1:
         raise ValueError("--workers must be at least 1")

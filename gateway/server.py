@@ -1,16 +1,15 @@
-"""Run the gateway: TLS context, listening socket, worker processes, signals.
+"""Run the gateway in one process: TLS context, listening socket, signals.
 
-``serve`` runs one process; ``serve_workers`` starts N processes that each bind the same
-port with ``SO_REUSEPORT`` (the kernel spreads connections) and share one store. The
-parent only supervises: SIGTERM/SIGINT reach every worker, and if one worker dies the
-others are stopped too (fail closed, let the supervisor restart the whole service).
+``serve`` binds the port first (gateway/listen.py: one line if it is in use) and then
+starts the gateway on it; ``fedgate serve --workers N`` is gateway/workers.py (one
+supervisor binds, N workers accept on the same socket).
 """
 
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -19,65 +18,74 @@ from aiohttp import web
 
 from .app import METRICS, make_app
 from .conn import GUARD, ConnectionGuard, fit_limits, raise_fd_limit
+from .listen import bind_listeners
 from .settings import GatewaySettings, load_keys, load_settings
 from .tls import server_context
 
 
 class GuardedSite(web.BaseSite):
-    """A TCP listener whose every accepted socket goes through the ``ConnectionGuard``
-    (which does the TLS itself, so it sees sockets before their handshake)."""
+    """A TCP listener on an already bound socket whose every accepted socket goes through
+    the ``ConnectionGuard`` (which does the TLS itself, so it sees sockets before their
+    handshake)."""
 
-    __slots__ = ("_host", "_port", "_reuse_port", "_guard")
+    __slots__ = ("_sock", "_guard", "_name")
 
-    def __init__(self, runner: web.AppRunner, host: str, port: int, *,
-                 ssl_context, guard: ConnectionGuard, reuse_port: bool) -> None:
+    def __init__(self, runner: web.AppRunner, sock: socket.socket, *,
+                 ssl_context, guard: ConnectionGuard) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=guard.limits.backlog)
-        self._host, self._port, self._reuse_port, self._guard = host, port, reuse_port, guard
+        self._sock, self._guard = sock, guard
+        host, port = sock.getsockname()[:2]
+        self._name = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
 
     @property
     def name(self) -> str:
-        return f"https://{self._host}:{self._port}"
+        return self._name
 
     async def start(self) -> None:
         await super().start()
         factory = self._guard.protocol_factory(self._runner.server, self._ssl_context)
         self._server = await asyncio.get_running_loop().create_server(
-            factory, self._host, self._port, backlog=self._backlog,
-            reuse_address=True, reuse_port=self._reuse_port)
-        self._guard.start()
+            factory, sock=self._sock, backlog=self._backlog)
 
 
 async def start_gateway(config: Path | GatewaySettings, *, clock=time.time, echo: bool = True,
-                        reuse_port: bool = False) -> web.AppRunner:
-    """Load keys, build the TLS context and the app, run start-up, listen. The caller
-    stops it with ``await runner.cleanup()`` (used by serve, the demo and the tests)."""
+                        socks: list[socket.socket] | None = None) -> web.AppRunner:
+    """Load keys, build the TLS context and the app, run start-up, listen on ``socks``
+    (bound by the caller: ``serve`` and the workers' supervisor) or on sockets bound here
+    (the demo, the tests). The caller stops it with ``await runner.cleanup()``."""
     settings = config if isinstance(config, GatewaySettings) else load_settings(config)
     keys = load_keys(settings)
     ssl_ctx = server_context(settings.server.tls_cert, settings.server.tls_key,
                              settings.server.client_ca)
     limits = fit_limits(settings.server, raise_fd_limit())
+    if socks is None:
+        socks = bind_listeners(settings.server.host, settings.server.port, limits.backlog)
     app = make_app(settings, keys, clock=clock, echo=echo)
     app[GUARD] = guard = ConnectionGuard(limits, app[METRICS])
     app.on_cleanup.append(guard.close)
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
                            keepalive_timeout=limits.idle_timeout_s + 1)  # guard's first
-    await runner.setup()  # runs cleanup_ctx start-up: self-test, store, audit
-    site = GuardedSite(runner, settings.server.host, settings.server.port,
-                       ssl_context=ssl_ctx, guard=guard, reuse_port=reuse_port)
-    await site.start()
+    try:
+        await runner.setup()  # runs cleanup_ctx start-up: self-test, store, audit
+        for sock in socks:
+            await GuardedSite(runner, sock, ssl_context=ssl_ctx, guard=guard).start()
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        await runner.cleanup()
+        raise
+    guard.start()
     return runner
 
 
-async def _run(settings: GatewaySettings, *, reuse_port: bool, ready=None) -> None:
-    runner = await start_gateway(settings, reuse_port=reuse_port)
+async def _run(settings: GatewaySettings, socks: list[socket.socket]) -> None:
+    runner = await start_gateway(settings, socks=socks)
     print(f"fedgate: serving https://{settings.server.host}:{settings.server.port} "
           f"(store {settings.store_url.split('://')[0]})", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if ready is not None:
-        ready.set()
     try:
         await stop.wait()
     finally:
@@ -91,45 +99,10 @@ def warn_if_no_policy(settings: GatewaySettings) -> None:
               "feedback answer will carry no adjustments", file=sys.stderr, flush=True)
 
 
-def serve(config: Path, *, reuse_port: bool = False, ready=None, warn: bool = True) -> None:
+def serve(config: Path) -> None:
+    """``fedgate serve`` in one process."""
     settings = load_settings(config)
-    if warn:
-        warn_if_no_policy(settings)
-    asyncio.run(_run(settings, reuse_port=reuse_port, ready=ready))
-
-
-def _worker(config: str, ready) -> None:
-    serve(Path(config), reuse_port=True, ready=ready, warn=False)  # the parent warned
-
-
-def serve_workers(config: Path, workers: int) -> int:
-    """N worker processes on one port; returns the exit code."""
-    # fail fast, once, with the config error (or the warning) on this terminal
-    warn_if_no_policy(load_settings(config))
-    ctx = multiprocessing.get_context("spawn")
-    events = [ctx.Event() for _ in range(workers)]
-    procs = [ctx.Process(target=_worker, args=(str(config), ev), name=f"fedgate-worker-{i}")
-             for i, ev in enumerate(events)]
-    for proc in procs:
-        proc.start()
-
-    def stop_all(*_: object) -> None:
-        for proc in procs:
-            if proc.is_alive():
-                proc.terminate()
-
-    signal.signal(signal.SIGTERM, stop_all)
-    signal.signal(signal.SIGINT, stop_all)
-    code = 0
-    try:
-        while procs:
-            for proc in list(procs):
-                proc.join(timeout=0.2)
-                if proc.exitcode is not None:
-                    procs.remove(proc)
-                    if proc.exitcode not in (0, -signal.SIGTERM):
-                        code = 1
-                        stop_all()
-    finally:
-        stop_all()
-    return code
+    limits = fit_limits(settings.server, raise_fd_limit())
+    socks = bind_listeners(settings.server.host, settings.server.port, limits.backlog)
+    warn_if_no_policy(settings)
+    asyncio.run(_run(settings, socks))
