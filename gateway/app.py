@@ -28,6 +28,7 @@ from schemas.validate import Validators
 from . import errors as E
 from .conn import track_requests
 from .feedback import FeedbackIssuer, RulePolicy, no_adjustments
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .pipeline import Context, Pipeline, SignedRequest, check_content_type
 from .policy import load_rules
@@ -295,6 +296,6 @@ async def handle_readyz(request: web.Request) -> web.Response:
 
 
 async def handle_metrics(request: web.Request) -> web.Response:
-    return web.Response(text=request.app[METRICS].render(),
-                        content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})
+    return web.Response(body=request.app[METRICS].render(),
+                        headers={"Content-Type": METRICS_CONTENT_TYPE,
+                                 "X-Content-Type-Options": "nosniff"})

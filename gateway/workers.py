@@ -8,6 +8,9 @@ listener's ``/readyz``, gateway/admin.py), and the worker stops when the supervi
 closes. Workers never outlive the supervisor: on Linux the kernel sends them SIGTERM when
 it dies (``PR_SET_PDEATHSIG``), and everywhere the end of the control socket stops them.
 
+Metrics (issue 8.3): the supervisor points ``PROMETHEUS_MULTIPROC_DIR`` at a private
+temporary directory (removed when it exits) before spawning; see gateway/metrics.py.
+
 SIGTERM/SIGINT to the supervisor stop every worker. A worker that exits on its own is
 named with its exit status (``fedgate: worker 2 (pid N) exited with status 3`` /
 ``killed by SIGKILL``), the others are stopped, and the supervisor exits non-zero (fail
@@ -24,10 +27,14 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 from pathlib import Path
+
+from prometheus_client.multiprocess import mark_process_dead
 
 from .conn import fit_limits, raise_fd_limit
 from .listen import bind_listeners
+from .metrics import MULTIPROC_ENV, PROCESSES_FILE
 from .settings import GatewaySettings, load_keys, load_settings
 
 PR_SET_PDEATHSIG = 1
@@ -114,12 +121,18 @@ def serve_workers(config: Path, workers: int) -> int:
     limits = fit_limits(settings.server, raise_fd_limit())
     socks = bind_listeners(settings.server.host, settings.server.port, limits.backlog)
     warn_if_no_policy(settings)
-    return asyncio.run(Supervisor(settings, workers).run(socks))
+    # every worker records its metrics here; any scrape sums them (gateway/metrics.py)
+    with tempfile.TemporaryDirectory(prefix="fedgate-metrics-") as metrics_dir:
+        os.environ[MULTIPROC_ENV] = metrics_dir  # inherited by the spawned workers
+        try:
+            return asyncio.run(Supervisor(settings, workers, Path(metrics_dir)).run(socks))
+        finally:
+            os.environ.pop(MULTIPROC_ENV, None)
 
 
 class Supervisor:
-    def __init__(self, settings: GatewaySettings, workers: int) -> None:
-        self.settings, self.n = settings, workers
+    def __init__(self, settings: GatewaySettings, workers: int, metrics_dir: Path) -> None:
+        self.settings, self.n, self.metrics_dir = settings, workers, metrics_dir
         self.procs: dict[int, multiprocessing.process.BaseProcess] = {}
         self.channels: dict[int, tuple[asyncio.StreamReader, asyncio.StreamWriter]] = {}
         self.stopping, self.code = False, 0
@@ -146,6 +159,7 @@ class Supervisor:
         finally:
             for sock in socks:  # the workers hold it now; the port dies with the last one
                 sock.close()
+        self.write_processes()
         if self.stopping:  # a signal while spawning: stop the late ones too
             self.stopping = False
             self.stop()
@@ -154,6 +168,17 @@ class Supervisor:
             writer.close()
         return self.code
 
+    def processes(self) -> dict[str, int]:
+        """The processes whose ``process_*`` metrics are shown, by name."""
+        return {"supervisor": os.getpid(),
+                **{f"worker-{i}": p.pid for i, p in self.procs.items() if p.is_alive()}}
+
+    def write_processes(self) -> None:
+        path = self.metrics_dir / PROCESSES_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.processes()), encoding="utf-8")
+        tmp.replace(path)
+
     def alive(self) -> list[multiprocessing.process.BaseProcess]:
         return [proc for proc in self.procs.values() if proc.is_alive()]
 
@@ -161,6 +186,8 @@ class Supervisor:
         proc = self.procs[index]
         asyncio.get_running_loop().remove_reader(proc.sentinel)
         proc.join()
+        mark_process_dead(proc.pid, str(self.metrics_dir))  # its live gauges go
+        self.write_processes()
         if not self.stopping or proc.exitcode not in (0, -signal.SIGTERM, -signal.SIGINT):
             print(describe_exit(index, proc), file=sys.stderr, flush=True)
             self.code = 1

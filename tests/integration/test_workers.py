@@ -1,9 +1,11 @@
 """The `fedgate serve` process model through real processes (issue 8.2): one socket bound
 by the supervisor, workers that die with it, a port in use is one line, a dead worker is
-named. Bounds below are generous deadlines for polling, not performance assertions."""
+named; /metrics summing every worker (issue 8.3). Bounds below are generous deadlines
+for polling, not performance assertions."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -12,8 +14,15 @@ import subprocess
 import sys
 import time
 
+import aiohttp
 import pytest
+from lab import Lab
+from prometheus_client.parser import text_string_to_metric_families
+from promtext import by_label, value
 from stack import ROOT, Stack
+
+from gateway.cli import package_version
+from gateway.routes import TELEMETRY_PATH
 
 SERVING = re.compile(r"fedgate: worker (\d+) \(pid (\d+)\) serving")
 
@@ -122,3 +131,58 @@ async def test_a_worker_exit_status_is_named(stack):
     log = (stack.root / "serve.log").read_text()
     assert f"fedgate: worker 1 (pid {pids[1]}) exited with status 0" in log.splitlines()
     assert not alive(pids[2])
+
+
+# -- /metrics: one view of every worker (issue 8.3) ------------------------------------
+
+LAB = Lab(None)
+
+
+async def scrape(stack: Stack) -> str:
+    """A fresh connection each time (any worker may answer)."""
+    connector = aiohttp.TCPConnector(ssl=stack.ssl(), force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as client, \
+            client.get(stack.url + "/metrics") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+        return await resp.text()
+
+
+async def send(stack: Stack, n: int) -> None:
+    connector = aiohttp.TCPConnector(ssl=stack.ssl(), force_close=True, limit=8)
+    async with aiohttp.ClientSession(connector=connector) as client:
+        async def one() -> int:
+            headers, body = LAB.signed(ts=int(time.time()))
+            async with client.post(stack.url + TELEMETRY_PATH, data=body,
+                                   headers=headers) as resp:
+                return resp.status
+        assert await asyncio.gather(*(one() for _ in range(n))) == [202] * n
+
+
+async def test_metrics_count_every_worker_and_only_go_up(stack):
+    parent = stack.spawn("--workers", "2")
+    await stack.wait_ready()
+    pids = worker_children(parent.pid)
+    sent, last = 0, 0.0
+    for batch in (12, 7, 20):
+        await send(stack, batch)
+        sent += batch
+        for _ in range(4):  # several scrapes, each possibly answered by another worker
+            text = await scrape(stack)
+            accepted = value(text, "fedgate_requests_total", route="telemetry", code="202",
+                             error="")
+            assert accepted == sent  # the sum over both workers, whoever answers
+            assert accepted >= last
+            last = accepted
+            assert value(text, "fedgate_pipeline_seconds_count") == sent
+            assert value(text, "fedgate_store_commit_seconds_count") == sent
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["fedgate_requests"].type == "counter"
+    assert families["fedgate_pipeline_seconds"].type == "histogram"
+    assert value(text, "fedgate_connections_max") == 4096
+    assert value(text, "fedgate_build_info", version=package_version()) == 1
+    cpu = by_label(text, "process_cpu_seconds_total", "process")
+    assert set(cpu) == {"supervisor", "worker-1", "worker-2"}
+    fds = by_label(text, "process_open_fds", "process")
+    assert set(fds) == set(cpu) and all(n > 0 for n in fds.values())
+    assert parent.poll() is None and all(alive(pid) for pid in pids)
