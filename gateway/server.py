@@ -16,7 +16,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .app import METRICS, make_app
+from .admin import bind_admin, start_admin
+from .app import METRICS, make_app, readiness
 from .conn import GUARD, ConnectionGuard, fit_limits, raise_fd_limit
 from .listen import bind_listeners
 from .settings import GatewaySettings, load_keys, load_settings
@@ -78,10 +79,18 @@ async def start_gateway(config: Path | GatewaySettings, *, clock=time.time, echo
     return runner
 
 
-async def _run(settings: GatewaySettings, socks: list[socket.socket]) -> None:
-    runner = await start_gateway(settings, socks=socks)
+async def _run(settings: GatewaySettings, socks: list[socket.socket],
+               admin_socks: list[socket.socket]) -> None:
+    try:
+        runner = await start_gateway(settings, socks=socks)
+    except BaseException:
+        for sock in admin_socks:
+            sock.close()
+        raise
+    app = runner.app
     print(f"fedgate: serving https://{settings.server.host}:{settings.server.port} "
           f"(store {settings.store_url.split('://')[0]})", file=sys.stderr, flush=True)
+    admin = await start_admin(admin_socks, lambda: _checks(app), app[METRICS].exposition)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -89,7 +98,14 @@ async def _run(settings: GatewaySettings, socks: list[socket.socket]) -> None:
     try:
         await stop.wait()
     finally:
+        if admin is not None:
+            await admin.cleanup()
         await runner.cleanup()
+
+
+async def _checks(app: web.Application) -> tuple[bool, dict]:
+    ready, checks = await readiness(app)
+    return ready, {"checks": checks}
 
 
 def warn_if_no_policy(settings: GatewaySettings) -> None:
@@ -104,5 +120,11 @@ def serve(config: Path) -> None:
     settings = load_settings(config)
     limits = fit_limits(settings.server, raise_fd_limit())
     socks = bind_listeners(settings.server.host, settings.server.port, limits.backlog)
+    try:
+        admin_socks = bind_admin(settings)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
     warn_if_no_policy(settings)
-    asyncio.run(_run(settings, socks))
+    asyncio.run(_run(settings, socks, admin_socks))

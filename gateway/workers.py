@@ -32,13 +32,15 @@ from pathlib import Path
 
 from prometheus_client.multiprocess import mark_process_dead
 
+from .admin import bind_admin, start_admin
 from .conn import fit_limits, raise_fd_limit
 from .listen import bind_listeners
-from .metrics import MULTIPROC_ENV, PROCESSES_FILE
+from .metrics import MULTIPROC_ENV, PROCESSES_FILE, exposition
 from .settings import GatewaySettings, load_keys, load_settings
 
 PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 30.0  # SIGTERM'd workers get this long to finish before SIGKILL
+ASK_TIMEOUT_S = 2.0  # a worker that does not say it is ready within this is not
 
 
 def die_with_parent(parent: int) -> None:
@@ -120,12 +122,19 @@ def serve_workers(config: Path, workers: int) -> int:
     load_keys(settings)
     limits = fit_limits(settings.server, raise_fd_limit())
     socks = bind_listeners(settings.server.host, settings.server.port, limits.backlog)
+    try:
+        admin_socks = bind_admin(settings)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
     warn_if_no_policy(settings)
     # every worker records its metrics here; any scrape sums them (gateway/metrics.py)
     with tempfile.TemporaryDirectory(prefix="fedgate-metrics-") as metrics_dir:
         os.environ[MULTIPROC_ENV] = metrics_dir  # inherited by the spawned workers
         try:
-            return asyncio.run(Supervisor(settings, workers, Path(metrics_dir)).run(socks))
+            return asyncio.run(Supervisor(settings, workers, Path(metrics_dir))
+                               .run(socks, admin_socks))
         finally:
             os.environ.pop(MULTIPROC_ENV, None)
 
@@ -135,10 +144,11 @@ class Supervisor:
         self.settings, self.n, self.metrics_dir = settings, workers, metrics_dir
         self.procs: dict[int, multiprocessing.process.BaseProcess] = {}
         self.channels: dict[int, tuple[asyncio.StreamReader, asyncio.StreamWriter]] = {}
-        self.stopping, self.code = False, 0
+        self.locks: dict[int, asyncio.Lock] = {}
+        self.stopping, self.code, self.asked = False, 0, 0
         self.done = asyncio.Event()
 
-    async def run(self, socks: list[socket.socket]) -> int:
+    async def run(self, socks: list[socket.socket], admin_socks: list[socket.socket]) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
@@ -163,10 +173,41 @@ class Supervisor:
         if self.stopping:  # a signal while spawning: stop the late ones too
             self.stopping = False
             self.stop()
-        await self.done.wait()
-        for _, writer in self.channels.values():
-            writer.close()
+        admin = await start_admin(admin_socks, self.readiness,
+                                  exposition(self.metrics_dir, processes=self.processes))
+        try:
+            await self.done.wait()
+        finally:
+            if admin is not None:
+                await admin.cleanup()
+            for _, writer in self.channels.values():
+                writer.close()
         return self.code
+
+    async def readiness(self) -> tuple[bool, dict]:
+        """Every worker's own readiness, asked over its control socket (admin /readyz)."""
+        names = sorted(self.procs)
+        answers = await asyncio.gather(*(self.ask(i) for i in names))
+        ready = (not self.stopping and len(answers) == self.n
+                 and all(a["ready"] for a in answers))
+        return ready, {"workers": {f"worker-{i}": a for i, a in zip(names, answers,
+                                                                    strict=True)}}
+
+    async def ask(self, index: int) -> dict:
+        reader, writer = self.channels[index]
+        async with self.locks.setdefault(index, asyncio.Lock()):
+            self.asked += 1
+            question = str(self.asked)
+            try:
+                writer.write(question.encode() + b"\n")
+                async with asyncio.timeout(ASK_TIMEOUT_S):
+                    while line := await reader.readline():
+                        answer = json.loads(line)
+                        if answer.get("id") == question:  # not a late answer to an old one
+                            return {"ready": bool(answer["ready"]), "checks": answer["checks"]}
+            except (OSError, TimeoutError, ValueError, KeyError):
+                pass
+            return {"ready": False, "checks": {"answering": False}}
 
     def processes(self) -> dict[str, int]:
         """The processes whose ``process_*`` metrics are shown, by name."""
