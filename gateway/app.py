@@ -29,6 +29,7 @@ from . import errors as E
 from . import logs
 from .conn import track_requests
 from .feedback import FeedbackIssuer, RulePolicy, no_adjustments
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .pipeline import Context, Pipeline, SignedRequest, check_content_type
 from .policy import load_rules
@@ -104,6 +105,7 @@ async def resources(app: web.Application) -> AsyncIterator[None]:
     policy = (RulePolicy(load_rules(settings.policy_rules), validators=validators)
               if settings.policy_rules is not None else no_adjustments)
     store = open_store(settings.store_url, **settings.store_options)
+    store.on_amnesia = app[METRICS].store_amnesia.inc
     await store.open()
     app[STORE] = store
     app[AUDIT] = AuditSink(settings.audit_path, level="debug",
@@ -302,28 +304,21 @@ async def handle_healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"}, 200)
 
 
-async def handle_readyz(request: web.Request) -> web.Response:
-    app = request.app
+async def readiness(app: web.Application) -> tuple[bool, dict[str, bool]]:
+    """(ready, checks) of this process's gateway: /readyz here and on the admin listener."""
     store_ok = STORE in app and await app[STORE].ping()
     checks = {"store": store_ok, "keys": bool(app[KEYS][0]),
               "self_test": app[READY]["self_test"], "audit": app[READY]["audit"]}
-    ready = all(checks.values())
+    return all(checks.values()), checks
+
+
+async def handle_readyz(request: web.Request) -> web.Response:
+    ready, checks = await readiness(request.app)
     return json_response({"status": "ready" if ready else "not_ready", "checks": checks},
                          200 if ready else 503)
 
 
-def store_metrics(store: Store) -> str:
-    """The store's own counter (docs/STORES.md "Store amnesia")."""
-    return ("# HELP fedgate_store_amnesia_total New replay-store epochs this process saw "
-            "begin: the store had lost its state (flushed, restarted empty) or was new.\n"
-            "# TYPE fedgate_store_amnesia_total counter\n"
-            f"fedgate_store_amnesia_total {store.amnesia_count}\n")
-
-
 async def handle_metrics(request: web.Request) -> web.Response:
-    text = request.app[METRICS].render()
-    if STORE in request.app:
-        text += store_metrics(request.app[STORE])
-    return web.Response(text=text,
-                        content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})
+    return web.Response(body=request.app[METRICS].render(),
+                        headers={"Content-Type": METRICS_CONTENT_TYPE,
+                                 "X-Content-Type-Options": "nosniff"})

@@ -39,27 +39,36 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.run(args) or 0
-    except (ConfigError, KeyringError, SelfTestError, ValueError) as exc:
-        _error(str(exc))
-        return 2
-    except StoreError as exc:
-        _error(f"store unavailable: {exc.detail}")
-        return 1
-    except OSError as exc:
-        _error(str(exc))
-        return 1
+    except Exception as exc:
+        reported = one_line(exc)
+        if reported is None:
+            raise
+        code, line = reported
+        _error(line)
+        return code
     except KeyboardInterrupt:
         return 130
 
 
-def _error(message: str) -> None:
+def _error(line: str) -> None:
     """The one failure line: a JSON log line once `serve --log-format json` set logging up."""
     from . import logs
 
     if logs.is_json():
-        logs.get_logger("fedgate").error(message)
+        logs.get_logger("fedgate").error(line.removeprefix("fedgate: error: "))
     else:
-        print(f"fedgate: error: {message}", file=sys.stderr)
+        print(line, file=sys.stderr)
+
+
+def one_line(exc: BaseException) -> tuple[int, str] | None:
+    """(exit code, the one stderr line) for an expected failure; None for a bug."""
+    if isinstance(exc, ConfigError | KeyringError | SelfTestError | ValueError):
+        return 2, f"fedgate: error: {exc}"
+    if isinstance(exc, StoreError):
+        return 1, f"fedgate: error: store unavailable: {exc.detail}"
+    if isinstance(exc, OSError):
+        return 1, f"fedgate: error: {exc}"
+    return None
 
 
 def package_version(dist: str = "fedgate") -> str:
@@ -114,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Run the gateway from a TOML config (PROTOCOL.md §8).")
     serve.add_argument("--config", required=True, type=Path, help="gateway TOML file")
     serve.add_argument("--workers", type=int, default=1,
-                       help="worker processes sharing the port with SO_REUSEPORT (default 1)")
+                       help="worker processes accepting on the one socket the supervisor "
+                       "binds (default 1)")
     serve.add_argument("--log-format", choices=("console", "json"), default=None,
                        help="console: one readable line per record; json: one JSON object "
                        "per line (default: [log] format, else console)")
@@ -245,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from . import logs
-    from .server import serve, serve_workers
+    from .server import serve
+    from .workers import serve_workers
 
     overrides = {"format": args.log_format, "level": args.log_level,
                  "access": args.access_log}

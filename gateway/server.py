@@ -1,17 +1,16 @@
-"""Run the gateway: TLS context, listening socket, worker processes, signals.
+"""Run the gateway in one process: TLS context, listening socket, signals.
 
-``serve`` runs one process; ``serve_workers`` starts N processes that each bind the same
-port with ``SO_REUSEPORT`` (the kernel spreads connections) and share one store. The
-parent only supervises: SIGTERM/SIGINT reach every worker, and if one worker dies the
-others are stopped too (fail closed, let the supervisor restart the whole service).
+``serve`` binds the port first (gateway/listen.py: one line if it is in use) and then
+starts the gateway on it; ``fedgate serve --workers N`` is gateway/workers.py (one
+supervisor binds, N workers accept on the same socket).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
 import signal
+import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,8 +18,10 @@ from pathlib import Path
 from aiohttp import web
 
 from . import logs
-from .app import METRICS, make_app
+from .admin import bind_admin, start_admin
+from .app import METRICS, make_app, readiness
 from .conn import GUARD, ConnectionGuard, fit_limits, raise_fd_limit
+from .listen import bind_listeners
 from .settings import GatewaySettings, load_keys, load_settings
 from .tls import server_context
 
@@ -28,39 +29,44 @@ log = logs.get_logger("fedgate.server")
 
 
 class GuardedSite(web.BaseSite):
-    """A TCP listener whose every accepted socket goes through the ``ConnectionGuard``
-    (which does the TLS itself, so it sees sockets before their handshake)."""
+    """A TCP listener on an already bound socket whose every accepted socket goes through
+    the ``ConnectionGuard`` (which does the TLS itself, so it sees sockets before their
+    handshake)."""
 
-    __slots__ = ("_host", "_port", "_reuse_port", "_guard")
+    __slots__ = ("_sock", "_guard", "_name")
 
-    def __init__(self, runner: web.AppRunner, host: str, port: int, *,
-                 ssl_context, guard: ConnectionGuard, reuse_port: bool) -> None:
+    def __init__(self, runner: web.AppRunner, sock: socket.socket, *,
+                 ssl_context, guard: ConnectionGuard) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=guard.limits.backlog)
-        self._host, self._port, self._reuse_port, self._guard = host, port, reuse_port, guard
+        self._sock, self._guard = sock, guard
+        host, port = sock.getsockname()[:2]
+        self._name = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
 
     @property
     def name(self) -> str:
-        return f"https://{self._host}:{self._port}"
+        return self._name
 
     async def start(self) -> None:
         await super().start()
         factory = self._guard.protocol_factory(self._runner.server, self._ssl_context)
         self._server = await asyncio.get_running_loop().create_server(
-            factory, self._host, self._port, backlog=self._backlog,
-            reuse_address=True, reuse_port=self._reuse_port)
-        self._guard.start()
+            factory, sock=self._sock, backlog=self._backlog)
 
 
 async def start_gateway(config: Path | GatewaySettings, *, clock=time.time, echo: bool = True,
-                        reuse_port: bool = False, access_log: bool = False) -> web.AppRunner:
-    """Load keys, build the TLS context and the app, run start-up, listen. The caller
-    stops it with ``await runner.cleanup()`` (used by serve, the demo and the tests).
+                        socks: list[socket.socket] | None = None,
+                        access_log: bool = False) -> web.AppRunner:
+    """Load keys, build the TLS context and the app, run start-up, listen on ``socks``
+    (bound by the caller: ``serve`` and the workers' supervisor) or on sockets bound here
+    (the demo, the tests). The caller stops it with ``await runner.cleanup()``.
     ``access_log``: one ``fedgate.access`` line per HTTP request (gateway/logs.py)."""
     settings = config if isinstance(config, GatewaySettings) else load_settings(config)
     keys = load_keys(settings)
     ssl_ctx = server_context(settings.server.tls_cert, settings.server.tls_key,
                              settings.server.client_ca)
     limits = fit_limits(settings.server, raise_fd_limit())
+    if socks is None:
+        socks = bind_listeners(settings.server.host, settings.server.port, limits.backlog)
     app = make_app(settings, keys, clock=clock, echo=echo)
     app[GUARD] = guard = ConnectionGuard(limits, app[METRICS])
     app.on_cleanup.append(guard.close)
@@ -68,30 +74,48 @@ async def start_gateway(config: Path | GatewaySettings, *, clock=time.time, echo
                   access_log_class=logs.AccessLogger) if access_log else dict(access_log=None)
     runner = web.AppRunner(app, **access, handle_signals=False,
                            keepalive_timeout=limits.idle_timeout_s + 1)  # guard's first
-    await runner.setup()  # runs cleanup_ctx start-up: self-test, store, audit
-    site = GuardedSite(runner, settings.server.host, settings.server.port,
-                       ssl_context=ssl_ctx, guard=guard, reuse_port=reuse_port)
-    await site.start()
+    try:
+        await runner.setup()  # runs cleanup_ctx start-up: self-test, store, audit
+        for sock in socks:
+            await GuardedSite(runner, sock, ssl_context=ssl_ctx, guard=guard).start()
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        await runner.cleanup()
+        raise
+    guard.start()
     return runner
 
 
-async def _run(settings: GatewaySettings, *, reuse_port: bool, ready=None,
-               access_log: bool = False) -> None:
-    runner = await start_gateway(settings, reuse_port=reuse_port, access_log=access_log)
+async def _run(settings: GatewaySettings, socks: list[socket.socket],
+               admin_socks: list[socket.socket], *, access_log: bool = False) -> None:
+    try:
+        runner = await start_gateway(settings, socks=socks, access_log=access_log)
+    except BaseException:
+        for sock in admin_socks:
+            sock.close()
+        raise
+    app = runner.app
     log.info(f"serving https://{settings.server.host}:{settings.server.port}",
              store=settings.store_url.split("://")[0], access_log=access_log)
+    admin = await start_admin(admin_socks, lambda: _checks(app), app[METRICS].exposition)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if ready is not None:
-        ready.set()
     try:
         await stop.wait()
         log.info("stopping")
     finally:
+        if admin is not None:
+            await admin.cleanup()
         await runner.cleanup()
         log.info("stopped")
+
+
+async def _checks(app: web.Application) -> tuple[bool, dict]:
+    ready, checks = await readiness(app)
+    return ready, {"checks": checks}
 
 
 def warn_if_no_policy(settings: GatewaySettings) -> None:
@@ -109,49 +133,17 @@ def load_and_log(config: Path, log_overrides: Mapping | None) -> GatewaySettings
     return settings
 
 
-def serve(config: Path, *, reuse_port: bool = False, ready=None, warn: bool = True,
-          log_overrides: Mapping | None = None) -> None:
+def serve(config: Path, *, log_overrides: Mapping | None = None) -> None:
+    """``fedgate serve`` in one process."""
     settings = load_and_log(config, log_overrides)
-    if warn:
-        warn_if_no_policy(settings)
-    asyncio.run(_run(settings, reuse_port=reuse_port, ready=ready,
-                     access_log=settings.log.merged(log_overrides).access))
-
-
-def _worker(config: str, ready, log_overrides: Mapping | None = None) -> None:
-    serve(Path(config), reuse_port=True, ready=ready, warn=False,  # the parent warned
-          log_overrides=log_overrides)
-
-
-def serve_workers(config: Path, workers: int, *, log_overrides: Mapping | None = None) -> int:
-    """N worker processes on one port; returns the exit code."""
-    # fail fast, once, with the config error (or the warning) on this terminal
-    warn_if_no_policy(load_and_log(config, log_overrides))
-    ctx = multiprocessing.get_context("spawn")
-    events = [ctx.Event() for _ in range(workers)]
-    procs = [ctx.Process(target=_worker, args=(str(config), ev, dict(log_overrides or {})),
-                         name=f"fedgate-worker-{i}")
-             for i, ev in enumerate(events)]
-    for proc in procs:
-        proc.start()
-
-    def stop_all(*_: object) -> None:
-        for proc in procs:
-            if proc.is_alive():
-                proc.terminate()
-
-    signal.signal(signal.SIGTERM, stop_all)
-    signal.signal(signal.SIGINT, stop_all)
-    code = 0
+    limits = fit_limits(settings.server, raise_fd_limit())
+    socks = bind_listeners(settings.server.host, settings.server.port, limits.backlog)
     try:
-        while procs:
-            for proc in list(procs):
-                proc.join(timeout=0.2)
-                if proc.exitcode is not None:
-                    procs.remove(proc)
-                    if proc.exitcode not in (0, -signal.SIGTERM):
-                        code = 1
-                        stop_all()
-    finally:
-        stop_all()
-    return code
+        admin_socks = bind_admin(settings)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    warn_if_no_policy(settings)
+    asyncio.run(_run(settings, socks, admin_socks,
+                     access_log=settings.log.merged(log_overrides).access))

@@ -28,7 +28,7 @@ DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8443
 DEFAULT_STORE_URL = "sqlite:///state/fedgate.db"
 DEFAULT_AUDIT_PATH = "audit/gateway-audit.jsonl"
 _OWN_KEYS = frozenset({"producer_keyring", "feedback_key", "feedback_kid",
-                       "server", "store", "audit", "policy", "log"})
+                       "server", "store", "audit", "policy", "log", "admin"})
 # [server] connection limits (issue 7.3, docs/CONFIG.md): name → (default, bounds, kind)
 _CONN_LIMITS: dict[str, tuple[float, float, float, str]] = {
     "handshake_timeout_s": (10.0, 0.0, 300.0, "a number of seconds in (0, 300]"),
@@ -72,6 +72,14 @@ class ServerSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class AdminSettings:
+    """[admin]: plain-HTTP /healthz, /readyz, /metrics for every worker (PROTOCOL §8);
+    no listener unless ``port`` is set."""
+    host: str = DEFAULT_HOST
+    port: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class GatewaySettings:
     path: Path  # the config file (absolute)
     security: SecurityConfig
@@ -84,6 +92,7 @@ class GatewaySettings:
     audit_path: Path
     policy_rules: Path | None = None
     log: LogSettings = LogSettings()  # [log]; `fedgate serve` flags override it
+    admin: AdminSettings = AdminSettings()
 
 
 def load_settings(path: str | Path) -> GatewaySettings:
@@ -120,6 +129,7 @@ def _build(cfg: Path, raw: Mapping[str, Any]) -> GatewaySettings:
     store = _table(raw, "store", frozenset({"url", *_STORE_OPTIONS}))
     audit = _table(raw, "audit", frozenset({"path"}))
     policy = _table(raw, "policy", frozenset({"rules"}))
+    admin = _admin(_table(raw, "admin", frozenset({"host", "port"})), server)
     security = _security(raw, server)
     store_url, store_options = _store(store, base)
     rules = readable_file(policy, "rules", base, "policy.") if "rules" in policy else None
@@ -130,6 +140,7 @@ def _build(cfg: Path, raw: Mapping[str, Any]) -> GatewaySettings:
         feedback_key=readable_file(raw, "feedback_key", base),
         feedback_kid=_feedback_kid(raw), audit_path=_audit(audit, base), policy_rules=rules,
         log=from_table(_table(raw, "log", LOG_KEYS)),
+        admin=admin,
     )
 
 
@@ -184,6 +195,18 @@ def _server(server: Mapping[str, Any], base: Path) -> ServerSettings:
         client_ca=readable_file(server, "client_ca", base, "server."),
         **{name: _conn_limit(server, name) for name in _CONN_LIMITS},
     )
+
+
+def _admin(admin: Mapping[str, Any], server: Mapping[str, Any]) -> AdminSettings:
+    host = admin.get("host", DEFAULT_HOST)
+    if not isinstance(host, str) or not host.strip():
+        raise ConfigError(f"admin.host must be a non-empty string, got {host!r}")
+    port = admin.get("port")
+    if port is not None and (not _is_int(port) or not 1 <= port <= 65535):
+        raise ConfigError(f"admin.port must be an integer in [1, 65535], got {port!r}")
+    if port is not None and port == server.get("port", DEFAULT_PORT):
+        raise ConfigError(f"admin.port must differ from server.port ({port})")
+    return AdminSettings(host=host, port=port)
 
 
 def _conn_limit(server: Mapping[str, Any], name: str) -> float | int:

@@ -10,6 +10,7 @@ any part fails nothing is written, so a failed write never consumes a nonce.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -121,6 +122,8 @@ class Store(abc.ABC):
     url: str
     #: new epochs this process saw begin: the store had lost its state (or was brand new)
     amnesia_count: int = 0
+    #: called once per new epoch (the gateway counts it in fedgate_store_amnesia_total)
+    on_amnesia: Callable[[], None] | None = None
 
     @abc.abstractmethod
     async def open(self) -> None:

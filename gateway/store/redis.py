@@ -207,6 +207,8 @@ class RedisStore(Store):
         epoch, started = await self._call(sync_epoch, self.prefix, tenant_key, now)
         if epoch != self._epoch:
             self.amnesia_count += 1
+            if self.on_amnesia is not None:
+                self.on_amnesia()
             log.warning(
                 "replay store %s: new epoch %s (%s); the store held no epoch marker: it was "
                 "flushed, restarted without its data, or is new; signed requests that could "

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import resource
 import statistics
 import subprocess
@@ -26,6 +25,7 @@ import aiohttp
 import pytest
 from flood import half_sent, lifetime
 from lab import Lab
+from promtext import by_label
 from stack import ROOT, Stack
 
 from gateway.routes import TELEMETRY_PATH
@@ -78,8 +78,8 @@ async def sample_fds(pid: int, stop: asyncio.Event) -> int:
 async def closed_counts(stack: Stack) -> dict[str, int]:
     async with stack.session() as client, client.get(stack.url + "/metrics") as resp:
         text = await resp.text()
-    return {m[1]: int(m[2]) for m in
-            re.finditer(r'fedgate_connections_closed_total\{reason="(\w+)"\} (\d+)', text)}
+    return {reason: int(n) for reason, n in
+            by_label(text, "fedgate_connections_closed_total", "reason").items()}
 
 
 async def test_flood_does_not_starve_producers_and_half_sent_requests_are_closed(

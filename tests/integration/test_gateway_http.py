@@ -14,9 +14,11 @@ import ssl
 
 import pytest
 from lab import IDENTITY, NOW, TENANT, Lab, body_for, raw_signed
+from promtext import value
 from stack import Stack
 
 from audit import verify_file
+from gateway.cli import package_version
 from gateway.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
 
 
@@ -199,9 +201,13 @@ async def test_health_ready_metrics_reveal_nothing_secret(stack):
                                                      "self_test": True, "audit": True}
         async with client.get(stack.url + "/metrics") as resp:
             text = await resp.text()
-    assert 'fedgate_requests_total{route="telemetry",status="202",error=""} 1' in text
-    assert "fedgate_pipeline_seconds_count 1" in text
-    assert "fedgate_store_commit_seconds_count 1" in text
+            assert resp.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert value(text, "fedgate_requests_total", route="telemetry", code="202", error="") == 1
+    assert value(text, "fedgate_pipeline_seconds_count") == 1
+    assert value(text, "fedgate_store_commit_seconds_count") == 1
+    assert value(text, "fedgate_connections_open") >= 1
+    assert value(text, "fedgate_build_info", version=package_version()) == 1
+    assert value(text, "process_open_fds", process="main") > 0
     for secret in (stack.pin(), TENANT, IDENTITY):
         assert secret not in text
 

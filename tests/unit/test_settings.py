@@ -14,7 +14,13 @@ from conftest import ROOT
 
 from gateway.config import DEFAULT_MAX_BODY, ConfigError
 from gateway.logs import LogSettings
-from gateway.settings import GatewaySettings, ServerSettings, load_keys, load_settings
+from gateway.settings import (
+    AdminSettings,
+    GatewaySettings,
+    ServerSettings,
+    load_keys,
+    load_settings,
+)
 from keyring.ed25519 import PrivateKey
 from keyring.keys import Key, Keyring, save_jwks
 
@@ -204,6 +210,15 @@ def test_max_body_bytes_at_top_level(tmp_path) -> None:
     assert load_settings(write_tree(tmp_path, text)).security.max_body_bytes == 4096
 
 
+def test_admin_listener_is_off_by_default_and_loopback_by_default(tmp_path) -> None:
+    path = write_tree(tmp_path)
+    assert load_settings(path).admin == AdminSettings(host="127.0.0.1", port=None)
+    path.write_text(path.read_text() + "\n[admin]\nport = 9100\n")
+    assert load_settings(path).admin == AdminSettings(host="127.0.0.1", port=9100)
+    path.write_text(path.read_text() + 'host = "0.0.0.0"\n')
+    assert load_settings(path).admin == AdminSettings(host="0.0.0.0", port=9100)
+
+
 def test_load_keys(tmp_path) -> None:
     keyring, feedback = load_keys(load_settings(write_tree(tmp_path)))
     assert list(keyring) == ["p1"] and keyring["p1"].identity == IDENTITY
@@ -234,6 +249,15 @@ INVALID = [
     ("log-not-a-table", lambda t: 'log = "json"\n' + sub(
         '[log]\nformat = "json"\nlevel = "warning"\naccess = true\n', "")(t),
      ["log must be a table"]),
+    ("unknown-admin-key", lambda t: t + "\n[admin]\nport = 9100\ntls = true\n",
+     ["unknown key 'admin.tls'"]),
+    ("admin-port-zero", lambda t: t + "\n[admin]\nport = 0\n",
+     ["admin.port must be an integer in [1, 65535], got 0"]),
+    ("admin-port-string", lambda t: t + '\n[admin]\nport = "9100"\n', ["admin.port must be"]),
+    ("admin-port-is-server-port", lambda t: t + "\n[admin]\nport = 9443\n",
+     ["admin.port must differ from server.port (9443)"]),
+    ("admin-host-empty", lambda t: t + '\n[admin]\nhost = ""\nport = 9100\n',
+     ["admin.host must be a non-empty string"]),
     ("server-not-a-table", lambda t: 'server = "x"\n' + t.replace("[server]", "[serverx]"),
      ["server must be a table"]),
     ("missing-tls-cert-file", sub("certs/gateway.crt", "certs/nope.crt"),
