@@ -36,6 +36,7 @@ from .routes import SIGNED_ROUTES, Route
 from .settings import GatewaySettings
 from .store import Store, open_store
 from .tls import peer_cert_pins
+from .tlsaudit import HandshakeAudit
 
 log = logging.getLogger("fedgate.gateway")
 
@@ -50,6 +51,7 @@ METRICS = web.AppKey("metrics", Metrics)
 CLOCK = web.AppKey("clock", object)
 READY = web.AppKey("ready", dict)
 ECHO = web.AppKey("echo", bool)
+HANDSHAKES = web.AppKey("handshakes", HandshakeAudit)  # refused TLS handshakes
 
 REQUEST_ID = web.RequestKey("request_id", str)
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -74,6 +76,8 @@ def make_app(settings: GatewaySettings, keys: tuple[Keyring, PrivateKey], *,
                           middlewares=[track_requests, request_id_middleware])
     app[SETTINGS], app[KEYS], app[CLOCK] = settings, keys, clock
     app[METRICS] = Metrics()
+    app[HANDSHAKES] = HandshakeAudit(app[METRICS], lambda event: emit_audit(app, event))
+    app.on_shutdown.append(app[HANDSHAKES].flush)  # before the audit log closes
     app[READY], app[ECHO] = {"self_test": False, "audit": True}, echo
     app.cleanup_ctx.append(resources)
     app.on_response_prepare.append(hide_server_version)

@@ -1,7 +1,8 @@
 """Prometheus text exposition (version 0.0.4) without a client library.
 
 Counters of requests by route, status and error code; histograms of the pipeline's and
-the store's latency; the connection guard's gauges and early closes (gateway/conn.py).
+the store's latency; the connection guard's gauges and early closes (gateway/conn.py); refused TLS
+handshakes by reason (gateway/tlsaudit.py).
 Per process: with ``--workers N`` each worker exposes its own.
 No label ever carries tenant data, keys or pins.
 """
@@ -48,6 +49,7 @@ class Metrics:
         self.connections_closed: Counter[str] = Counter()  # reason -> n (gateway/conn.py)
         self.connections_open = 0
         self.connections_max = 0
+        self.tls_handshake_failures: Counter[str] = Counter()  # reason -> n (gateway/tlsaudit.py)
 
     def count(self, route: str, status: int, error: str | None) -> None:
         self.requests[(route, status, error or "")] += 1
@@ -74,4 +76,8 @@ class Metrics:
                   "# HELP fedgate_connections_max The per-worker connection cap in force.",
                   "# TYPE fedgate_connections_max gauge",
                   f"fedgate_connections_max {self.connections_max}"]
+        lines += ["# HELP fedgate_tls_handshake_failures_total TLS handshakes refused or "
+                  "abandoned, by reason.", "# TYPE fedgate_tls_handshake_failures_total counter"]
+        lines += [f'fedgate_tls_handshake_failures_total{{reason="{reason}"}} {n}'
+                  for reason, n in sorted(self.tls_handshake_failures.items())]
         return "\n".join(lines) + "\n"

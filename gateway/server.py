@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .app import METRICS, make_app
+from .app import HANDSHAKES, METRICS, make_app
 from .conn import GUARD, ConnectionGuard, fit_limits, raise_fd_limit
 from .settings import GatewaySettings, load_keys, load_settings
 from .tls import server_context
@@ -57,7 +57,7 @@ async def start_gateway(config: Path | GatewaySettings, *, clock=time.time, echo
                              settings.server.client_ca)
     limits = fit_limits(settings.server, raise_fd_limit())
     app = make_app(settings, keys, clock=clock, echo=echo)
-    app[GUARD] = guard = ConnectionGuard(limits, app[METRICS])
+    app[GUARD] = guard = ConnectionGuard(limits, app[METRICS], app[HANDSHAKES])
     app.on_cleanup.append(guard.close)
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
                            keepalive_timeout=limits.idle_timeout_s + 1)  # guard's first
