@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 import time
 import uuid
@@ -68,6 +69,7 @@ SSL_REASONS = {
     "PACKET_LENGTH_TOO_LONG": "not_tls",
     "RECORD_LENGTH_MISMATCH": "not_tls",
 }
+_SSL_NOISE = re.compile(r"^\[SSL: \w+\] |\s*\(_ssl\.c:\d+\)$")
 #: reasons only reachable after TLS 1.3 was negotiated (the server speaks nothing else)
 AFTER_VERSION = frozenset({"no_client_certificate", "untrusted_chain", "certificate_unknown"})
 
@@ -81,7 +83,8 @@ def classify(exc: BaseException | None) -> tuple[str, str]:
         return "client_aborted", "the client closed the connection mid-handshake"
     if isinstance(exc, ssl.SSLError):
         code = exc.reason or ""
-        detail = f"{code}: {exc.strerror or exc}" if code else str(exc)
+        text = _SSL_NOISE.sub("", str(exc.strerror or exc)).strip()
+        detail = f"{code}: {text}" if code else text
         if code in SSL_REASONS:
             return SSL_REASONS[code], detail
         if code.startswith(("SSLV3_ALERT_", "TLSV1_ALERT_", "TLSV13_ALERT_")):

@@ -118,6 +118,8 @@ async def test_each_refusal_is_counted_logged_and_audited(stack, tmp_path, caplo
         assert event.get("tls.version") == ("1.3" if ip in ("127.0.0.2", "127.0.0.3",
                                                               "127.0.0.4") else None)
     assert "unsuitable certificate purpose" in events["127.0.0.4"]["message"]
+    assert events["127.0.0.2"]["message"] == ("PEER_DID_NOT_RETURN_A_CERTIFICATE: "
+                                              "peer did not return a certificate")
     assert verify_file(stack.audit_path).ok
 
     logged = [r.getMessage() for r in caplog.records if r.name == "fedgate.tls"]
