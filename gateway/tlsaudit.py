@@ -226,5 +226,6 @@ class HandshakeAudit:
                 self._release(source)
         if self._forgotten.latest is not None:
             self._release(self._forgotten, forgotten=True)
+        self.emit = None  # the audit log closes next: later failures are counted and logged
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
