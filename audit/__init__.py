@@ -1,7 +1,7 @@
 """Hash-chained JSON audit events a SIEM can ingest (PROTOCOL.md §7, docs/AUDIT.md)."""
 
 from audit.chain import AuditError, AuditLog, VerifyResult, verify_file
-from audit.events import feedback_event, request_event
+from audit.events import feedback_event, handshake_event, request_event
 from audit.sinks import AuditSink
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "AuditSink",
     "VerifyResult",
     "feedback_event",
+    "handshake_event",
     "request_event",
     "verify_file",
 ]

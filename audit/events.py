@@ -19,7 +19,8 @@ import re
 import time
 from typing import Any
 
-__all__ = ["FEEDBACK_CATEGORIES", "feedback_event", "request_event", "rfc3339_ms"]
+__all__ = ["FEEDBACK_CATEGORIES", "feedback_event", "handshake_event", "request_event",
+           "rfc3339_ms"]
 
 OUTCOMES = ("success", "failure")
 _ACTION = re.compile(r"^[a-z][a-z0-9_]*(?:\.[a-z][a-z0-9_]*)+$")
@@ -167,5 +168,51 @@ def feedback_event(
         "feedback.skipped": len(skipped) if skipped else None,
         "feedback.skipped_executions": list(skipped) if skipped else None,
         "feedback.skip_reason": "unknown_execution" if skipped else None,
+        "message": _message(detail),
+    })
+
+
+def handshake_event(
+    *,
+    reason: str,
+    request_id: str,
+    source_ip: str | None,
+    source_port: int | None,
+    tls_version: str | None = None,
+    suppressed: dict[str, int] | None = None,
+    suppressed_other_sources: dict[str, int] | None = None,
+    detail: str | None = None,
+    now: float,
+) -> dict[str, Any]:
+    """[v1.1] ``tls.handshake_failed``: one refused TLS handshake (no HTTP request exists,
+    so ``request_id`` is one the gateway made up). ``suppressed``: failures from the same
+    source not written since its previous event, by reason (``fedgate.suppressed`` is
+    their sum); ``suppressed_other_sources``: the same for failures of sources the
+    limiter's table had to forget (gateway/tlsaudit.py)."""
+    _check("tls.handshake_failed", "failure", ["network", "authentication"], reason)
+    if not request_id:
+        raise ValueError("request_id is required")
+    others = sum(suppressed_other_sources.values()) if suppressed_other_sources else 0
+    return _assemble({
+        "@timestamp": rfc3339_ms(now),
+        "event.kind": "event",
+        "event.action": "tls.handshake_failed",
+        "event.outcome": "failure",
+        "event.category": ["network", "authentication"],
+        "event.type": ["connection", "denied"],
+        "event.reason": reason,
+        "request_id": request_id,
+        "source.ip": source_ip,
+        "source.port": source_port,
+        "tls.version": tls_version,
+        "tls.version_protocol": "tls" if tls_version else None,
+        "tenant_id": None,
+        "kid": None,
+        "execution_fingerprint": None,
+        "fedgate.suppressed": sum(suppressed.values()) if suppressed else 0,
+        "fedgate.suppressed_reasons": dict(sorted(suppressed.items())) if suppressed else None,
+        "fedgate.suppressed_other_sources": others or None,
+        "fedgate.suppressed_other_reasons": (dict(sorted(suppressed_other_sources.items()))
+                                             if others else None),
         "message": _message(detail),
     })

@@ -38,6 +38,7 @@ from .routes import SIGNED_ROUTES, Route
 from .settings import GatewaySettings
 from .store import Store, StoreError, open_store
 from .tls import peer_cert_pins
+from .tlsaudit import HandshakeAudit
 
 log = logging.getLogger("fedgate.gateway")
 
@@ -54,6 +55,7 @@ READY = web.AppKey("ready", dict)
 ECHO = web.AppKey("echo", bool)
 STORE_FAILURES = web.AppKey("store_failures", logs.Throttle)
 AUDIT_REFUSALS = web.AppKey("audit_refusals", logs.Throttle)
+HANDSHAKES = web.AppKey("handshakes", HandshakeAudit)  # refused TLS handshakes
 
 REQUEST_ID = web.RequestKey("request_id", str)
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -80,6 +82,8 @@ def make_app(settings: GatewaySettings, keys: tuple[Keyring, PrivateKey], *,
                           middlewares=[track_requests, request_id_middleware])
     app[SETTINGS], app[KEYS], app[CLOCK] = settings, keys, clock
     app[METRICS] = Metrics()
+    app[HANDSHAKES] = HandshakeAudit(app[METRICS], lambda event: emit_audit(app, event))
+    app.on_shutdown.append(app[HANDSHAKES].flush)  # before the audit log closes
     app[READY], app[ECHO] = {"self_test": False, "audit": True}, echo
     app[STORE_FAILURES] = logs.Throttle(logs.get_logger("fedgate.store"), "store unavailable")
     app[AUDIT_REFUSALS] = logs.Throttle(logs.get_logger("fedgate.audit"),

@@ -25,6 +25,10 @@ gets through. Only when every connection is active is the new one refused.
 Closing is ``abort()`` of the socket transport: the descriptor is freed at once, with no
 TLS close_notify to wait for. Closes are counted in ``fedgate_connections_closed_total``
 by reason and summarised in one warning at most every ``SUMMARY_EVERY_S``.
+
+A handshake that does not complete (an SSL error, the client giving up mid-handshake, or
+no handshake within its timeout; not a socket closed before sending anything, nor one
+shed at the cap) is reported to ``HandshakeAudit`` (gateway/tlsaudit.py).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from typing import Any
 from aiohttp import web
 
 from .metrics import Metrics
+from .tlsaudit import HandshakeAudit
 
 log = logging.getLogger("fedgate.conn")
 
@@ -106,9 +111,12 @@ class Conn(sslproto.SSLProtocol):
         self.guard, self.handler = guard, handler
         self.raw: asyncio.BaseTransport | None = None
         self.state, self.since, self.doomed = SILENT, 0.0, False
+        self.peer: Any = None  # the TCP peer (ip, port, ...)
+        self.handshaken = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.raw = transport
+        self.peer = transport.get_extra_info("peername")
         if self.doomed:  # shed or refused before asyncio handed us the socket
             transport.abort()
             return
@@ -117,6 +125,10 @@ class Conn(sslproto.SSLProtocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         self.guard.lost(self, exc)
         super().connection_lost(exc)
+
+    def _on_handshake_complete(self, handshake_exc: Any) -> None:
+        self.handshaken = handshake_exc is None  # a failure reaches connection_lost
+        super()._on_handshake_complete(handshake_exc)
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.state is SILENT or self.state is IDLE:  # a handshake or request begins:
@@ -133,8 +145,9 @@ class Conn(sslproto.SSLProtocol):
 class ConnectionGuard:
     """One per worker, made at start-up; see the module docstring."""
 
-    def __init__(self, limits: Limits, metrics: Metrics) -> None:
-        self.limits, self.metrics = limits, metrics
+    def __init__(self, limits: Limits, metrics: Metrics,
+                 handshakes: HandshakeAudit | None = None) -> None:
+        self.limits, self.metrics, self.handshakes = limits, metrics, handshakes
         # state → its connections, oldest state change first (so also earliest deadline)
         self._table: dict[str, OrderedDict[Conn, None]] = {
             SILENT: OrderedDict(), WAITING: OrderedDict(), IDLE: OrderedDict()}
@@ -200,7 +213,15 @@ class ConnectionGuard:
                 self._count("handshake_timeout")
             elif isinstance(exc, ssl.SSLError):
                 self._count("handshake_failed")
+            # bytes came, or asyncio's handshake timeout: a handshake was attempted
+            if exc is not None and (conn.state is WAITING or isinstance(
+                    exc, ConnectionAbortedError)):
+                self._handshake_failed(conn, exc)
         self._forget(conn)
+
+    def _handshake_failed(self, conn: Conn, exc: BaseException) -> None:
+        if self.handshakes is not None and not conn.handshaken:
+            self.handshakes.failed(conn.peer, exc)
 
     def _shed(self, conn: Conn, reason: str) -> None:
         self._count(reason)
@@ -242,6 +263,8 @@ class ConnectionGuard:
             if now - last_summary >= SUMMARY_EVERY_S:
                 last_summary = now
                 self._summary()
+                if self.handshakes is not None:
+                    self.handshakes.tick(SUMMARY_EVERY_S)
 
     def _expire(self, state: str, cutoff: float, reason: str) -> None:
         table = self._table[state]
@@ -249,6 +272,9 @@ class ConnectionGuard:
             conn = next(iter(table))
             if conn.since > cutoff:
                 return
+            if state is SILENT or state is WAITING:
+                self._handshake_failed(conn, TimeoutError(
+                    f"no complete TLS handshake within {self._now() - conn.since:.1f} s"))
             self._shed(conn, reason)
 
     def _summary(self) -> None:

@@ -2,7 +2,8 @@
 
 Counters of requests by route, HTTP status (``code``) and error code; histograms of the
 pipeline's and the store's latency; feedback records skipped; the connection guard's
-gauges and early closes (gateway/conn.py); ``fedgate_build_info``; ``process_*``.
+gauges and early closes (gateway/conn.py); refused TLS handshakes by reason
+(gateway/tlsaudit.py); ``fedgate_build_info``; ``process_*``.
 No label ever carries tenant data, keys or pins.
 
 **One view of every worker.** ``fedgate serve --workers N`` sets
@@ -89,6 +90,9 @@ class Metrics:
         self.store_amnesia = Counter(  # docs/STORES.md "Store amnesia"
             "fedgate_store_amnesia", "New replay-store epochs seen begin: the store had lost "
             "its state (flushed, restarted empty) or was new.", registry=reg)
+        self.tls_handshake_failures = LabeledCounter(Counter(  # by reason (tlsaudit.py)
+            "fedgate_tls_handshake_failures", "TLS handshakes refused or abandoned, by reason.",
+            ["reason"], registry=reg))
         self._open = Gauge("fedgate_connections_open", "Connections open in all workers.",
                            registry=reg, multiprocess_mode="livesum")
         self._max = Gauge("fedgate_connections_max", "The per-worker connection cap in force.",

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from . import logs
 from .admin import bind_admin, start_admin
-from .app import METRICS, make_app, readiness
+from .app import HANDSHAKES, METRICS, make_app, readiness
 from .conn import GUARD, ConnectionGuard, fit_limits, raise_fd_limit
 from .listen import bind_listeners
 from .settings import GatewaySettings, load_keys, load_settings
@@ -68,7 +68,7 @@ async def start_gateway(config: Path | GatewaySettings, *, clock=time.time, echo
     if socks is None:
         socks = bind_listeners(settings.server.host, settings.server.port, limits.backlog)
     app = make_app(settings, keys, clock=clock, echo=echo)
-    app[GUARD] = guard = ConnectionGuard(limits, app[METRICS])
+    app[GUARD] = guard = ConnectionGuard(limits, app[METRICS], app[HANDSHAKES])
     app.on_cleanup.append(guard.close)
     access = dict(access_log=logging.getLogger(logs.ACCESS_LOGGER),
                   access_log_class=logs.AccessLogger) if access_log else dict(access_log=None)
