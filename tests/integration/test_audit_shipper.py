@@ -307,3 +307,33 @@ def test_receiver_stopped_under_load_every_event_arrives(tmp_path: Path,
 def test_receiver_stopped_for_30_seconds_every_event_arrives(tmp_path: Path,
                                                              rsyslog: Rsyslogd) -> None:
     check_outage(outage(tmp_path, rsyslog, 30.0), 30.0)
+
+
+# -- the command: fedgate audit ship --config gateway.toml --------------------------------
+
+def test_fedgate_audit_ship_once_delivers_and_exits(tmp_path: Path, rsyslog: Rsyslogd) -> None:
+    from tests.conftest import free_port
+    from tests.e2e.test_cli_edges import fedgate, one_error_line
+
+    root = tmp_path / "fed"
+    assert fedgate("bootstrap", str(root), "--port", str(free_port())).returncode == 0
+    gateway = root / "gateway.toml"
+    settings_text = gateway.read_text()
+    audit = Path(re.search(r'^path = "(.+)"$', settings_text, re.M).group(1))
+    audit = audit if audit.is_absolute() else (root / audit).resolve()
+    audit.parent.mkdir(parents=True, exist_ok=True)
+    write(audit, 0, 25)
+    table = (f'\n[audit.syslog]\nhost = "127.0.0.1"\nport = {rsyslog.port}\n'
+             f'transport = "tcp"\nstate_path = "state/ship.json"\n'
+             f'metrics_path = "state/ship.prom"\n')
+    gateway.write_text(settings_text + table)
+    result = fedgate("audit", "ship", "--config", str(gateway), "--once")
+    assert result.returncode == 0, result.stderr
+    assert "shipped_total=25 lag_events=0 sequence=25" in result.stderr
+    assert sequences(rsyslog.wait_for(25)) == list(range(1, 26))
+    metrics = (root / "state" / "ship.prom").read_text()
+    assert "fedgate_audit_shipped_total 25" in metrics
+    assert "fedgate_audit_shipper_lag_events 0" in metrics
+    gateway.write_text(settings_text + table.replace("transport", "transprot"))
+    line = one_error_line(fedgate("audit", "ship", "--config", str(gateway)))
+    assert line.endswith("unknown key 'audit.syslog.transprot'")
