@@ -7,6 +7,10 @@ zeros on the first line. Editing, inserting, deleting or reordering a line there
 breaks the chain at that line. (Removing trailing lines leaves a shorter, intact chain:
 only an external copy — the SIEM's — of the last hash detects that; see docs/AUDIT.md.)
 
+``event.sequence`` is the line's 1-based position in the file, set by the appender from
+the last line (so it continues across restarts and processes); a consumer that receives
+events more than once (the SIEM shipper is at-least-once) drops repeats by it.
+
 Appending, in every process that shares the file:
 
 1. take ``flock(LOCK_EX)`` on this process's own open file description (reopened
@@ -44,9 +48,11 @@ from schemas.canonical import (
     load_stored,
 )
 
-__all__ = ["GENESIS", "AuditError", "AuditLog", "VerifyResult", "event_hash", "verify_file"]
+__all__ = ["GENESIS", "SEQUENCE", "AuditError", "AuditLog", "VerifyResult", "event_hash",
+           "verify_file"]
 
 GENESIS = "0" * 64
+SEQUENCE = "event.sequence"  # 1-based position of the line in its file
 _BLOCK = 4096
 _MAX_LINE = 1 << 20  # a longer "last line" is corruption, not an event
 _HEX = frozenset("0123456789abcdef")
@@ -101,11 +107,11 @@ def _last_line(fd: int, size: int) -> bytes:
             raise AuditError(f"last line of the audit file exceeds {_MAX_LINE} bytes")
 
 
-def _tail_hash(fd: int) -> str:
-    """The ``hash`` of the last line, checked; :data:`GENESIS` for an empty file."""
+def _tail(fd: int) -> tuple[str, int]:
+    """``hash`` and ``event.sequence`` of the last line, checked; (GENESIS, 0) when empty."""
     size = os.fstat(fd).st_size
     if size == 0:
-        return GENESIS
+        return GENESIS, 0
     line = _last_line(fd, size)
     if not line.endswith(b"\n"):
         raise AuditError("audit file ends with a torn line (no newline): run "
@@ -118,7 +124,26 @@ def _tail_hash(fd: int) -> str:
         raise AuditError("last line of the audit file has no well-formed hash")
     if event_hash(last) != last["hash"]:
         raise AuditError("last line of the audit file fails its own hash (edited)")
-    return last["hash"]
+    if SEQUENCE not in last:  # a file written before event.sequence existed: count once
+        return last["hash"], _count_lines(fd, size)
+    if not _is_sequence(last[SEQUENCE]):
+        raise AuditError(f"last line of the audit file has an ill-formed {SEQUENCE}")
+    return last["hash"], last[SEQUENCE]
+
+
+def _is_sequence(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _count_lines(fd: int, size: int) -> int:
+    count, offset = 0, 0
+    while offset < size:
+        block = os.pread(fd, min(1 << 20, size - offset), offset)
+        if not block:
+            break
+        count += block.count(b"\n")
+        offset += len(block)
+    return count
 
 
 class AuditLog:
@@ -175,12 +200,14 @@ class AuditLog:
         raise AuditError(f"{self.path} keeps being replaced")
 
     def append(self, event: dict[str, Any]) -> dict[str, Any]:
-        """Chain ``event`` (any ``prev_hash``/``hash`` it has are replaced) and write it."""
-        body = {k: v for k, v in event.items() if k not in ("prev_hash", "hash")}
+        """Chain ``event`` (any ``prev_hash``/``hash``/``event.sequence`` it has are
+        replaced) and write it."""
+        body = {k: v for k, v in event.items() if k not in ("prev_hash", "hash", SEQUENCE)}
         with self._mutex:
             fd = self._lock()
             try:
-                body["prev_hash"] = _tail_hash(fd)
+                body["prev_hash"], last = _tail(fd)
+                body[SEQUENCE] = last + 1
                 body["hash"] = event_hash(body)
                 line = dumps(body)
                 try:
@@ -233,8 +260,9 @@ class VerifyResult:
         return f"broken: {where}{self.reason}"
 
 
-def _check_line(raw: bytes, prev: str) -> str:
-    """The line's hash if it extends the chain after ``prev``; else ValueError(reason)."""
+def _check_line(raw: bytes, prev: str, number: int | None = None) -> str:
+    """The line's hash if it extends the chain after ``prev`` (as line ``number``, whose
+    ``event.sequence``, when the line has one, must be ``number``); else ValueError."""
     if not raw.endswith(b"\n"):
         raise ValueError("torn line (no trailing newline): truncated or crashed write")
     event = _read_line(raw[:-1])
@@ -249,6 +277,9 @@ def _check_line(raw: bytes, prev: str) -> str:
     if event["prev_hash"] != prev:
         raise ValueError("prev_hash does not match the previous line: a line was "
                          "inserted, deleted or moved")
+    if number is not None and SEQUENCE in event and event[SEQUENCE] != number:
+        raise ValueError(f"{SEQUENCE} is {event[SEQUENCE]!r}, not the line's position "
+                         f"{number}")
     return event["hash"]
 
 
@@ -257,7 +288,7 @@ def verify_lines(lines: Iterable[bytes]) -> VerifyResult:
     prev, count = GENESIS, 0
     for number, raw in enumerate(lines, start=1):
         try:
-            prev = _check_line(raw, prev)
+            prev = _check_line(raw, prev, number)
         except ValueError as exc:
             return VerifyResult(False, count, number, str(exc), prev)
         count += 1

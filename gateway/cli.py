@@ -206,6 +206,19 @@ def build_parser() -> argparse.ArgumentParser:
                             "exit 2 when the file cannot be read.")
     verify.add_argument("file", type=Path, help="audit log (JSON lines)")
     verify.set_defaults(run=cmd_audit_verify)
+    ship = aud.add_parser("ship", help="forward the audit log to a SIEM (RFC 5424 syslog)",
+                          description="Send every audit event, in order, as one RFC 5424 "
+                          "message over TCP or TLS to the [audit.syslog] receiver of a gateway "
+                          "config; at least once (resends after a failure; drop duplicates by "
+                          "event.sequence). Exit 0 when stopped (SIGTERM) or, with --once, "
+                          "caught up; 1 when shipping cannot continue (broken chain, replaced "
+                          "file, another shipper running); 2 on a config error.")
+    ship.add_argument("--config", required=True, type=Path, help="gateway TOML file")
+    ship.add_argument("--once", action="store_true",
+                      help="exit once every event written so far is delivered")
+    ship.add_argument("--progress", type=float, default=10.0, metavar="SECONDS",
+                      help="seconds between progress lines (default 10)")
+    ship.set_defaults(run=cmd_audit_ship)
 
     boot = sub.add_parser("bootstrap", help="lay out a dev federation: PKI, keys, configs",
                           description="Write certs/, keys/, gateway.toml and emitter.toml "
@@ -355,6 +368,18 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         return 0
     print(f"fedgate: error: {args.file}: {result}", file=sys.stderr)
     return 1
+
+
+def cmd_audit_ship(args: argparse.Namespace) -> int:
+    from audit.ship_run import run_shipper
+
+    from .settings import load_settings
+
+    settings = load_settings(args.config)
+    if settings.audit_syslog is None:
+        raise ConfigError(f"{settings.path}: no [audit.syslog] table: nowhere to ship to")
+    return run_shipper(settings.audit_path, settings.audit_syslog, once=args.once,
+                       progress_s=args.progress)
 
 
 _OS_REASONS = {FileNotFoundError: "no such file", IsADirectoryError: "is a directory",

@@ -22,6 +22,7 @@ from keyring.keys import KID_RE, Keyring, KeyringError, load_jwks
 from .config import ConfigError, SecurityConfig
 from .logs import KEYS as LOG_KEYS
 from .logs import LogSettings, from_table
+from .syslog_config import SyslogSettings, parse_syslog
 from .tomlfile import load_file, path_value, readable_file
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8443
@@ -93,6 +94,7 @@ class GatewaySettings:
     policy_rules: Path | None = None
     log: LogSettings = LogSettings()  # [log]; `fedgate serve` flags override it
     admin: AdminSettings = AdminSettings()
+    audit_syslog: SyslogSettings | None = None  # [audit.syslog]: `fedgate audit ship`
 
 
 def load_settings(path: str | Path) -> GatewaySettings:
@@ -127,20 +129,23 @@ def _build(cfg: Path, raw: Mapping[str, Any]) -> GatewaySettings:
     base = cfg.parent
     server = _table(raw, "server", _SERVER_KEYS)
     store = _table(raw, "store", frozenset({"url", *_STORE_OPTIONS}))
-    audit = _table(raw, "audit", frozenset({"path"}))
+    audit = _table(raw, "audit", frozenset({"path", "syslog"}))
     policy = _table(raw, "policy", frozenset({"rules"}))
     admin = _admin(_table(raw, "admin", frozenset({"host", "port"})), server)
     security = _security(raw, server)
     store_url, store_options = _store(store, base)
     rules = readable_file(policy, "rules", base, "policy.") if "rules" in policy else None
+    audit_path = _audit(audit, base)
+    syslog = parse_syslog(audit["syslog"], base, audit_path) if "syslog" in audit else None
     return GatewaySettings(
         path=cfg, security=security, server=_server(server, base),
         store_url=store_url, store_options=store_options,
         producer_keyring=readable_file(raw, "producer_keyring", base),
         feedback_key=readable_file(raw, "feedback_key", base),
-        feedback_kid=_feedback_kid(raw), audit_path=_audit(audit, base), policy_rules=rules,
+        feedback_kid=_feedback_kid(raw), audit_path=audit_path, policy_rules=rules,
         log=from_table(_table(raw, "log", LOG_KEYS)),
         admin=admin,
+        audit_syslog=syslog,
     )
 
 

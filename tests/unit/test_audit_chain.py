@@ -446,3 +446,34 @@ def test_event_with_integer_beyond_64_bits_is_never_written(five: Path, value: i
         log.append({**make_event(6), "n": 2**63 - 1})  # the chain stays appendable
     assert five.read_bytes().startswith(before)
     assert verify_file(five).lines == 6
+
+
+# -- event.sequence: the line's 1-based position, continued across reopen (issue 10) ------
+
+def test_every_line_carries_its_position_as_event_sequence(five: Path) -> None:
+    assert [json.loads(line)["event.sequence"] for line in lines_of(five)] == [1, 2, 3, 4, 5]
+    with AuditLog(five, fsync=False) as log:  # a new process continues from the last line
+        assert log.append({**make_event(5), "event.sequence": 99})["event.sequence"] == 6
+    assert verify_file(five).ok
+
+
+def test_a_file_written_before_event_sequence_continues_at_its_line_count(
+        tmp_path: Path) -> None:
+    path, prev, legacy = tmp_path / "legacy.jsonl", ZEROS, []
+    for i in range(3):  # lines as the chain wrote them before issue 10: no sequence
+        event = {**make_event(i), "prev_hash": prev}
+        event["hash"] = prev = reference_hash(event)
+        legacy.append(chain.dumps(event) + b"\n")
+    path.write_bytes(b"".join(legacy))
+    with AuditLog(path, fsync=False) as log:
+        assert log.append(make_event(3))["event.sequence"] == 4
+        assert log.append(make_event(4))["event.sequence"] == 5
+    assert verify_file(path).ok and verify_file(path).lines == 5
+
+
+def test_a_sequence_that_is_not_the_line_position_breaks_the_chain(five: Path) -> None:
+    five.write_bytes(five.read_bytes() + _chained_line(verify_file(five).last_hash,
+                                                       **{"event.sequence": 7}))
+    result = verify_file(five)
+    assert (result.ok, result.first_bad_line) == (False, 6)
+    assert "event.sequence is 7, not the line's position 6" in result.reason
