@@ -53,6 +53,7 @@ class DeliveryResult:
     error: str | None = None
     detail: str | None = None
     possible_duplicate: bool = False  # re-signed after an attempt that may have landed
+    pointer: str | None = None  # a rejection's JSON pointer (422 schema_violation)
 
     @property
     def delivered(self) -> bool:
@@ -219,7 +220,7 @@ class Deliveries:
         self.outbox.mark_rejected(item.id, status, code,
                                   maybe_accepted=previous if 400 <= status < 500 else None)
         return _Verdict(DeliveryResult("rejected", item.id, status, rid, error=code,
-                                       detail=text(body.get("detail"))))
+                                       detail=_message(body), pointer=text(body.get("pointer"))))
 
     async def post_raw(self, path: str, headers: dict[str, str], body: bytes):
         """One POST of exactly these bytes over the pinned mTLS session: no outbox, no
@@ -246,6 +247,17 @@ def _execution(path: str, body: Any) -> tuple[str, str, str] | None:
             and _HEX64.fullmatch(fp) and _HEX64.fullmatch(att)):
         return None
     return tenant, fp, att
+
+
+def _message(body: dict) -> str | None:
+    """The v1.1 ``errors[0].message`` (what the SpectraStrike client reads), else
+    ``detail``."""
+    errors = body.get("errors")
+    if isinstance(errors, list) and errors and isinstance(errors[0], dict):
+        message = text(errors[0].get("message"))
+        if message:
+            return message
+    return text(body.get("detail"))
 
 
 def _queued(item: OutboxItem, detail: str) -> DeliveryResult:
