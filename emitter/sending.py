@@ -159,7 +159,7 @@ def why_queued(last_error: str | None) -> str:
     ``"<status> <code>"`` after an answer, a transport failure's detail otherwise)."""
     status, _, code = (last_error or "").partition(" ")
     if status == "503" and code in STORE_DOWN:
-        return f"gateway up, its store is unavailable (503 {code}), queued for retry"
+        return f"gateway up, its store is unavailable (503 {code})"
     if status == "503":
         return f"gateway up but not ready (503 {code})"
     if status == "429":
