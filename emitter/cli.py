@@ -1,48 +1,98 @@
-"""``fedgate emit`` and ``fedgate feedback`` (PROTOCOL.md §8, docs/EMITTER.md).
+"""``fedgate emit``, ``fedgate outbox`` and ``fedgate feedback`` (PROTOCOL.md §8,
+docs/EMITTER.md "CLI").
 
-``add_commands`` registers both on the ``fedgate`` parser; ``main`` is a stand-alone
+``add_commands`` registers them on the ``fedgate`` parser; ``main`` is a stand-alone
 entry point with the same commands. Exit codes: 0 success (every item accepted, already
 delivered or queued; feedback verified), 1 a rejection (or a feedback §6 rejection),
-2 a configuration or input error — always with one line on stderr saying why.
+2 a configuration or input error (an invalid item: nothing sent), 130 interrupted
+(Ctrl-C: the rest stays queued) — always with one line on stderr saying why.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
-import math
+import re
 import sqlite3
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import BinaryIO, TextIO
 
 from gateway.config import ConfigError
-from schemas.canonical import dumps
+from gateway.routes import GRAPH, TELEMETRY
 
-from .client import DeliveryResult, EmitterClient, QueryError
+from .client import EmitterClient, QueryError
+from .outbox import FINAL_STATES, Outbox
+from .sending import (
+    EXIT_INTERRUPTED,
+    Interrupt,
+    describe,
+    prune_retained,
+    send_pending,
+    stage_input,
+    summary,
+)
 from .settings import load_emitter_settings
 from .verify import SKIP_UNKNOWN_EXECUTION, FeedbackRejected
 
-PROGRESS_EVERY = 100
+__all__ = ["add_commands", "describe", "main"]
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     emit = sub.add_parser(
         "emit", help="sign and send telemetry (or execution graphs) to the gateway",
-        description="Sign each body, keep it in the on-disk outbox, deliver it over mTLS. "
-        "Input: one JSON object, a JSON array of objects, or JSON lines. Pending outbox "
-        "items from earlier runs are retried first. Prints one line per item: "
-        "'accepted <request_id> finding <finding_id>', 'delivered (duplicate of <id>)', "
-        "'queued (gateway unavailable; will retry)', 'rejected <status> <code>' or "
-        "'refused <code> (...)'. Exit 0 when all were accepted or queued, 1 on any "
-        "rejection, 2 on a config or input error.")
+        description="Read the input (a JSON array of objects, or JSON lines / one object), "
+        "streamed; check every item against the schema and max_body_bytes BEFORE anything "
+        "is sent (an invalid item: all of them named, nothing sent, exit 2); queue the "
+        "whole input in the on-disk outbox (bodies already there are not queued again), "
+        "then send every queued item, oldest first. One line per item: 'accepted "
+        "<request_id> finding <finding_id>', 'delivered (duplicate of <id>)', 'queued "
+        "(<why>; will retry)', 'rejected <status> <code> [at <pointer>]: <message>' or "
+        "'refused <code> (...)'; 'fedgate: sent N of M' on stderr. Ctrl-C stops after the "
+        "current item, the rest stays queued. Exit 0 when all were accepted or queued, 1 "
+        "on any rejection, 2 on a config or input error, 130 when interrupted.")
     emit.add_argument("--config", required=True, type=Path, help="emitter TOML file")
     emit.add_argument("--graph", action="store_true",
                       help="the bodies are execution graphs, not telemetry")
+    emit.add_argument("--skip-invalid", action="store_true",
+                      help="send the valid items even if some are invalid (they are named "
+                      "on stderr, and the exit code is 1)")
     emit.add_argument("file", nargs="?", default="-",
                       help="JSON input file, or - for stdin (default)")
     emit.set_defaults(run=cmd_emit)
+
+    ob_parser = sub.add_parser(
+        "outbox", help="the emitter's on-disk outbox: status, flush, prune",
+        description="Inspect, send or shrink <state_dir>/outbox.db.")
+    ob = ob_parser.add_subparsers(metavar="ACTION")
+    status = ob.add_parser("status", help="rows and body bytes by state",
+                           description="One line per state: rows and body bytes; the file "
+                           "size; the oldest pending row. Exit 0.")
+    status.add_argument("--config", required=True, type=Path, help="emitter TOML file")
+    status.set_defaults(run=cmd_outbox_status)
+    flush = ob.add_parser("flush", help="send what is queued",
+                          description="Send every pending row, oldest first, as emit does "
+                          "(same lines, same exit codes).")
+    flush.add_argument("--config", required=True, type=Path, help="emitter TOML file")
+    flush.set_defaults(run=cmd_outbox_flush)
+    prune = ob.add_parser("prune", help="drop rejected/expired rows (and old delivered "
+                          "ones); shrink the file",
+                          description="Drop every rejected and expired row and, with "
+                          "--older-than, delivered rows last changed longer ago than that; "
+                          "then VACUUM. Pending rows are never dropped.")
+    prune.add_argument("--config", required=True, type=Path, help="emitter TOML file")
+    prune.add_argument("--older-than", type=_duration, metavar="AGE",
+                       help="also drop delivered rows older than AGE (e.g. 3600, 90m, "
+                       "12h, 7d)")
+    prune.set_defaults(run=cmd_outbox_prune)
+
+    def missing(args: argparse.Namespace) -> int:
+        ob_parser.error(f"missing action (one of: {', '.join(ob.choices)})")
+        return 2  # pragma: no cover - parser.error exits
+
+    ob_parser.set_defaults(run=missing)
 
     fb = sub.add_parser(
         "feedback", help="query, verify (§6) and apply policy feedback",
@@ -74,139 +124,143 @@ def _line(message: object) -> str:
     return " ".join(str(message).split())[:1000]
 
 
+def _duration(text: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 3600, 90m, 7d)")
+    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+
+
 def _fail(message: str, code: int) -> int:
     print(_line(f"fedgate: error: {message}"), file=sys.stderr)
     return code
 
 
-# -- emit ------------------------------------------------------------------------------
+# -- emit and outbox flush ----------------------------------------------------------------
 
-def cmd_emit(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, work) -> int:
+    """Load the settings, run ``work(client, interrupt)`` in an event loop; config and
+    state-file errors are one line."""
     try:
         settings = load_emitter_settings(args.config)
     except ConfigError as exc:
         return _fail(exc, 2)
+    interrupt = Interrupt().install()
+
+    async def go() -> int:
+        async with EmitterClient(settings) as client:
+            prune_retained(client)
+            return await work(client, interrupt)
     try:
-        bodies = read_bodies(_read_input(args.file))
-    except (ValueError, OSError) as exc:
-        return _fail(f"input {args.file}: {exc}", 2)
-    try:
-        return asyncio.run(_emit(settings, bodies, args.graph, sys.stdout, sys.stderr))
+        return asyncio.run(go())
     except ConfigError as exc:  # keys and TLS files are loaded by the client
         return _fail(f"{settings.path}: {exc}", 2)
     except (OSError, sqlite3.Error) as exc:  # the state files: disk full, permissions
         return _fail(f"state_dir {settings.state_dir}: {exc}", 1)
+    finally:
+        interrupt.restore()
 
 
-def _read_input(name: str) -> str:
-    if name == "-":
-        return sys.stdin.read()
-    return Path(name).read_text(encoding="utf-8")
+def _stdin() -> BinaryIO:
+    raw = getattr(sys.stdin, "buffer", None)  # a replaced sys.stdin may be text only
+    return raw if raw is not None else io.BytesIO(sys.stdin.read().encode("utf-8"))
 
 
-class _NotFinite:
-    """Stands in, while parsing, for a number JSON cannot carry (NaN, Infinity, 1e400)."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-
-def _float(text: str) -> Any:
-    value = float(text)
-    return value if math.isfinite(value) else _NotFinite(text)
-
-
-def _loads(text: str) -> Any:
-    return json.loads(text, parse_float=_float, parse_constant=_NotFinite)
-
-
-def read_bodies(text: str) -> list[dict[str, Any]]:
-    """A JSON object, a JSON array of objects, or JSON lines (one object per line).
-
-    The whole input is parsed and every body checked before anything is sent: ValueError
-    names the first bad item (``item N`` / ``line N``); nothing is sent then."""
+def cmd_emit(args: argparse.Namespace) -> int:
+    route = GRAPH if args.graph else TELEMETRY
     try:
-        doc = _loads(text)
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
-    except ValueError:
-        items = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                items.append((f"line {n}", _loads(line)))
-            except RecursionError:
-                raise ValueError(f"line {n}: nested too deeply") from None
-            except ValueError as exc:
-                raise ValueError(f"line {n}: not JSON ({exc})") from None
-        return _checked(items)
-    docs = doc if isinstance(doc, list) else [doc]
-    return _checked([(f"item {n}", item) for n, item in enumerate(docs, 1)])
+        stream = _stdin() if args.file == "-" else open(args.file, "rb")  # noqa: SIM115
+    except OSError as exc:
+        return _fail(f"input {args.file}: {exc.strerror or exc}", 2)
+
+    async def work(client: EmitterClient, interrupt: Interrupt) -> int:
+        with stream:
+            staged = stage_input(client, stream, route, skip_invalid=args.skip_invalid,
+                                 interrupt=interrupt, err=sys.stderr)
+        return await _after_staging(client, interrupt, staged, args.file, args.skip_invalid)
+    return _run(args, work)
 
 
-def _checked(items: list[tuple[str, Any]]) -> list[dict[str, Any]]:
-    """Each item an object holding only finite numbers, with a canonical form (§3)."""
-    for where, item in items:
-        if not isinstance(item, dict):
-            raise ValueError(f"{where}: not a JSON object")
-        bad = _not_finite(item)
-        if bad is not None:
-            raise ValueError(f"{where}: {bad} is not a finite number")
-        try:
-            dumps(item)
-        except (ValueError, TypeError, RecursionError) as exc:
-            raise ValueError(f"{where}: cannot be signed ({type(exc).__name__})") from None
-    return [item for _, item in items]
+async def _after_staging(client: EmitterClient, interrupt: Interrupt, staged,
+                         name: str, args_skip: bool) -> int:
+    err = sys.stderr
+    if staged.interrupted:
+        return _fail("interrupted while reading the input: nothing queued, nothing sent",
+                     EXIT_INTERRUPTED)
+    more = staged.invalid_count - len(staged.invalid)
+    if more > 0:
+        print(f"fedgate: emit: ... and {more} more invalid item(s)", file=err)
+    if staged.error:
+        return _fail(f"input {name}: {staged.error}; nothing sent", 2)
+    if staged.invalid_count and not args_skip:
+        return _fail(f"{staged.invalid_count} of {staged.items} item(s) invalid; nothing "
+                     "sent (fix them, or --skip-invalid to send the valid ones)", 2)
+    if staged.invalid_count:
+        print(f"fedgate: emit: skipped {staged.invalid_count} invalid item(s) of "
+              f"{staged.items} (--skip-invalid)", file=err)
+    if staged.known:
+        print(f"fedgate: emit: {staged.known} item(s) already in the outbox (queued or "
+              "delivered earlier): not queued again", file=err)
+    pending = client.outbox.count_pending()
+    if pending == 0:
+        why = "empty input" if staged.items == 0 else "every valid item already delivered"
+        print(f"fedgate: emit: nothing to send ({why})", file=err)
+        return 1 if staged.invalid_count else 0
+    code = await _send(client, interrupt)
+    return code if code != 0 or not staged.invalid_count else 1
 
 
-def _not_finite(value: Any) -> str | None:
-    stack = [value]
-    while stack:
-        current = stack.pop()
-        if isinstance(current, _NotFinite):
-            return current.text
-        if isinstance(current, dict):
-            stack.extend(current.values())
-        elif isinstance(current, list):
-            stack.extend(current)
-    return None
+async def _send(client: EmitterClient, interrupt: Interrupt) -> int:
+    sent = await send_pending(client, interrupt, sys.stdout, sys.stderr)
+    print(summary(sent, client.outbox.count_pending()), file=sys.stderr)
+    if sent.interrupted:
+        return EXIT_INTERRUPTED
+    return 1 if sent.failed else 0
 
 
-def describe(result: DeliveryResult) -> str:
-    """The one output line for an item."""
-    if result.outcome == "accepted":
-        line = f"accepted {result.request_id}"
-        line += f" finding {result.finding_id}" if result.finding_id else ""
-        return line + (" (possible duplicate: re-signed after a lost answer)"
-                       if result.possible_duplicate else "")
-    if result.outcome == "duplicate":
-        return f"delivered (duplicate of {result.duplicate_of})"
-    if result.outcome == "queued":
-        return "queued (gateway unavailable; will retry)"
-    if result.outcome == "refused":
-        return f"refused {result.error} (not sent; kept in the outbox)"
-    return f"rejected {result.status or '-'} {result.error}"
+def cmd_outbox_flush(args: argparse.Namespace) -> int:
+    return _run(args, _send)
 
 
-async def _emit(settings, bodies: list[dict[str, Any]], graph: bool, out: TextIO,
-                err: TextIO) -> int:
-    failed = False
-    async with EmitterClient(settings) as client:
-        earlier = await client.flush()
-        if earlier:
-            delivered = sum(r.delivered for r in earlier)
-            print(f"fedgate: outbox: {delivered} of {len(earlier)} earlier item(s) "
-                  "delivered", file=err)
-            failed = any(r.outcome in ("rejected", "refused") for r in earlier)
-        send = client.send_graph if graph else client.send_telemetry
-        for n, body in enumerate(bodies, 1):
-            result = await send(body)
-            print(describe(result), file=out, flush=True)
-            failed |= result.outcome in ("rejected", "refused")
-            if n % PROGRESS_EVERY == 0 or (n == len(bodies) and n >= PROGRESS_EVERY):
-                print(f"fedgate: emit: {n}/{len(bodies)}", file=err, flush=True)
-    return 1 if failed else 0
+def _open_outbox(args: argparse.Namespace) -> Outbox:
+    settings = load_emitter_settings(args.config)
+    return Outbox(settings.state_dir / "outbox.db")
+
+
+def cmd_outbox_status(args: argparse.Namespace) -> int:
+    try:
+        outbox = _open_outbox(args)
+    except ConfigError as exc:
+        return _fail(exc, 2)
+    try:
+        for state, (rows, size) in outbox.status().items():
+            print(f"{state} {rows} row(s) {size} bytes")
+        print(f"file {outbox.path} {outbox.file_bytes()} bytes")
+        oldest = outbox.oldest_pending()
+        if oldest is not None:
+            print(_line(f"oldest pending #{oldest.id} created_at {oldest.created_at:.0f} "
+                        f"attempts {oldest.attempts} last_error {oldest.last_error or '-'}"))
+    finally:
+        outbox.close()
+    return 0
+
+
+def cmd_outbox_prune(args: argparse.Namespace) -> int:
+    try:
+        outbox = _open_outbox(args)
+    except ConfigError as exc:
+        return _fail(exc, 2)
+    try:
+        before = outbox.file_bytes()
+        staged = outbox.discard_batch()
+        dropped = outbox.prune(states=("rejected", "expired"))
+        if args.older_than is not None:
+            dropped += outbox.prune(states=FINAL_STATES, older_than=args.older_than)
+        print(f"pruned {dropped + staged} row(s); {outbox.path} {before} -> "
+              f"{outbox.file_bytes()} bytes")
+    finally:
+        outbox.close()
+    return 0
 
 
 # -- feedback --------------------------------------------------------------------------

@@ -14,10 +14,19 @@ the skew window; replaced by a re-signed row, ``replaced_by``). ``maybe_accepted
 set durably **before** each attempt (:meth:`Outbox.begin_attempt`) and put back only by an
 answer proving that attempt was not accepted: after a crash mid-attempt, the row is known
 to be possibly delivered.
+
+**Staging** (``fedgate emit``): a whole input is written first as rows carrying a
+``batch`` id, which nothing delivers; :meth:`Outbox.commit_batch` then makes them pending
+in one transaction, or :meth:`Outbox.discard_batch` drops them (an invalid input, a
+Ctrl-C while reading). ``digest`` (sha256 of the route and the body without its
+``timestamp``/``nonce``) lets a re-run skip a body the outbox already holds, pending or
+delivered. **Pruning**: :meth:`Outbox.prune` drops final rows (never a pending one) and
+VACUUMs, so the file shrinks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from contextlib import AbstractContextManager
@@ -27,6 +36,7 @@ from pathlib import Path
 from emitter.settings import private_file
 from emitter.signing import SignedBody
 from gateway.store.sqlite import connect_durable, transaction
+from schemas.canonical import dumps
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -46,10 +56,27 @@ CREATE TABLE IF NOT EXISTS outbox (
     request_id TEXT,
     replaced_by INTEGER,
     possible_duplicate INTEGER NOT NULL DEFAULT 0,
-    updated_at REAL
+    updated_at REAL,
+    digest TEXT,
+    batch TEXT,
+    body_bytes INTEGER
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (state, id);
 """
+# added after the first release: ALTERed into an older file, then indexed
+_ADDED_COLUMNS = (("digest", "TEXT"), ("batch", "TEXT"), ("body_bytes", "INTEGER"))
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS outbox_digest ON outbox (digest);
+CREATE INDEX IF NOT EXISTS outbox_batch ON outbox (batch);
+"""
+FINAL_STATES = ("delivered", "rejected", "expired")
+
+
+def body_digest(path: str, body: dict) -> str:
+    """What makes two requests "the same telemetry": route and body, without the
+    ``timestamp``/``nonce`` the signature adds."""
+    unsigned = {k: v for k, v in body.items() if k not in ("timestamp", "nonce")}
+    return hashlib.sha256(path.encode() + b"\n" + dumps(unsigned)).hexdigest()
 _COLUMNS = ("id, path, headers, body, timestamp, nonce, created_at, attempts, state, "
             "last_error, maybe_accepted, status, request_id, replaced_by, possible_duplicate")
 
@@ -88,6 +115,15 @@ class Outbox:
         self._clock = clock
         private_file(self.path)  # 0600 before SQLite creates it (its -wal/-shm follow)
         self._db = connect_durable(self.path, schema=SCHEMA)  # IF NOT EXISTS: idempotent
+        self._migrate()
+
+    def _migrate(self) -> None:
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
+        with self._transaction():
+            for name, kind in _ADDED_COLUMNS:
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE outbox ADD COLUMN {name} {kind}")
+        self._db.executescript(_INDEXES)
 
     def close(self) -> None:
         self._db.close()
@@ -95,20 +131,56 @@ class Outbox:
     def _transaction(self) -> AbstractContextManager[None]:
         return transaction(self._db)
 
-    def _insert(self, signed: SignedBody, path: str, possible_duplicate: bool = False) -> int:
+    def _insert(self, signed: SignedBody, path: str, possible_duplicate: bool = False,
+                digest: str | None = None, batch: str | None = None) -> int:
         cur = self._db.execute(
             "INSERT INTO outbox (path, headers, body, timestamp, nonce, created_at, "
-            "possible_duplicate) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "possible_duplicate, digest, batch, body_bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (path, json.dumps(signed.headers), signed.body,
              int(signed.headers["X-Telemetry-Timestamp"]),
-             signed.headers["X-Telemetry-Nonce"], self._clock(), int(possible_duplicate)))
+             signed.headers["X-Telemetry-Nonce"], self._clock(), int(possible_duplicate),
+             digest, batch, len(signed.body)))
         return int(cur.lastrowid)
 
-    def enqueue(self, signed: SignedBody, path: str) -> OutboxItem:
+    def enqueue(self, signed: SignedBody, path: str, digest: str | None = None) -> OutboxItem:
         """Durably store a signed request (committed and fsynced when this returns)."""
         with self._transaction():
-            item_id = self._insert(signed, path)
+            item_id = self._insert(signed, path, digest=digest)
         return self.get(item_id)
+
+    # -- staging a whole input (fedgate emit) ------------------------------------------
+
+    def stage(self, batch: str, rows: list[tuple[SignedBody, str, str]]) -> None:
+        """``(signed, path, digest)`` rows of ``batch``, in one transaction: durable, but
+        not pending (nothing delivers them) until :meth:`commit_batch`."""
+        with self._transaction():
+            for signed, path, digest in rows:
+                self._insert(signed, path, digest=digest, batch=batch)
+
+    def commit_batch(self, batch: str) -> int:
+        """Every row of ``batch`` becomes pending, in one transaction; → how many."""
+        with self._transaction():
+            cur = self._db.execute("UPDATE outbox SET batch = NULL WHERE batch = ?", (batch,))
+        return cur.rowcount
+
+    def discard_batch(self, batch: str | None = None) -> int:
+        """Drop the staged rows of ``batch`` (None: of every batch, e.g. left by a run
+        that died while reading its input; they were never sent)."""
+        with self._transaction():
+            if batch is None:
+                cur = self._db.execute("DELETE FROM outbox WHERE batch IS NOT NULL")
+            else:
+                cur = self._db.execute("DELETE FROM outbox WHERE batch = ?", (batch,))
+        return cur.rowcount
+
+    def holding(self, digest: str, batch: str | None = None) -> tuple[int, str] | None:
+        """``(id, state)`` of a pending or delivered row (or one staged in ``batch``) with
+        this digest: the same body is already on its way or there."""
+        row = self._db.execute(
+            "SELECT id, state FROM outbox WHERE digest = ? AND state IN ('pending', "
+            "'delivered') AND (batch IS NULL OR batch = ?) ORDER BY id LIMIT 1",
+            (digest, batch)).fetchone()
+        return (row[0], row[1]) if row else None
 
     def get(self, item_id: int) -> OutboxItem:
         row = self._db.execute(f"SELECT {_COLUMNS} FROM outbox WHERE id = ?",
@@ -118,18 +190,68 @@ class Outbox:
         return OutboxItem.from_row(row)
 
     def pending(self) -> list[OutboxItem]:
-        """Pending rows, oldest first."""
+        """Pending rows, oldest first (staged rows are not pending yet)."""
         rows = self._db.execute(
-            f"SELECT {_COLUMNS} FROM outbox WHERE state = 'pending' ORDER BY id").fetchall()
+            f"SELECT {_COLUMNS} FROM outbox WHERE state = 'pending' AND batch IS NULL "
+            "ORDER BY id").fetchall()
         return [OutboxItem.from_row(r) for r in rows]
 
-    def pending_ids(self) -> list[int]:
-        """Ids of the pending rows, oldest first (re-read each with :meth:`get`)."""
-        rows = self._db.execute("SELECT id FROM outbox WHERE state = 'pending' ORDER BY id")
+    def pending_ids(self, after: int = 0, limit: int = -1) -> list[int]:
+        """Ids of the pending rows after ``after``, oldest first, at most ``limit``
+        (re-read each with :meth:`get`)."""
+        rows = self._db.execute(
+            "SELECT id FROM outbox WHERE state = 'pending' AND batch IS NULL AND id > ? "
+            "ORDER BY id LIMIT ?", (after, limit))
         return [row[0] for row in rows]
 
     def counts(self) -> dict[str, int]:
-        return dict(self._db.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state"))
+        return dict(self._db.execute(
+            "SELECT state, COUNT(*) FROM outbox WHERE batch IS NULL GROUP BY state"))
+
+    def count_pending(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM outbox WHERE state = 'pending' AND "
+                                "batch IS NULL").fetchone()[0]
+
+    def status(self) -> dict[str, tuple[int, int]]:
+        """``state → (rows, body bytes)`` for every state (staged rows as ``staged``).
+        Sizes come from ``body_bytes`` (reading the bodies would cost their size in
+        memory); rows written before that column existed are measured once."""
+        with self._transaction():
+            self._db.execute("UPDATE outbox SET body_bytes = LENGTH(body) "
+                             "WHERE body_bytes IS NULL")
+        out = {state: (0, 0) for state in ("pending", *FINAL_STATES, "staged")}
+        for state, n, size in self._db.execute(
+                "SELECT CASE WHEN batch IS NULL THEN state ELSE 'staged' END AS s, COUNT(*), "
+                "COALESCE(SUM(body_bytes), 0) FROM outbox GROUP BY s"):
+            out[state] = (n, size)
+        return out
+
+    def oldest_pending(self) -> OutboxItem | None:
+        ids = self.pending_ids(limit=1)
+        return self.get(ids[0]) if ids else None
+
+    def file_bytes(self) -> int:
+        """The database and its WAL on disk."""
+        wal = self.path.with_name(self.path.name + "-wal")
+        return sum(f.stat().st_size for f in (self.path, wal) if f.exists())
+
+    def prune(self, *, states: tuple[str, ...], older_than: float | None = None) -> int:
+        """Drop final rows in ``states`` — those last changed more than ``older_than``
+        seconds ago (None: whatever their age) — then VACUUM (the file shrinks) and
+        checkpoint the WAL. A pending or staged row is never dropped. → rows dropped."""
+        states = tuple(s for s in states if s in FINAL_STATES)
+        if not states:
+            return 0
+        cutoff = self._clock() - older_than if older_than is not None else float("inf")
+        marks = ", ".join("?" * len(states))
+        with self._transaction():
+            cur = self._db.execute(
+                f"DELETE FROM outbox WHERE state IN ({marks}) AND batch IS NULL AND "
+                "COALESCE(updated_at, created_at) <= ?", (*states, cutoff))
+        if cur.rowcount:
+            self._db.execute("VACUUM")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return cur.rowcount
 
     def _update(self, item_id: int, sql: str, args: tuple) -> None:
         """Only a pending row changes: delivered, rejected and expired are final."""
@@ -186,8 +308,10 @@ class Outbox:
             if old.state != "pending":
                 raise ValueError(f"outbox #{item_id} is {old.state}, not pending: "
                                  "not re-signed")
+            digest = self._db.execute("SELECT digest FROM outbox WHERE id = ?",
+                                      (item_id,)).fetchone()[0]
             new_id = self._insert(signed, old.path,
-                                  old.maybe_accepted or old.possible_duplicate)
+                                  old.maybe_accepted or old.possible_duplicate, digest)
             self._db.execute(
                 "UPDATE outbox SET state = 'expired', replaced_by = ?, updated_at = ?, "
                 "last_error = ? WHERE id = ? AND state = 'pending'",

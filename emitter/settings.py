@@ -25,7 +25,10 @@ _KEYS = frozenset({
     "url", "ca", "cert", "key", "server_pins", "identity", "signing_key", "kid",
     "feedback_keyring", "state_dir", "clock_skew_s", "legacy_unbound_nonce",
     "max_attempts", "backoff_initial_s", "backoff_max_s", "request_timeout_s",
+    "max_body_bytes", "outbox_retention_s",
 })
+DEFAULT_MAX_BODY = 1024 * 1024  # the gateway's default max_body_bytes (PROTOCOL.md §4)
+DEFAULT_RETENTION_S = 7 * 86400
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -47,6 +50,8 @@ class EmitterSettings:
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
     request_timeout_s: float = 10.0
+    max_body_bytes: int = DEFAULT_MAX_BODY  # a larger signed body is refused locally
+    outbox_retention_s: int = DEFAULT_RETENTION_S  # final outbox rows older: pruned
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -122,6 +127,10 @@ def _build(cfg: Path, raw: Mapping[str, Any]) -> EmitterSettings:
         backoff_initial_s=_number(raw, "backoff_initial_s", 0.5, 0.001, 3600),
         backoff_max_s=_number(raw, "backoff_max_s", 30.0, 0.001, 86400),
         request_timeout_s=_number(raw, "request_timeout_s", 10.0, 0.1, 600),
+        max_body_bytes=_number(raw, "max_body_bytes", DEFAULT_MAX_BODY, 1024, 1 << 30,
+                               integer=True),
+        outbox_retention_s=_number(raw, "outbox_retention_s", DEFAULT_RETENTION_S, 0,
+                                   10 * 365 * 86400, integer=True),
     )
     if settings.backoff_max_s < settings.backoff_initial_s:
         raise ConfigError("backoff_max_s must be at least backoff_initial_s")

@@ -92,7 +92,7 @@ def test_version_falls_back_to_the_checkout_when_the_distribution_is_not_install
 
 @pytest.mark.parametrize(("args", "line"), [
     ((), "fedgate: error: missing command (one of: serve, certs, keys, audit, bootstrap, "
-         "probe, demo, emit, feedback)"),
+         "probe, demo, emit, outbox, feedback)"),
     (("certs",), "fedgate certs: error: missing action (one of: init, issue)"),
     (("keys",), "fedgate keys: error: missing action (one of: new)"),
     (("audit",), "fedgate audit: error: missing action (one of: verify, ship)"),
