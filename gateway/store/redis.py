@@ -7,6 +7,9 @@ Key layout (``P`` = ``key_prefix``; braces are Redis Cluster hash tags):
                                    a pre-v1.1 anchor whose owner is unknown — nobody's)
 - ``P:{<tenant>}:r:<kind>:<id>``   record: its canonical JSON bytes (no TTL)
 - ``P:{<tenant>}:i:<kind>``        index: list of record ids, oldest first
+- ``P:{<tenant>}:i:<kind>:<identity>``  the records that identity committed: sorted set,
+                                   record id → its 1-based position in the index above
+                                   (a feedback query reads only its own identity's)
 - ``P:{<tenant>}:n:<identity>:<nonce>``  claim: ``<expires_at>|<body digest>|<request
                                    id>``, TTL nonce_ttl_s
 - ``P:{<tenant>}:epoch``           the store's epoch, copied into the tenant's slot
@@ -88,8 +91,9 @@ class RedisStore(Store):
         rid = _check(_RECORD_ID, record_id, "record id")
         return f"{self._tenant(tenant_id)}:r:{_check(_KIND, kind, 'kind')}:{rid}"
 
-    def _index_key(self, tenant_id: str, kind: str) -> str:
-        return f"{self._tenant(tenant_id)}:i:{_check(_KIND, kind, 'kind')}"
+    def _index_key(self, tenant_id: str, kind: str, identity: str | None = None) -> str:
+        key = f"{self._tenant(tenant_id)}:i:{_check(_KIND, kind, 'kind')}"
+        return key if identity is None else f"{key}:{_check(_IDENTITY, identity, 'identity')}"
 
     def _anchor_key(self, tenant_id: str, fp: str, part: str = "a") -> str:
         """``part`` ``a``: the anchored hash; ``o``: the owner."""
@@ -175,11 +179,14 @@ class RedisStore(Store):
             raise ValueError("nonce_ttl_s must be positive")
         if anchor is not None and anchor.tenant_id != rec.tenant_id:
             raise ValueError("the anchor and the record must belong to one tenant")
+        if rec.identity not in (None, commit.identity):
+            raise ValueError("the record's identity must be the commit's")
         if self._unsafe is not None:
             raise StoreError("claim", self._unsafe)
         keys = [self._nonce_key(commit.identity, rec.tenant_id, commit.nonce),
                 self._record_key(rec.tenant_id, rec.kind, rec.record_id),
-                self._index_key(rec.tenant_id, rec.kind), self._epoch_key(rec.tenant_id)]
+                self._index_key(rec.tenant_id, rec.kind), self._epoch_key(rec.tenant_id),
+                self._index_key(rec.tenant_id, rec.kind, commit.identity)]
         if anchor is not None:
             fp = anchor.execution_fingerprint
             keys += [self._anchor_key(rec.tenant_id, fp), self._anchor_key(rec.tenant_id, fp, "o")]
@@ -253,8 +260,10 @@ class RedisStore(Store):
     async def put_record(self, record: Record, now: int) -> None:
         keys = [self._record_key(record.tenant_id, record.kind, record.record_id),
                 self._index_key(record.tenant_id, record.kind)]
-        reply = await self._call(Redis.eval, PUT_LUA, 2, *keys, record.data, record.record_id,
-                                 refused="write")
+        if record.identity is not None:
+            keys.append(self._index_key(record.tenant_id, record.kind, record.identity))
+        reply = await self._call(Redis.eval, PUT_LUA, len(keys), *keys, record.data,
+                                 record.record_id, refused="write")
         if reply != b"ok":
             raise StoreError("write", "record id already exists; nothing was written")
 
@@ -288,11 +297,17 @@ class RedisStore(Store):
         return (value.decode() or None) if value is not None else None
 
     async def list_records(self, kind: str, tenant_id: str, limit: int = 1000, *,
-                           newest_first: bool = False, offset: int = 0) -> list[bytes]:
+                           newest_first: bool = False, offset: int = 0,
+                           identity: str | None = None) -> list[bytes]:
         if limit <= 0 or offset < 0:
             return []
-        prefix, index = self._tenant(tenant_id), self._index_key(tenant_id, kind)
-        if newest_first:  # the index is oldest first: take a slice from its end, reversed
+        if identity is not None and not _IDENTITY.fullmatch(identity):
+            return []  # never a committing identity: the pipeline refuses it first
+        prefix, index = self._tenant(tenant_id), self._index_key(tenant_id, kind, identity)
+        if identity is not None:  # sorted by position: the same order as the index
+            ids = await self._call(lambda r: r.zrange(index, offset, offset + limit - 1,
+                                                      desc=newest_first))
+        elif newest_first:  # the index is oldest first: take a slice from its end, reversed
             ids = (await self._call(Redis.lrange, index, -(offset + limit),
                                     -(offset + 1)))[::-1]
         else:
