@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import re
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
@@ -55,6 +55,8 @@ _KIND = re.compile(r"[a-z_]{1,32}")
 _HEX64 = re.compile(r"[A-Fa-f0-9]{64}")
 _RECORD_ID = re.compile(r"[!-z|~]{1,256}")  # printable ASCII without '{' and '}'
 _PREFIX = re.compile(r"[A-Za-z0-9._-]{1,64}")
+DEFAULT_POOL = 32  # connections per process (counted in conn.RESERVED_FDS' 64)
+MAX_POOL = 1024
 _ACCEPTED = CommitResult(Outcome.ACCEPTED)
 _BEFORE_EPOCH = CommitResult(Outcome.BEFORE_EPOCH)
 
@@ -72,12 +74,16 @@ def _text(value: bytes | str) -> str:
 
 class RedisStore(Store):
     def __init__(self, url: str, *, require_durable: bool = True, socket_timeout: float = 2.0,
-                 key_prefix: str = "fedgate") -> None:
+                 key_prefix: str = "fedgate", max_connections: int = DEFAULT_POOL) -> None:
+        if not isinstance(max_connections, int) or not 1 <= max_connections <= MAX_POOL:
+            raise ValueError(f"max_connections must be an integer in [1, {MAX_POOL}]")
         self.url = url
         self.require_durable = require_durable
         self.socket_timeout = socket_timeout
+        self.max_connections = max_connections
         self.prefix = _check(_PREFIX, key_prefix, "key_prefix")
         self._redis: Redis | None = None
+        self._probe: Redis | None = None  # /readyz's own connection: never behind a burst
         self._sha = ""
         self._legacy_until = 0  # pre-v1.1 claims may be live while a request's now < this
         self._epoch: str | None = None  # None: the store holds none yet (new or wiped)
@@ -114,13 +120,8 @@ class RedisStore(Store):
     # -- lifecycle ----------------------------------------------------------------------
     async def open(self) -> None:
         if self._redis is None:  # one pool per store, and one store per process
-            self._redis = Redis.from_url(
-                self.url, socket_timeout=self.socket_timeout,
-                socket_connect_timeout=self.socket_timeout,
-                # No client-side retry: a resent EVALSHA whose first copy ran would answer
-                # "replayed" for our own commit. Fail closed (503); the producer retries.
-                retry=Retry(NoBackoff(), 0),
-            )
+            self._redis = self._client(self.max_connections)
+            self._probe = self._client(1)
         await self._call(Redis.ping)
         if self.require_durable:
             await self._check_durable()
@@ -135,6 +136,19 @@ class RedisStore(Store):
             raise StoreError("claim", f"Redis is unavailable ({type(e).__name__}: {e})") from e
         self._epoch = await self._call(read_epoch, self.prefix)  # before migrate
         self._legacy_until = await self._call(migrate, self.prefix)
+
+    def _client(self, size: int) -> Redis:
+        """A client on a blocking pool of ``size`` connections: a burst beyond it waits
+        for a free connection (at most ``socket_timeout``, then StoreError "claim": 503)
+        instead of failing at once (redis-py's default pool refuses past its limit)."""
+        pool = BlockingConnectionPool.from_url(
+            self.url, max_connections=size, timeout=self.socket_timeout,
+            socket_timeout=self.socket_timeout, socket_connect_timeout=self.socket_timeout,
+            # No client-side retry: a resent EVALSHA whose first copy ran would answer
+            # "replayed" for our own commit. Fail closed (503); the producer retries.
+            retry=Retry(NoBackoff(), 0),
+        )
+        return Redis.from_pool(pool)
 
     async def _check_durable(self) -> None:
         try:
@@ -154,17 +168,18 @@ class RedisStore(Store):
                              "accepted request survives a crash (require_durable)")
 
     async def close(self) -> None:
-        if self._redis is not None:
-            await self._redis.aclose()
-            self._redis = None
+        for client in (self._redis, self._probe):
+            if client is not None:
+                await client.aclose()
+        self._redis = self._probe = None
 
     async def ping(self) -> bool:
         """Also re-reads the eviction policy: while it is unsafe, not ready and every
         commit fails closed."""
-        try:
-            if self._redis is None or not await self._redis.ping():
+        try:  # on the probe's own connection: a burst holding the pool cannot starve it
+            if self._probe is None or not await self._probe.ping():
                 return False
-            refusal = eviction_refusal(await eviction_policy(self._redis))
+            refusal = eviction_refusal(await eviction_policy(self._probe))
         except Exception:  # readiness probe: any failure means "not ready"
             return False
         if refusal != self._unsafe and refusal is not None:
