@@ -123,7 +123,7 @@ class RulePolicy:
                     break
                 budget -= len(raw)
                 try:
-                    record = read_evidence(kind, raw)
+                    record = read_evidence(kind, raw, validators=self.validators)
                 except Unusable as exc:
                     skipped.add(kind, raw, exc.reason)
                     continue

@@ -120,6 +120,13 @@ BAD_RECORDS: dict[str, tuple[str, Any, str]] = {
                                 "bad_member"),
     "body_b64_not_base64": ("finding", lambda: _old_finding("old-1", body_b64="%%%"),
                             "unreadable_body"),
+    # strict JSON, evidence members fine, but not the telemetry schema's shape: the
+    # policy raised TypeError reading it (500)
+    "body_severity_a_list": (
+        "finding", lambda: _old_finding("old-1", body_b64=_b64(dumps({
+            **critical_finding(FP_A), "timestamp": NOW, "nonce": "old-nonce-1",
+            "payload": {**critical_finding(FP_A)["payload"], "severity": ["critical"]}}))),
+        "unreadable_body"),
     "graph_body_not_an_object": (
         "graph", lambda: _old_finding("old-1", finding_id=None, graph_id="old-1",
                                       body_b64=_b64(b"[1,2]")), "unreadable_body"),
