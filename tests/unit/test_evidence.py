@@ -11,6 +11,7 @@ import base64
 from typing import Any
 
 import pytest
+from lab import TELEMETRY_BODY, VALIDATORS
 
 from gateway.evidence import (
     BAD_MEMBER,
@@ -20,8 +21,6 @@ from gateway.evidence import (
     Unusable,
     read_evidence,
 )
-from lab import TELEMETRY_BODY, VALIDATORS
-
 from schemas.canonical import dumps
 
 ATT = "CD" * 32
