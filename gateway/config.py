@@ -45,8 +45,13 @@ class SecurityConfig:
     operator_tenants: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     max_body_bytes: int = DEFAULT_MAX_BODY
     rate_limit_per_minute: int = 0  # 0: off (§4 step 11 is optional)
+    #: pin → the identity it is pinned to, built once here (the identity check is O(1))
+    pin_owners: Mapping[str, str] = field(init=False, repr=False, compare=False,
+                                          default_factory=lambda: MappingProxyType({}))
 
     def __post_init__(self) -> None:
+        owners = {pin: i.name for i in self.identities.values() for pin in i.pins}
+        object.__setattr__(self, "pin_owners", MappingProxyType(owners))
         if self.nonce_ttl_s < 2 * self.clock_skew_s + 1:
             raise ConfigError(
                 f"nonce_ttl_s = {self.nonce_ttl_s} leaves a replay window: it must be at least "

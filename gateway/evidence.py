@@ -18,14 +18,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.canonical import CanonicalError, load_stored
+from schemas.validate import SchemaError, Validators
+
+from .routes import SIGNED_ROUTES
 
 #: Why a stored record was left out: a bounded label set (metrics, audit).
 UNREADABLE_RECORD = "unreadable_record"  # the record's JSON fails the strict parser
 BAD_MEMBER = "bad_member"  # an evidence member is missing or of the wrong type
-UNREADABLE_BODY = "unreadable_body"  # body_b64 is not base64 of a strict JSON object
+#: body_b64 is not base64 of a strict JSON object matching its kind's JSON Schema
+UNREADABLE_BODY = "unreadable_body"
 SKIP_REASONS = (UNREADABLE_RECORD, BAD_MEMBER, UNREADABLE_BODY)
 
 _HEX64_RE = re.compile(r"[0-9a-fA-F]{64}")
+#: the JSON Schema a stored body of each kind was accepted under (finding → telemetry)
+BODY_SCHEMAS = {r.record_kind: r.schema for r in SIGNED_ROUTES.values() if r.anchors}
 _MAX_IDS = 5  # record ids kept per report: enough to find them, bounded
 
 
@@ -62,8 +68,13 @@ def _hex64(record: dict[str, Any], name: str) -> str:
     return value.lower()
 
 
-def read_evidence(kind: str, raw: bytes) -> Evidence:
-    """One stored record of ``kind``; :class:`Unusable` when the policy cannot use it."""
+def read_evidence(kind: str, raw: bytes, *, validators: Validators) -> Evidence:
+    """One stored record of ``kind``; :class:`Unusable` when the policy cannot use it.
+
+    The signed body is checked against its kind's JSON Schema with ``validators``
+    (compiled once at start-up): the policy reads its members by their schema'd types,
+    and a body of the wrong shape (written by an older version, edited) is left out
+    like any other unusable record, never a TypeError (500)."""
     try:
         record = load_stored(raw)
     except CanonicalError as exc:
@@ -78,6 +89,13 @@ def read_evidence(kind: str, raw: bytes) -> Evidence:
         body = load_stored(base64.b64decode(encoded, validate=True))
     except (binascii.Error, ValueError) as exc:  # CanonicalError is a ValueError
         raise Unusable(UNREADABLE_BODY, getattr(exc, "code", "not base64")) from None
+    schema = BODY_SCHEMAS.get(kind)
+    if schema is None:
+        raise Unusable(UNREADABLE_BODY, f"no body schema for kind {kind!r}")
+    try:
+        validators.validate(schema, body)
+    except SchemaError as exc:  # the pointer, never the body's own text
+        raise Unusable(UNREADABLE_BODY, f"not a {schema} body at {exc.pointer or '/'}") from None
     return Evidence(kind, identity, tenant_id, fingerprint, attestation, received_at, body)
 
 

@@ -108,19 +108,22 @@ class RulePolicy:
                        skipped: SkipReport) -> list[Evidence]:
         """``identity``'s usable records, newest first, in pages, within a count and a
         byte budget (a flood of large records cannot make one query read the whole
-        history); returned oldest first. Unusable records go to ``skipped``."""
+        history); returned oldest first. Unusable records go to ``skipped``.
+
+        Only ``identity``'s own records are read (the store's per-identity index) and
+        charged to the budget: another identity of the tenant cannot crowd them out."""
         records: list[Evidence] = []
         budget, offset = self.max_bytes, 0
         while len(records) < self.max_records and budget > 0:
             page = await store.list_records(kind, tenant_id, PAGE, newest_first=True,
-                                            offset=offset)
+                                            offset=offset, identity=identity)
             offset += len(page)
             for raw in page:
                 if budget <= 0 or len(records) >= self.max_records:
                     break
                 budget -= len(raw)
                 try:
-                    record = read_evidence(kind, raw)
+                    record = read_evidence(kind, raw, validators=self.validators)
                 except Unusable as exc:
                     skipped.add(kind, raw, exc.reason)
                     continue

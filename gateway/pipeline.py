@@ -14,6 +14,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -34,6 +35,7 @@ from .routes import GRAPH_SCHEMA_VERSION, Route
 from .store import Commit, Outcome, Store, StoreError
 from .tls import pin_matches
 
+log = logging.getLogger("fedgate.pipeline")
 TIMESTAMP_RE = re.compile(r"0|[1-9][0-9]{0,17}")  # Unix seconds: no sign, no leading zeros
 NONCE_RE = re.compile(r"[A-Za-z0-9_-]{8,128}")
 SIGNATURE_RE = re.compile(r"[A-Za-z0-9+/]{86}==")  # standard padded base64 of 64 bytes
@@ -236,6 +238,17 @@ def check_identity(cfg: SecurityConfig, headers: Any, peer_fp: str | None,
         raise E.IdentityRejected("unknown service identity")
     if peer_fp is None or not pin_matches(identity.pins, peer_fp, peer_spki):
         raise E.IdentityRejected("the client certificate is not pinned to this identity")
+    # One certificate speaks as one identity: its sha256 may be pinned to one identity
+    # and its SPKI hash to another (the configuration check compares pin strings only).
+    owners = {cfg.pin_owners.get(pin) for pin in (peer_fp, peer_spki) if pin is not None}
+    if owners - {None} != {name}:
+        others = sorted(o for o in owners if o is not None and o != name)
+        log.error("identity_rejected: the client certificate %s is pinned to several "
+                  "identities (%s); fix identities.*.pins", peer_fp, ", ".join(
+                      sorted({name, *others})))
+        raise E.IdentityRejected("the client certificate is pinned to more than one "
+                                 f"identity ({', '.join(sorted({name, *others}))}); "
+                                 "refused for all of them")
     legacy = one_header(headers, "X-Client-Cert-Sha256", E.IdentityRejected)
     if legacy is not None and not (
         HEX64_RE.fullmatch(legacy.strip())

@@ -54,6 +54,8 @@ _STORE_OPTIONS: dict[str, tuple[str, str, Callable[[Any], bool]]] = {
     "require_durable": ("redis", "true or false", lambda v: isinstance(v, bool)),
     "socket_timeout": ("redis", "a number of seconds in (0, 300]",
                        lambda v: (_is_int(v) or isinstance(v, float)) and 0 < v <= 300),
+    "max_connections": ("redis", "an integer in [1, 1024]",
+                        lambda v: _is_int(v) and 1 <= v <= 1024),
     "key_prefix": ("redis", "[A-Za-z0-9._-]{1,64}",
                    lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9._-]{1,64}", v)),
 }

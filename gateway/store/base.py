@@ -59,6 +59,10 @@ class Record:
     tenant_id: str
     execution_fingerprint: str | None
     data: bytes
+    #: the identity the record is listed under (``list_records(identity=…)``). A commit
+    #: always lists it under ``Commit.identity`` (this must then be None or equal);
+    #: ``put_record`` only when set.
+    identity: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +177,12 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def list_records(self, kind: str, tenant_id: str, limit: int = 1000, *,
-                           newest_first: bool = False, offset: int = 0) -> list[bytes]:
+                           newest_first: bool = False, offset: int = 0,
+                           identity: str | None = None) -> list[bytes]:
         """Records of one kind for one tenant, oldest first (or newest first), paged by
-        ``offset``/``limit`` (for the policy engine, which reads newest first in pages)."""
+        ``offset``/``limit`` (for the policy engine, which reads newest first in pages).
+
+        ``identity``: only the records that identity committed (``Commit.identity``),
+        read through an index of their own — never by filtering the tenant's records, so
+        another identity's records cost nothing. Records stored with ``put_record`` have
+        no identity unless ``Record.identity`` names one."""

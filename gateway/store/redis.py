@@ -7,6 +7,9 @@ Key layout (``P`` = ``key_prefix``; braces are Redis Cluster hash tags):
                                    a pre-v1.1 anchor whose owner is unknown — nobody's)
 - ``P:{<tenant>}:r:<kind>:<id>``   record: its canonical JSON bytes (no TTL)
 - ``P:{<tenant>}:i:<kind>``        index: list of record ids, oldest first
+- ``P:{<tenant>}:i:<kind>:<identity>``  the records that identity committed: sorted set,
+                                   record id → its 1-based position in the index above
+                                   (a feedback query reads only its own identity's)
 - ``P:{<tenant>}:n:<identity>:<nonce>``  claim: ``<expires_at>|<body digest>|<request
                                    id>``, TTL nonce_ttl_s
 - ``P:{<tenant>}:epoch``           the store's epoch, copied into the tenant's slot
@@ -34,7 +37,7 @@ from __future__ import annotations
 import logging
 import re
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
@@ -52,6 +55,8 @@ _KIND = re.compile(r"[a-z_]{1,32}")
 _HEX64 = re.compile(r"[A-Fa-f0-9]{64}")
 _RECORD_ID = re.compile(r"[!-z|~]{1,256}")  # printable ASCII without '{' and '}'
 _PREFIX = re.compile(r"[A-Za-z0-9._-]{1,64}")
+DEFAULT_POOL = 32  # connections per process (counted in conn.RESERVED_FDS' 64)
+MAX_POOL = 1024
 _ACCEPTED = CommitResult(Outcome.ACCEPTED)
 _BEFORE_EPOCH = CommitResult(Outcome.BEFORE_EPOCH)
 
@@ -69,12 +74,16 @@ def _text(value: bytes | str) -> str:
 
 class RedisStore(Store):
     def __init__(self, url: str, *, require_durable: bool = True, socket_timeout: float = 2.0,
-                 key_prefix: str = "fedgate") -> None:
+                 key_prefix: str = "fedgate", max_connections: int = DEFAULT_POOL) -> None:
+        if not isinstance(max_connections, int) or not 1 <= max_connections <= MAX_POOL:
+            raise ValueError(f"max_connections must be an integer in [1, {MAX_POOL}]")
         self.url = url
         self.require_durable = require_durable
         self.socket_timeout = socket_timeout
+        self.max_connections = max_connections
         self.prefix = _check(_PREFIX, key_prefix, "key_prefix")
         self._redis: Redis | None = None
+        self._probe: Redis | None = None  # /readyz's own connection: never behind a burst
         self._sha = ""
         self._legacy_until = 0  # pre-v1.1 claims may be live while a request's now < this
         self._epoch: str | None = None  # None: the store holds none yet (new or wiped)
@@ -88,8 +97,9 @@ class RedisStore(Store):
         rid = _check(_RECORD_ID, record_id, "record id")
         return f"{self._tenant(tenant_id)}:r:{_check(_KIND, kind, 'kind')}:{rid}"
 
-    def _index_key(self, tenant_id: str, kind: str) -> str:
-        return f"{self._tenant(tenant_id)}:i:{_check(_KIND, kind, 'kind')}"
+    def _index_key(self, tenant_id: str, kind: str, identity: str | None = None) -> str:
+        key = f"{self._tenant(tenant_id)}:i:{_check(_KIND, kind, 'kind')}"
+        return key if identity is None else f"{key}:{_check(_IDENTITY, identity, 'identity')}"
 
     def _anchor_key(self, tenant_id: str, fp: str, part: str = "a") -> str:
         """``part`` ``a``: the anchored hash; ``o``: the owner."""
@@ -110,13 +120,8 @@ class RedisStore(Store):
     # -- lifecycle ----------------------------------------------------------------------
     async def open(self) -> None:
         if self._redis is None:  # one pool per store, and one store per process
-            self._redis = Redis.from_url(
-                self.url, socket_timeout=self.socket_timeout,
-                socket_connect_timeout=self.socket_timeout,
-                # No client-side retry: a resent EVALSHA whose first copy ran would answer
-                # "replayed" for our own commit. Fail closed (503); the producer retries.
-                retry=Retry(NoBackoff(), 0),
-            )
+            self._redis = self._client(self.max_connections)
+            self._probe = self._client(1)
         await self._call(Redis.ping)
         if self.require_durable:
             await self._check_durable()
@@ -131,6 +136,19 @@ class RedisStore(Store):
             raise StoreError("claim", f"Redis is unavailable ({type(e).__name__}: {e})") from e
         self._epoch = await self._call(read_epoch, self.prefix)  # before migrate
         self._legacy_until = await self._call(migrate, self.prefix)
+
+    def _client(self, size: int) -> Redis:
+        """A client on a blocking pool of ``size`` connections: a burst beyond it waits
+        for a free connection (at most ``socket_timeout``, then StoreError "claim": 503)
+        instead of failing at once (redis-py's default pool refuses past its limit)."""
+        pool = BlockingConnectionPool.from_url(
+            self.url, max_connections=size, timeout=self.socket_timeout,
+            socket_timeout=self.socket_timeout, socket_connect_timeout=self.socket_timeout,
+            # No client-side retry: a resent EVALSHA whose first copy ran would answer
+            # "replayed" for our own commit. Fail closed (503); the producer retries.
+            retry=Retry(NoBackoff(), 0),
+        )
+        return Redis.from_pool(pool)
 
     async def _check_durable(self) -> None:
         try:
@@ -150,17 +168,18 @@ class RedisStore(Store):
                              "accepted request survives a crash (require_durable)")
 
     async def close(self) -> None:
-        if self._redis is not None:
-            await self._redis.aclose()
-            self._redis = None
+        for client in (self._redis, self._probe):
+            if client is not None:
+                await client.aclose()
+        self._redis = self._probe = None
 
     async def ping(self) -> bool:
         """Also re-reads the eviction policy: while it is unsafe, not ready and every
         commit fails closed."""
-        try:
-            if self._redis is None or not await self._redis.ping():
+        try:  # on the probe's own connection: a burst holding the pool cannot starve it
+            if self._probe is None or not await self._probe.ping():
                 return False
-            refusal = eviction_refusal(await eviction_policy(self._redis))
+            refusal = eviction_refusal(await eviction_policy(self._probe))
         except Exception:  # readiness probe: any failure means "not ready"
             return False
         if refusal != self._unsafe and refusal is not None:
@@ -175,11 +194,14 @@ class RedisStore(Store):
             raise ValueError("nonce_ttl_s must be positive")
         if anchor is not None and anchor.tenant_id != rec.tenant_id:
             raise ValueError("the anchor and the record must belong to one tenant")
+        if rec.identity not in (None, commit.identity):
+            raise ValueError("the record's identity must be the commit's")
         if self._unsafe is not None:
             raise StoreError("claim", self._unsafe)
         keys = [self._nonce_key(commit.identity, rec.tenant_id, commit.nonce),
                 self._record_key(rec.tenant_id, rec.kind, rec.record_id),
-                self._index_key(rec.tenant_id, rec.kind), self._epoch_key(rec.tenant_id)]
+                self._index_key(rec.tenant_id, rec.kind), self._epoch_key(rec.tenant_id),
+                self._index_key(rec.tenant_id, rec.kind, commit.identity)]
         if anchor is not None:
             fp = anchor.execution_fingerprint
             keys += [self._anchor_key(rec.tenant_id, fp), self._anchor_key(rec.tenant_id, fp, "o")]
@@ -255,8 +277,10 @@ class RedisStore(Store):
     async def put_record(self, record: Record, now: int) -> None:
         keys = [self._record_key(record.tenant_id, record.kind, record.record_id),
                 self._index_key(record.tenant_id, record.kind)]
-        reply = await self._call(Redis.eval, PUT_LUA, 2, *keys, record.data, record.record_id,
-                                 refused="write")
+        if record.identity is not None:
+            keys.append(self._index_key(record.tenant_id, record.kind, record.identity))
+        reply = await self._call(Redis.eval, PUT_LUA, len(keys), *keys, record.data,
+                                 record.record_id, refused="write")
         if reply != b"ok":
             raise StoreError("write", "record id already exists; nothing was written")
 
@@ -290,11 +314,17 @@ class RedisStore(Store):
         return (value.decode() or None) if value is not None else None
 
     async def list_records(self, kind: str, tenant_id: str, limit: int = 1000, *,
-                           newest_first: bool = False, offset: int = 0) -> list[bytes]:
+                           newest_first: bool = False, offset: int = 0,
+                           identity: str | None = None) -> list[bytes]:
         if limit <= 0 or offset < 0:
             return []
-        prefix, index = self._tenant(tenant_id), self._index_key(tenant_id, kind)
-        if newest_first:  # the index is oldest first: take a slice from its end, reversed
+        if identity is not None and not _IDENTITY.fullmatch(identity):
+            return []  # never a committing identity: the pipeline refuses it first
+        prefix, index = self._tenant(tenant_id), self._index_key(tenant_id, kind, identity)
+        if identity is not None:  # sorted by position: the same order as the index
+            ids = await self._call(lambda r: r.zrange(index, offset, offset + limit - 1,
+                                                      desc=newest_first))
+        elif newest_first:  # the index is oldest first: take a slice from its end, reversed
             ids = (await self._call(Redis.lrange, index, -(offset + limit),
                                     -(offset + 1)))[::-1]
         else:

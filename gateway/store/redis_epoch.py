@@ -49,7 +49,7 @@ local started = '0'
 if not epoch then
   epoch, started = ARGV[1], '1'
   redis.call('HSET', KEYS[1], 'epoch', epoch)
-  redis.call('HSETNX', KEYS[1], 'version', '3')
+  redis.call('HSETNX', KEYS[1], 'version', '4')  -- redis_scripts.SCHEMA_VERSION
 end
 if redis.call('GET', KEYS[2]) ~= epoch then redis.call('SET', KEYS[2], epoch) end
 return {epoch, started}

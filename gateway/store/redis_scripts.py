@@ -21,8 +21,9 @@ from redis.asyncio import Redis
 # neither defence may be dropped.
 COMMIT_LUA = """#!lua
 -- KEYS[1] claim  KEYS[2] record  KEYS[3] index  KEYS[4] the tenant's epoch marker
--- then, when ARGV[7] ~= '': KEYS[5] anchor  KEYS[6] owner; and last, when ARGV[8] == '1',
--- the pre-v1.1 claim
+-- KEYS[5] the identity's index of this kind (sorted set: record id -> its position in
+-- KEYS[3]); then, when ARGV[7] ~= '': KEYS[6] anchor  KEYS[7] owner; and last, when
+-- ARGV[8] == '1', the pre-v1.1 claim
 -- ARGV[1] claim (expires_at|digest|request_id)  ARGV[2] nonce TTL s  ARGV[3] record data
 -- ARGV[4] record id  ARGV[5] now  ARGV[6] identity  ARGV[7] attestation hash or ''
 -- ARGV[8] '1' when the last key is a pre-v1.1 claim to honour  ARGV[9] the gateway's epoch
@@ -38,8 +39,8 @@ local function live(key)
 end
 -- 1. the execution's owner, then its attestation anchor: refused -> nothing written
 if ARGV[7] ~= '' then
-  local anchored = redis.call('GET', KEYS[5])
-  local owner = redis.call('GET', KEYS[6])
+  local anchored = redis.call('GET', KEYS[6])
+  local owner = redis.call('GET', KEYS[7])
   if anchored and not owner then return {'unmigrated'} end
   if owner and owner ~= ARGV[6] then return {'not_owned'} end
   if anchored and anchored ~= ARGV[7] then return {'mismatch', anchored} end
@@ -50,33 +51,39 @@ if not claimed and ARGV[8] == '1' then claimed = live(KEYS[#KEYS]) end
 if claimed then return {'replayed', claimed} end
 -- 3. record id already used -> conflict, nothing written
 if redis.call('EXISTS', KEYS[2]) > 0 then return {'conflict'} end
--- 4. write everything: claim (replacing an expired one), anchor and owner, record, index
+-- 4. write everything: claim (replacing an expired one), anchor and owner, record, indexes
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 if ARGV[7] ~= '' then
-  redis.call('SET', KEYS[5], ARGV[7], 'NX')
-  redis.call('SET', KEYS[6], ARGV[6], 'NX')
+  redis.call('SET', KEYS[6], ARGV[7], 'NX')
+  redis.call('SET', KEYS[7], ARGV[6], 'NX')
 end
 redis.call('SET', KEYS[2], ARGV[3])
-redis.call('RPUSH', KEYS[3], ARGV[4])
+local position = redis.call('RPUSH', KEYS[3], ARGV[4])
+redis.call('ZADD', KEYS[5], position, ARGV[4])
 return {'accepted'}
 """
 
 # A record outside any claim (issued feedback): same record/index layout.
-# KEYS[1] record  KEYS[2] index; ARGV[1] data  ARGV[2] record id
+# KEYS[1] record  KEYS[2] index  [KEYS[3] the identity's index]; ARGV[1] data  ARGV[2] id
 PUT_LUA = """#!lua
 if redis.call('EXISTS', KEYS[1]) > 0 then return 'conflict' end
 redis.call('SET', KEYS[1], ARGV[1])
-redis.call('RPUSH', KEYS[2], ARGV[2])
+local position = redis.call('RPUSH', KEYS[2], ARGV[2])
+if KEYS[3] then redis.call('ZADD', KEYS[3], position, ARGV[2]) end
 return 'ok'
 """
 
-SCHEMA_VERSION = b"3"  # 1 (implicit): pre-v1.1 layout; 2: v1.1; 3: v1.1 with epochs
-MIGRATED = (b"2", SCHEMA_VERSION)
+# 1 (implicit): pre-v1.1 layout; 2: v1.1; 3: v1.1 with epochs; 4: with the per-identity
+# record indexes ``P:{<tenant>}:i:<kind>:<identity>`` (``redis_epoch.SYNC_LUA`` writes it
+# too, for a store that lost its state: keep the two equal)
+SCHEMA_VERSION = b"4"
+V11 = (b"2", b"3")  # v1.1 layouts: the owners and claims are migrated already
 BATCH = 500
+_IDENTITY = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
 async def migrate(r: Redis, prefix: str) -> int:
-    """Upgrade a pre-v1.1 keyspace (idempotent); return ``legacy_nonces_until``.
+    """Upgrade an older keyspace (idempotent); return ``legacy_nonces_until``.
 
     Recorded in the hash ``P:schema`` once done, so later opens read one key:
 
@@ -84,43 +91,85 @@ async def migrate(r: Redis, prefix: str) -> int:
       ``P:{id:<identity>}:n:<nonce>``. Until then the store also consults that key
       (in another hash slot: fine on the single Redis every pre-v1.1 deployment runs).
     - owners of pre-v1.1 anchors, back-filled (``SET NX``) by :func:`backfill_owners`.
+    - (layout < 4) the per-identity record indexes, built by :func:`index_identities`.
 
-    Pre-v1.1 gateways must be stopped first: they still write the old layout.
+    Older gateways must be stopped first: they still write the old layout (a record they
+    commit after the upgrade is missing from its identity's index).
     """
     meta_key = f"{prefix}:schema"
     meta = await r.hgetall(meta_key)
-    if meta.get(b"version") in MIGRATED:
-        return int(meta.get(b"legacy_nonces_until", b"0"))
-    until = 0
-    keys = [k async for k in r.scan_iter(match=f"{prefix}:{{id:*}}:n:*", count=BATCH)]
-    for i in range(0, len(keys), BATCH):
-        for value in await r.mget(keys[i:i + BATCH]):
-            head = (value or b"").split(b"|", 1)[0]
-            until = max(until, int(head) if head.isdigit() else 0)
-    await backfill_owners(r, prefix)
+    version = meta.get(b"version")
+    until = int(meta.get(b"legacy_nonces_until", b"0"))
+    if version == SCHEMA_VERSION:
+        return until
+    if version not in V11:
+        until = 0
+        keys = [k async for k in r.scan_iter(match=f"{prefix}:{{id:*}}:n:*", count=BATCH)]
+        for i in range(0, len(keys), BATCH):
+            for value in await r.mget(keys[i:i + BATCH]):
+                head = (value or b"").split(b"|", 1)[0]
+                until = max(until, int(head) if head.isdigit() else 0)
+        await backfill_owners(r, prefix)
+    await index_identities(r, prefix)
     await r.hset(meta_key, mapping={"version": SCHEMA_VERSION, "legacy_nonces_until": until})
     return until
 
 
+async def index_identities(r: Redis, prefix: str) -> None:
+    """Build ``P:{<tenant>}:i:<kind>:<identity>`` (sorted set: record id → its 1-based
+    position in ``P:{<tenant>}:i:<kind>``, as the commit script writes it) from the
+    records' evidence ``identity``. ``ZADD`` of a fixed position is idempotent and
+    commutes with concurrent commits (which add later positions): safe to re-run and to
+    run while gateways of this version serve. A record without an identity (issued
+    feedback, unparsable) is in no identity's index."""
+    index_re = re.compile(re.escape(prefix) + r":\{([a-fA-F0-9-]{36})\}:i:([a-z_]{1,32})")
+    async for key in r.scan_iter(match=f"{prefix}:{{*}}:i:*", count=BATCH):
+        m = index_re.fullmatch(key.decode())  # not an identity index (one more ':' part)
+        if m is None or await r.type(key) != b"list":
+            continue
+        tagged, kind = f"{prefix}:{{{m[1]}}}", m[2]
+        pending: dict[str, dict[str, int]] = {}  # identity index -> {record id: position}
+        position = 0
+        async for rid, record in _records(r, tagged, kind):
+            position += 1
+            ident = record.get("identity") if record is not None else None
+            if isinstance(ident, str) and _IDENTITY.fullmatch(ident):
+                pending.setdefault(f"{tagged}:i:{kind}:{ident}", {})[rid] = position
+            if position % BATCH == 0:
+                for zkey, members in pending.items():
+                    await r.zadd(zkey, members)
+                pending.clear()
+        for zkey, members in pending.items():
+            await r.zadd(zkey, members)
+
+
 async def backfill_owners(r: Redis, prefix: str) -> None:
     """Give each anchor without an owner key the identity of the oldest finding or graph
-    record of its execution (evidence ``identity``; within a kind the index order, across
-    kinds ``received_at``). No record, or two identities in the same second: owner ``""``
-    — owned by nobody, refused for everyone (never "first comer takes it")."""
+    record of its execution made under the anchored attestation hash (evidence
+    ``identity``; within a kind the index order, across kinds ``received_at``). A record
+    under another hash was sent while anchoring was off — possibly by another identity —
+    and did not make the anchor. No record, or two identities in the same second: owner
+    ``""`` — owned by nobody, refused for everyone (never "first comer takes it")."""
     anchor_re = re.compile(re.escape(prefix) + r":\{([a-fA-F0-9-]{36})\}:a:([A-Fa-f0-9]{64})")
-    unowned: dict[str, set[str]] = {}
+    unowned: dict[str, dict[str, str]] = {}  # tenant -> fp -> anchored hash (lower case)
     async for key in r.scan_iter(match=f"{prefix}:{{*}}:a:*", count=BATCH):
         m = anchor_re.fullmatch(key.decode())
         if m and not await r.exists(f"{prefix}:{{{m[1]}}}:o:{m[2]}"):
-            unowned.setdefault(m[1], set()).add(m[2])
+            anchored = await r.get(key)
+            if anchored is not None:
+                unowned.setdefault(m[1], {})[m[2]] = anchored.decode().lower()
     for tenant, fps in unowned.items():
         first: dict[str, tuple[int, str]] = {}  # fp -> (received_at, identity or "")
         for kind in ("finding", "graph"):
             seen: set[str] = set()
-            async for record in _records(r, f"{prefix}:{{{tenant}}}", kind):
+            async for _, record in _records(r, f"{prefix}:{{{tenant}}}", kind):
+                if record is None:
+                    continue
                 fp, at, ident = (record.get("execution_fingerprint"),
                                  record.get("received_at"), record.get("identity"))
-                if fp not in fps or fp in seen or not isinstance(at, int):
+                att = record.get("attestation_measurement_hash")
+                if (fp not in fps or fp in seen or not isinstance(at, int)
+                        or not isinstance(att, str) or att.lower() != fps[fp]):
                     continue
                 seen.add(fp)  # the oldest record of this kind for the execution
                 ident = ident if isinstance(ident, str) else ""
@@ -134,14 +183,15 @@ async def backfill_owners(r: Redis, prefix: str) -> None:
 
 
 async def _records(r: Redis, tagged: str, kind: str):
-    """The tenant's records of ``kind``, oldest first, parsed (unparsable ones skipped)."""
+    """``(record id, parsed record or None)`` for each entry of the tenant's index of
+    ``kind``, oldest first (None: missing, unparsable or not an object)."""
     start = 0
     while ids := await r.lrange(f"{tagged}:i:{kind}", start, start + BATCH - 1):
         start += len(ids)
-        for raw in await r.mget([f"{tagged}:r:{kind}:{rid.decode()}" for rid in ids]):
+        values = await r.mget([f"{tagged}:r:{kind}:{rid.decode()}" for rid in ids])
+        for rid, raw in zip(ids, values, strict=True):
             try:
                 record: Any = orjson.loads(raw) if raw is not None else None
             except orjson.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                yield record
+                record = None
+            yield rid.decode(), (record if isinstance(record, dict) else None)

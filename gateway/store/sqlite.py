@@ -130,6 +130,8 @@ class SqliteStore(Store):
 
     # -- the atomic commit (§4 steps 12-14) -------------------------------------------
     async def commit(self, commit: Commit) -> CommitResult:
+        if commit.record.identity not in (None, commit.identity):
+            raise ValueError("the record's identity must be the commit's")
         return await self._run(self._commit_sync, commit, stage="claim")
 
     def _commit_sync(self, c: Commit) -> CommitResult:
@@ -201,8 +203,9 @@ class SqliteStore(Store):
             r = c.record
             db.execute(
                 "INSERT INTO records (kind, record_id, tenant_id, execution_fingerprint,"
-                " created_at, data) VALUES (?,?,?,?,?,?)",
-                (r.kind, r.record_id, r.tenant_id, r.execution_fingerprint, c.now, r.data))
+                " created_at, data, identity) VALUES (?,?,?,?,?,?,?)",
+                (r.kind, r.record_id, r.tenant_id, r.execution_fingerprint, c.now, r.data,
+                 c.identity))
             if self._commits % PURGE_EVERY == PURGE_EVERY - 1:
                 db.execute("DELETE FROM claims WHERE expires_at <= ?", (c.now,))
                 if self._legacy_nonces:
@@ -218,8 +221,9 @@ class SqliteStore(Store):
             with self._conn():  # one transaction, fsynced at commit
                 self._conn().execute(
                     "INSERT INTO records (kind, record_id, tenant_id, execution_fingerprint,"
-                    " created_at, data) VALUES (?,?,?,?,?,?)",
-                    (r.kind, r.record_id, r.tenant_id, r.execution_fingerprint, now, r.data))
+                    " created_at, data, identity) VALUES (?,?,?,?,?,?,?)",
+                    (r.kind, r.record_id, r.tenant_id, r.execution_fingerprint, now, r.data,
+                     r.identity))
         except sqlite3.Error as exc:
             raise StoreError("write", f"sqlite write failed: {exc}") from exc
 
@@ -250,12 +254,15 @@ class SqliteStore(Store):
             stage="claim")
 
     async def list_records(self, kind: str, tenant_id: str, limit: int = 1000, *,
-                           newest_first: bool = False, offset: int = 0) -> list[bytes]:
+                           newest_first: bool = False, offset: int = 0,
+                           identity: str | None = None) -> list[bytes]:
         order = "DESC" if newest_first else "ASC"
+        where, args = "kind=? AND tenant_id=?", [kind, tenant_id]
+        if identity is not None:  # index records_by_identity: only that identity's rows
+            where, args = where + " AND identity=?", [*args, identity]
         rows = await self._run(lambda: self._conn().execute(
-            "SELECT data FROM records WHERE kind=? AND tenant_id=?"
-            f" ORDER BY seq {order} LIMIT ? OFFSET ?",
-            (kind, tenant_id, max(0, limit), max(0, offset))).fetchall(), stage="claim")
+            f"SELECT data FROM records WHERE {where} ORDER BY seq {order} LIMIT ? OFFSET ?",
+            (*args, max(0, limit), max(0, offset))).fetchall(), stage="claim")
         return [bytes(row[0]) for row in rows]
 
     # -- plumbing ---------------------------------------------------------------------

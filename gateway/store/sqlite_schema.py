@@ -6,10 +6,16 @@ one write transaction (so concurrent openers serialise), and is idempotent:
 
 - ``anchors.owner`` is added if missing and, once (``PRAGMA user_version`` 0 → 1),
   back-filled from the identity in the evidence of the **oldest** finding or graph
-  record of that execution — the request that made the anchor. An anchor with no such
+  record of that execution made under the anchored attestation hash — the request that
+  made the anchor (a record under another hash was sent while anchoring was off,
+  possibly by another identity). An anchor with no such
   record keeps ``owner`` NULL: owned by nobody, refused for everyone (never "first
   comer takes it": another producer of the tenant could learn the fingerprint from
   old feedback answers and squat on it).
+- ``records.identity`` (the identity that sent the record; indexed with kind, tenant
+  and order, so a feedback query reads and budgets only its own identity's records) is
+  added if missing and, once (``user_version`` < 2 → 2), back-filled from the evidence
+  JSON's ``identity``; a record without one (issued feedback) keeps NULL.
 - the pre-v1.1 ``nonces(identity, nonce)`` table is kept: while it holds rows the
   store consults it for live claims (judged with the request's ``now``, as every claim),
   so an upgrade opens no replay window. Nothing writes to it any more; the periodic
@@ -35,15 +41,31 @@ CREATE TABLE IF NOT EXISTS records (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     kind TEXT NOT NULL, record_id TEXT NOT NULL, tenant_id TEXT NOT NULL,
     execution_fingerprint TEXT, created_at INTEGER NOT NULL, data BLOB NOT NULL,
+    identity TEXT,
     UNIQUE (kind, record_id));
 CREATE INDEX IF NOT EXISTS records_by_tenant ON records (kind, tenant_id, seq);
 CREATE INDEX IF NOT EXISTS records_by_execution
     ON records (tenant_id, execution_fingerprint, seq);
 """
-SCHEMA_VERSION = 1  # PRAGMA user_version once the v1.1 migration has run
+SCHEMA_VERSION = 2  # PRAGMA user_version: 1 once the v1.1 migration has run, 2 once
+# records carry the identity that sent them (indexed: a query reads only its own)
+RECORDS_BY_IDENTITY = ("CREATE INDEX IF NOT EXISTS records_by_identity"
+                       " ON records (kind, tenant_id, identity, seq)")
+# The sender of a record stored before records had an identity column: the evidence
+# JSON's ``identity`` (findings, graphs); NULL when there is none (issued feedback).
+BACKFILL_IDENTITY = """
+UPDATE records SET identity = (
+    SELECT CASE WHEN json_valid(d) AND json_type(d, '$.identity') = 'text'
+                THEN json_extract(d, '$.identity') END
+    FROM (SELECT CAST(records.data AS TEXT) AS d))
+WHERE identity IS NULL
+"""
 
 # The owner of a pre-v1.1 anchor: the identity in the oldest finding/graph record of the
-# execution (its evidence JSON), when that record is valid JSON with a string identity.
+# execution made under the ANCHORED attestation hash (its evidence JSON), when that record
+# is valid JSON with a string identity. Records under another hash were sent while
+# anchoring was off (or refused nothing then): possibly by another identity, never the
+# request that made the anchor.
 BACKFILL_OWNERS = """
 UPDATE anchors SET owner = (
     SELECT CASE WHEN json_valid(d) AND json_type(d, '$.identity') = 'text'
@@ -52,6 +74,9 @@ UPDATE anchors SET owner = (
           WHERE r.tenant_id = anchors.tenant_id
             AND r.execution_fingerprint = anchors.execution_fingerprint
             AND r.kind IN ('finding', 'graph')
+            AND CASE WHEN json_valid(CAST(r.data AS TEXT)) THEN lower(json_extract(
+                CAST(r.data AS TEXT), '$.attestation_measurement_hash')) END
+                = lower(anchors.attestation_hash)
           ORDER BY r.seq LIMIT 1))
 WHERE owner IS NULL
 """
@@ -63,8 +88,15 @@ def migrate(db: sqlite3.Connection) -> bool:
     columns = {row[1] for row in db.execute("PRAGMA table_info(anchors)")}
     if "owner" not in columns:
         db.execute("ALTER TABLE anchors ADD COLUMN owner TEXT")
-    if db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+    if "identity" not in {row[1] for row in db.execute("PRAGMA table_info(records)")}:
+        db.execute("ALTER TABLE records ADD COLUMN identity TEXT")
+    db.execute(RECORDS_BY_IDENTITY)
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version < 1:
         db.execute(BACKFILL_OWNERS)
+    if version < 2:
+        db.execute(BACKFILL_IDENTITY)
+    if version < SCHEMA_VERSION:
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     return sweep_legacy_nonces(db, None)
 

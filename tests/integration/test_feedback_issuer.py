@@ -151,7 +151,7 @@ async def test_rule_policy_ignores_records_for_executions_another_identity_owns(
         if evidence["execution_fingerprint"] == FP_CRIT:
             evidence.update(identity=other, finding_id="legacy-" + evidence["finding_id"])
             await store.put_record(Record("finding", evidence["finding_id"], TENANT, FP_CRIT,
-                                          dumps(evidence)), NOW)
+                                          dumps(evidence), identity=other), NOW)
     assert await store.get_anchor_owner(TENANT, FP_CRIT) == IDENTITY
     assert await decide(RulePolicy(RULES), store, TENANT, 100, identity=other) == []
     assert await decide(RulePolicy(RULES), store, TENANT, 100) == EXPECTED

@@ -121,6 +121,13 @@ BAD_RECORDS: dict[str, tuple[str, Any, str]] = {
                                 "bad_member"),
     "body_b64_not_base64": ("finding", lambda: _old_finding("old-1", body_b64="%%%"),
                             "unreadable_body"),
+    # strict JSON, evidence members fine, but not the telemetry schema's shape: the
+    # policy raised TypeError reading it (500)
+    "body_severity_a_list": (
+        "finding", lambda: _old_finding("old-1", body_b64=_b64(dumps({
+            **critical_finding(FP_A), "timestamp": NOW, "nonce": "old-nonce-1",
+            "payload": {**critical_finding(FP_A)["payload"], "severity": ["critical"]}}))),
+        "unreadable_body"),
     "graph_body_not_an_object": (
         "graph", lambda: _old_finding("old-1", finding_id=None, graph_id="old-1",
                                       body_b64=_b64(b"[1,2]")), "unreadable_body"),
@@ -136,7 +143,10 @@ async def test_unusable_stored_record_is_skipped_not_a_500(tmp_path, store_url, 
         store = open_store(store_url)  # a second, independent client of the same store
         await store.open()
         try:
-            await store.put_record(Record(kind, "old-1", TENANT, FP_A, build()), NOW)
+            # listed under the querying identity (as the upgrade's back-fill, or an older
+            # version's commit, lists it), so the query reads it
+            await store.put_record(Record(kind, "old-1", TENANT, FP_A, build(),
+                                          identity=IDENTITY), NOW)
         finally:
             await store.close()
         query = signed(IDENTITY, body_for(QUERY_PATH), nonce="query-nonce-0001")
@@ -165,6 +175,30 @@ async def test_answer_carries_only_the_querying_identitys_executions(tmp_path, s
     async with stack.running(clock=lambda: NOW):
         await send_finding(stack, IDENTITY, FP_A)
         await send_finding(stack, OTHER, FP_B)
+        answers = {}
+        for identity in (IDENTITY, OTHER):
+            status, payload = await post(stack, identity, QUERY_PATH,
+                                         *signed(identity, body_for(QUERY_PATH)))
+            assert status == 200, payload
+            answers[identity] = decided(payload)
+    assert answers == {IDENTITY: [(FP_A, "isolate")], OTHER: [(FP_B, "isolate")]}
+
+
+# -- 3. another identity's records cannot crowd the querying identity's out ----------------
+
+async def test_another_identity_cannot_crowd_out_the_answer(tmp_path, store_url):
+    """The policy reads at most 16 MiB of records per kind; it used to spend that budget
+    on every record of the tenant before keeping the querying identity's, so OTHER's 17
+    accepted ~1 MiB findings (newer than IDENTITY's one) erased IDENTITY's ``isolate``.
+    Only IDENTITY's own records are read now (the store's per-identity index)."""
+    stack = PolicyStack(tmp_path, store_url)
+    big = copy.deepcopy(critical_finding(FP_B))
+    big["payload"]["description"] = "x" * (1024 * 1024 - 4000)
+    async with stack.running(clock=lambda: NOW):
+        await send_finding(stack, IDENTITY, FP_A)
+        for _ in range(17):
+            status, payload = await post(stack, OTHER, TELEMETRY_PATH, *signed(OTHER, big))
+            assert status == 202, payload
         answers = {}
         for identity in (IDENTITY, OTHER):
             status, payload = await post(stack, identity, QUERY_PATH,

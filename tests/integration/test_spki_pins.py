@@ -223,3 +223,31 @@ def test_certs_init_prints_and_writes_spki_pins(tmp_path, capsys):
     assert printed["identities_spki"] == {n: openssl_spki_pin(out / f"{n}.crt")
                                           for n in ("a", "b")}
     assert len(set(printed["identities_spki"].values())) == 2
+
+
+async def test_one_certificate_pinned_to_two_identities_speaks_as_neither(stack, caplog):
+    """The configuration check compares pin strings: the producer pinned by its
+    certificate's sha256 and ``spectrastrike-other`` by the same certificate's SPKI pin
+    both passed it, and that one certificate could speak as either identity. The
+    gateway refuses it for both (401), logs and audits why; other certificates pass."""
+    me = stack.pki.identities[IDENTITY]
+    other = stack.pki.identities["spectrastrike-other"]
+    text = stack.config_path.read_text()
+    old = f"pins = [{toml_value(other.sha256)}]"
+    assert text.count(old) == 1
+    stack.config_path.write_text(text.replace(old, f"pins = {toml_value([other.sha256, me.spki])}"))
+    async with stack.running(clock=lambda: NOW):
+        for claimed in (IDENTITY, "spectrastrike-other"):
+            status, payload = await send(stack, me.cert, me.key,
+                                         **{"X-Service-Identity": claimed})
+            assert (status, payload["error"]) == (401, "identity_rejected"), claimed
+        # the other identity's own certificate is pinned to it alone: it passes §4.3
+        # (its request then fails later: LAB signs as the producer)
+        status, payload = await send(stack, other.cert, other.key,
+                                     **{"X-Service-Identity": "spectrastrike-other"})
+        assert payload["error"] != "identity_rejected"
+    assert "pinned to several identities" in caplog.text
+    events = [json.loads(line) for line in stack.audit_path.read_text().splitlines()]
+    assert [(e["event.reason"], e["tls.client.hash.sha256"]) for e in events[:2]] == [
+        ("identity_rejected", me.sha256)] * 2
+    assert all("pinned to more than one identity" in e["message"] for e in events[:2])

@@ -273,3 +273,40 @@ async def test_list_records_newest_first_in_pages(store):
     assert await store.list_records("finding", TENANT, 9, newest_first=True, offset=4) == [rec[0]]
     assert await store.list_records("finding", TENANT, 2, newest_first=True, offset=5) == []
     assert await store.list_records("finding", TENANT, 2, offset=3) == [rec[3], rec[4]]
+
+
+async def test_list_records_of_one_identity_in_pages(store):
+    """A query reads only its identity's records, through their own index: interleaved
+    commits of two identities (and another tenant) page apart, oldest or newest first."""
+    ids = ["spectrastrike-producer", "spectrastrike-other"]
+    for i in range(6):
+        await store.commit(make_commit(f"nonce-{i:04d}", identity=ids[i % 2], fp=None,
+                                       record_id=f"rec-{i}", request_id=f"req-{i}"))
+    await store.commit(make_commit("nonce-9999", record_id="rec-x", tenant=OTHER_TENANT))
+    rec = [b'{"record":"rec-%d"}' % i for i in range(6)]
+    mine = rec[0::2]
+    assert await store.list_records("finding", TENANT, identity=ids[0]) == mine
+    assert await store.list_records("finding", TENANT, identity=ids[1]) == rec[1::2]
+    assert await store.list_records("finding", TENANT, 2, newest_first=True,
+                                    identity=ids[0]) == [mine[2], mine[1]]
+    assert await store.list_records("finding", TENANT, 2, newest_first=True, offset=2,
+                                    identity=ids[0]) == [mine[0]]
+    assert await store.list_records("finding", TENANT, 1, offset=1, identity=ids[0]) == [
+        mine[1]]
+    assert await store.list_records("finding", OTHER_TENANT, identity=ids[1]) == []
+    assert await store.list_records("graph", TENANT, identity=ids[0]) == []
+    assert await store.list_records("finding", TENANT, identity="nobody") == []
+    assert await store.list_records("finding", TENANT) == rec  # the tenant's: all of them
+
+
+async def test_put_record_is_listed_under_its_identity_when_it_names_one(store):
+    await store.put_record(Record("finding", "old-1", TENANT, FP, b'{"old":1}',
+                                  identity="spectrastrike-producer"), NOW)
+    await store.put_record(Record("finding", "old-2", TENANT, FP, b'{"old":2}'), NOW)
+    assert await store.list_records("finding", TENANT, identity="spectrastrike-producer") == [
+        b'{"old":1}']
+    assert await store.list_records("finding", TENANT) == [b'{"old":1}', b'{"old":2}']
+    mismatched = make_commit()
+    mismatched = replace(mismatched, record=replace(mismatched.record, identity="someone"))
+    with pytest.raises(ValueError):
+        await store.commit(mismatched)

@@ -133,7 +133,8 @@ async def test_keys_are_prefixed_and_tenant_tagged(store: RedisStore, redis_url:
     rid, tagged = c.record.record_id, f"fedgate:{{{TENANT}}}:"
     assert keys == sorted([
         f"{tagged}n:{IDENTITY}:{c.nonce}", f"{tagged}a:{FP}", f"{tagged}o:{FP}",
-        f"{tagged}i:finding", f"{tagged}r:finding:{rid}", f"{tagged}epoch", "fedgate:schema",
+        f"{tagged}i:finding", f"{tagged}i:finding:{IDENTITY}", f"{tagged}r:finding:{rid}",
+        f"{tagged}epoch", "fedgate:schema",
     ])
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -44,9 +45,10 @@ CREATE INDEX IF NOT EXISTS records_by_tenant ON records (kind, tenant_id, seq);
 """
 
 
-def evidence(identity: str, fp: str, at: int) -> bytes:
+def evidence(identity: str, fp: str, at: int, att: str = HASH_A) -> bytes:
     return json.dumps({"identity": identity, "execution_fingerprint": fp,
-                       "received_at": at, "tenant_id": TENANT}).encode()
+                       "received_at": at, "tenant_id": TENANT,
+                       "attestation_measurement_hash": att}).encode()
 
 
 class OldGateway:
@@ -68,15 +70,15 @@ class OldGateway:
             self.r.set(f"fedgate:{{id:{identity}}}:n:{nonce}",
                        f"{expires_at}|{LEGACY_DIGEST}|{request_id}", ex=600)
 
-    def anchor(self, fp: str, records: list[tuple[str, str, int]]) -> None:
-        """An anchor for ``fp`` in TENANT and its records [(kind, identity, received_at)],
-        oldest first."""
+    def anchor(self, fp: str, records: list[tuple]) -> None:
+        """An anchor for ``fp`` in TENANT and its records [(kind, identity, received_at
+        [, attestation hash; default the anchored one])], oldest first."""
         if self.url.startswith("sqlite"):
             self.db.execute("INSERT INTO anchors VALUES (?,?,?,?)", (TENANT, fp, HASH_A, NOW))
         else:
             self.r.set(f"fedgate:{{{TENANT}}}:a:{fp}", HASH_A)
-        for i, (kind, identity, at) in enumerate(records):
-            rid, data = f"{fp[:4]}-{kind}-{i}", evidence(identity, fp, at)
+        for i, (kind, identity, at, *att) in enumerate(records):
+            rid, data = f"{fp[:4]}-{kind}-{i}", evidence(identity, fp, at, *att)
             if self.url.startswith("sqlite"):
                 self.db.execute(
                     "INSERT INTO records (kind, record_id, tenant_id, execution_fingerprint,"
@@ -168,7 +170,75 @@ async def test_sqlite_upgrade_adds_the_owner_column_once(store_url, old) -> None
     await store.close()
     db = sqlite3.connect(Path(store_url.removeprefix("sqlite:///")))
     try:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
         assert db.execute("SELECT owner FROM anchors").fetchall() == [(B,)]
     finally:
         db.close()
+
+
+FP_UNANCHORED_FIRST = "9" * 64
+HASH_OFF = "0" * 64
+
+
+async def test_back_fill_skips_records_made_under_another_attestation_hash(store_url, old):
+    """The oldest record of an execution may have been sent, by another identity, while
+    anchoring was off (another hash): it did not make the anchor, and gives no owner."""
+    old.anchor(FP_UNANCHORED_FIRST, [("finding", B, NOW - 60, HASH_OFF),
+                                     ("graph", B, NOW - 30, HASH_OFF.upper()),
+                                     ("finding", A, NOW, HASH_A.upper())])
+    store = await reopened(store_url)
+    try:
+        assert await store.get_anchor_owner(TENANT, FP_UNANCHORED_FIRST) == A
+    finally:
+        await store.close()
+
+
+async def test_upgrade_indexes_the_records_of_each_identity(store_url, old):
+    """Records written before the per-identity index are found by their identity after
+    the upgrade (back-filled once, idempotent), in order, next to new commits."""
+    old.anchor(FP, [("finding", A, NOW), ("finding", B, NOW + 1), ("finding", A, NOW + 2),
+                    ("graph", B, NOW + 3)])
+    for _ in range(2):
+        store = await reopened(store_url)
+        try:
+            mine = await store.list_records("finding", TENANT, identity=A)
+            assert [json.loads(r)["received_at"] for r in mine] == [NOW, NOW + 2]
+            theirs = await store.list_records("graph", TENANT, identity=B)
+            assert [json.loads(r)["identity"] for r in theirs] == [B]
+        finally:
+            await store.close()
+    store = await reopened(store_url)
+    try:
+        new = make_commit("nonce-0001", identity=A, record_id="new-1")
+        assert (await store.commit(new)).outcome is Outcome.ACCEPTED
+        mine = await store.list_records("finding", TENANT, 2, newest_first=True, identity=A)
+        assert mine[0] == new.record.data and json.loads(mine[1])["received_at"] == NOW + 2
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("store_url", ["redis"], indirect=True)
+async def test_redis_layout_3_gets_its_identity_indexes_once(store_url) -> None:
+    """A v1.1 store with epochs (layout 3) has records only in the per-kind index: the
+    next open builds the per-identity indexes and marks the layout 4."""
+    store = await reopened(store_url)
+    try:
+        for i, ident in enumerate((A, B, A)):
+            c = make_commit(f"nonce-{i:04d}", identity=ident, fp=None, record_id=f"r{i}")
+            c = replace(c, record=replace(c.record, data=evidence(ident, FP, NOW + i)))
+            assert (await store.commit(c)).outcome is Outcome.ACCEPTED
+    finally:
+        await store.close()
+    r = redis.Redis.from_url(store_url)
+    try:
+        r.delete(*r.keys(f"fedgate:{{{TENANT}}}:i:finding:*"))  # as layout 3 wrote it
+        r.hset("fedgate:schema", "version", "3")
+        store = await reopened(store_url)
+        try:
+            mine = await store.list_records("finding", TENANT, identity=A)
+            assert [json.loads(m)["received_at"] for m in mine] == [NOW, NOW + 2]
+        finally:
+            await store.close()
+        assert r.hget("fedgate:schema", "version") == b"4"
+    finally:
+        r.close()

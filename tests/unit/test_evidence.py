@@ -11,6 +11,7 @@ import base64
 from typing import Any
 
 import pytest
+from lab import TELEMETRY_BODY, VALIDATORS
 
 from gateway.evidence import (
     BAD_MEMBER,
@@ -22,8 +23,9 @@ from gateway.evidence import (
 )
 from schemas.canonical import dumps
 
-FP, ATT = "ab" * 32, "CD" * 32
-BODY = {"execution_hash": FP, "payload": {"severity": "high"}}
+ATT = "CD" * 32
+BODY = {**TELEMETRY_BODY, "timestamp": 7, "nonce": "nonce-0001"}  # a valid telemetry body
+FP = BODY["execution_hash"]
 GOOD: dict[str, Any] = {
     "finding_id": "f-1", "identity": "spectrastrike-producer", "tenant_id": "t",
     "execution_fingerprint": FP, "attestation_measurement_hash": ATT, "received_at": 7,
@@ -62,18 +64,34 @@ ROWS: dict[str, tuple[bytes, str]] = {
     "body_int_beyond_64_bits": (changed(body_b64=b64(b'{"free":' + BIG + b"}")),
                                 UNREADABLE_BODY),
     "body_not_object": (changed(body_b64=b64(b"[1]")), UNREADABLE_BODY),
+    # strict JSON, but not the shape its kind's schema gives: the policy would raise
+    # TypeError reading it (a 500 for every query of the tenant)
+    "body_severity_a_list": (changed(body_b64=b64(dumps(
+        {**BODY, "payload": {**BODY["payload"], "severity": ["critical"]}}))),
+        UNREADABLE_BODY),
+    "body_payload_missing": (changed(body_b64=b64(dumps(
+        {k: v for k, v in BODY.items() if k != "payload"}))), UNREADABLE_BODY),
+    "body_free_object_graph_not_finding": (changed(body_b64=b64(b'{"free":1}')),
+                                           UNREADABLE_BODY),
 }
 
 
 @pytest.mark.parametrize(("raw", "reason"), ROWS.values(), ids=ROWS)
 def test_unusable_record_names_its_reason(raw: bytes, reason: str) -> None:
     with pytest.raises(Unusable) as info:
-        read_evidence("finding", raw)
+        read_evidence("finding", raw, validators=VALIDATORS)
     assert info.value.reason == reason
 
 
+def test_a_body_is_checked_against_its_own_kinds_schema() -> None:
+    """A valid finding body stored as a graph is not a graph."""
+    with pytest.raises(Unusable) as info:
+        read_evidence("graph", changed(), validators=VALIDATORS)
+    assert info.value.reason == UNREADABLE_BODY
+
+
 def test_good_record_is_read_with_lower_case_hex() -> None:
-    got = read_evidence("finding", changed())
+    got = read_evidence("finding", changed(), validators=VALIDATORS)
     assert (got.identity, got.tenant_id, got.received_at) == ("spectrastrike-producer", "t", 7)
     assert (got.execution_fingerprint, got.attestation_hash) == (FP, ATT.lower())
     assert got.body == BODY

@@ -8,7 +8,6 @@ adjustment members, and every ``load_rules`` refusal (the message names rule and
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import pytest
 
 from gateway.config import ConfigError
-from gateway.evidence import Evidence, read_evidence
+from gateway.evidence import Evidence
 from gateway.policy import (
     CONDITIONS,
     DEFAULT_RULES_FILE,
@@ -205,8 +204,13 @@ def test_confidence_survives_canonical_json(value: float, wire: bytes) -> None:
 
 # -- facts from stored records -------------------------------------------------------------
 
-def _b64(body: dict) -> str:
-    return base64.b64encode(dumps(body)).decode("ascii")
+def _evidence(kind: str, fp: str, att: str, tenant: str, received_at: int,
+              body: dict) -> Evidence:
+    """Checked evidence as ``read_evidence`` gives it. Built directly: these bodies hold
+    only the members the facts read, not whole schema-valid requests (reading stored
+    records is tested in test_evidence.py)."""
+    return Evidence(kind, "spectrastrike-producer", tenant, fp.lower(), att.lower(),
+                    received_at, loads(dumps(body)))
 
 
 def finding(fp: str = FP, *, att: str = ATT, tenant: str = TENANT, received_at: int = NOW,
@@ -215,10 +219,7 @@ def finding(fp: str = FP, *, att: str = ATT, tenant: str = TENANT, received_at: 
         "severity": "high", "mitre_techniques": ["T1059.001"], "mitre_tactics": ["TA0002"],
         "event_type": "process_execution", "attributes": {"attestation_measurement_hash": att},
         **payload}}
-    return read_evidence("finding", dumps({
-        "identity": "spectrastrike-producer", "tenant_id": tenant, "execution_fingerprint": fp,
-        "attestation_measurement_hash": att, "received_at": received_at,
-        "body_b64": _b64(body)}))
+    return _evidence("finding", fp, att, tenant, received_at, body)
 
 
 def graph(fp: str = FP, *, att: str = ATT, nodes: int = 2, edges: int = 1,
@@ -227,10 +228,8 @@ def graph(fp: str = FP, *, att: str = ATT, nodes: int = 2, edges: int = 1,
                          "edges": [{"from": "n0", "to": "n0"}] * edges}
     if target is not None:
         g["target_urn"] = target
-    return read_evidence("graph", dumps({
-        "identity": "spectrastrike-producer", "tenant_id": TENANT, "execution_fingerprint": fp,
-        "attestation_measurement_hash": att, "received_at": received_at,
-        "body_b64": _b64({"execution_fingerprint": fp, "graph": g})}))
+    return _evidence("graph", fp, att, TENANT, received_at,
+                     {"execution_fingerprint": fp, "graph": g})
 
 
 def asset(ref: str, key: str = "asset_ref") -> dict:
