@@ -176,11 +176,12 @@ class InternalError(GatewayError):
     status, error = 500, "internal_error"
 
 
+# every code answered on the wire (ClientDisconnected is only audited: nobody is left)
 ALL_ERRORS: tuple[type[GatewayError], ...] = (
     UnsupportedMediaType, BodyTooLarge, EmptyBody, IdentityRejected,
     MalformedSignatureHeaders, TimestampOutOfWindow, UnknownKid, KeyNotValid,
     InvalidSignature, MalformedJson, NonCanonicalBody, SchemaViolation, HeaderBodyMismatch,
     MappingViolation, SchemaVersionNotAllowed, RateLimited, AttestationMismatch,
     ExecutionNotOwned, ReplayedNonce, ReplayStoreUnavailable, StoreUnavailable, RequestTimeout,
-    AuditUnavailable, InternalError,
+    BadRequest, AuditUnavailable, InternalError,
 )

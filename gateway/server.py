@@ -21,6 +21,7 @@ from aiohttp import web
 from . import logs
 from .app import METRICS, make_app
 from .conn import GUARD, ConnectionGuard, fit_limits, raise_fd_limit
+from .http_errors import handler_factory
 from .settings import GatewaySettings, load_keys, load_settings
 from .tls import server_context
 
@@ -31,12 +32,14 @@ class GuardedSite(web.BaseSite):
     """A TCP listener whose every accepted socket goes through the ``ConnectionGuard``
     (which does the TLS itself, so it sees sockets before their handshake)."""
 
-    __slots__ = ("_host", "_port", "_reuse_port", "_guard")
+    __slots__ = ("_host", "_port", "_reuse_port", "_guard", "_handler_args")
 
     def __init__(self, runner: web.AppRunner, host: str, port: int, *,
-                 ssl_context, guard: ConnectionGuard, reuse_port: bool) -> None:
+                 ssl_context, guard: ConnectionGuard, reuse_port: bool,
+                 handler_args: dict | None = None) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=guard.limits.backlog)
         self._host, self._port, self._reuse_port, self._guard = host, port, reuse_port, guard
+        self._handler_args = handler_args or {}
 
     @property
     def name(self) -> str:
@@ -44,7 +47,9 @@ class GuardedSite(web.BaseSite):
 
     async def start(self) -> None:
         await super().start()
-        factory = self._guard.protocol_factory(self._runner.server, self._ssl_context)
+        handlers = handler_factory(self._runner.server, self._runner.app,
+                                   **self._handler_args)  # aiohttp's 400s as fedgate's
+        factory = self._guard.protocol_factory(handlers, self._ssl_context)
         self._server = await asyncio.get_running_loop().create_server(
             factory, self._host, self._port, backlog=self._backlog,
             reuse_address=True, reuse_port=self._reuse_port)
@@ -66,11 +71,12 @@ async def start_gateway(config: Path | GatewaySettings, *, clock=time.time, echo
     app.on_cleanup.append(guard.close)
     access = dict(access_log=logging.getLogger(logs.ACCESS_LOGGER),
                   access_log_class=logs.AccessLogger) if access_log else dict(access_log=None)
-    runner = web.AppRunner(app, **access, handle_signals=False,
-                           keepalive_timeout=limits.idle_timeout_s + 1)  # guard's first
+    handler_args = dict(**access, keepalive_timeout=limits.idle_timeout_s + 1)  # guard's first
+    runner = web.AppRunner(app, handle_signals=False, **handler_args)
     await runner.setup()  # runs cleanup_ctx start-up: self-test, store, audit
     site = GuardedSite(runner, settings.server.host, settings.server.port,
-                       ssl_context=ssl_ctx, guard=guard, reuse_port=reuse_port)
+                       ssl_context=ssl_ctx, guard=guard, reuse_port=reuse_port,
+                       handler_args=handler_args)
     await site.start()
     return runner
 
