@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from audit import AuditSink, request_event
 from keyring import Keyring, PrivateKey, self_test
@@ -27,11 +28,11 @@ from schemas.validate import Validators
 
 from . import errors as E
 from . import logs
-from .conn import track_requests
+from .conn import CONN, GUARD, track_requests
 from .feedback import FeedbackIssuer, RulePolicy, no_adjustments
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
-from .pipeline import Context, Pipeline, SignedRequest, check_content_type
+from .pipeline import Context, Pipeline, SignedRequest, check_head
 from .policy import load_rules
 from .records import accepted_body
 from .routes import SIGNED_ROUTES, Route
@@ -162,18 +163,10 @@ def json_response(body: Any, status: int) -> web.Response:
 
 
 async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
-    """§4.2: judge the size from Content-Length before reading; enforce while streaming.
-
-    Compressed bodies are refused (the signature covers the bytes on the wire, and the
-    size limit must hold for what is parsed); a body that takes longer than
-    ``timeout_s`` to arrive is refused (408) so a slow sender cannot hold a worker.
-    """
-    check_content_type(request.headers)
-    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding != "identity":
-        raise E.UnsupportedMediaType("Content-Encoding is not accepted (send identity)")
-    if request.content_length is not None and request.content_length > limit:
-        raise E.BodyTooLarge(f"body exceeds max_body_bytes ({limit})")
+    """§4.2 while streaming (the headers were judged by ``check_head``): at most ``limit``
+    bytes, all of them within ``timeout_s`` (else 408: a slow sender cannot hold a worker).
+    A connection lost before the end (the client left, or the guard shed it) is a
+    ``ClientDisconnected``; a body whose framing breaks (bad chunks) a ``BadRequest``."""
     chunks, size = [], 0
     try:
         async with asyncio.timeout(timeout_s):
@@ -184,6 +177,14 @@ async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes
                 chunks.append(chunk)
     except TimeoutError:
         raise E.RequestTimeout(f"the body did not arrive within {timeout_s:g} s") from None
+    except ConnectionError:
+        conn = request.get(CONN)
+        by = f"shed by the gateway ({conn.shed_reason})" if conn and conn.shed_reason else (
+            "by the client")
+        raise E.ClientDisconnected(f"the connection was closed {by} before the whole body "
+                                   f"arrived ({size} bytes)") from None
+    except RequestPayloadError:
+        raise E.BadRequest("the body's framing is malformed") from None
     return b"".join(chunks)
 
 
@@ -191,6 +192,19 @@ def body_timeout(app: web.Application) -> float:
     """At most clock_skew_s (bounded to 1-30 s): a body slower than that could not pass
     the timestamp window anyway."""
     return float(min(30, max(1, app[SETTINGS].security.clock_skew_s)))
+
+
+def start_body(request: web.Request, identity: str) -> float:
+    """The headers passed (``check_head``): count the request in its identity's share of
+    the connection cap and return how long its body may take (gateway/conn.py)."""
+    cap_s = body_timeout(request.app)
+    guard, conn = request.app.get(GUARD), request.get(CONN)
+    if guard is None or conn is None:
+        return cap_s
+    if not guard.claim(conn, identity):
+        raise E.RateLimited("too many requests in progress for this service identity",
+                            retry_after=1)
+    return guard.limits.body_seconds(request.content_length, cap_s)
 
 
 async def handle_signed(request: web.Request) -> web.Response:
@@ -204,10 +218,17 @@ async def handle_signed(request: web.Request) -> web.Response:
         return json_response(err.body(ctx.request_id), err.status)
     peer, peer_spki = peer_cert_pins(request.transport.get_extra_info("ssl_object")
                                      if request.transport else None)
-    started, now, exc = time.perf_counter(), None, None
+    security = app[SETTINGS].security
+    started, now, exc, body_in = time.perf_counter(), None, None, False
     try:
-        body = await read_body(request, app[SETTINGS].security.max_body_bytes,
-                               body_timeout(app))
+        # §4.2-3 on the headers alone: no body is read for a client that fails them
+        ctx.identity = check_head(security, request.headers, request.content_length,
+                                  peer, peer_spki)
+        body = await read_body(request, security.max_body_bytes,
+                               start_body(request, ctx.identity))
+        body_in = True
+        if (guard := app.get(GUARD)) is not None and (conn := request.get(CONN)) is not None:
+            guard.deciding(conn)
         # "now" is captured once, when the whole body is in (a slow body cannot stretch
         # the timestamp window or outlive a claim), and passed down
         now = int(app[CLOCK]())
@@ -230,7 +251,7 @@ async def handle_signed(request: web.Request) -> web.Response:
     response = json_response(payload, status)
     if isinstance(exc, E.RateLimited):
         response.headers["Retry-After"] = str(exc.extra["retry_after"])
-    if isinstance(exc, E.BodyTooLarge | E.RequestTimeout | E.UnsupportedMediaType):
+    if not body_in:
         response.force_close()  # an unread body must not be parsed as the next request
     return response
 

@@ -3,24 +3,33 @@
 Issue 7 point 3: without it, 1,100 raw TCP connections (or ~1,000 idle mTLS ones) starved
 legitimate producers and ran the process out of file descriptors. Each accepted socket is
 one ``Conn`` (the asyncio TLS protocol of that socket, so it is tracked from ``accept``,
-before the handshake) in one of four states:
+before the handshake) in one of five states:
 
 * **silent** — accepted, nothing received yet. Closed ``handshake_timeout_s`` after accept
   (asyncio also bounds the whole TLS handshake by ``handshake_timeout_s``).
 * **waiting** — bytes are arriving (the TLS handshake, or the next request on a kept-alive
   connection) and the request's headers are not complete yet. Closed ``header_timeout_s``
   after its first byte, however slowly the rest trickles in.
-* **active** — a request is in the application (its headers are complete); the body is
-  bounded by the application's own body timeout. Never shed.
+* **reading** — a request is in the application (its headers are complete) and its body
+  is not all in yet. The application judges the headers first (content type, size,
+  identity pinned to the TLS session) and only then reads the body, within
+  ``Limits.body_seconds`` (scaled to its Content-Length, a 408 after). Sheddable.
+* **active** — the whole body is in and the request is being decided. Never shed.
 * **idle** — keep-alive between requests; closed ``idle_timeout_s`` after the response.
 
 **The cap** (``max_connections`` per worker, lowered to fit the open-files limit): when a
 new socket would exceed it, the guard sheds the oldest silent connection, else the one
 that has made no progress for the longest time (oldest state change among waiting and
-idle ones). A flood of sockets
-that never complete a request therefore churns among itself, while a producer, whose
-connection goes from accept to complete headers in milliseconds, is the newest one and
-gets through. Only when every connection is active is the new one refused.
+idle ones), else the oldest reading one. A flood of sockets that never complete a
+request therefore churns among itself, while a producer, whose connection goes from
+accept to a complete body in milliseconds, is the newest one and gets through. Only
+when every connection is being decided is the new one refused.
+
+**The identity share** (``identity_share`` of the cap, at least 1): one service identity
+(pinned, ``claim``) holds at most that many requests reading or being decided; its next
+one sheds its own oldest reading request (reason ``identity_share``), or is refused if
+all of them are being decided. A connection whose certificate is pinned to no identity
+never reaches the body (refused 401 on its headers), so it holds nothing but headers.
 
 Closing is ``abort()`` of the socket transport: the descriptor is freed at once, with no
 TLS close_notify to wait for. Closes are counted in ``fedgate_connections_closed_total``
@@ -35,69 +44,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import resource
 import ssl
 from asyncio import sslproto
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
+from .conn_limits import Limits, fit_limits, raise_fd_limit
 from .metrics import Metrics
 from .tlsaudit import HandshakeAudit
 
+__all__ = ["GUARD", "CONN", "Conn", "ConnectionGuard", "Limits", "fit_limits",
+           "raise_fd_limit", "track_requests"]
+
 log = logging.getLogger("fedgate.conn")
 
-# Descriptors kept free besides the connections and two accept batches: stdio, the
-# listening socket, the audit file, SQLite (db, -wal, -shm), the Redis pool, imports.
-RESERVED_FDS = 64
-MAX_BACKLOG = 1024
 SUMMARY_EVERY_S = 10.0
-SILENT, WAITING, ACTIVE, IDLE = "silent", "waiting", "active", "idle"
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    handshake_timeout_s: float
-    header_timeout_s: float
-    idle_timeout_s: float
-    max_connections: int  # the cap in force (already fitted to the open-files limit)
-    backlog: int
-
-
-def raise_fd_limit() -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard one; return the soft limit in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft == resource.RLIM_INFINITY or want <= soft:
-        return soft if soft != resource.RLIM_INFINITY else 1 << 20
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    except (ValueError, OSError):
-        return soft
-    return want
-
-
-def fit_limits(server: Any, fd_limit: int) -> Limits:
-    """``server`` is ``ServerSettings``. The accept backlog is also how many sockets asyncio
-    accepts in one batch before any is seen here (and a shed socket's descriptor is freed
-    one loop iteration later): two batches (at most cap / 2) are kept as headroom."""
-    room = (fd_limit - RESERVED_FDS) * 2 // 3  # the rest: up to two accept batches
-    if room < 16:
-        raise ValueError(f"the open-files limit ({fd_limit}) is too low to serve: "
-                         f"raise `ulimit -n` (hard) above {RESERVED_FDS + 24}")
-    cap = min(server.max_connections, room)
-    if cap < server.max_connections:
-        log.warning("server.max_connections = %d lowered to %d to stay below the "
-                    "open-files limit (%d)", server.max_connections, cap, fd_limit)
-    # A batch smaller than the cap: a producer's new socket then lives through the
-    # batch that follows it (long enough for its ClientHello to be read) before it
-    # could be the oldest silent one.
-    backlog = min(MAX_BACKLOG, max(8, cap // 4))
-    return Limits(server.handshake_timeout_s, server.header_timeout_s,
-                  server.idle_timeout_s, cap, backlog)
+SILENT, WAITING, READING, ACTIVE, IDLE = "silent", "waiting", "reading", "active", "idle"
 
 
 class Conn(sslproto.SSLProtocol):
@@ -113,6 +78,8 @@ class Conn(sslproto.SSLProtocol):
         self.state, self.since, self.doomed = SILENT, 0.0, False
         self.peer: Any = None  # the TCP peer (ip, port, ...)
         self.handshaken = False
+        self.identity: str | None = None  # set by ``claim`` while a request holds it
+        self.shed_reason: str | None = None  # why the guard closed it, if it did
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.raw = transport
@@ -150,7 +117,10 @@ class ConnectionGuard:
         self.limits, self.metrics, self.handshakes = limits, metrics, handshakes
         # state → its connections, oldest state change first (so also earliest deadline)
         self._table: dict[str, OrderedDict[Conn, None]] = {
-            SILENT: OrderedDict(), WAITING: OrderedDict(), IDLE: OrderedDict()}
+            SILENT: OrderedDict(), WAITING: OrderedDict(), READING: OrderedDict(),
+            IDLE: OrderedDict()}
+        # identity → its connections holding a request (reading or active), oldest first
+        self._held: dict[str, OrderedDict[Conn, None]] = {}
         self._open: set[Conn] = set()
         self._by_handler: dict[Any, Conn] = {}
         self._recent: Counter[str] = Counter()
@@ -197,13 +167,45 @@ class ConnectionGuard:
         conn.state, conn.since = state, self._now()
         if state is not ACTIVE:
             self._table[state][conn] = None
+        if state is IDLE:
+            self._release(conn)
         self.metrics.connections_open = len(self._open)
 
     def request_started(self, handler: Any) -> Conn | None:
         conn = self._by_handler.get(handler)
         if conn is not None:
-            self.move(conn, ACTIVE)
+            self.move(conn, READING)
         return conn
+
+    def claim(self, conn: Conn, identity: str) -> bool:
+        """The request on ``conn`` is ``identity``'s (its headers passed): count it in that
+        identity's share, shedding the identity's oldest reading request if it is full.
+        False: the share is full of requests being decided (refuse this one)."""
+        if conn not in self._open:
+            return True  # already closed: its body read fails on its own
+        held = self._held.setdefault(identity, OrderedDict())
+        if len(held) >= self.limits.per_identity:
+            victim = next((c for c in held if c.state is READING and c is not conn), None)
+            if victim is None:
+                self._count("identity_refused")
+                return False
+            self._shed(victim, "identity_share")
+        conn.identity = identity
+        held[conn] = None
+        return True
+
+    def deciding(self, conn: Conn) -> None:
+        """The whole body is in: the request is decided now, never shed."""
+        self.move(conn, ACTIVE)
+
+    def _release(self, conn: Conn) -> None:
+        if conn.identity is not None:
+            held = self._held.get(conn.identity)
+            if held is not None:
+                held.pop(conn, None)
+                if not held:
+                    del self._held[conn.identity]
+            conn.identity = None
 
     def lost(self, conn: Conn, exc: BaseException | None) -> None:
         if conn not in self._open:
@@ -225,6 +227,7 @@ class ConnectionGuard:
 
     def _shed(self, conn: Conn, reason: str) -> None:
         self._count(reason)
+        conn.shed_reason = reason
         self._forget(conn)
         conn.abort()
 
@@ -232,14 +235,18 @@ class ConnectionGuard:
         self._open.discard(conn)
         self._table.get(conn.state, {}).pop(conn, None)
         self._by_handler.pop(conn.handler, None)
+        self._release(conn)
         self.metrics.connections_open = len(self._open)
 
     def _oldest(self) -> Conn | None:
-        """The connection to shed: the oldest silent one, else the oldest waiting or idle."""
+        """The connection to shed: the oldest silent one, else the oldest waiting or idle,
+        else the oldest reading one (never one being decided)."""
         if self._table[SILENT]:
             return next(iter(self._table[SILENT]))
         firsts = [next(iter(self._table[s])) for s in (WAITING, IDLE) if self._table[s]]
-        return min(firsts, key=lambda c: c.since) if firsts else None
+        if firsts:
+            return min(firsts, key=lambda c: c.since)
+        return next(iter(self._table[READING]), None)
 
     def _count(self, reason: str) -> None:
         self.metrics.connections_closed[reason] += 1
@@ -286,13 +293,17 @@ class ConnectionGuard:
 
 
 GUARD = web.AppKey("conn_guard", ConnectionGuard)
+CONN = web.RequestKey("conn", Conn)
 
 
 @web.middleware
 async def track_requests(request: web.Request, handler) -> web.StreamResponse:
-    """Outermost middleware: headers complete → active; the handler done → idle."""
+    """Outermost middleware: headers complete → reading; the handler done → idle. The
+    handler moves it to active (``deciding``) once the whole body is in."""
     guard = request.app.get(GUARD)
     conn = guard.request_started(request.protocol) if guard is not None else None
+    if conn is not None:
+        request[CONN] = conn
     try:
         return await handler(request)
     finally:

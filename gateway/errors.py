@@ -153,6 +153,19 @@ class RequestTimeout(GatewayError):
     status, error = 408, "request_timeout"
 
 
+class BadRequest(GatewayError):
+    """Not a §4 step: HTTP the server could not parse (request line, headers, framing)."""
+
+    status, error = 400, "bad_request"
+
+
+class ClientDisconnected(GatewayError):
+    """Not an answer (nobody is left to read one): the connection closed before the whole
+    body arrived, by the client or shed by the connection guard. Audited with 499."""
+
+    status, error = 499, "client_disconnected"
+
+
 class AuditUnavailable(GatewayError):
     """Not in PROTOCOL.md §4: the audit log cannot be written, so nothing is decided."""
 
@@ -163,11 +176,12 @@ class InternalError(GatewayError):
     status, error = 500, "internal_error"
 
 
+# every code answered on the wire (ClientDisconnected is only audited: nobody is left)
 ALL_ERRORS: tuple[type[GatewayError], ...] = (
     UnsupportedMediaType, BodyTooLarge, EmptyBody, IdentityRejected,
     MalformedSignatureHeaders, TimestampOutOfWindow, UnknownKid, KeyNotValid,
     InvalidSignature, MalformedJson, NonCanonicalBody, SchemaViolation, HeaderBodyMismatch,
     MappingViolation, SchemaVersionNotAllowed, RateLimited, AttestationMismatch,
     ExecutionNotOwned, ReplayedNonce, ReplayStoreUnavailable, StoreUnavailable, RequestTimeout,
-    AuditUnavailable, InternalError,
+    BadRequest, AuditUnavailable, InternalError,
 )

@@ -225,6 +225,24 @@ def check_content_type(headers: Any) -> None:
             raise E.UnsupportedMediaType("the only charset accepted is utf-8")
 
 
+def check_head(cfg: SecurityConfig, headers: Any, content_length: int | None,
+               peer_fp: str | None, peer_spki: str | None = None) -> str:
+    """§4.2-3 on what the headers allow, before a byte of the body is read (so a client
+    whose certificate is pinned to no identity never holds a body read): content type
+    and encoding, Content-Length against max_body_bytes and zero, then the identity.
+    A chunked body (no Content-Length) has its size judged while it is read, after this.
+    ``Pipeline.process`` judges the same again on the whole body."""
+    check_content_type(headers)
+    encoding = one_header(headers, "Content-Encoding", E.UnsupportedMediaType) or "identity"
+    if encoding.strip().lower() != "identity":
+        raise E.UnsupportedMediaType("Content-Encoding is not accepted (send identity)")
+    if content_length is not None and content_length > cfg.max_body_bytes:
+        raise E.BodyTooLarge(f"body exceeds max_body_bytes ({cfg.max_body_bytes})")
+    if content_length == 0:
+        raise E.EmptyBody("the request body is empty")
+    return check_identity(cfg, headers, peer_fp, peer_spki)
+
+
 def check_identity(cfg: SecurityConfig, headers: Any, peer_fp: str | None,
                    peer_spki: str | None = None) -> str:
     """§4.3: the claimed identity's pins name the TLS session's leaf certificate, by its

@@ -21,6 +21,7 @@ from . import logs
 from .admin import bind_admin, start_admin
 from .app import HANDSHAKES, METRICS, make_app, readiness
 from .conn import GUARD, ConnectionGuard, fit_limits, raise_fd_limit
+from .http_errors import handler_factory
 from .listen import bind_listeners
 from .settings import GatewaySettings, load_keys, load_settings
 from .tls import server_context
@@ -33,12 +34,13 @@ class GuardedSite(web.BaseSite):
     the ``ConnectionGuard`` (which does the TLS itself, so it sees sockets before their
     handshake)."""
 
-    __slots__ = ("_sock", "_guard", "_name")
+    __slots__ = ("_sock", "_guard", "_name", "_handler_args")
 
     def __init__(self, runner: web.AppRunner, sock: socket.socket, *,
-                 ssl_context, guard: ConnectionGuard) -> None:
+                 ssl_context, guard: ConnectionGuard, handler_args: dict | None = None) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=guard.limits.backlog)
         self._sock, self._guard = sock, guard
+        self._handler_args = handler_args or {}
         host, port = sock.getsockname()[:2]
         self._name = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
 
@@ -48,7 +50,9 @@ class GuardedSite(web.BaseSite):
 
     async def start(self) -> None:
         await super().start()
-        factory = self._guard.protocol_factory(self._runner.server, self._ssl_context)
+        handlers = handler_factory(self._runner.server, self._runner.app,
+                                   **self._handler_args)  # aiohttp's 400s as fedgate's
+        factory = self._guard.protocol_factory(handlers, self._ssl_context)
         self._server = await asyncio.get_running_loop().create_server(
             factory, sock=self._sock, backlog=self._backlog)
 
@@ -72,12 +76,13 @@ async def start_gateway(config: Path | GatewaySettings, *, clock=time.time, echo
     app.on_cleanup.append(guard.close)
     access = dict(access_log=logging.getLogger(logs.ACCESS_LOGGER),
                   access_log_class=logs.AccessLogger) if access_log else dict(access_log=None)
-    runner = web.AppRunner(app, **access, handle_signals=False,
-                           keepalive_timeout=limits.idle_timeout_s + 1)  # guard's first
+    handler_args = dict(**access, keepalive_timeout=limits.idle_timeout_s + 1)  # guard's first
+    runner = web.AppRunner(app, handle_signals=False, **handler_args)
     try:
         await runner.setup()  # runs cleanup_ctx start-up: self-test, store, audit
         for sock in socks:
-            await GuardedSite(runner, sock, ssl_context=ssl_ctx, guard=guard).start()
+            await GuardedSite(runner, sock, ssl_context=ssl_ctx, guard=guard,
+                              handler_args=handler_args).start()
     except BaseException:
         for sock in socks:
             sock.close()

@@ -36,6 +36,7 @@ _CONN_LIMITS: dict[str, tuple[float, float, float, str]] = {
     "header_timeout_s": (10.0, 0.0, 300.0, "a number of seconds in (0, 300]"),
     "idle_timeout_s": (30.0, 0.0, 3600.0, "a number of seconds in (0, 3600]"),
     "max_connections": (4096, 0, 1_000_000, "an integer in [1, 1000000]"),
+    "identity_share": (0.5, 0.0, 1.0, "a number in (0, 1]"),
 }
 _SERVER_KEYS = frozenset({"host", "port", "tls_cert", "tls_key", "client_ca", "max_body_bytes",
                           *_CONN_LIMITS})
@@ -72,6 +73,7 @@ class ServerSettings:
     header_timeout_s: float = _CONN_LIMITS["header_timeout_s"][0]
     idle_timeout_s: float = _CONN_LIMITS["idle_timeout_s"][0]
     max_connections: int = int(_CONN_LIMITS["max_connections"][0])
+    identity_share: float = _CONN_LIMITS["identity_share"][0]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -154,11 +154,14 @@ def _tlv(der: bytes, pos: int) -> tuple[int, int, int]:
 def spki_der(cert_der: bytes) -> bytes:
     """The exact SubjectPublicKeyInfo bytes inside a certificate's DER (RFC 5280
     ``tbsCertificate``: [0] version?, serial, signature, issuer, validity, subject,
-    subjectPublicKeyInfo), never re-encoded. ValueError on anything else."""
+    subjectPublicKeyInfo), never re-encoded. ValueError on anything else, truncation
+    included (never IndexError: ``peer_cert_pins`` catches ValueError only)."""
     _, start, _ = _tlv(cert_der, 0)  # Certificate ::= SEQUENCE
     tag, pos, tbs_end = _tlv(cert_der, start)  # tbsCertificate ::= SEQUENCE
     if tag != 0x30:
         raise ValueError("not a certificate")
+    if pos >= tbs_end:
+        raise ValueError("truncated DER")
     if cert_der[pos] == 0xA0:  # explicit version
         pos = _tlv(cert_der, pos)[2]
     for _ in range(5):  # serialNumber, signature, issuer, validity, subject

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import sqlite3
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -153,6 +154,20 @@ async def internal_error(env: Env):
     return await env.post(TELEMETRY_PATH, *signed())
 
 
+async def unparseable(env: Env):
+    """HTTP aiohttp's parser refuses (gateway/http_errors.py), on a raw TLS socket."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", env.stack.port, ssl=env.stack.ssl(), server_hostname="localhost")
+    writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+    await writer.drain()
+    raw = await reader.read()
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines)
+    return int(status_line.split()[1]), headers, json.loads(body)
+
+
 def post_(build: Callable[[], tuple[str, dict, bytes]], identity: str = IDENTITY) -> Scenario:
     async def run(env: Env):
         path, headers, body = build()
@@ -201,6 +216,7 @@ SCENARIOS: dict[str, Scenario] = {
     "request_timeout": request_timeout,
     "audit_unavailable": audit_unavailable,
     "internal_error": internal_error,
+    "bad_request": unparseable,
 }
 SECURITY = {"rate_limited": {"rate_limit_per_minute": 1},
             "request_timeout": {"clock_skew_s": 1, "nonce_ttl_s": 3}}

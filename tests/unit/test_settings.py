@@ -53,6 +53,7 @@ handshake_timeout_s = 3
 header_timeout_s = 4.5
 idle_timeout_s = 20
 max_connections = 500
+identity_share = 0.25
 
 [store]
 url = "sqlite:///state/test.db"
@@ -153,7 +154,7 @@ def test_valid_config_loads_with_paths_relative_to_its_directory(tmp_path, monke
     assert s.server.client_ca == conf / "certs/ca.crt"
     server = s.server
     assert (server.handshake_timeout_s, server.header_timeout_s, server.idle_timeout_s,
-            server.max_connections) == (3.0, 4.5, 20.0, 500)
+            server.max_connections, server.identity_share) == (3.0, 4.5, 20.0, 500, 0.25)
     assert s.store_url == f"sqlite:///{conf}/state/test.db"
     assert s.store_url.startswith("sqlite:////")  # the store strips "sqlite:///" → absolute
     assert dict(s.store_options) == {"busy_timeout_ms": 250}
@@ -179,7 +180,7 @@ def test_defaults_apply(tmp_path) -> None:
     assert ServerSettings(tls_cert=cfg, tls_key=cfg, client_ca=cfg).host == "127.0.0.1"
     assert ServerSettings(tls_cert=cfg, tls_key=cfg, client_ca=cfg).port == 8443
     assert (s.server.handshake_timeout_s, s.server.header_timeout_s, s.server.idle_timeout_s,
-            s.server.max_connections) == (10.0, 10.0, 30.0, 4096)
+            s.server.max_connections, s.server.identity_share) == (10.0, 10.0, 30.0, 4096, 0.5)
     sec = s.security
     assert (sec.clock_skew_s, sec.nonce_ttl_s, sec.max_body_bytes) == (30, 120, DEFAULT_MAX_BODY)
     assert sec.allowed_schema_versions == {"1.0"} and sec.require_canonical_body is True
@@ -293,6 +294,12 @@ INVALID = [
      ["server.idle_timeout_s must be a number of seconds in (0, 3600]"]),
     ("idle-timeout-bool", sub("idle_timeout_s = 20", "idle_timeout_s = true"),
      ["server.idle_timeout_s"]),
+    ("identity-share-zero", sub("identity_share = 0.25", "identity_share = 0"),
+     ["server.identity_share must be a number in (0, 1]"]),
+    ("identity-share-above-one", sub("identity_share = 0.25", "identity_share = 1.5"),
+     ["server.identity_share"]),
+    ("identity-share-string", sub("identity_share = 0.25", 'identity_share = "0.5"'),
+     ["server.identity_share"]),
     ("max-connections-zero", sub("max_connections = 500", "max_connections = 0"),
      ["server.max_connections must be an integer in [1, 1000000]"]),
     ("max-connections-float", sub("max_connections = 500", "max_connections = 500.0"),

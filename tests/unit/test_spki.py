@@ -94,3 +94,19 @@ def test_pin_matches_each_form_against_its_own_hash() -> None:
 def test_emitter_normalizes_hex_pins_only() -> None:
     assert normalize_pin(" AB:" + "CD" * 31 + " ") == "ab" + "cd" * 31
     assert normalize_pin(f" {GOOD} ") == GOOD  # base64 is case-sensitive: left as is
+
+
+@pytest.mark.parametrize("der", [
+    b"", b"\x30", b"\x30\x00", b"\x30\x02\x30\x00", b"\x30\x03\x30\x01\xa0",
+    b"\x30\x04\x30\x02\x02\x00", b"\x30\x82\x01", b"\x30\x05\x30\x03\xa0\x05\x00",
+], ids=lambda d: d.hex() or "empty")
+def test_spki_der_raises_value_error_on_any_truncation(der: bytes) -> None:
+    with pytest.raises(ValueError):
+        spki_der(der)
+
+
+def test_spki_der_raises_value_error_on_every_prefix_of_a_certificate() -> None:
+    der = _cert(ec.generate_private_key(ec.SECP256R1()))
+    for n in range(len(der)):
+        with pytest.raises(ValueError):
+            spki_der(der[:n])
