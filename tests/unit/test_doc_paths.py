@@ -120,4 +120,5 @@ def test_the_collection_finds_paths():
 def test_every_path_a_doc_names_exists(doc):
     missing = sorted(path for path in candidates(doc.read_text(encoding="utf-8"))
                      if not allowed(path) and not exists(path, doc))
-    assert not missing, f"{doc.relative_to(ROOT)} names paths a clone does not have: {missing}"
+    assert not missing, (f"{doc.relative_to(ROOT)} names paths a clone does not have "
+                         f"(a new file: git add it): {missing}")
