@@ -8,6 +8,7 @@ COPY keyring keyring
 COPY schemas schemas
 COPY audit audit
 COPY tests/e2e tests/e2e
+COPY examples examples
 RUN pip install --no-cache-dir . && mkdir -p /app/local_docs/audit
 EXPOSE 8443
 ENTRYPOINT ["fedgate"]
