@@ -2,6 +2,7 @@
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY fedgate fedgate
 COPY gateway gateway
 COPY emitter emitter
 COPY keyring keyring

@@ -20,9 +20,9 @@ from typing import Any
 import aiohttp
 
 from audit import AuditLog
-from gateway.config import ConfigError
-from gateway.routes import GRAPH_PATH, TELEMETRY_PATH
-from gateway.tls import TlsConfigError, client_context
+from gateway.config.config import ConfigError
+from gateway.http.tls import TlsConfigError, client_context
+from gateway.pipeline.routes import GRAPH_PATH, TELEMETRY_PATH
 from keyring.ed25519 import PrivateKey, verify
 
 from .delivery import Deliveries, DeliveryResult, _execution, _queued

@@ -15,10 +15,10 @@ from typing import Any
 from multidict import CIMultiDict
 
 from emitter.signing import sign_request
-from gateway import errors as E
-from gateway.config import SecurityConfig
-from gateway.pipeline import Context, Pipeline, SignedRequest
-from gateway.routes import GRAPH_PATH, QUERY_PATH, SIGNED_ROUTES, TELEMETRY_PATH
+from gateway.config.config import SecurityConfig
+from gateway.pipeline import errors as E
+from gateway.pipeline.pipeline import Context, Pipeline, SignedRequest
+from gateway.pipeline.routes import GRAPH_PATH, QUERY_PATH, SIGNED_ROUTES, TELEMETRY_PATH
 from keyring import Key, Keyring, KeyStatus, PrivateKey
 from schemas.signing import request_signing_input
 from schemas.validate import Validators

@@ -11,7 +11,7 @@ from stack import free_port
 from test_cli_edges import ROOT, fedgate, serving
 from test_emit_files import finding_events
 
-from gateway.bootstrap import TENANTS
+from fedgate.bootstrap import TENANTS
 
 EVENTS = ROOT / "examples" / "events.jsonl"
 

@@ -43,15 +43,15 @@ from emitter.settings import load_emitter_settings
 from emitter.sync import SyncEmitterClient
 from emitter.transport import MAX_RESPONSE_BYTES
 from emitter.verify import FeedbackRejected
-from gateway.bootstrap import bootstrap
-from gateway.config import ConfigError
-from gateway.feedback import bound_nonce, sign_feedback
-from gateway.pki import init_pki
-from gateway.policy import DEFAULT_RULES_FILE
-from gateway.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
-from gateway.server import start_gateway
+from fedgate.bootstrap import bootstrap
+from fedgate.pki import init_pki
+from gateway.config.config import ConfigError
+from gateway.feedback.issuer import bound_nonce, sign_feedback
+from gateway.feedback.policy import DEFAULT_RULES_FILE
+from gateway.http.server import start_gateway
+from gateway.http.tls import server_context
+from gateway.pipeline.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
 from gateway.store import open_store
-from gateway.tls import server_context
 from keyring import Key, Keyring, PrivateKey
 from keyring.keys import save_jwks
 

@@ -13,9 +13,9 @@ from lab import FP, IDENTITY, KEYS, NOW, PRODUCER, TENANT, body_for
 from stack import Stack
 
 from emitter.signing import sign_request
-from gateway.app import ISSUER
-from gateway.policy import DEFAULT_RULES_FILE
-from gateway.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
+from gateway.feedback.policy import DEFAULT_RULES_FILE
+from gateway.http.app import ISSUER
+from gateway.pipeline.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
 from keyring import Key, Keyring, PrivateKey
 
 OTHER = "spectrastrike-other"

@@ -26,7 +26,7 @@ from lab import (
 )
 from multidict import CIMultiDict
 
-from gateway.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
+from gateway.pipeline.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
 from gateway.store import open_store
 from keyring.ed25519 import PrivateKey
 from schemas.signing import request_signing_input

@@ -14,10 +14,10 @@ import pytest
 from conftest import load_vectors
 from multidict import CIMultiDict
 
-from gateway import errors as E
-from gateway.config import SecurityConfig
-from gateway.pipeline import Context, Pipeline, SignedRequest
-from gateway.routes import SIGNED_ROUTES
+from gateway.config.config import SecurityConfig
+from gateway.pipeline import errors as E
+from gateway.pipeline.pipeline import Context, Pipeline, SignedRequest
+from gateway.pipeline.routes import SIGNED_ROUTES
 from keyring import Key, Keyring, parse_jwks
 from schemas.validate import Validators
 

@@ -25,9 +25,9 @@ from stack import FEEDBACK_SEED, Stack, toml_value
 
 from emitter.client import EmitterClient
 from emitter.settings import load_emitter_settings
-from gateway.cli import main as gateway_main
-from gateway.routes import TELEMETRY_PATH
-from gateway.tls import client_context, spki_pin
+from fedgate.cli import main as gateway_main
+from gateway.http.tls import client_context, spki_pin
+from gateway.pipeline.routes import TELEMETRY_PATH
 from keyring import Key, Keyring, PrivateKey
 from keyring.keys import save_jwks
 

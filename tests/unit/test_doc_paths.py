@@ -4,14 +4,14 @@
 Collected from the docs, never listed here: backtick spans and link targets that look
 like a path (`docs/X.md`, `tests/...py`, `examples/...`; any span with a `/` and a file
 extension), bare words that start with one of the repository's top-level directories
-(`gateway/app.py` in running text) and bare `NAME.md` cross-references. A path is looked
+(`gateway/http/app.py` in running text) and bare `NAME.md` cross-references. A path is looked
 up in `git ls-files` (what a clone gets; the working tree when there is no git), from
 the repository root, and for a doc in docs/ also from docs/.
 
 Not repository paths, and allowed by pattern: placeholders for an operator's own
 directory (`DIR/gateway.toml`, `CERTS_DIR/ca.key`: an upper-case first segment), the
 files `fedgate bootstrap` writes *inside* DIR (`policy/rules.toml`,
-`audit/gateway-audit.jsonl`, `keys/…`: taken from gateway/bootstrap.py, relative to the
+`audit/gateway-audit.jsonl`, `keys/…`: taken from fedgate/bootstrap.py, relative to the
 config file; any file in those of its directories that hold no code here, such as
 `certs/siem-ca.crt`), and the short explicit list OUTSIDE.
 """
@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from gateway import bootstrap
+from fedgate import bootstrap
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]

@@ -1,6 +1,6 @@
 """docs/OPERATIONS.md names every metric the gateway and the audit shipper expose, and no
 metric that does not exist (issue 8, point 10). The names come from the code: the
-exposition of a fresh ``gateway.metrics.Metrics`` (``# TYPE`` lines: every registered
+exposition of a fresh ``gateway.http.metrics.Metrics`` (``# TYPE`` lines: every registered
 family, labelled or not) and ``audit.shipper.Shipper.metrics_text``."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from audit.shipper import Shipper
-from gateway.metrics import Metrics
+from gateway.http.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "OPERATIONS.md"

@@ -1,6 +1,6 @@
 """Refused TLS handshakes made visible (issue 8 point 5; PROTOCOL.md §7 v1.1).
 
-The connection guard (gateway/conn.py) reports every handshake that did not complete:
+The connection guard (gateway/http/conn.py) reports every handshake that did not complete:
 an ``ssl.SSLError`` from the handshake, the client closing or resetting mid-handshake,
 or a socket that did not complete its handshake in time. Each one is
 

@@ -16,12 +16,12 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from gateway.logs import KEYS as LOG_KEYS
+from gateway.logs import LogSettings, from_table
 from keyring.ed25519 import PrivateKey
 from keyring.keys import KID_RE, Keyring, KeyringError, load_jwks
 
 from .config import ConfigError, SecurityConfig
-from .logs import KEYS as LOG_KEYS
-from .logs import LogSettings, from_table
 from .syslog_config import SyslogSettings, parse_syslog
 from .tomlfile import load_file, path_value, readable_file
 

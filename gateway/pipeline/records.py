@@ -12,12 +12,12 @@ import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from gateway.config.config import SecurityConfig
+from gateway.store import Anchor, Commit, Record
 from schemas.canonical import dumps
 
 from . import errors as E
-from .config import SecurityConfig
 from .routes import FINDING_SCHEMA_VERSION, Route
-from .store import Anchor, Commit, Record
 
 if TYPE_CHECKING:
     from .pipeline import Context, SignedRequest

@@ -4,12 +4,12 @@ The supervisor (issue 8.2) checks the config and keys, **binds the port once** (
 ``SO_REUSEPORT``: a second gateway on the port stops with one line) and hands the bound
 socket to N spawned workers, which all accept on it. Each worker also gets one end of a
 control socket pair: the supervisor asks it for its readiness there (the admin
-listener's ``/readyz``, gateway/admin.py), and the worker stops when the supervisor's end
+listener's ``/readyz``, gateway/http/admin.py), and the worker stops when the supervisor's end
 closes. Workers never outlive the supervisor: on Linux the kernel sends them SIGTERM when
 it dies (``PR_SET_PDEATHSIG``), and everywhere the end of the control socket stops them.
 
 Metrics (issue 8.3): the supervisor points ``PROMETHEUS_MULTIPROC_DIR`` at a private
-temporary directory (removed when it exits) before spawning; see gateway/metrics.py.
+temporary directory (removed when it exits) before spawning; see gateway/http/metrics.py.
 
 SIGTERM/SIGINT to the supervisor stop every worker. A worker that exits on its own is
 named with its exit status (``fedgate: worker 2 (pid N) exited with status 3`` /
@@ -33,11 +33,12 @@ from pathlib import Path
 
 from prometheus_client.multiprocess import mark_process_dead
 
+from gateway.config.settings import GatewaySettings, load_keys
+
 from .admin import bind_admin, start_admin
 from .conn import fit_limits, raise_fd_limit
 from .listen import bind_listeners
 from .metrics import MULTIPROC_ENV, PROCESSES_FILE, exposition
-from .settings import GatewaySettings, load_keys
 
 PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 30.0  # SIGTERM'd workers get this long to finish before SIGKILL
@@ -60,7 +61,8 @@ def _worker(config: str, socks: list[socket.socket], control: socket.socket, ind
             parent: int, log_overrides: Mapping | None = None) -> None:
     """A worker process's entry point (spawned: a fresh interpreter)."""
     die_with_parent(parent)
-    from .cli import one_line  # the CLI's own one-line error reporting
+    from fedgate.cli import one_line  # the CLI's own one-line error reporting
+
     from .server import load_and_log
 
     try:
@@ -133,7 +135,7 @@ def serve_workers(config: Path, workers: int, *, log_overrides: Mapping | None =
             sock.close()
         raise
     warn_if_no_policy(settings)
-    # every worker records its metrics here; any scrape sums them (gateway/metrics.py)
+    # every worker records its metrics here; any scrape sums them (gateway/http/metrics.py)
     with tempfile.TemporaryDirectory(prefix="fedgate-metrics-") as metrics_dir:
         os.environ[MULTIPROC_ENV] = metrics_dir  # inherited by the spawned workers
         try:

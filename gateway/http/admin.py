@@ -3,11 +3,11 @@ certificate, for orchestrator probes and Prometheus.
 
 ``GET /healthz`` (the process answers), ``GET /readyz`` (200 only when **every** worker is
 ready: store reachable, keys loaded, self-test passed, audit log usable), ``GET /metrics``
-(every worker together, gateway/metrics.py). Nothing else: no signed route, no key
+(every worker together, gateway/http/metrics.py). Nothing else: no signed route, no key
 material, pins or tenant data. Off unless ``[admin] port`` is set; ``[admin] host``
 defaults to 127.0.0.1 and any other, non-loopback, host is allowed with one start-up
 warning. With ``--workers N`` it runs in the supervisor (which asks each worker for its
-readiness over their control socket, gateway/workers.py); in one-process mode it runs
+readiness over their control socket, gateway/http/workers.py); in one-process mode it runs
 beside the gateway in the same event loop.
 """
 
@@ -22,9 +22,10 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 
+from gateway.config.settings import GatewaySettings
+
 from .listen import bind_listeners, is_loopback
 from .metrics import CONTENT_TYPE
-from .settings import GatewaySettings
 
 Readiness = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
 ADMIN_BACKLOG = 64

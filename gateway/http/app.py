@@ -22,21 +22,21 @@ import orjson
 from aiohttp import web
 
 from audit import AuditSink, request_event
+from gateway import logs
+from gateway.config.settings import GatewaySettings
+from gateway.feedback.issuer import FeedbackIssuer, RulePolicy, no_adjustments
+from gateway.feedback.policy import load_rules
+from gateway.pipeline import errors as E
+from gateway.pipeline.pipeline import Context, Pipeline, SignedRequest, check_content_type
+from gateway.pipeline.records import accepted_body
+from gateway.pipeline.routes import SIGNED_ROUTES, Route
+from gateway.store import Store, StoreError, open_store
 from keyring import Keyring, PrivateKey, self_test
 from schemas.validate import Validators
 
-from . import errors as E
-from . import logs
 from .conn import track_requests
-from .feedback import FeedbackIssuer, RulePolicy, no_adjustments
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
-from .pipeline import Context, Pipeline, SignedRequest, check_content_type
-from .policy import load_rules
-from .records import accepted_body
-from .routes import SIGNED_ROUTES, Route
-from .settings import GatewaySettings
-from .store import Store, StoreError, open_store
 from .tls import peer_cert_pins
 from .tlsaudit import HandshakeAudit
 

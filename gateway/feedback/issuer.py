@@ -2,8 +2,8 @@
 
 :class:`RulePolicy` turns the stored findings and graphs of the tenant that the querying
 identity sent itself (§5 [v1.1]: an answer carries only the querying identity's
-executions) into adjustments with the rules of :mod:`gateway.policy`. Records are read
-with the gateway's own parser (:mod:`gateway.evidence`); one that cannot be used is left
+executions) into adjustments with the rules of :mod:`gateway.feedback.policy`. Records are read
+with the gateway's own parser (:mod:`gateway.feedback.evidence`); one that cannot be used is left
 out of the decision and reported in :attr:`Decision.skipped`, never a refusal.
 :class:`FeedbackIssuer` signs them (§6 input, the tenant the query named), binds the
 response nonce to the query nonce (``<query nonce>.<16 url-safe random chars>``) and
@@ -22,6 +22,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.pipeline import errors as E
+from gateway.store import Store, StoreError
 from keyring import PrivateKey
 from schemas.signing import (
     FEEDBACK_SCHEMA_VERSION,
@@ -30,10 +32,8 @@ from schemas.signing import (
 )
 from schemas.validate import Validators
 
-from . import errors as E
 from .evidence import Evidence, SkipReport, Unusable, read_evidence
 from .policy import ACTION_RANK, Rule, evaluate, facts_from_records
-from .store import Store, StoreError
 
 log = logging.getLogger("fedgate.feedback")
 

@@ -20,11 +20,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.feedback.policy import DEFAULT_RULES_FILE
 from keyring.ed25519 import PrivateKey
 from keyring.keys import Key, Keyring
 
 from .pki import PkiError, init_pki, write_file
-from .policy import DEFAULT_RULES_FILE
 
 IDENTITY = "spectrastrike-producer"
 PRODUCER_KID = "ss-prod-2026"

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from gateway.config.config import ConfigError
+
 from .evidence import Evidence
 
 SEVERITIES = ("info", "low", "medium", "high", "critical")  # weakest first
@@ -264,7 +265,7 @@ def facts_from_records(
 
     Only executions with an anchor count, and only their records made under the
     anchored attestation hash; records of another tenant are ignored. Which records are
-    the querying identity's own is the caller's choice (:mod:`gateway.feedback`).
+    the querying identity's own is the caller's choice (:mod:`gateway.feedback.issuer`).
     """
     groups: dict[str, tuple[list[Evidence], list[Evidence]]] = {}
     for is_graph, records in ((0, findings), (1, graphs)):

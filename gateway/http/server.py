@@ -17,12 +17,13 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import logs
+from gateway import logs
+from gateway.config.settings import GatewaySettings, load_keys, load_settings
+
 from .admin import bind_admin, start_admin
 from .app import HANDSHAKES, METRICS, make_app, readiness
 from .conn import GUARD, ConnectionGuard, fit_limits, raise_fd_limit
 from .listen import bind_listeners
-from .settings import GatewaySettings, load_keys, load_settings
 from .tls import server_context
 
 log = logs.get_logger("fedgate.server")

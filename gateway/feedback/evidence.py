@@ -17,10 +17,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.pipeline.routes import SIGNED_ROUTES
 from schemas.canonical import CanonicalError, load_stored
 from schemas.validate import SchemaError, Validators
-
-from .routes import SIGNED_ROUTES
 
 #: Why a stored record was left out: a bounded label set (metrics, audit).
 UNREADABLE_RECORD = "unreadable_record"  # the record's JSON fails the strict parser

@@ -21,6 +21,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.config.config import IDENTITY_RE, SecurityConfig
+from gateway.http.tls import pin_matches
+from gateway.store import Commit, Outcome, Store, StoreError
 from keyring import Key, Keyring, KeySelectionError, candidate_keys, verify
 from keyring.keys import KID_RE
 from schemas.canonical import CanonicalError, loads, parse_canonical, too_deep
@@ -29,11 +32,8 @@ from schemas.validate import SchemaError, Validators
 
 from . import errors as E
 from . import records
-from .config import IDENTITY_RE, SecurityConfig
 from .ratelimit import RateLimiter
 from .routes import GRAPH_SCHEMA_VERSION, Route
-from .store import Commit, Outcome, Store, StoreError
-from .tls import pin_matches
 
 log = logging.getLogger("fedgate.pipeline")
 TIMESTAMP_RE = re.compile(r"0|[1-9][0-9]{0,17}")  # Unix seconds: no sign, no leading zeros

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 from audit.chain import verify_lines
+from gateway.config.config import ConfigError
+from gateway.store import StoreError
 from keyring.ed25519 import PrivateKey, SelfTestError
 from keyring.keys import (
     KID_RE,
@@ -26,9 +28,6 @@ from keyring.keys import (
     key_from_jwk,
     load_jwks,
 )
-
-from .config import ConfigError
-from .store import StoreError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _error(line: str) -> None:
     """The one failure line: a JSON log line once `serve --log-format json` set logging up."""
-    from . import logs
+    from gateway import logs
 
     if logs.is_json():
         logs.get_logger("fedgate").error(line.removeprefix("fedgate: error: "))
@@ -267,9 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from . import logs
-    from .server import serve
-    from .workers import serve_workers
+    from gateway import logs
+    from gateway.http.server import serve
+    from gateway.http.workers import serve_workers
 
     overrides = {"format": args.log_format, "level": args.log_level,
                  "access": args.access_log}
@@ -316,7 +315,7 @@ def cmd_certs_issue(args: argparse.Namespace) -> int:
 
 
 def _flag_named(exc: Exception) -> str:
-    """gateway.pki's "(use force)" names the keyword; on the command line it is --force."""
+    """fedgate.pki's "(use force)" names the keyword; on the command line it is --force."""
     return str(exc).replace("(use force)", "(use --force)")
 
 
@@ -372,8 +371,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 def cmd_audit_ship(args: argparse.Namespace) -> int:
     from audit.ship_run import run_shipper
-
-    from .settings import load_settings
+    from gateway.config.settings import load_settings
 
     settings = load_settings(args.config)
     if settings.audit_syslog is None:
@@ -413,8 +411,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
     from emitter.settings import load_transport_settings
     from emitter.transport import TRANSPORT_ERRORS, classify, get, open_session
-
-    from .tls import client_context
+    from gateway.http.tls import client_context
 
     if not args.timeout > 0:
         raise ValueError("--timeout must be a positive number of seconds")

@@ -2,7 +2,7 @@
 
 Every class carries the HTTP ``status`` and the machine ``error`` code; the audit
 ``category`` marks identity/signature/key failures as security events. One place
-(``gateway.app``) maps these to HTTP; anything else is a 500 ``internal_error``.
+(``gateway.http.app``) maps these to HTTP; anything else is a 500 ``internal_error``.
 Grouped by cause, as in python-tuf: the peer's fault is 4xx, our dependencies' 503.
 """
 

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from audit import verify_file
+from gateway.http.server import start_gateway
 
 from .bootstrap import bootstrap
-from .server import start_gateway
 
 
 def free_port() -> int:
