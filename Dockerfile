@@ -4,6 +4,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY fedgate fedgate
 COPY gateway gateway
+COPY common common
 COPY emitter emitter
 COPY keyring keyring
 COPY schemas schemas

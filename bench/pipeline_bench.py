@@ -32,10 +32,10 @@ from lab import IDENTITY, PRODUCER, Lab  # noqa: E402
 
 from gateway.pipeline.pipeline import Context, SignedRequest  # noqa: E402
 from gateway.pipeline.records import build_commit  # noqa: E402
-from gateway.pipeline.routes import TELEMETRY  # noqa: E402
 from gateway.store import open_store  # noqa: E402
 from keyring import verify  # noqa: E402
 from schemas.canonical import dumps, dumps_reference, loads, parse_canonical  # noqa: E402
+from schemas.routes import TELEMETRY  # noqa: E402
 from schemas.signing import request_signing_input  # noqa: E402
 from schemas.validate import ReferenceValidators, Validators  # noqa: E402
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import BinaryIO, TextIO
 
 from gateway.config.config import ConfigError
-from gateway.pipeline.routes import GRAPH, TELEMETRY
+from schemas.routes import GRAPH, TELEMETRY
 
 from .client import EmitterClient, QueryError
 from .outbox import FINAL_STATES, Outbox

@@ -26,8 +26,8 @@ from typing import Any, BinaryIO
 
 from gateway.pipeline.errors import GatewayError
 from gateway.pipeline.records import check_semantics
-from gateway.pipeline.routes import Route
 from schemas.canonical import dumps
+from schemas.routes import Route
 from schemas.validate import SchemaError, Validators
 
 CHUNK = 256 * 1024

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from common.tls import is_pin, normalize_pin
+from common.tomlfile import load_file, path_value, readable_file
 from gateway.config.config import IDENTITY_RE, ConfigError
-from gateway.config.tomlfile import load_file, path_value, readable_file
-from gateway.http.tls import is_pin, normalize_pin
 from keyring.keys import KID_RE
 
 _KEYS = frozenset({

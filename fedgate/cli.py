@@ -409,9 +409,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
     server_pins check): a gateway that emit would refuse is never reported healthy."""
     import asyncio
 
+    from common.tls import client_context
     from emitter.settings import load_transport_settings
     from emitter.transport import TRANSPORT_ERRORS, classify, get, open_session
-    from gateway.http.tls import client_context
 
     if not args.timeout > 0:
         raise ValueError("--timeout must be a positive number of seconds")

@@ -18,8 +18,8 @@ from emitter.signing import sign_request
 from gateway.config.config import SecurityConfig
 from gateway.pipeline import errors as E
 from gateway.pipeline.pipeline import Context, Pipeline, SignedRequest
-from gateway.pipeline.routes import GRAPH_PATH, QUERY_PATH, SIGNED_ROUTES, TELEMETRY_PATH
 from keyring import Key, Keyring, KeyStatus, PrivateKey
+from schemas.routes import GRAPH_PATH, QUERY_PATH, SIGNED_ROUTES, TELEMETRY_PATH
 from schemas.signing import request_signing_input
 from schemas.validate import Validators
 

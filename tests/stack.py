@@ -20,9 +20,9 @@ import aiohttp
 from aiohttp import web
 from lab import CONFIG, IDENTITY, KEYS, TENANT, TENANT_B
 
+from common.tls import client_context
 from fedgate.pki import init_pki
 from gateway.http.server import start_gateway
-from gateway.http.tls import client_context
 from keyring.ed25519 import PrivateKey
 from keyring.keys import save_jwks
 

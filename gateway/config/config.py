@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from gateway.http.tls import is_pin
+from common.tls import is_pin
 
 IDENTITY_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 TENANT_RE = re.compile(r"[a-fA-F0-9-]{36}")

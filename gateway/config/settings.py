@@ -16,6 +16,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from common.tomlfile import load_file, path_value, readable_file
 from gateway.logs import KEYS as LOG_KEYS
 from gateway.logs import LogSettings, from_table
 from keyring.ed25519 import PrivateKey
@@ -23,7 +24,6 @@ from keyring.keys import KID_RE, Keyring, KeyringError, load_jwks
 
 from .config import ConfigError, SecurityConfig
 from .syslog_config import SyslogSettings, parse_syslog
-from .tomlfile import load_file, path_value, readable_file
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8443
 DEFAULT_STORE_URL = "sqlite:///state/fedgate.db"

@@ -17,8 +17,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.pipeline.routes import SIGNED_ROUTES
 from schemas.canonical import CanonicalError, load_stored
+from schemas.routes import SIGNED_ROUTES
 from schemas.validate import SchemaError, Validators
 
 #: Why a stored record was left out: a bounded label set (metrics, audit).

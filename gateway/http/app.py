@@ -22,6 +22,7 @@ import orjson
 from aiohttp import web
 
 from audit import AuditSink, request_event
+from common.tls import peer_cert_pins
 from gateway import logs
 from gateway.config.settings import GatewaySettings
 from gateway.feedback.issuer import FeedbackIssuer, RulePolicy, no_adjustments
@@ -29,15 +30,14 @@ from gateway.feedback.policy import load_rules
 from gateway.pipeline import errors as E
 from gateway.pipeline.pipeline import Context, Pipeline, SignedRequest, check_content_type
 from gateway.pipeline.records import accepted_body
-from gateway.pipeline.routes import SIGNED_ROUTES, Route
 from gateway.store import Store, StoreError, open_store
 from keyring import Keyring, PrivateKey, self_test
+from schemas.routes import SIGNED_ROUTES, Route
 from schemas.validate import Validators
 
 from .conn import track_requests
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
-from .tls import peer_cert_pins
 from .tlsaudit import HandshakeAudit
 
 log = logging.getLogger("fedgate.gateway")

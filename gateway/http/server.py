@@ -17,6 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from common.tls import server_context
 from gateway import logs
 from gateway.config.settings import GatewaySettings, load_keys, load_settings
 
@@ -24,7 +25,6 @@ from .admin import bind_admin, start_admin
 from .app import HANDSHAKES, METRICS, make_app, readiness
 from .conn import GUARD, ConnectionGuard, fit_limits, raise_fd_limit
 from .listen import bind_listeners
-from .tls import server_context
 
 log = logs.get_logger("fedgate.server")
 

@@ -21,19 +21,19 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.tls import pin_matches
 from gateway.config.config import IDENTITY_RE, SecurityConfig
-from gateway.http.tls import pin_matches
 from gateway.store import Commit, Outcome, Store, StoreError
 from keyring import Key, Keyring, KeySelectionError, candidate_keys, verify
 from keyring.keys import KID_RE
 from schemas.canonical import CanonicalError, loads, parse_canonical, too_deep
+from schemas.routes import GRAPH_SCHEMA_VERSION, Route
 from schemas.signing import request_signing_input
 from schemas.validate import SchemaError, Validators
 
 from . import errors as E
 from . import records
 from .ratelimit import RateLimiter
-from .routes import GRAPH_SCHEMA_VERSION, Route
 
 log = logging.getLogger("fedgate.pipeline")
 TIMESTAMP_RE = re.compile(r"0|[1-9][0-9]{0,17}")  # Unix seconds: no sign, no leading zeros

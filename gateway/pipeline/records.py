@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 from gateway.config.config import SecurityConfig
 from gateway.store import Anchor, Commit, Record
 from schemas.canonical import dumps
+from schemas.routes import FINDING_SCHEMA_VERSION, Route
 
 from . import errors as E
-from .routes import FINDING_SCHEMA_VERSION, Route
 
 if TYPE_CHECKING:
     from .pipeline import Context, SignedRequest

@@ -21,8 +21,8 @@ from emitter.campaign import EXECUTIONS, telemetry_body
 from emitter.outbox import Outbox
 from emitter.settings import load_emitter_settings
 from emitter.signing import new_nonce, sign_request
-from gateway.pipeline.routes import TELEMETRY_PATH
 from keyring.ed25519 import PrivateKey
+from schemas.routes import TELEMETRY_PATH
 
 EX = EXECUTIONS[0]
 

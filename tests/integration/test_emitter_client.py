@@ -35,6 +35,7 @@ from lab import ATT_OTHER, FP, IDENTITY, PRODUCER, TENANT, body_for
 from stack import FEEDBACK_SEED, ROOT, Stack, free_port, toml_value
 
 from audit import verify_file
+from common.tls import server_context
 from emitter.campaign import run_campaign
 from emitter.cli import main
 from emitter.client import EmitterClient, QueryError, backoff_delay
@@ -49,11 +50,10 @@ from gateway.config.config import ConfigError
 from gateway.feedback.issuer import bound_nonce, sign_feedback
 from gateway.feedback.policy import DEFAULT_RULES_FILE
 from gateway.http.server import start_gateway
-from gateway.http.tls import server_context
-from gateway.pipeline.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
 from gateway.store import open_store
 from keyring import Key, Keyring, PrivateKey
 from keyring.keys import save_jwks
+from schemas.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
 
 ATT = body_for(GRAPH_PATH)["attestation_measurement_hash"]
 FEEDBACK_KEY = PrivateKey(FEEDBACK_SEED)

@@ -33,10 +33,10 @@ from stack import Stack, toml_value
 
 from gateway.http.app import ROUTER_CODES, STORE
 from gateway.pipeline import errors as E
-from gateway.pipeline.routes import GRAPH_PATH, TELEMETRY_PATH
 from keyring import Key, Keyring, PrivateKey
 from keyring.keys import save_jwks
 from schemas.canonical import dumps
+from schemas.routes import GRAPH_PATH, TELEMETRY_PATH
 
 OTHER = "spectrastrike-other"
 OTHER_KEY = PrivateKey(hashlib.sha256(b"error bodies: the other identity's key").digest())

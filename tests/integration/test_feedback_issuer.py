@@ -25,12 +25,12 @@ from lab import IDENTITY, NOW, TELEMETRY_BODY, TENANT, TENANT_B, Lab, body_for
 from gateway.feedback.issuer import FeedbackIssuer, RulePolicy
 from gateway.feedback.policy import DEFAULT_RULES_FILE, load_rules
 from gateway.pipeline import errors as E
-from gateway.pipeline.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
 from gateway.store import Record
 from keyring import Key, Keyring, KeyStatus
 from keyring.ed25519 import PrivateKey, verify
 from keyring.keys import parse_jwks
 from schemas.canonical import dumps, loads
+from schemas.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
 from schemas.signing import feedback_signing_input
 from schemas.validate import Validators
 

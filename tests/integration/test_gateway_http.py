@@ -19,7 +19,7 @@ from stack import Stack
 
 from audit import verify_file
 from fedgate.cli import package_version
-from gateway.pipeline.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
+from schemas.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
 
 
 @pytest.fixture
@@ -295,8 +295,8 @@ async def test_internal_error_never_leaks(stack, monkeypatch):
 
 def refused_contexts(stack, tmp_path):
     """Clients the gateway must never answer: no cert, a foreign CA's cert, TLS 1.2."""
+    from common.tls import client_context
     from fedgate.pki import init_pki
-    from gateway.http.tls import client_context
     foreign = init_pki(tmp_path / "foreign", [IDENTITY])
     no_cert = client_context(stack.pki.ca.cert)
     other_ca = client_context(stack.pki.ca.cert, foreign.identities[IDENTITY].cert,

@@ -17,8 +17,8 @@ import pytest
 from lab import IDENTITY, TENANT, Lab
 from stack import ROOT, Stack
 
-from gateway.pipeline.routes import TELEMETRY_PATH
 from gateway.store import open_store
+from schemas.routes import TELEMETRY_PATH
 
 LAB = Lab(None)
 

@@ -15,8 +15,8 @@ from stack import Stack
 from emitter.signing import sign_request
 from gateway.feedback.policy import DEFAULT_RULES_FILE
 from gateway.http.app import ISSUER
-from gateway.pipeline.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
 from keyring import Key, Keyring, PrivateKey
+from schemas.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
 
 OTHER = "spectrastrike-other"
 OTHER_KEY = PrivateKey(hashlib.sha256(b"lab producer key, other identity").digest())

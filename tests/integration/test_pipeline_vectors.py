@@ -17,8 +17,8 @@ from multidict import CIMultiDict
 from gateway.config.config import SecurityConfig
 from gateway.pipeline import errors as E
 from gateway.pipeline.pipeline import Context, Pipeline, SignedRequest
-from gateway.pipeline.routes import SIGNED_ROUTES
 from keyring import Key, Keyring, parse_jwks
+from schemas.routes import SIGNED_ROUTES
 from schemas.validate import Validators
 
 TELEMETRY = load_vectors("telemetry_v1.json")

@@ -15,9 +15,9 @@ from lab import NOW, TENANT, Lab
 from promtext import value
 from stack import ROOT, Stack
 
-from gateway.pipeline.routes import TELEMETRY_PATH
 from gateway.store import Commit, Outcome, Record, StoreError
 from gateway.store.redis import RedisStore
+from schemas.routes import TELEMETRY_PATH
 
 pytestmark = pytest.mark.redis
 

@@ -22,7 +22,7 @@ from promtext import by_label, value
 from stack import ROOT, Stack
 
 from fedgate.cli import package_version
-from gateway.pipeline.routes import TELEMETRY_PATH
+from schemas.routes import TELEMETRY_PATH
 
 SERVING = re.compile(r"fedgate: worker (\d+) \(pid (\d+)\) serving")
 

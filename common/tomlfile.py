@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .config import ConfigError
+from gateway.config.config import ConfigError
 
 T = TypeVar("T")
 
