@@ -18,9 +18,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gateway.config.config import ConfigError
-
 T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """An invalid or unsafe configuration; the message names the key."""
 
 
 def load_file(path: str | Path, build: Callable[[Path, Mapping[str, Any]], T]) -> T:

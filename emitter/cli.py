@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from gateway.config.config import ConfigError
+from common.tomlfile import ConfigError
 from schemas.routes import GRAPH, TELEMETRY
 
 from .client import EmitterClient, QueryError

@@ -21,7 +21,7 @@ import aiohttp
 
 from audit import AuditLog
 from common.tls import TlsConfigError, client_context
-from gateway.config.config import ConfigError
+from common.tomlfile import ConfigError
 from keyring.ed25519 import PrivateKey, verify
 from schemas.routes import GRAPH_PATH, TELEMETRY_PATH
 

@@ -17,9 +17,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from common.tls import is_pin, normalize_pin
-from common.tomlfile import load_file, path_value, readable_file
-from gateway.config.config import IDENTITY_RE, ConfigError
+from common.tomlfile import ConfigError, load_file, path_value, readable_file
 from keyring.keys import KID_RE
+from schemas.routes import IDENTITY_RE
 
 _KEYS = frozenset({
     "url", "ca", "cert", "key", "server_pins", "identity", "signing_key", "kid",

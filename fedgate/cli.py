@@ -9,20 +9,19 @@ exit 2.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
 import sys
 from pathlib import Path
 
 from audit.chain import verify_lines
-from gateway.config.config import ConfigError
-from gateway.store import StoreError
-from keyring.ed25519 import PrivateKey, SelfTestError
+from common.tomlfile import ConfigError
+from common.version import package_version
+from gateway.exits import one_line
+from keyring.ed25519 import PrivateKey
 from keyring.keys import (
     KID_RE,
     Key,
-    KeyringError,
     KeyStatus,
     add_to_jwks,
     key_from_jwk,
@@ -57,36 +56,6 @@ def _error(line: str) -> None:
         logs.get_logger("fedgate").error(line.removeprefix("fedgate: error: "))
     else:
         print(line, file=sys.stderr)
-
-
-def one_line(exc: BaseException) -> tuple[int, str] | None:
-    """(exit code, the one stderr line) for an expected failure; None for a bug."""
-    if isinstance(exc, ConfigError | KeyringError | SelfTestError | ValueError):
-        return 2, f"fedgate: error: {exc}"
-    if isinstance(exc, StoreError):
-        return 1, f"fedgate: error: store unavailable: {exc.detail}"
-    if isinstance(exc, OSError):
-        return 1, f"fedgate: error: {exc}"
-    return None
-
-
-def package_version(dist: str = "fedgate") -> str:
-    """The installed distribution's version; from a source checkout that is not installed,
-    the checkout's pyproject.toml; else "unknown"."""
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    import tomllib
-
-    try:
-        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
-        project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
-        if project["name"] == "fedgate":
-            return str(project["version"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return "unknown"
 
 
 class _Version(argparse.Action):

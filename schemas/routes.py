@@ -1,8 +1,12 @@
-"""The signed routes of PROTOCOL.md §5 as data: path, schema, and what each stores."""
+"""The signed routes of PROTOCOL.md §5 as data (path, schema, what each stores) and the
+form of an identity name (§2, §8): the protocol constants both sides speak."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+IDENTITY_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")  # a client identity's name
 
 TELEMETRY_PATH = "/internal/v1/telemetry"
 GRAPH_PATH = "/internal/v1/cognitive/execution-graph"

@@ -15,14 +15,11 @@ from types import MappingProxyType
 from typing import Any
 
 from common.tls import is_pin
+from common.tomlfile import ConfigError
+from schemas.routes import IDENTITY_RE
 
-IDENTITY_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 TENANT_RE = re.compile(r"[a-fA-F0-9-]{36}")
 DEFAULT_MAX_BODY = 1024 * 1024
-
-
-class ConfigError(ValueError):
-    """An invalid or unsafe configuration; the message names the key."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,13 +16,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from common.tomlfile import load_file, path_value, readable_file
+from common.tomlfile import ConfigError, load_file, path_value, readable_file
 from gateway.logs import KEYS as LOG_KEYS
 from gateway.logs import LogSettings, from_table
 from keyring.ed25519 import PrivateKey
 from keyring.keys import KID_RE, Keyring, KeyringError, load_jwks
 
-from .config import ConfigError, SecurityConfig
+from .config import SecurityConfig
 from .syslog_config import SyslogSettings, parse_syslog
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8443

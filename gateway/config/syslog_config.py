@@ -15,9 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from audit.syslog import FACILITIES
-from common.tomlfile import path_value, readable_file
-
-from .config import ConfigError
+from common.tomlfile import ConfigError, path_value, readable_file
 
 PREFIX = "audit.syslog."
 DEFAULT_PORTS = {"tcp": 514, "tls": 6514}  # RFC 5425 assigns 6514 to syslog over TLS

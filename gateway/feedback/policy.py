@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.config.config import ConfigError
+from common.tomlfile import ConfigError
 
 from .evidence import Evidence
 

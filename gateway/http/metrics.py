@@ -153,7 +153,7 @@ class _Forward:
 
 class BuildInfo:
     def __init__(self) -> None:
-        from fedgate.cli import package_version  # the same lookup as `fedgate --version`
+        from common.version import package_version  # the same lookup as `fedgate --version`
 
         self.version = package_version()
 

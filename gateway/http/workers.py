@@ -61,7 +61,7 @@ def _worker(config: str, socks: list[socket.socket], control: socket.socket, ind
             parent: int, log_overrides: Mapping | None = None) -> None:
     """A worker process's entry point (spawned: a fresh interpreter)."""
     die_with_parent(parent)
-    from fedgate.cli import one_line  # the CLI's own one-line error reporting
+    from gateway.exits import one_line  # the CLI's own one-line error reporting
 
     from .server import load_and_log
 

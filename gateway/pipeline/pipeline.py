@@ -22,12 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.tls import pin_matches
-from gateway.config.config import IDENTITY_RE, SecurityConfig
+from gateway.config.config import SecurityConfig
 from gateway.store import Commit, Outcome, Store, StoreError
 from keyring import Key, Keyring, KeySelectionError, candidate_keys, verify
 from keyring.keys import KID_RE
 from schemas.canonical import CanonicalError, loads, parse_canonical, too_deep
-from schemas.routes import GRAPH_SCHEMA_VERSION, Route
+from schemas.routes import GRAPH_SCHEMA_VERSION, IDENTITY_RE, Route
+from schemas.semantics import check_semantics
 from schemas.signing import request_signing_input
 from schemas.validate import SchemaError, Validators
 
@@ -159,7 +160,10 @@ class Pipeline:
         except SchemaError as exc:  # the pointer, never the body's own text
             raise E.SchemaViolation(f"the body does not match the {route.schema} schema",
                                     pointer=exc.pointer) from None
-        records.check_semantics(route, body)
+        try:
+            check_semantics(route, body)
+        except SchemaError as exc:
+            raise E.SchemaViolation(exc.message, pointer=exc.pointer) from None
         return body
 
     async def refuse_claimed(self, ctx: Context, nonce: str, digest: str, now: int) -> None:

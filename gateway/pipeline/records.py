@@ -17,26 +17,8 @@ from gateway.store import Anchor, Commit, Record
 from schemas.canonical import dumps
 from schemas.routes import FINDING_SCHEMA_VERSION, Route
 
-from . import errors as E
-
 if TYPE_CHECKING:
     from .pipeline import Context, SignedRequest
-
-
-def check_semantics(route: Route, body: Mapping[str, Any]) -> None:
-    """Rules JSON Schema cannot say; violations are 422 ``schema_violation``."""
-    # JSON Schema counts 1.0 as an integer; the wire protocol means a JSON integer.
-    if type(body["timestamp"]) is not int:
-        raise E.SchemaViolation("timestamp must be an integer", pointer="/timestamp")
-    if route.kind == "query" and "limit" in body and type(body["limit"]) is not int:
-        raise E.SchemaViolation("limit must be an integer", pointer="/limit")
-    if route.kind == "telemetry":
-        fingerprint = body["payload"]["attributes"].get("execution_fingerprint")
-        if fingerprint is not None and fingerprint.lower() != body["execution_hash"].lower():
-            raise E.SchemaViolation(
-                "execution_fingerprint must equal execution_hash",
-                pointer="/payload/attributes/execution_fingerprint",
-            )
 
 
 def execution_binding(route: Route, body: Mapping[str, Any]) -> tuple[str | None, str | None]:

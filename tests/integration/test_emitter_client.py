@@ -36,6 +36,7 @@ from stack import FEEDBACK_SEED, ROOT, Stack, free_port, toml_value
 
 from audit import verify_file
 from common.tls import server_context
+from common.tomlfile import ConfigError
 from emitter.campaign import run_campaign
 from emitter.cli import main
 from emitter.client import EmitterClient, QueryError, backoff_delay
@@ -46,7 +47,6 @@ from emitter.transport import MAX_RESPONSE_BYTES
 from emitter.verify import FeedbackRejected
 from fedgate.bootstrap import bootstrap
 from fedgate.pki import init_pki
-from gateway.config.config import ConfigError
 from gateway.feedback.issuer import bound_nonce, sign_feedback
 from gateway.feedback.policy import DEFAULT_RULES_FILE
 from gateway.http.server import start_gateway

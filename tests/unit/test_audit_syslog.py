@@ -8,7 +8,7 @@ import pytest
 
 from audit import request_event
 from audit.syslog import frame, rfc5424, severity
-from gateway.config.config import ConfigError
+from common.tomlfile import ConfigError
 from gateway.config.syslog_config import parse_syslog
 from tests.unit.test_audit_chain import NOW, make_event
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from test_settings import PIN, VALID, sub, write_tree
 
-from gateway.config.config import ConfigError
+from common.tomlfile import ConfigError
 from gateway.config.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]

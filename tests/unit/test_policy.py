@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from gateway.config.config import ConfigError
+from common.tomlfile import ConfigError
 from gateway.feedback.evidence import Evidence
 from gateway.feedback.policy import (
     CONDITIONS,

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from gateway.config.config import DEFAULT_MAX_BODY, ConfigError
+from common.tomlfile import ConfigError
+from gateway.config.config import DEFAULT_MAX_BODY
 from gateway.config.settings import (
     AdminSettings,
     GatewaySettings,

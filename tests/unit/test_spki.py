@@ -14,7 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from common.tls import is_pin, normalize_pin, pin_matches, spki_der, spki_pin
-from gateway.config.config import ConfigError, SecurityConfig
+from common.tomlfile import ConfigError
+from gateway.config.config import SecurityConfig
 
 TENANT = "7758e414-233a-5ea0-575b-cf0c26f5259a"
 GOOD = "spki:" + base64.b64encode(hashlib.sha256(b"k").digest()).decode()
