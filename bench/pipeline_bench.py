@@ -30,8 +30,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 import orjson  # noqa: E402
 from lab import IDENTITY, PRODUCER, Lab  # noqa: E402
 
-from gateway.pipeline.pipeline import Context, SignedRequest  # noqa: E402
 from gateway.pipeline.records import build_commit  # noqa: E402
+from gateway.pipeline.request import Context, SignedRequest  # noqa: E402
 from gateway.store import open_store  # noqa: E402
 from keyring import verify  # noqa: E402
 from schemas.canonical import dumps, dumps_reference, loads, parse_canonical  # noqa: E402

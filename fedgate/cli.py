@@ -9,24 +9,18 @@ exit 2.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
-from audit.chain import verify_lines
-from common.tomlfile import ConfigError
 from common.version import package_version
 from gateway.exits import one_line
-from keyring.ed25519 import PrivateKey
-from keyring.keys import (
-    KID_RE,
-    Key,
-    KeyStatus,
-    add_to_jwks,
-    key_from_jwk,
-    load_jwks,
-)
+from keyring.keys import KeyStatus
+
+from .commands.audit import cmd_audit_ship, cmd_audit_verify
+from .commands.certs import cmd_certs_init, cmd_certs_issue
+from .commands.federation import cmd_bootstrap, cmd_demo
+from .commands.keys import cmd_keys_new
+from .commands.serve import cmd_probe, cmd_serve
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,179 +226,6 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_commands(sub)
     return parser
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    from gateway import logs
-    from gateway.http.server import serve
-    from gateway.http.workers import serve_workers
-
-    overrides = {"format": args.log_format, "level": args.log_level,
-                 "access": args.access_log}
-    logs.configure(logs.LogSettings().merged(overrides))  # until the config file is read
-    if args.workers < 1:
-        raise ValueError("--workers must be at least 1")
-    if args.workers == 1:
-        serve(args.config, log_overrides=overrides)
-        return 0
-    return serve_workers(args.config, args.workers, log_overrides=overrides)
-
-
-def cmd_certs_init(args: argparse.Namespace) -> int:
-    from .pki import PkiError, init_pki
-
-    kwargs = {"days": args.days, "force": args.force}
-    if args.host:
-        kwargs["hosts"] = args.host
-    try:
-        result = init_pki(args.dir, args.identity or ["spectrastrike-producer"], **kwargs)
-    except PkiError as exc:
-        raise ValueError(_flag_named(exc)) from None
-    print(json.dumps(result.pins, indent=2))
-    print(f"fedgate: wrote dev PKI to {args.dir} (pins in {result.pins_path})", file=sys.stderr)
-    return 0
-
-
-def cmd_certs_issue(args: argparse.Namespace) -> int:
-    from .pki import PkiError, issue_client_cert
-
-    if not (args.dir / "ca.crt").is_file() or not (args.dir / "ca.key").is_file():
-        raise ValueError(f"{args.dir}: no dev CA here (ca.crt and ca.key, as 'fedgate "
-                         "certs init' writes them)")
-    try:
-        issued = issue_client_cert(args.dir, args.identity, days=args.days, force=args.force)
-    except PkiError as exc:
-        raise ValueError(_flag_named(exc)) from None
-    print(json.dumps({"identity": issued.name, "sha256": issued.sha256, "spki": issued.spki},
-                     indent=2))
-    pins = args.dir / "pins.json"
-    where = f"pin recorded in {pins}" if pins.exists() else f"no {pins}: pin not recorded"
-    print(f"fedgate: wrote {issued.cert} and {issued.key} ({where})", file=sys.stderr)
-    return 0
-
-
-def _flag_named(exc: Exception) -> str:
-    """fedgate.pki's "(use force)" names the keyword; on the command line it is --force."""
-    return str(exc).replace("(use force)", "(use --force)")
-
-
-def cmd_keys_new(args: argparse.Namespace) -> int:
-    if not KID_RE.fullmatch(args.kid):
-        raise ValueError(f"--kid {args.kid!r} must match ^[A-Za-z0-9._:-]{{1,128}}$")
-    for flag, value in (("--not-before", args.not_before), ("--not-after", args.not_after)):
-        if value is not None and value < 0:
-            raise ValueError(f"{flag} must be Unix seconds (>= 0), got {value}")
-    if None not in (args.not_before, args.not_after) and args.not_after < args.not_before:
-        raise ValueError("--not-after is before --not-before")
-    pem, jwk = args.out / f"{args.kid}.pem", args.out / f"{args.kid}.jwk.json"
-    for path in (pem, jwk):
-        if path.exists():
-            raise ValueError(f"{path} exists; refusing to overwrite a key")
-    if args.jwks is not None:  # refuse before writing anything
-        if not args.jwks.parent.is_dir():
-            raise ValueError(f"--jwks {args.jwks}: no such directory {args.jwks.parent}")
-        if args.jwks.exists() and args.kid in load_jwks(args.jwks):
-            raise ValueError(f"{args.jwks}: kid {args.kid!r} is already in this keyring")
-    key = PrivateKey(os.urandom(32))
-    public = Key(kid=args.kid, public=key.public, identity=args.identity,
-                 tenants=frozenset(args.tenant), status=KeyStatus(args.status),
-                 not_before=args.not_before, not_after=args.not_after)
-    key_from_jwk(public.to_jwk())  # the loader's own checks (identity, tenants)
-    args.out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(pem, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key.to_pem())
-    jwk.write_text(json.dumps(public.to_jwk(), indent=2) + "\n", encoding="utf-8")
-    if args.jwks is not None:
-        add_to_jwks(args.jwks, public)
-        print(f"fedgate: added {args.kid} to {args.jwks}", file=sys.stderr)
-    print(json.dumps(public.to_jwk()))
-    return 0
-
-
-def cmd_audit_verify(args: argparse.Namespace) -> int:
-    """0 intact (count and last hash on stdout); 1 broken chain; 2 unreadable file."""
-    try:
-        with open(args.file, "rb") as fh:
-            result = verify_lines(fh)
-    except OSError as exc:
-        reason = _OS_REASONS.get(type(exc)) or (exc.strerror or str(exc)).lower()
-        print(f"fedgate: error: {args.file}: {reason}", file=sys.stderr)
-        return 2
-    if result.ok:
-        print(f"{args.file}: {result}")
-        return 0
-    print(f"fedgate: error: {args.file}: {result}", file=sys.stderr)
-    return 1
-
-
-def cmd_audit_ship(args: argparse.Namespace) -> int:
-    from audit.ship_run import run_shipper
-    from gateway.config.settings import load_settings
-
-    settings = load_settings(args.config)
-    if settings.audit_syslog is None:
-        raise ConfigError(f"{settings.path}: no [audit.syslog] table: nowhere to ship to")
-    return run_shipper(settings.audit_path, settings.audit_syslog, once=args.once,
-                       progress_s=args.progress)
-
-
-_OS_REASONS = {FileNotFoundError: "no such file", IsADirectoryError: "is a directory",
-               PermissionError: "permission denied"}
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import main as demo_main
-
-    return demo_main(args.out)
-
-
-def cmd_bootstrap(args: argparse.Namespace) -> int:
-    from .bootstrap import bootstrap
-    from .pki import PkiError
-
-    hosts = tuple(dict.fromkeys(["localhost", "127.0.0.1", args.host]))
-    try:
-        layout = bootstrap(args.dir, store_url=args.store_url, host=args.host, port=args.port,
-                           hosts=hosts, bind=args.bind, force=args.force)
-    except PkiError as exc:
-        raise ValueError(_flag_named(exc)) from None
-    print(f"gateway config: {layout.gateway_config}\nemitter config: {layout.emitter_config}")
-    return 0
-
-
-def cmd_probe(args: argparse.Namespace) -> int:
-    """GET /readyz through the transport ``fedgate emit`` uses (same TLS context, same
-    server_pins check): a gateway that emit would refuse is never reported healthy."""
-    import asyncio
-
-    from common.tls import client_context
-    from emitter.settings import load_transport_settings
-    from emitter.transport import TRANSPORT_ERRORS, classify, get, open_session
-
-    if not args.timeout > 0:
-        raise ValueError("--timeout must be a positive number of seconds")
-    settings = load_transport_settings(args.config)  # ${NAME}, relative paths: as emit
-    ctx = client_context(settings.ca, settings.cert, settings.key)
-    url = settings.url + "/readyz"
-
-    async def probe() -> int:
-        async with open_session(ctx, settings.server_pins, args.timeout) as session:
-            status, _, _ = await get(session, url, ssl_context=ctx)
-            return status
-
-    try:
-        status = asyncio.run(probe())
-    except TRANSPORT_ERRORS as exc:
-        failure = classify(exc)
-        line = " ".join(f"fedgate: probe: {url}: {failure.code}: {failure.detail}".split())
-        print(line[:1000], file=sys.stderr)
-        return 1
-    if status != 200:
-        print(f"fedgate: probe: {url}: answered {status}", file=sys.stderr)
-        return 1
-    print(f"{url}: {status}")
-    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

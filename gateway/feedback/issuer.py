@@ -33,7 +33,8 @@ from schemas.signing import (
 from schemas.validate import Validators
 
 from .evidence import Evidence, SkipReport, Unusable, read_evidence
-from .policy import ACTION_RANK, Rule, evaluate, facts_from_records
+from .facts import facts_from_records
+from .policy import ACTION_RANK, Rule, evaluate
 
 log = logging.getLogger("fedgate.feedback")
 

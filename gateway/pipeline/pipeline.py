@@ -18,7 +18,6 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from common.tls import pin_matches
@@ -35,6 +34,7 @@ from schemas.validate import SchemaError, Validators
 from . import errors as E
 from . import records
 from .ratelimit import RateLimiter
+from .request import Context, SignedRequest
 
 log = logging.getLogger("fedgate.pipeline")
 TIMESTAMP_RE = re.compile(r"0|[1-9][0-9]{0,17}")  # Unix seconds: no sign, no leading zeros
@@ -42,35 +42,6 @@ NONCE_RE = re.compile(r"[A-Za-z0-9_-]{8,128}")
 SIGNATURE_RE = re.compile(r"[A-Za-z0-9+/]{86}==")  # standard padded base64 of 64 bytes
 HEX64_RE = re.compile(r"[0-9a-fA-F]{64}")
 MAX_DEPTH = 32  # protocol bodies nest 4-5 levels; free members get generous room
-
-
-@dataclass(frozen=True, slots=True)
-class SignedRequest:
-    """What the HTTP layer hands over: exact bytes, headers and the TLS fingerprint."""
-
-    route: Route
-    headers: Any  # a case-insensitive multi-mapping (aiohttp's CIMultiDictProxy)
-    body: bytes
-    peer_cert_sha256: str | None  # sha256 of the peer leaf certificate's DER, from TLS
-    request_id: str
-    peer_spki_pin: str | None = None  # "spki:<b64 sha256 of its SubjectPublicKeyInfo>"
-
-
-@dataclass(slots=True)
-class Context:
-    """What is known so far about a request; the caller audits it, accepted or not."""
-
-    request_id: str
-    identity: str | None = None
-    kid: str | None = None
-    tenant_id: str | None = None
-    operator_id: str | None = None
-    execution_fingerprint: str | None = None
-    attestation_hash: str | None = None
-    record_id: str | None = None
-    body: dict[str, Any] = field(default_factory=dict)
-    response: dict[str, Any] | None = None  # a feedback query's signed answer
-    skipped_records: Any = None  # a query: stored records its answer had to leave out
 
 
 class Pipeline:

@@ -10,15 +10,14 @@ import base64
 import hashlib
 import uuid
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gateway.config.config import SecurityConfig
 from gateway.store import Anchor, Commit, Record
 from schemas.canonical import dumps
 from schemas.routes import FINDING_SCHEMA_VERSION, Route
 
-if TYPE_CHECKING:
-    from .pipeline import Context, SignedRequest
+from .request import Context, SignedRequest
 
 
 def execution_binding(route: Route, body: Mapping[str, Any]) -> tuple[str | None, str | None]:

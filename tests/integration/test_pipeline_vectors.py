@@ -16,7 +16,8 @@ from multidict import CIMultiDict
 
 from gateway.config.config import SecurityConfig
 from gateway.pipeline import errors as E
-from gateway.pipeline.pipeline import Context, Pipeline, SignedRequest
+from gateway.pipeline.pipeline import Pipeline
+from gateway.pipeline.request import Context, SignedRequest
 from keyring import Key, Keyring, parse_jwks
 from schemas.routes import SIGNED_ROUTES
 from schemas.validate import Validators

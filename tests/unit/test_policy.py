@@ -16,12 +16,11 @@ import pytest
 
 from common.tomlfile import ConfigError
 from gateway.feedback.evidence import Evidence
+from gateway.feedback.facts import ExecutionFacts, facts_from_records
 from gateway.feedback.policy import (
     CONDITIONS,
     DEFAULT_RULES_FILE,
-    ExecutionFacts,
     evaluate,
-    facts_from_records,
     first_match,
     load_rules,
     parse_rules,
