@@ -4,9 +4,17 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test resilience bench lint venv clean
+.PHONY: demo test testdeps resilience bench lint venv clean
 
+# The virtualenv only: no root, no system packages (`make demo` needs nothing else).
 $(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+# What only the tests need: redis-server and rsyslogd (with its gtls driver), installed
+# with apt-get when missing (the tests start their own on free loopback ports).
+testdeps:
 	@command -v redis-server >/dev/null 2>&1 || { \
 	  echo "redis-server not found: installing (apt-get)"; \
 	  (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null || \
@@ -16,17 +24,14 @@ $(STAMP): pyproject.toml
 	  echo "rsyslogd (with gtls) not found: installing rsyslog rsyslog-gnutls (apt-get)"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsyslog rsyslog-gnutls) >/dev/null || \
 	  { echo "error: rsyslog and rsyslog-gnutls are required for the tests (apt-get install rsyslog rsyslog-gnutls)" >&2; exit 1; }; }
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[test]'
-	@touch $(STAMP)
 
 venv: $(STAMP)
 
-test: $(STAMP)
+test: testdeps $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # The SIEM shipper's 30 s receiver outage (docs/RESILIENCE.md); `make test` runs a 3 s one.
-resilience: $(STAMP)
+resilience: testdeps $(STAMP)
 	FEDGATE_RESILIENCE=1 $(BIN)/python -m pytest -q -s -m resilience tests/integration/test_audit_shipper.py
 
 demo: $(STAMP)

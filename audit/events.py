@@ -27,7 +27,7 @@ _ACTION = re.compile(r"^[a-z][a-z0-9_]*(?:\.[a-z][a-z0-9_]*)+$")
 _MAX_MESSAGE = 512
 _ALWAYS = ("tenant_id", "kid", "execution_fingerprint")  # required by the schema, nullable
 
-#: §6 rejection code → ECS category (mirrors gateway/errors.py: signature, key and
+#: §6 rejection code → ECS category (mirrors gateway/pipeline/errors.py: signature, key and
 #: freshness failures are security events; tenant boundaries are ``iam``).
 FEEDBACK_CATEGORIES: dict[str, str] = {
     "malformed_response": "web",
@@ -188,7 +188,7 @@ def handshake_event(
     so ``request_id`` is one the gateway made up). ``suppressed``: failures from the same
     source not written since its previous event, by reason (``fedgate.suppressed`` is
     their sum); ``suppressed_other_sources``: the same for failures of sources the
-    limiter's table had to forget (gateway/tlsaudit.py)."""
+    limiter's table had to forget (gateway/http/tlsaudit.py)."""
     _check("tls.handshake_failed", "failure", ["network", "authentication"], reason)
     if not request_id:
         raise ValueError("request_id is required")

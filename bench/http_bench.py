@@ -27,7 +27,7 @@ import aiohttp  # noqa: E402
 from lab import Lab  # noqa: E402
 from stack import Stack  # noqa: E402
 
-from gateway.routes import TELEMETRY_PATH  # noqa: E402
+from schemas.routes import TELEMETRY_PATH  # noqa: E402
 
 LAB = Lab(None)
 

@@ -30,12 +30,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 import orjson  # noqa: E402
 from lab import IDENTITY, PRODUCER, Lab  # noqa: E402
 
-from gateway.pipeline import Context, SignedRequest  # noqa: E402
-from gateway.records import build_commit  # noqa: E402
-from gateway.routes import TELEMETRY  # noqa: E402
+from gateway.pipeline.records import build_commit  # noqa: E402
+from gateway.pipeline.request import Context, SignedRequest  # noqa: E402
 from gateway.store import open_store  # noqa: E402
 from keyring import verify  # noqa: E402
 from schemas.canonical import dumps, dumps_reference, loads, parse_canonical  # noqa: E402
+from schemas.routes import TELEMETRY  # noqa: E402
 from schemas.signing import request_signing_input  # noqa: E402
 from schemas.validate import ReferenceValidators, Validators  # noqa: E402
 

@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from gateway.config import ConfigError
-from gateway.routes import GRAPH, TELEMETRY
+from common.tomlfile import ConfigError
+from schemas.routes import GRAPH, TELEMETRY
 
 from .client import EmitterClient, QueryError
 from .outbox import FINAL_STATES, Outbox

@@ -20,10 +20,10 @@ from typing import Any
 import aiohttp
 
 from audit import AuditLog
-from gateway.config import ConfigError
-from gateway.routes import GRAPH_PATH, TELEMETRY_PATH
-from gateway.tls import TlsConfigError, client_context
+from common.tls import TlsConfigError, client_context
+from common.tomlfile import ConfigError
 from keyring.ed25519 import PrivateKey, verify
+from schemas.routes import GRAPH_PATH, TELEMETRY_PATH
 
 from .delivery import Deliveries, DeliveryResult, _execution, _queued
 from .feedback import FeedbackQueries, QueryError

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.routes import TELEMETRY_PATH
+from schemas.routes import TELEMETRY_PATH
 
 from .feedback import text
 from .outbox import OutboxItem

@@ -15,7 +15,7 @@ import uuid
 from typing import Any
 
 from audit import feedback_event
-from gateway.routes import QUERY_PATH
+from schemas.routes import QUERY_PATH
 
 from .transport import (
     RETRY_STATUSES,

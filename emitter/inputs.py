@@ -12,7 +12,7 @@ than ``limit`` characters) raises :class:`InputError` naming the item. :func:`pr
 checks one item as the gateway will (PROTOCOL.md §3-§4 steps 2 and 7): an object, finite
 numbers, 64-bit integers, a canonical form no larger than ``max_body_bytes``, the JSON
 Schema of its route (``schemas/``, the gateway's own validators) and the rules the schema
-cannot say (``gateway.records.check_semantics``).
+cannot say (``schemas.semantics.check_semantics``).
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ import re
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
-from gateway.errors import GatewayError
-from gateway.records import check_semantics
-from gateway.routes import Route
 from schemas.canonical import dumps
+from schemas.routes import Route
+from schemas.semantics import check_semantics
 from schemas.validate import SchemaError, Validators
 
 CHUNK = 256 * 1024
@@ -156,8 +155,6 @@ def problem(value: Any, route: Route, max_body_bytes: int, validators: Validator
         check_semantics(route, body)
     except SchemaError as exc:
         return f"schema_violation at {exc.pointer or '/'}: {exc.message}"
-    except GatewayError as exc:
-        return f"{exc.error} at {exc.extra.get('pointer', '/')}: {exc.detail}"
     return None
 
 

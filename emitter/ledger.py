@@ -25,7 +25,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from gateway.store.sqlite import connect_durable, transaction
+from common.sqlite import connect_durable, transaction
 from schemas.canonical import dumps
 
 from .settings import private_file

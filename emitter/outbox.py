@@ -33,9 +33,9 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.sqlite import connect_durable, transaction
 from emitter.settings import private_file
 from emitter.signing import SignedBody
-from gateway.store.sqlite import connect_durable, transaction
 from schemas.canonical import dumps
 
 SCHEMA = """

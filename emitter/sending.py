@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TextIO
 
-from gateway.routes import Route
+from schemas.routes import Route
 from schemas.validate import Validators
 
 from .client import EmitterClient

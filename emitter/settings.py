@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from gateway.config import IDENTITY_RE, ConfigError
-from gateway.tls import is_pin, normalize_pin
-from gateway.tomlfile import load_file, path_value, readable_file
+from common.tls import is_pin, normalize_pin
+from common.tomlfile import ConfigError, load_file, path_value, readable_file
 from keyring.keys import KID_RE
+from schemas.routes import IDENTITY_RE
 
 _KEYS = frozenset({
     "url", "ca", "cert", "key", "server_pins", "identity", "signing_key", "kid",

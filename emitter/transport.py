@@ -25,7 +25,7 @@ from typing import Any
 
 import aiohttp
 
-from gateway.tls import server_cert_sha256_matches
+from common.tls import server_cert_sha256_matches
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})  # the gateway did not decide: try again
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024  # the gateway's answers are a few KiB (≤ 1000 adjustments)

@@ -28,7 +28,7 @@ from urllib.parse import unquote, urlsplit
 import structlog
 from aiohttp.abc import AbstractAccessLogger
 
-from .config import ConfigError
+from common.tomlfile import ConfigError
 
 FORMATS = ("console", "json")
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,

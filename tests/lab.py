@@ -15,11 +15,12 @@ from typing import Any
 from multidict import CIMultiDict
 
 from emitter.signing import sign_request
-from gateway import errors as E
-from gateway.config import SecurityConfig
-from gateway.pipeline import Context, Pipeline, SignedRequest
-from gateway.routes import GRAPH_PATH, QUERY_PATH, SIGNED_ROUTES, TELEMETRY_PATH
+from gateway.config.config import SecurityConfig
+from gateway.pipeline import errors as E
+from gateway.pipeline.pipeline import Pipeline
+from gateway.pipeline.request import Context, SignedRequest
 from keyring import Key, Keyring, KeyStatus, PrivateKey
+from schemas.routes import GRAPH_PATH, QUERY_PATH, SIGNED_ROUTES, TELEMETRY_PATH
 from schemas.signing import request_signing_input
 from schemas.validate import Validators
 

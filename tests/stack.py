@@ -20,9 +20,9 @@ import aiohttp
 from aiohttp import web
 from lab import CONFIG, IDENTITY, KEYS, TENANT, TENANT_B
 
-from gateway.pki import init_pki
-from gateway.server import start_gateway
-from gateway.tls import client_context
+from common.tls import client_context
+from fedgate.pki import init_pki
+from gateway.http.server import start_gateway
 from keyring.ed25519 import PrivateKey
 from keyring.keys import save_jwks
 
@@ -137,7 +137,7 @@ class Stack:
 
         log = (self.root / "serve.log").open("ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", "--config", str(self.config_path),
+            [sys.executable, "-m", "fedgate.cli", "serve", "--config", str(self.config_path),
              *extra], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
             preexec_fn=limit_fds if fd_soft_limit is not None else None)

@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:
 from emitter.campaign import CampaignError, run_campaign  # noqa: E402
 from emitter.client import EmitterClient  # noqa: E402
 from emitter.settings import load_emitter_settings  # noqa: E402
-from gateway.demo import broken_chains, write_outputs  # noqa: E402
+from fedgate.demo import broken_chains, write_outputs  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,7 +20,7 @@ from stack import free_port
 
 from audit import AuditLog
 from emitter.campaign import EXECUTIONS, Execution, telemetry_body
-from gateway.pki import cert_sha256
+from fedgate.pki import cert_sha256
 from keyring.keys import KeyStatus, load_jwks
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,7 +29,7 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 def fedgate(*args: str, cwd: Path = ROOT, input: str | None = None
             ) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], cwd=cwd, env=ENV,
+    return subprocess.run([sys.executable, "-m", "fedgate.cli", *args], cwd=cwd, env=ENV,
                           capture_output=True, text=True, timeout=120, input=input)
 
 
@@ -47,7 +47,7 @@ def serving(root: Path):
     over mTLS to ROOT/emitter.toml."""
     log_path = root.parent / f"{root.name}-serve.log"
     with log_path.open("ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config",
+        proc = subprocess.Popen([sys.executable, "-m", "fedgate.cli", "serve", "--config",
                                  str(root / "gateway.toml")], cwd=root.parent, env=ENV,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:

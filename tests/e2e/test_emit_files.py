@@ -21,8 +21,8 @@ from emitter.campaign import EXECUTIONS, telemetry_body
 from emitter.outbox import Outbox
 from emitter.settings import load_emitter_settings
 from emitter.signing import new_nonce, sign_request
-from gateway.routes import TELEMETRY_PATH
 from keyring.ed25519 import PrivateKey
+from schemas.routes import TELEMETRY_PATH
 
 EX = EXECUTIONS[0]
 
@@ -166,7 +166,7 @@ def test_an_empty_input_says_nothing_to_send(fed, text):
 def test_ctrl_c_leaves_the_rest_queued_and_a_rerun_sends_no_duplicate(fed, tmp_path):
     items = [body(n) for n in range(200)]
     data = jsonl(tmp_path / "campaign.jsonl", items)
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "emit", "--config",
+    proc = subprocess.Popen([sys.executable, "-m", "fedgate.cli", "emit", "--config",
                              str(fed / "emitter.toml"), str(data)], cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = [proc.stdout.readline() for _ in range(3)]  # sending has started
@@ -200,7 +200,7 @@ def test_ctrl_c_leaves_the_rest_queued_and_a_rerun_sends_no_duplicate(fed, tmp_p
 
 def test_flush_sends_what_an_interrupted_run_left(fed, tmp_path):
     data = jsonl(tmp_path / "campaign.jsonl", [body(n) for n in range(150)])
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "emit", "--config",
+    proc = subprocess.Popen([sys.executable, "-m", "fedgate.cli", "emit", "--config",
                              str(fed / "emitter.toml"), str(data)], cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc.stdout.readline()
@@ -228,7 +228,7 @@ def peak_rss_kib(fed: Path, data: Path) -> tuple[int, int, str, int]:
     """(exit code, output lines, stderr, peak RSS in KiB) of `fedgate emit` on ``data``,
     measured by a parent that has no other child."""
     result = subprocess.run(
-        [sys.executable, "-c", "import json\n" + PEAK, sys.executable, "-m", "gateway.cli",
+        [sys.executable, "-c", "import json\n" + PEAK, sys.executable, "-m", "fedgate.cli",
          "emit", "--config", str(fed / "emitter.toml"), str(data)],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr

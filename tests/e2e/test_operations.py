@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from stack import free_port
 
-from gateway.policy import DEFAULT_RULES_FILE
+from gateway.feedback.policy import DEFAULT_RULES_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -24,7 +24,7 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 def fedgate(*args: str, cwd: Path = ROOT, env: dict | None = None
             ) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "fedgate.cli", *args], cwd=cwd,
                           env=env or ENV, capture_output=True, text=True, timeout=120)
 
 
@@ -55,7 +55,7 @@ def test_serve_without_rules_warns_once_at_start_up(tmp_path):
     assert "[policy]" not in cfg.read_text()
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config",
+        proc = subprocess.Popen([sys.executable, "-m", "fedgate.cli", "serve", "--config",
                                  str(cfg), "--workers", "2"], cwd=ROOT, env=ENV, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -85,7 +85,7 @@ def test_version_is_the_package_version():
 
 
 def test_version_falls_back_to_the_checkout_when_the_distribution_is_not_installed():
-    from gateway.cli import package_version
+    from fedgate.cli import package_version
 
     assert package_version("fedgate-not-installed") == PROJECT["version"]
 

@@ -18,7 +18,7 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
 def fedgate(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], cwd=ROOT, env=ENV,
+    return subprocess.run([sys.executable, "-m", "fedgate.cli", *args], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=120, **kw)
 
 
@@ -41,7 +41,7 @@ def running_stack(tmp_path, store_url):
                      "--port", str(free_port()))
     assert result.returncode == 0, result.stderr
     log = (tmp_path / "serve.log").open("ab")  # a pipe nobody reads could stall it
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config",
+    proc = subprocess.Popen([sys.executable, "-m", "fedgate.cli", "serve", "--config",
                              str(root / "gateway.toml"), "--workers", "2"], cwd=ROOT, env=ENV,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()

@@ -71,7 +71,7 @@ def test_wheel_bootstrap_serve_and_feedback_outside_the_checkout(tmp_path):
     state = work / "fed"
     config = tomllib.loads((state / "gateway.toml").read_text())
     assert config["policy"] == {"rules": "policy/rules.toml"}  # relative: beside the config
-    packaged = Path(where).parent / "policy_rules" / "default.toml"
+    packaged = Path(where).parent / "feedback" / "policy_rules" / "default.toml"
     assert (state / "policy" / "rules.toml").read_bytes() == packaged.read_bytes()
 
     log_path = tmp_path / "serve.log"

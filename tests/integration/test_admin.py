@@ -16,7 +16,7 @@ from lab import Lab
 from promtext import by_label, value
 from stack import Stack, free_port
 
-from gateway.routes import TELEMETRY_PATH
+from schemas.routes import TELEMETRY_PATH
 
 LAB = Lab(None)
 

@@ -19,8 +19,8 @@ import pytest
 
 from audit import AuditLog, request_event
 from audit.shipper import ShipError, Shipper, ShipperBusy, ShipState
-from gateway.pki import init_pki
-from gateway.syslog_config import parse_syslog
+from fedgate.pki import init_pki
+from gateway.config.syslog_config import parse_syslog
 from tests.rsyslogd import Rsyslogd
 from tests.unit.test_audit_chain import make_event
 

@@ -15,7 +15,7 @@ from lab import NOW, Lab
 from promtext import value
 from stack import Stack
 
-from gateway.routes import TELEMETRY_PATH
+from schemas.routes import TELEMETRY_PATH
 
 LAB = Lab(None)
 

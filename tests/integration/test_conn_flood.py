@@ -28,7 +28,7 @@ from lab import Lab
 from promtext import by_label
 from stack import ROOT, Stack
 
-from gateway.routes import TELEMETRY_PATH
+from schemas.routes import TELEMETRY_PATH
 
 RAW, HALF, PRODUCER_REQUESTS = 2000, 200, 10
 SERVER = {"handshake_timeout_s": 1.5, "header_timeout_s": 1.5, "idle_timeout_s": 5,

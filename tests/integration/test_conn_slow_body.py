@@ -20,9 +20,9 @@ from lab import IDENTITY, Lab
 from promtext import by_label
 from stack import Stack
 
-from gateway.pki import issue_client_cert
-from gateway.routes import TELEMETRY_PATH
-from gateway.tls import client_context
+from common.tls import client_context
+from fedgate.pki import issue_client_cert
+from schemas.routes import TELEMETRY_PATH
 
 CAP = 12
 SERVER = {"max_connections": CAP, "identity_share": 0.25}

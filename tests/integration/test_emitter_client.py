@@ -35,6 +35,8 @@ from lab import ATT_OTHER, FP, IDENTITY, PRODUCER, TENANT, body_for
 from stack import FEEDBACK_SEED, ROOT, Stack, free_port, toml_value
 
 from audit import verify_file
+from common.tls import server_context
+from common.tomlfile import ConfigError
 from emitter.campaign import run_campaign
 from emitter.cli import main
 from emitter.client import EmitterClient, QueryError, backoff_delay
@@ -43,17 +45,15 @@ from emitter.settings import load_emitter_settings
 from emitter.sync import SyncEmitterClient
 from emitter.transport import MAX_RESPONSE_BYTES
 from emitter.verify import FeedbackRejected
-from gateway.bootstrap import bootstrap
-from gateway.config import ConfigError
-from gateway.feedback import bound_nonce, sign_feedback
-from gateway.pki import init_pki
-from gateway.policy import DEFAULT_RULES_FILE
-from gateway.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
-from gateway.server import start_gateway
+from fedgate.bootstrap import bootstrap
+from fedgate.pki import init_pki
+from gateway.feedback.issuer import bound_nonce, sign_feedback
+from gateway.feedback.policy import DEFAULT_RULES_FILE
+from gateway.http.server import start_gateway
 from gateway.store import open_store
-from gateway.tls import server_context
 from keyring import Key, Keyring, PrivateKey
 from keyring.keys import save_jwks
+from schemas.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
 
 ATT = body_for(GRAPH_PATH)["attestation_measurement_hash"]
 FEEDBACK_KEY = PrivateKey(FEEDBACK_SEED)

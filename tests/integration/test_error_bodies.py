@@ -1,6 +1,6 @@
 """PROTOCOL.md §4 v1.1 error bodies, on the wire, for every code the gateway can answer.
 
-The set of codes comes from the code (``gateway.errors.ALL_ERRORS`` and the router's
+The set of codes comes from the code (``gateway.pipeline.errors.ALL_ERRORS`` and the router's
 ``ROUTER_CODES``), not from a list kept here: a new code without a scenario below fails
 ``test_every_wire_code_has_a_scenario``. Each scenario drives a real in-process gateway
 over mTLS (the project's dev PKI, a real SQLite file) into that refusal; the body must
@@ -32,12 +32,12 @@ from lab import (
 )
 from stack import Stack, toml_value
 
-from gateway import errors as E
-from gateway.app import ROUTER_CODES, STORE
-from gateway.routes import GRAPH_PATH, TELEMETRY_PATH
+from gateway.http.app import ROUTER_CODES, STORE
+from gateway.pipeline import errors as E
 from keyring import Key, Keyring, PrivateKey
 from keyring.keys import save_jwks
 from schemas.canonical import dumps
+from schemas.routes import GRAPH_PATH, TELEMETRY_PATH
 
 OTHER = "spectrastrike-other"
 OTHER_KEY = PrivateKey(hashlib.sha256(b"error bodies: the other identity's key").digest())
@@ -145,7 +145,7 @@ async def audit_unavailable(env: Env):
 
 async def internal_error(env: Env):
     """FAKE FAULT (cannot be produced for real): the pipeline raises unexpectedly."""
-    from gateway.pipeline import Pipeline
+    from gateway.pipeline.pipeline import Pipeline
 
     async def boom(self, req, now, ctx):
         raise RuntimeError("unexpected")
@@ -155,7 +155,7 @@ async def internal_error(env: Env):
 
 
 async def unparseable(env: Env):
-    """HTTP aiohttp's parser refuses (gateway/http_errors.py), on a raw TLS socket."""
+    """HTTP aiohttp's parser refuses (gateway/http/http_errors.py), on a raw TLS socket."""
     reader, writer = await asyncio.open_connection(
         "127.0.0.1", env.stack.port, ssl=env.stack.ssl(), server_hostname="localhost")
     writer.write(b"NOT HTTP AT ALL\r\n\r\n")

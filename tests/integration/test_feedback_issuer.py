@@ -22,15 +22,15 @@ import pytest
 from conftest import load_vectors
 from lab import IDENTITY, NOW, TELEMETRY_BODY, TENANT, TENANT_B, Lab, body_for
 
-from gateway import errors as E
-from gateway.feedback import FeedbackIssuer, RulePolicy
-from gateway.policy import DEFAULT_RULES_FILE, load_rules
-from gateway.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
+from gateway.feedback.issuer import FeedbackIssuer, RulePolicy
+from gateway.feedback.policy import DEFAULT_RULES_FILE, load_rules
+from gateway.pipeline import errors as E
 from gateway.store import Record
 from keyring import Key, Keyring, KeyStatus
 from keyring.ed25519 import PrivateKey, verify
 from keyring.keys import parse_jwks
 from schemas.canonical import dumps, loads
+from schemas.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
 from schemas.signing import feedback_signing_input
 from schemas.validate import Validators
 

@@ -26,11 +26,11 @@ from stack import Stack
 
 from audit import verify_file
 from emitter.signing import sign_request
-from gateway.policy import DEFAULT_RULES_FILE
-from gateway.routes import QUERY_PATH, TELEMETRY_PATH
+from gateway.feedback.policy import DEFAULT_RULES_FILE
 from gateway.store import Record, open_store
 from keyring import Key, Keyring, PrivateKey
 from schemas.canonical import dumps
+from schemas.routes import QUERY_PATH, TELEMETRY_PATH
 
 OTHER = "spectrastrike-other"
 OTHER_KEY = PrivateKey(hashlib.sha256(b"lab producer key, spectrastrike-other").digest())

@@ -18,8 +18,8 @@ from promtext import value
 from stack import Stack
 
 from audit import verify_file
-from gateway.cli import package_version
-from gateway.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
+from fedgate.cli import package_version
+from schemas.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
 
 
 @pytest.fixture
@@ -255,7 +255,7 @@ async def test_rate_limited_on_the_wire_with_retry_after(tmp_path, sqlite_url):
 
 async def test_store_full_is_503_store_unavailable_on_the_wire(tmp_path, sqlite_url):
     """A real SQLITE_FULL inside the gateway's own store: 503, nonce not consumed."""
-    from gateway.app import STORE
+    from gateway.http.app import STORE
     st = Stack(tmp_path, sqlite_url)
     async with st.running(clock=lambda: NOW) as runner:
         store = runner.app[STORE]
@@ -275,7 +275,7 @@ async def test_store_full_is_503_store_unavailable_on_the_wire(tmp_path, sqlite_
 
 async def test_internal_error_never_leaks(stack, monkeypatch):
     """FAKE FAULT (cannot be produced for real): the pipeline raises an unexpected error."""
-    from gateway.pipeline import Pipeline
+    from gateway.pipeline.pipeline import Pipeline
 
     async def boom(self, req, now, ctx):
         raise RuntimeError("secret /etc/fedgate/keys/feedback.pem")
@@ -295,8 +295,8 @@ async def test_internal_error_never_leaks(stack, monkeypatch):
 
 def refused_contexts(stack, tmp_path):
     """Clients the gateway must never answer: no cert, a foreign CA's cert, TLS 1.2."""
-    from gateway.pki import init_pki
-    from gateway.tls import client_context
+    from common.tls import client_context
+    from fedgate.pki import init_pki
     foreign = init_pki(tmp_path / "foreign", [IDENTITY])
     no_cert = client_context(stack.pki.ca.cert)
     other_ca = client_context(stack.pki.ca.cert, foreign.identities[IDENTITY].cert,

@@ -17,8 +17,8 @@ import pytest
 from lab import IDENTITY, TENANT, Lab
 from stack import ROOT, Stack
 
-from gateway.routes import TELEMETRY_PATH
 from gateway.store import open_store
+from schemas.routes import TELEMETRY_PATH
 
 LAB = Lab(None)
 
@@ -103,7 +103,7 @@ async def test_redis_stopped_fails_closed_then_recovers(stack, redis_server):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "fedgate.cli", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
 
 

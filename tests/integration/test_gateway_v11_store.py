@@ -13,10 +13,10 @@ from lab import FP, IDENTITY, KEYS, NOW, PRODUCER, TENANT, body_for
 from stack import Stack
 
 from emitter.signing import sign_request
-from gateway.app import ISSUER
-from gateway.policy import DEFAULT_RULES_FILE
-from gateway.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
+from gateway.feedback.policy import DEFAULT_RULES_FILE
+from gateway.http.app import ISSUER
 from keyring import Key, Keyring, PrivateKey
+from schemas.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
 
 OTHER = "spectrastrike-other"
 OTHER_KEY = PrivateKey(hashlib.sha256(b"lab producer key, other identity").digest())

@@ -16,7 +16,7 @@ import pytest
 from promtext import value
 from stack import Stack
 
-from gateway.http_errors import AUDIT_BURST
+from gateway.http.http_errors import AUDIT_BURST
 
 T = "/internal/v1/telemetry"
 CASES = {  # name → (request bytes, a piece of it the answer must not echo)

@@ -26,9 +26,9 @@ from lab import (
 )
 from multidict import CIMultiDict
 
-from gateway.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
 from gateway.store import open_store
 from keyring.ed25519 import PrivateKey
+from schemas.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
 from schemas.signing import request_signing_input
 
 

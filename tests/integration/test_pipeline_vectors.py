@@ -14,11 +14,12 @@ import pytest
 from conftest import load_vectors
 from multidict import CIMultiDict
 
-from gateway import errors as E
-from gateway.config import SecurityConfig
-from gateway.pipeline import Context, Pipeline, SignedRequest
-from gateway.routes import SIGNED_ROUTES
+from gateway.config.config import SecurityConfig
+from gateway.pipeline import errors as E
+from gateway.pipeline.pipeline import Pipeline
+from gateway.pipeline.request import Context, SignedRequest
 from keyring import Key, Keyring, parse_jwks
+from schemas.routes import SIGNED_ROUTES
 from schemas.validate import Validators
 
 TELEMETRY = load_vectors("telemetry_v1.json")

@@ -13,7 +13,7 @@ from conftest import RedisServer
 from lab import Lab
 from stack import Stack
 
-from gateway.routes import TELEMETRY_PATH
+from schemas.routes import TELEMETRY_PATH
 
 LAB = Lab(None)
 PASSWORD = "Zq8-hunter2-xY"  # must appear in no log line

@@ -23,13 +23,13 @@ from lab import IDENTITY, NOW, PRODUCER, Lab, body_for
 from pins import openssl_spki_pin
 from stack import FEEDBACK_SEED, Stack, toml_value
 
+from common.tls import client_context, spki_pin
 from emitter.client import EmitterClient
 from emitter.settings import load_emitter_settings
-from gateway.cli import main as gateway_main
-from gateway.routes import TELEMETRY_PATH
-from gateway.tls import client_context, spki_pin
+from fedgate.cli import main as gateway_main
 from keyring import Key, Keyring, PrivateKey
 from keyring.keys import save_jwks
+from schemas.routes import TELEMETRY_PATH
 
 LAB = Lab(None)
 

@@ -15,9 +15,9 @@ from lab import NOW, TENANT, Lab
 from promtext import value
 from stack import ROOT, Stack
 
-from gateway.routes import TELEMETRY_PATH
 from gateway.store import Commit, Outcome, Record, StoreError
 from gateway.store.redis import RedisStore
+from schemas.routes import TELEMETRY_PATH
 
 pytestmark = pytest.mark.redis
 
@@ -153,7 +153,7 @@ def test_gateway_refuses_to_start_on_volatile_lru_with_one_line(tmp_path, dedica
     st = Stack(tmp_path, server.url)
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "gateway.cli", "serve", "--config", str(st.config_path)],
+            [sys.executable, "-m", "fedgate.cli", "serve", "--config", str(st.config_path)],
             cwd=ROOT, capture_output=True, text=True, timeout=30)
     except subprocess.TimeoutExpired:  # the old code started and served
         pytest.fail("the gateway started on a Redis that evicts keys")

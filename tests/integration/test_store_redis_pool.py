@@ -19,7 +19,7 @@ from lab import IDENTITY, PRODUCER, TELEMETRY_BODY
 from stack import Stack
 
 from emitter.signing import sign_request
-from gateway.routes import TELEMETRY_PATH
+from schemas.routes import TELEMETRY_PATH
 
 BURST = 200
 

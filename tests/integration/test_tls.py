@@ -1,4 +1,4 @@
-"""gateway.tls over real loopback sockets with real certificates from ``init_pki``.
+"""common.tls over real loopback sockets with real certificates from ``init_pki``.
 
 PROTOCOL.md §2 / §4 step 0: TLS 1.3 only, a client certificate chaining to the client CA
 is required, and a refusal is a failed handshake, never an HTTP answer. With TLS 1.3 the
@@ -19,14 +19,14 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.pki import PkiResult, init_pki
-from gateway.tls import (
+from common.tls import (
     TlsConfigError,
     client_context,
     peer_cert_sha256,
     server_cert_sha256_matches,
     server_context,
 )
+from fedgate.pki import PkiResult, init_pki
 
 IDS = ["spectrastrike-producer", "second-producer"]
 TIMEOUT = aiohttp.ClientTimeout(total=10)

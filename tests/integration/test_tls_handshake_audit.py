@@ -22,8 +22,8 @@ from promtext import by_label
 from stack import IDENTITIES, Stack
 
 from audit import verify_file
-from gateway.pki import init_pki
-from gateway.tls import client_context
+from common.tls import client_context
+from fedgate.pki import init_pki
 from schemas.validate import Validators
 
 SERVER = {"handshake_timeout_s": 1, "header_timeout_s": 1}

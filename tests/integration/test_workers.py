@@ -21,8 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from promtext import by_label, value
 from stack import ROOT, Stack
 
-from gateway.cli import package_version
-from gateway.routes import TELEMETRY_PATH
+from fedgate.cli import package_version
+from schemas.routes import TELEMETRY_PATH
 
 SERVING = re.compile(r"fedgate: worker (\d+) \(pid (\d+)\) serving")
 
@@ -76,7 +76,7 @@ def refuses(port: int) -> bool:
 
 
 def serve(stack: Stack, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--config",
+    return subprocess.run([sys.executable, "-m", "fedgate.cli", "serve", "--config",
                            str(stack.config_path), *extra], cwd=ROOT, capture_output=True,
                           text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
 

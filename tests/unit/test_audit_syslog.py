@@ -8,8 +8,8 @@ import pytest
 
 from audit import request_event
 from audit.syslog import frame, rfc5424, severity
-from gateway.config import ConfigError
-from gateway.syslog_config import parse_syslog
+from common.tomlfile import ConfigError
+from gateway.config.syslog_config import parse_syslog
 from tests.unit.test_audit_chain import NOW, make_event
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from test_settings import PIN, VALID, sub, write_tree
 
-from gateway.config import ConfigError
-from gateway.settings import load_settings
+from common.tomlfile import ConfigError
+from gateway.config.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "s3cr3t-Pa55"
@@ -73,7 +73,7 @@ def test_fedgate_serve_with_an_unset_variable_exits_2_with_one_line(tmp_path):
     cfg = write_tree(tmp_path, sub('url = "sqlite:///state/test.db"\nbusy_timeout_ms = 250',
                                    'url = "redis://:${FEDGATE_T_UNSET}@h/0"')(VALID))
     env = {k: v for k, v in os.environ.items() if k != "FEDGATE_T_UNSET"}
-    result = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--config",
+    result = subprocess.run([sys.executable, "-m", "fedgate.cli", "serve", "--config",
                              str(cfg)], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)},
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2

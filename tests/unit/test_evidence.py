@@ -1,4 +1,4 @@
-"""Stored records read back for the policy engine (gateway/evidence.py).
+"""Stored records read back for the policy engine (gateway/feedback/evidence.py).
 
 Each row is a stored record as an older version, a bug or an edit could have left it;
 ``read_evidence`` must either give the checked members or name why the record is left
@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from lab import TELEMETRY_BODY, VALIDATORS
 
-from gateway.evidence import (
+from gateway.feedback.evidence import (
     BAD_MEMBER,
     UNREADABLE_BODY,
     UNREADABLE_RECORD,

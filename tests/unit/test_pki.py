@@ -1,4 +1,4 @@
-"""gateway.pki: the dev PKI behind ``fedgate certs init`` (PROTOCOL.md §2, §8)."""
+"""fedgate.pki: the dev PKI behind ``fedgate certs init`` (PROTOCOL.md §2, §8)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from gateway.pki import PkiError, PkiResult, cert_sha256, init_pki, issue_client_cert
+from fedgate.pki import PkiError, PkiResult, cert_sha256, init_pki, issue_client_cert
 
 IDS = ["spectrastrike-producer", "other.producer_2"]
 NOW = datetime(2026, 1, 1, tzinfo=UTC)

@@ -1,4 +1,4 @@
-"""The policy engine (gateway/policy.py) as tables: facts → the action (or None).
+"""The policy engine (gateway/feedback/policy.py) as tables: facts → the action (or None).
 
 Rows in the python-tuf style: one named row per behaviour, ``pytest.mark.parametrize``
 over a dict so a failure names the row. Covered: every condition (a hit and a miss),
@@ -14,14 +14,13 @@ from typing import Any
 
 import pytest
 
-from gateway.config import ConfigError
-from gateway.evidence import Evidence
-from gateway.policy import (
+from common.tomlfile import ConfigError
+from gateway.feedback.evidence import Evidence
+from gateway.feedback.facts import ExecutionFacts, facts_from_records
+from gateway.feedback.policy import (
     CONDITIONS,
     DEFAULT_RULES_FILE,
-    ExecutionFacts,
     evaluate,
-    facts_from_records,
     first_match,
     load_rules,
     parse_rules,

@@ -1,7 +1,7 @@
 """docs/PROTOCOL.md documents every error code the code can emit.
 
 The codes are collected from the code, never listed here: every ``GatewayError``
-subclass (and ``ALL_ERRORS``), the router codes of ``gateway.app``, and the emitter's
+subclass (and ``ALL_ERRORS``), the router codes of ``gateway.http.app``, and the emitter's
 §6 rejection codes (``emitter.verify.CODES`` and any other ``*CODES`` / ``*_CODE``
 constant of that module). A gateway code must have its own row in the codes table,
 ``| `code` | status |``, with the status the code answers; an emitter code must appear
@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from emitter import verify
-from gateway import app, errors
+from gateway.http import app
+from gateway.pipeline import errors
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
 

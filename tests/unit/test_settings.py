@@ -1,4 +1,4 @@
-"""gateway.settings: the TOML file of PROTOCOL.md §8, with real files in tmp_path."""
+"""gateway.config.settings: the TOML file of PROTOCOL.md §8, with real files in tmp_path."""
 
 from __future__ import annotations
 
@@ -12,15 +12,16 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from gateway.config import DEFAULT_MAX_BODY, ConfigError
-from gateway.logs import LogSettings
-from gateway.settings import (
+from common.tomlfile import ConfigError
+from gateway.config.config import DEFAULT_MAX_BODY
+from gateway.config.settings import (
     AdminSettings,
     GatewaySettings,
     ServerSettings,
     load_keys,
     load_settings,
 )
+from gateway.logs import LogSettings
 from keyring.ed25519 import PrivateKey
 from keyring.keys import Key, Keyring, save_jwks
 
@@ -461,7 +462,7 @@ def test_example_copy_matches_shared_when_present() -> None:
 
 
 def test_one_pin_for_two_identities_is_refused() -> None:
-    from gateway.config import SecurityConfig
+    from gateway.config.config import SecurityConfig
     pin = "ab" * 32
     raw = {"identities": {"a": {"pins": [pin], "tenants": []},
                           "b": {"pins": [pin], "tenants": []}}}

@@ -13,8 +13,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
-from gateway.config import ConfigError, SecurityConfig
-from gateway.tls import is_pin, normalize_pin, pin_matches, spki_der, spki_pin
+from common.tls import is_pin, normalize_pin, pin_matches, spki_der, spki_pin
+from common.tomlfile import ConfigError
+from gateway.config.config import SecurityConfig
 
 TENANT = "7758e414-233a-5ea0-575b-cf0c26f5259a"
 GOOD = "spki:" + base64.b64encode(hashlib.sha256(b"k").digest()).decode()

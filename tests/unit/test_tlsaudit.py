@@ -1,4 +1,4 @@
-"""gateway.tlsaudit's limiter against an IP-spraying flood, writing to a real chained
+"""gateway.http.tlsaudit's limiter against an IP-spraying flood, writing to a real chained
 audit file: the table of sources stays bounded, the events stay under the global cap,
 and after the shutdown flush every failure is an event or counted in one."""
 
@@ -11,8 +11,8 @@ from collections import Counter
 from promtext import by_label
 
 from audit import AuditLog, verify_file
-from gateway.metrics import Metrics
-from gateway.tlsaudit import HandshakeAudit, classify
+from gateway.http.metrics import Metrics
+from gateway.http.tlsaudit import HandshakeAudit, classify
 
 SOURCES, ROUNDS, TABLE, CAP = 500, 2, 16, 10
 

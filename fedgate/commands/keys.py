@@ -1,0 +1,45 @@
+"""`fedgate keys new`: an Ed25519 key (PKCS#8 PEM + public JWK), optionally added to a JWKS."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from keyring.ed25519 import PrivateKey
+from keyring.keys import KID_RE, Key, KeyStatus, add_to_jwks, key_from_jwk, load_jwks
+
+
+def cmd_keys_new(args: argparse.Namespace) -> int:
+    if not KID_RE.fullmatch(args.kid):
+        raise ValueError(f"--kid {args.kid!r} must match ^[A-Za-z0-9._:-]{{1,128}}$")
+    for flag, value in (("--not-before", args.not_before), ("--not-after", args.not_after)):
+        if value is not None and value < 0:
+            raise ValueError(f"{flag} must be Unix seconds (>= 0), got {value}")
+    if None not in (args.not_before, args.not_after) and args.not_after < args.not_before:
+        raise ValueError("--not-after is before --not-before")
+    pem, jwk = args.out / f"{args.kid}.pem", args.out / f"{args.kid}.jwk.json"
+    for path in (pem, jwk):
+        if path.exists():
+            raise ValueError(f"{path} exists; refusing to overwrite a key")
+    if args.jwks is not None:  # refuse before writing anything
+        if not args.jwks.parent.is_dir():
+            raise ValueError(f"--jwks {args.jwks}: no such directory {args.jwks.parent}")
+        if args.jwks.exists() and args.kid in load_jwks(args.jwks):
+            raise ValueError(f"{args.jwks}: kid {args.kid!r} is already in this keyring")
+    key = PrivateKey(os.urandom(32))
+    public = Key(kid=args.kid, public=key.public, identity=args.identity,
+                 tenants=frozenset(args.tenant), status=KeyStatus(args.status),
+                 not_before=args.not_before, not_after=args.not_after)
+    key_from_jwk(public.to_jwk())  # the loader's own checks (identity, tenants)
+    args.out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(pem, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key.to_pem())
+    jwk.write_text(json.dumps(public.to_jwk(), indent=2) + "\n", encoding="utf-8")
+    if args.jwks is not None:
+        add_to_jwks(args.jwks, public)
+        print(f"fedgate: added {args.kid} to {args.jwks}", file=sys.stderr)
+    print(json.dumps(public.to_jwk()))
+    return 0

@@ -1,0 +1,283 @@
+"""The gateway's TOML file (PROTOCOL.md §8) → frozen ``GatewaySettings``, checked at load.
+
+The security members go to ``SecurityConfig.from_mapping`` (which owns their checks and
+the §4 TTL rule); this module adds the tables, the file paths and the keys. Relative
+paths are relative to the config file's directory. Every defect is one ``ConfigError``
+line, ``<file>: <dotted key>…``; see docs/CONFIG.md.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from common.tomlfile import ConfigError, load_file, path_value, readable_file
+from gateway.logs import KEYS as LOG_KEYS
+from gateway.logs import LogSettings, from_table
+from keyring.ed25519 import PrivateKey
+from keyring.keys import KID_RE, Keyring, KeyringError, load_jwks
+
+from .config import SecurityConfig
+from .syslog_config import SyslogSettings, parse_syslog
+
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8443
+DEFAULT_STORE_URL = "sqlite:///state/fedgate.db"
+DEFAULT_AUDIT_PATH = "audit/gateway-audit.jsonl"
+_OWN_KEYS = frozenset({"producer_keyring", "feedback_key", "feedback_kid",
+                       "server", "store", "audit", "policy", "log", "admin"})
+# [server] connection limits (issue 7.3, docs/CONFIG.md): name → (default, bounds, kind)
+_CONN_LIMITS: dict[str, tuple[float, float, float, str]] = {
+    "handshake_timeout_s": (10.0, 0.0, 300.0, "a number of seconds in (0, 300]"),
+    "header_timeout_s": (10.0, 0.0, 300.0, "a number of seconds in (0, 300]"),
+    "idle_timeout_s": (30.0, 0.0, 3600.0, "a number of seconds in (0, 3600]"),
+    "max_connections": (4096, 0, 1_000_000, "an integer in [1, 1000000]"),
+    "identity_share": (0.5, 0.0, 1.0, "a number in (0, 1]"),
+}
+_SERVER_KEYS = frozenset({"host", "port", "tls_cert", "tls_key", "client_ca", "max_body_bytes",
+                          *_CONN_LIMITS})
+_IDENTITY_KEYS = frozenset({"pins", "tenants"})
+_SQLITE, _REDIS = "sqlite:///", ("redis://", "rediss://")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# [store] options: name → (backend, what it must be, check). Unknown names are refused.
+_STORE_OPTIONS: dict[str, tuple[str, str, Callable[[Any], bool]]] = {
+    "busy_timeout_ms": ("sqlite", "an integer in [1, 600000]",
+                        lambda v: _is_int(v) and 1 <= v <= 600_000),
+    "require_durable": ("redis", "true or false", lambda v: isinstance(v, bool)),
+    "socket_timeout": ("redis", "a number of seconds in (0, 300]",
+                       lambda v: (_is_int(v) or isinstance(v, float)) and 0 < v <= 300),
+    "max_connections": ("redis", "an integer in [1, 1024]",
+                        lambda v: _is_int(v) and 1 <= v <= 1024),
+    "key_prefix": ("redis", "[A-Za-z0-9._-]{1,64}",
+                   lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9._-]{1,64}", v)),
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerSettings:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    tls_cert: Path
+    tls_key: Path
+    client_ca: Path
+    handshake_timeout_s: float = _CONN_LIMITS["handshake_timeout_s"][0]
+    header_timeout_s: float = _CONN_LIMITS["header_timeout_s"][0]
+    idle_timeout_s: float = _CONN_LIMITS["idle_timeout_s"][0]
+    max_connections: int = int(_CONN_LIMITS["max_connections"][0])
+    identity_share: float = _CONN_LIMITS["identity_share"][0]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AdminSettings:
+    """[admin]: plain-HTTP /healthz, /readyz, /metrics for every worker (PROTOCOL §8);
+    no listener unless ``port`` is set."""
+    host: str = DEFAULT_HOST
+    port: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GatewaySettings:
+    path: Path  # the config file (absolute)
+    security: SecurityConfig
+    server: ServerSettings
+    store_url: str  # sqlite:///ABS/PATH (so "sqlite:////…") or redis[s]://…
+    store_options: Mapping[str, Any]  # keyword arguments for gateway.store.open_store
+    producer_keyring: Path
+    feedback_key: Path
+    feedback_kid: str
+    audit_path: Path
+    policy_rules: Path | None = None
+    log: LogSettings = LogSettings()  # [log]; `fedgate serve` flags override it
+    admin: AdminSettings = AdminSettings()
+    audit_syslog: SyslogSettings | None = None  # [audit.syslog]: `fedgate audit ship`
+
+
+def load_settings(path: str | Path) -> GatewaySettings:
+    """Read and check the whole file; ``ConfigError`` (one line, naming the key) on a defect."""
+    return load_file(path, _build)
+
+
+def load_keys(settings: GatewaySettings) -> tuple[Keyring, PrivateKey]:
+    """The producer keyring and the feedback signing key; every producer key must belong
+    to a configured identity (a key that can never verify anything is a mistake)."""
+    try:
+        keyring = load_jwks(settings.producer_keyring)
+    except KeyringError as exc:
+        raise ConfigError(f"{settings.path}: producer_keyring: {exc}") from None
+    for key in keyring.values():
+        if key.identity not in settings.security.identities:
+            what = "has no identity" if key.identity is None else (
+                f"is for identity {key.identity!r}, which is not configured in identities")
+            raise ConfigError(f"{settings.path}: producer_keyring: key {key.kid!r} {what}")
+    owners: dict[bytes, str] = {}
+    for key in keyring.values():  # one public key acting for two identities is a mistake
+        if owners.setdefault(key.public, key.identity) != key.identity:
+            raise ConfigError(f"{settings.path}: producer_keyring: key {key.kid!r} reuses the "
+                              f"public key of another identity ({owners[key.public]!r})")
+    try:
+        feedback = PrivateKey.load(settings.feedback_key)
+    except ValueError as exc:
+        raise ConfigError(f"{settings.path}: feedback_key: {exc}") from None
+    return keyring, feedback
+
+def _build(cfg: Path, raw: Mapping[str, Any]) -> GatewaySettings:
+    base = cfg.parent
+    server = _table(raw, "server", _SERVER_KEYS)
+    store = _table(raw, "store", frozenset({"url", *_STORE_OPTIONS}))
+    audit = _table(raw, "audit", frozenset({"path", "syslog"}))
+    policy = _table(raw, "policy", frozenset({"rules"}))
+    admin = _admin(_table(raw, "admin", frozenset({"host", "port"})), server)
+    security = _security(raw, server)
+    store_url, store_options = _store(store, base)
+    rules = readable_file(policy, "rules", base, "policy.") if "rules" in policy else None
+    audit_path = _audit(audit, base)
+    syslog = parse_syslog(audit["syslog"], base, audit_path) if "syslog" in audit else None
+    return GatewaySettings(
+        path=cfg, security=security, server=_server(server, base),
+        store_url=store_url, store_options=store_options,
+        producer_keyring=readable_file(raw, "producer_keyring", base),
+        feedback_key=readable_file(raw, "feedback_key", base),
+        feedback_kid=_feedback_kid(raw), audit_path=audit_path, policy_rules=rules,
+        log=from_table(_table(raw, "log", LOG_KEYS)),
+        admin=admin,
+        audit_syslog=syslog,
+    )
+
+
+def _table(raw: Mapping[str, Any], name: str, allowed: frozenset[str]) -> Mapping[str, Any]:
+    table = raw.get(name, {})
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{name} must be a table ([{name}])")
+    _reject_unknown(table, allowed, f"{name}.")
+    return table
+
+
+def _reject_unknown(table: Mapping[str, Any], allowed: frozenset[str], prefix: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown key {prefix + unknown[0]!r}")
+
+
+def _security(raw: Mapping[str, Any], server: Mapping[str, Any]) -> SecurityConfig:
+    """Everything top-level that is not ours, plus server.max_body_bytes, to SecurityConfig
+    (which refuses unknown names, bad values and the unsafe TTL)."""
+    members = {k: v for k, v in raw.items() if k not in _OWN_KEYS}
+    identities = members.get("identities")
+    if isinstance(identities, Mapping):
+        for name, entry in identities.items():
+            if isinstance(entry, Mapping):
+                _reject_unknown(entry, _IDENTITY_KEYS, f"identities.{name}.")
+    from_server = "max_body_bytes" in server
+    if from_server:
+        if "max_body_bytes" in members:
+            raise ConfigError("max_body_bytes is set both at the top level and in [server]")
+        members["max_body_bytes"] = server["max_body_bytes"]
+    try:
+        return SecurityConfig.from_mapping(members)
+    except ConfigError as exc:
+        msg = str(exc)
+        if from_server and msg.startswith("max_body_bytes"):
+            msg = "server." + msg
+        raise ConfigError(msg) from None
+
+
+def _server(server: Mapping[str, Any], base: Path) -> ServerSettings:
+    host = server.get("host", DEFAULT_HOST)
+    if not isinstance(host, str) or not host.strip():
+        raise ConfigError(f"server.host must be a non-empty string, got {host!r}")
+    port = server.get("port", DEFAULT_PORT)
+    if not _is_int(port) or not 1 <= port <= 65535:
+        raise ConfigError(f"server.port must be an integer in [1, 65535], got {port!r}")
+    return ServerSettings(
+        host=host, port=port,
+        tls_cert=readable_file(server, "tls_cert", base, "server."),
+        tls_key=readable_file(server, "tls_key", base, "server."),
+        client_ca=readable_file(server, "client_ca", base, "server."),
+        **{name: _conn_limit(server, name) for name in _CONN_LIMITS},
+    )
+
+
+def _admin(admin: Mapping[str, Any], server: Mapping[str, Any]) -> AdminSettings:
+    host = admin.get("host", DEFAULT_HOST)
+    if not isinstance(host, str) or not host.strip():
+        raise ConfigError(f"admin.host must be a non-empty string, got {host!r}")
+    port = admin.get("port")
+    if port is not None and (not _is_int(port) or not 1 <= port <= 65535):
+        raise ConfigError(f"admin.port must be an integer in [1, 65535], got {port!r}")
+    if port is not None and port == server.get("port", DEFAULT_PORT):
+        raise ConfigError(f"admin.port must differ from server.port ({port})")
+    return AdminSettings(host=host, port=port)
+
+
+def _conn_limit(server: Mapping[str, Any], name: str) -> float | int:
+    default, low, high, what = _CONN_LIMITS[name]
+    value = server.get(name, default)
+    if name == "max_connections":
+        ok = _is_int(value) and low < value <= high
+    else:
+        ok = (_is_int(value) or isinstance(value, float)) and low < value <= high
+    if not ok:
+        raise ConfigError(f"server.{name} must be {what}, got {value!r}")
+    return value if name == "max_connections" else float(value)
+
+
+
+
+def _store(store: Mapping[str, Any], base: Path) -> tuple[str, Mapping[str, Any]]:
+    url, backend = _store_url(store.get("url", DEFAULT_STORE_URL), base)
+    options: dict[str, Any] = {}
+    for name, value in store.items():
+        if name == "url":
+            continue
+        wanted, what, check = _STORE_OPTIONS[name]
+        if wanted != backend:
+            raise ConfigError(f"store.{name} applies only to a {wanted} store, not {backend}")
+        if not check(value):
+            raise ConfigError(f"store.{name} must be {what}, got {value!r}")
+        options[name] = value
+    return url, MappingProxyType(options)
+
+
+def _store_url(url: Any, base: Path) -> tuple[str, str]:
+    """(url, backend); a relative sqlite path is made absolute against the config dir."""
+    if isinstance(url, str) and url.startswith(_SQLITE):
+        path = path_value({"url": url[len(_SQLITE):]}, "url", base, "store.")
+        return _SQLITE + str(path), "sqlite"
+    if isinstance(url, str) and url.startswith(_REDIS) and url.split("//", 1)[1]:
+        return url, "redis"
+    # never echo the value: a URL may carry a password
+    raise ConfigError("store.url must be sqlite:///PATH, redis://HOST… or rediss://HOST…")
+
+
+def _feedback_kid(raw: Mapping[str, Any]) -> str:
+    kid = raw.get("feedback_kid")
+    if kid is None:
+        raise ConfigError("feedback_kid is required")
+    if not isinstance(kid, str) or not KID_RE.fullmatch(kid):
+        raise ConfigError(f"feedback_kid must match ^[A-Za-z0-9._:-]{{1,128}}$, got {kid!r}")
+    return kid
+
+
+def _audit(audit: Mapping[str, Any], base: Path) -> Path:
+    """The audit log; its directory is created if missing and must be writable."""
+    path = path_value(audit, "path", base, "audit.", default=DEFAULT_AUDIT_PATH)
+    if path.is_dir():
+        raise ConfigError(f"audit.path: is a directory: {path}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"audit.path: cannot create {path.parent} ({exc.strerror})") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK) or (
+        path.exists() and not os.access(path, os.W_OK)
+    ):
+        raise ConfigError(f"audit.path: not writable: {path}")
+    return path

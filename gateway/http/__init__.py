@@ -1,0 +1,1 @@
+"""HTTP, TLS and the server: the aiohttp app, sockets, workers, the admin listener, metrics."""

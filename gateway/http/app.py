@@ -1,0 +1,349 @@
+"""The aiohttp application: routes of PROTOCOL.md §5, one error→HTTP mapping, audit.
+
+Resources (store, keys, validators, audit log, pipeline) are built once at start-up in
+``resources`` (aiohttp ``cleanup_ctx``) and reached through typed ``web.AppKey``s; a
+handler never opens a connection. Every answer carries ``X-Request-Id``; every signed
+request produces exactly one decision event, accepted or rejected (a feedback query whose
+answer left unusable stored records out adds one `feedback.records_skipped` event).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
+
+from audit import AuditSink, request_event
+from common.tls import peer_cert_pins
+from gateway import logs
+from gateway.config.settings import GatewaySettings
+from gateway.feedback.issuer import FeedbackIssuer, RulePolicy, no_adjustments
+from gateway.feedback.policy import load_rules
+from gateway.pipeline import errors as E
+from gateway.pipeline.pipeline import Context, Pipeline, SignedRequest, check_head
+from gateway.pipeline.records import accepted_body
+from gateway.store import Store, StoreError, open_store
+from keyring import Keyring, PrivateKey, self_test
+from schemas.routes import SIGNED_ROUTES, Route
+from schemas.validate import Validators
+
+from .conn import CONN, GUARD, track_requests
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Metrics
+from .tlsaudit import HandshakeAudit
+
+log = logging.getLogger("fedgate.gateway")
+
+SETTINGS = web.AppKey("settings", GatewaySettings)
+KEYS = web.AppKey("keys", tuple)  # (Keyring, PrivateKey)
+STORE = web.AppKey("store", Store)
+PIPELINE = web.AppKey("pipeline", Pipeline)
+AUDIT = web.AppKey("audit", AuditSink)
+AUDIT_EXECUTOR = web.AppKey("audit_executor", ThreadPoolExecutor)
+ISSUER = web.AppKey("issuer", FeedbackIssuer)
+METRICS = web.AppKey("metrics", Metrics)
+CLOCK = web.AppKey("clock", object)
+READY = web.AppKey("ready", dict)
+ECHO = web.AppKey("echo", bool)
+STORE_FAILURES = web.AppKey("store_failures", logs.Throttle)
+AUDIT_REFUSALS = web.AppKey("audit_refusals", logs.Throttle)
+HANDSHAKES = web.AppKey("handshakes", HandshakeAudit)  # refused TLS handshakes
+
+REQUEST_ID = web.RequestKey("request_id", str)
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+ROUTER_CODES = {404: "not_found", 405: "method_not_allowed"}
+OTHER_HTTP_CODE = "bad_request"  # any other HTTP refusal raised below the middleware
+
+
+class _Quiet:
+    """An audit echo that says nothing (the demo shows its own progress)."""
+
+    def debug(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def make_app(settings: GatewaySettings, keys: tuple[Keyring, PrivateKey], *,
+             clock: Callable[[], float] = time.time, echo: bool = True) -> web.Application:
+    """The gateway application; ``keys`` were loaded and checked by the caller.
+
+    ``echo``: also log a one-line summary of every audit event (``fedgate.audit``, at
+    debug: shown with ``--log-level debug``). A store failure is logged with its cause
+    (``fedgate.store``, warning, throttled); so is a refusal for want of an audit log.
+    """
+    app = web.Application(client_max_size=settings.security.max_body_bytes + 1,
+                          middlewares=[track_requests, request_id_middleware])
+    app[SETTINGS], app[KEYS], app[CLOCK] = settings, keys, clock
+    app[METRICS] = Metrics()
+    app[HANDSHAKES] = HandshakeAudit(app[METRICS], lambda event: emit_audit(app, event))
+    app.on_shutdown.append(app[HANDSHAKES].flush)  # before the audit log closes
+    app[READY], app[ECHO] = {"self_test": False, "audit": True}, echo
+    app[STORE_FAILURES] = logs.Throttle(logs.get_logger("fedgate.store"), "store unavailable")
+    app[AUDIT_REFUSALS] = logs.Throttle(logs.get_logger("fedgate.audit"),
+                                        "refusing signed requests: the audit log is unusable",
+                                        level=logging.ERROR)
+    app.cleanup_ctx.append(resources)
+    app.on_response_prepare.append(hide_server_version)
+    for path in SIGNED_ROUTES:
+        app.router.add_post(path, handle_signed)
+    app.router.add_get("/healthz", handle_healthz)
+    app.router.add_get("/readyz", handle_readyz)
+    app.router.add_get("/metrics", handle_metrics)
+    return app
+
+
+async def resources(app: web.Application) -> AsyncIterator[None]:
+    """Start-up: self-test, validators, store, audit log, pipeline. Shutdown: close."""
+    settings = app[SETTINGS]
+    keyring, feedback_key = app[KEYS]
+    self_test()  # refuses to start if the loaded crypto fails its known answers
+    app[READY]["self_test"] = True
+    validators = Validators()  # compiled once, shared by the pipeline and the policy
+    policy = (RulePolicy(load_rules(settings.policy_rules), validators=validators)
+              if settings.policy_rules is not None else no_adjustments)
+    store = open_store(settings.store_url, **settings.store_options)
+    store.on_amnesia = app[METRICS].store_amnesia.inc
+    await store.open()
+    app[STORE] = store
+    app[AUDIT] = AuditSink(settings.audit_path, level="debug",
+                           logger=logs.get_logger("fedgate.audit") if app[ECHO] else _Quiet())
+    app[AUDIT_EXECUTOR] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedgate-audit")
+    app[ISSUER] = FeedbackIssuer(store, feedback_key, settings.feedback_kid, policy=policy)
+    app[PIPELINE] = Pipeline(settings.security, keyring, validators, store,
+                             store_timer=app[METRICS].store.observe,
+                             respond=app[ISSUER].respond)
+    try:
+        yield
+    finally:
+        await store.close()
+        app[AUDIT_EXECUTOR].shutdown(wait=True)
+        app[AUDIT].close()
+
+
+async def hide_server_version(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = "fedgate"  # no library or Python version to fingerprint
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """Echo a well-formed X-Request-Id or make one; never leak internals on a 500."""
+    request_id = request.headers.get("X-Request-Id", "")
+    if not REQUEST_ID_RE.fullmatch(request_id):
+        request_id = str(uuid.uuid4())
+    request[REQUEST_ID] = request_id
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:  # 404 / 405 from the router (§4 step 1)
+        if exc.status < 400:
+            raise
+        code = ROUTER_CODES.get(exc.status, OTHER_HTTP_CODE)
+        response = json_response(E.error_body(request_id, code, exc.reason), exc.status)
+        if exc.status == 405:
+            response.headers["Allow"] = exc.headers.get("Allow", "POST")
+        await audit_unrouted(request, request_id, exc.status, code)
+    except Exception:
+        log.exception("unhandled error (request %s)", request_id)
+        err = E.InternalError("internal error")
+        response = json_response(err.body(request_id), err.status)
+        await audit_unrouted(request, request_id, err.status, err.error)
+    response.headers["X-Request-Id"] = request_id
+    return response
+
+
+def json_response(body: Any, status: int) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
+    """§4.2 while streaming (the headers were judged by ``check_head``): at most ``limit``
+    bytes, all of them within ``timeout_s`` (else 408: a slow sender cannot hold a worker).
+    A connection lost before the end (the client left, or the guard shed it) is a
+    ``ClientDisconnected``; a body whose framing breaks (bad chunks) a ``BadRequest``."""
+    chunks, size = [], 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.content.iter_chunked(64 * 1024):
+                size += len(chunk)
+                if size > limit:
+                    raise E.BodyTooLarge(f"body exceeds max_body_bytes ({limit})")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise E.RequestTimeout(f"the body did not arrive within {timeout_s:g} s") from None
+    except ConnectionError:
+        conn = request.get(CONN)
+        by = f"shed by the gateway ({conn.shed_reason})" if conn and conn.shed_reason else (
+            "by the client")
+        raise E.ClientDisconnected(f"the connection was closed {by} before the whole body "
+                                   f"arrived ({size} bytes)") from None
+    except RequestPayloadError:
+        raise E.BadRequest("the body's framing is malformed") from None
+    return b"".join(chunks)
+
+
+def body_timeout(app: web.Application) -> float:
+    """At most clock_skew_s (bounded to 1-30 s): a body slower than that could not pass
+    the timestamp window anyway."""
+    return float(min(30, max(1, app[SETTINGS].security.clock_skew_s)))
+
+
+def start_body(request: web.Request, identity: str) -> float:
+    """The headers passed (``check_head``): count the request in its identity's share of
+    the connection cap and return how long its body may take (gateway/http/conn.py)."""
+    cap_s = body_timeout(request.app)
+    guard, conn = request.app.get(GUARD), request.get(CONN)
+    if guard is None or conn is None:
+        return cap_s
+    if not guard.claim(conn, identity):
+        raise E.RateLimited("too many requests in progress for this service identity",
+                            retry_after=1)
+    return guard.limits.body_seconds(request.content_length, cap_s)
+
+
+async def handle_signed(request: web.Request) -> web.Response:
+    app = request.app
+    route: Route = SIGNED_ROUTES[request.path]
+    ctx = Context(request[REQUEST_ID])
+    if not app[READY]["audit"]:  # fail closed: no decision without its audit event
+        app[AUDIT_REFUSALS].failed("an earlier append failed (restart the gateway)",
+                                   request_id=ctx.request_id)
+        err = E.AuditUnavailable("the audit log is unavailable")
+        return json_response(err.body(ctx.request_id), err.status)
+    peer, peer_spki = peer_cert_pins(request.transport.get_extra_info("ssl_object")
+                                     if request.transport else None)
+    security = app[SETTINGS].security
+    started, now, exc, body_in = time.perf_counter(), None, None, False
+    try:
+        # §4.2-3 on the headers alone: no body is read for a client that fails them
+        ctx.identity = check_head(security, request.headers, request.content_length,
+                                  peer, peer_spki)
+        body = await read_body(request, security.max_body_bytes,
+                               start_body(request, ctx.identity))
+        body_in = True
+        if (guard := app.get(GUARD)) is not None and (conn := request.get(CONN)) is not None:
+            guard.deciding(conn)
+        # "now" is captured once, when the whole body is in (a slow body cannot stretch
+        # the timestamp window or outlive a claim), and passed down
+        now = int(app[CLOCK]())
+        req = SignedRequest(route, request.headers, body, peer, ctx.request_id, peer_spki)
+        await app[PIPELINE].process(req, now, ctx)
+        status, payload, action = answer(route, ctx)
+    except E.GatewayError as error:
+        exc = error
+        status, payload, action = exc.status, exc.body(ctx.request_id), f"{route.kind}.rejected"
+    finally:
+        app[METRICS].pipeline.observe(time.perf_counter() - started)
+    note_store(app, ctx, route, exc)
+    if not await audit(app, ctx, peer, action, status, exc):
+        err = E.AuditUnavailable("the decision could not be audited")
+        status, payload = err.status, err.body(ctx.request_id)
+    if ctx.skipped_records and not await audit_skipped(app, ctx, peer, status):
+        err = E.AuditUnavailable("the decision could not be audited")
+        status, payload = err.status, err.body(ctx.request_id)
+    app[METRICS].count(route.kind, status, exc.error if exc else None)
+    response = json_response(payload, status)
+    if isinstance(exc, E.RateLimited):
+        response.headers["Retry-After"] = str(exc.extra["retry_after"])
+    if not body_in:
+        response.force_close()  # an unread body must not be parsed as the next request
+    return response
+
+
+def note_store(app: web.Application, ctx: Context, route: Route,
+               exc: E.GatewayError | None) -> None:
+    """A 503 for a store failure logs its cause (throttled); a success after, the recovery."""
+    if exc is None:
+        app[STORE_FAILURES].recovered()
+    elif isinstance(exc.__cause__, StoreError):
+        app[STORE_FAILURES].failed(exc.__cause__, stage=exc.__cause__.stage, status=exc.status,
+                                   error=exc.error, route=route.kind,
+                                   request_id=ctx.request_id)
+
+
+def answer(route: Route, ctx: Context) -> tuple[int, dict[str, Any], str]:
+    if route.kind == "query":
+        return 200, ctx.response, "feedback.issued"
+    return 202, accepted_body(route, ctx), f"{route.kind}.accepted"
+
+
+async def emit_audit(app: web.Application, event: dict[str, Any]) -> bool:
+    """Append one chained event off the event loop. On failure the gateway stops taking
+    signed requests (503) and /readyz turns 503: no decision without its audit event."""
+    if AUDIT not in app or not app[READY]["audit"]:
+        return False
+    try:
+        await asyncio.get_running_loop().run_in_executor(
+            app[AUDIT_EXECUTOR], app[AUDIT].emit, event)
+    except Exception:
+        log.exception("audit log append failed; refusing signed requests until restart")
+        app[READY]["audit"] = False
+        return False
+    return True
+
+
+async def audit(app: web.Application, ctx: Context, peer: str | None, action: str,
+                status: int, exc: E.GatewayError | None) -> bool:
+    """The one audit event of a decision on a signed request."""
+    return await emit_audit(app, request_event(
+        action=action, outcome="failure" if exc else "success",
+        category=[exc.category if exc else "web"], status=status,
+        request_id=ctx.request_id, reason=exc.error if exc else None,
+        identity=ctx.identity, peer_sha256=peer, tenant_id=ctx.tenant_id, kid=ctx.kid,
+        execution_fingerprint=ctx.execution_fingerprint, attestation_hash=ctx.attestation_hash,
+        detail=exc.detail if exc else None, now=time.time(),
+    ))
+
+
+async def audit_skipped(app: web.Application, ctx: Context, peer: str | None,
+                        status: int) -> bool:
+    """Stored records a feedback answer left out (gateway/feedback/evidence.py): counted by reason,
+    and one event per query naming how many and the first few record ids (bounded)."""
+    report = ctx.skipped_records
+    app[METRICS].records_skipped.update(report.counts)
+    return await emit_audit(app, request_event(
+        action="feedback.records_skipped", outcome="failure", category=["database"],
+        status=status, request_id=ctx.request_id, reason="stored_record_unusable",
+        identity=ctx.identity, peer_sha256=peer, tenant_id=ctx.tenant_id, kid=ctx.kid,
+        detail=report.summary(), now=time.time()))
+
+
+async def audit_unrouted(request: web.Request, request_id: str, status: int,
+                         code: str) -> None:
+    """A request for no route (scans, probes) or an unexpected failure: one event too."""
+    route = SIGNED_ROUTES.get(request.path)
+    request.app[METRICS].count(route.kind if route else "none", status, code)
+    await emit_audit(request.app, request_event(
+        action=f"{route.kind if route else 'http'}.rejected", outcome="failure",
+        category=["web"], status=status, request_id=request_id, reason=code,
+        detail=f"{request.method} {request.path[:200]}", now=time.time()))
+
+
+async def handle_healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"}, 200)
+
+
+async def readiness(app: web.Application) -> tuple[bool, dict[str, bool]]:
+    """(ready, checks) of this process's gateway: /readyz here and on the admin listener."""
+    store_ok = STORE in app and await app[STORE].ping()
+    checks = {"store": store_ok, "keys": bool(app[KEYS][0]),
+              "self_test": app[READY]["self_test"], "audit": app[READY]["audit"]}
+    return all(checks.values()), checks
+
+
+async def handle_readyz(request: web.Request) -> web.Response:
+    ready, checks = await readiness(request.app)
+    return json_response({"status": "ready" if ready else "not_ready", "checks": checks},
+                         200 if ready else 503)
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[METRICS].render(),
+                        headers={"Content-Type": METRICS_CONTENT_TYPE,
+                                 "X-Content-Type-Options": "nosniff"})

@@ -1,0 +1,155 @@
+"""Run the gateway in one process: TLS context, listening socket, signals.
+
+``serve`` binds the port first (gateway/listen.py: one line if it is in use) and then
+starts the gateway on it; ``fedgate serve --workers N`` is gateway/workers.py (one
+supervisor binds, N workers accept on the same socket).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from aiohttp import web
+
+from common.tls import server_context
+from gateway import logs
+from gateway.config.settings import GatewaySettings, load_keys, load_settings
+
+from .admin import bind_admin, start_admin
+from .app import HANDSHAKES, METRICS, make_app, readiness
+from .conn import GUARD, ConnectionGuard, fit_limits, raise_fd_limit
+from .http_errors import handler_factory
+from .listen import bind_listeners
+
+log = logs.get_logger("fedgate.server")
+
+
+class GuardedSite(web.BaseSite):
+    """A TCP listener on an already bound socket whose every accepted socket goes through
+    the ``ConnectionGuard`` (which does the TLS itself, so it sees sockets before their
+    handshake)."""
+
+    __slots__ = ("_sock", "_guard", "_name", "_handler_args")
+
+    def __init__(self, runner: web.AppRunner, sock: socket.socket, *,
+                 ssl_context, guard: ConnectionGuard, handler_args: dict | None = None) -> None:
+        super().__init__(runner, ssl_context=ssl_context, backlog=guard.limits.backlog)
+        self._sock, self._guard = sock, guard
+        self._handler_args = handler_args or {}
+        host, port = sock.getsockname()[:2]
+        self._name = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    async def start(self) -> None:
+        await super().start()
+        handlers = handler_factory(self._runner.server, self._runner.app,
+                                   **self._handler_args)  # aiohttp's 400s as fedgate's
+        factory = self._guard.protocol_factory(handlers, self._ssl_context)
+        self._server = await asyncio.get_running_loop().create_server(
+            factory, sock=self._sock, backlog=self._backlog)
+
+
+async def start_gateway(config: Path | GatewaySettings, *, clock=time.time, echo: bool = True,
+                        socks: list[socket.socket] | None = None,
+                        access_log: bool = False) -> web.AppRunner:
+    """Load keys, build the TLS context and the app, run start-up, listen on ``socks``
+    (bound by the caller: ``serve`` and the workers' supervisor) or on sockets bound here
+    (the demo, the tests). The caller stops it with ``await runner.cleanup()``.
+    ``access_log``: one ``fedgate.access`` line per HTTP request (gateway/logs.py)."""
+    settings = config if isinstance(config, GatewaySettings) else load_settings(config)
+    keys = load_keys(settings)
+    ssl_ctx = server_context(settings.server.tls_cert, settings.server.tls_key,
+                             settings.server.client_ca)
+    limits = fit_limits(settings.server, raise_fd_limit())
+    if socks is None:
+        socks = bind_listeners(settings.server.host, settings.server.port, limits.backlog)
+    app = make_app(settings, keys, clock=clock, echo=echo)
+    app[GUARD] = guard = ConnectionGuard(limits, app[METRICS], app[HANDSHAKES])
+    app.on_cleanup.append(guard.close)
+    access = dict(access_log=logging.getLogger(logs.ACCESS_LOGGER),
+                  access_log_class=logs.AccessLogger) if access_log else dict(access_log=None)
+    handler_args = dict(**access, keepalive_timeout=limits.idle_timeout_s + 1)  # guard's first
+    runner = web.AppRunner(app, handle_signals=False, **handler_args)
+    try:
+        await runner.setup()  # runs cleanup_ctx start-up: self-test, store, audit
+        for sock in socks:
+            await GuardedSite(runner, sock, ssl_context=ssl_ctx, guard=guard,
+                              handler_args=handler_args).start()
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        await runner.cleanup()
+        raise
+    guard.start()
+    return runner
+
+
+async def _run(settings: GatewaySettings, socks: list[socket.socket],
+               admin_socks: list[socket.socket], *, access_log: bool = False) -> None:
+    try:
+        runner = await start_gateway(settings, socks=socks, access_log=access_log)
+    except BaseException:
+        for sock in admin_socks:
+            sock.close()
+        raise
+    app = runner.app
+    log.info(f"serving https://{settings.server.host}:{settings.server.port}",
+             store=settings.store_url.split("://")[0], access_log=access_log)
+    admin = await start_admin(admin_socks, lambda: _checks(app), app[METRICS].exposition)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        if admin is not None:
+            await admin.cleanup()
+        await runner.cleanup()
+        log.info("stopped")
+
+
+async def _checks(app: web.Application) -> tuple[bool, dict]:
+    ready, checks = await readiness(app)
+    return ready, {"checks": checks}
+
+
+def warn_if_no_policy(settings: GatewaySettings) -> None:
+    """One start-up line when no rules are configured: every feedback answer is empty."""
+    if settings.policy_rules is None:
+        log.warning(f"{settings.path}: no [policy] rules configured: every feedback answer "
+                    "will carry no adjustments")
+
+
+def load_and_log(config: Path, log_overrides: Mapping | None) -> GatewaySettings:
+    """The settings, and this process's logging set up from ``[log]`` + the flags."""
+    settings = load_settings(config)
+    logs.configure(settings.log.merged(log_overrides),
+                   secrets=logs.url_secrets(settings.store_url))
+    return settings
+
+
+def serve(config: Path, *, log_overrides: Mapping | None = None) -> None:
+    """``fedgate serve`` in one process."""
+    settings = load_and_log(config, log_overrides)
+    limits = fit_limits(settings.server, raise_fd_limit())
+    socks = bind_listeners(settings.server.host, settings.server.port, limits.backlog)
+    try:
+        admin_socks = bind_admin(settings)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    warn_if_no_policy(settings)
+    asyncio.run(_run(settings, socks, admin_socks,
+                     access_log=settings.log.merged(log_overrides).access))
