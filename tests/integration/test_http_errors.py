@@ -34,7 +34,7 @@ CASES = {  # name → (request bytes, a piece of it the answer must not echo)
     "many_headers": (b"GET /healthz HTTP/1.1\r\n"
                      + b"".join(b"X-%d: a\r\n" % i for i in range(200)) + b"\r\n", b"X-199"),
     "bad_content_length": (b"POST " + T.encode() + b" HTTP/1.1\r\nHost: x\r\n"
-                           b"Content-Length: -1<x>\r\n\r\n", b"-1"),
+                           b"Content-Length: -1<x>\r\n\r\n", b"-1<x>"),
 }
 
 
