@@ -90,6 +90,25 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 @pytest.fixture
+def make_redis(tmp_path: Path):
+    """Start redis-servers of the test's own (with extra arguments; they may be killed
+    and restarted empty), provisioned as new stores unless told otherwise."""
+    servers = []
+
+    def start(*args: str, provision: bool = True) -> RedisServer:
+        server = RedisServer(tmp_path / f"redis{len(servers)}", extra_args=args)
+        servers.append(server)
+        server.start()
+        if provision:
+            server.provision()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     """URL of the session's redis-server, emptied before the test."""
     if redis_server.proc is None:  # a test stopped it: bring it back

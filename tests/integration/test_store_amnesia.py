@@ -7,7 +7,6 @@ import logging
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 
 import pytest
 import redis
@@ -34,24 +33,6 @@ def a_commit(now: int = NOW) -> Commit:
                   valid_from=now - SKEW)
 
 
-@pytest.fixture
-def dedicated(tmp_path: Path, redis_server):
-    """A redis-server of this test's own (it gets killed and restarted empty)."""
-    servers = []
-
-    def start(*args: str, provision: bool = True):
-        server = type(redis_server)(tmp_path / f"redis{len(servers)}", extra_args=args)
-        servers.append(server)
-        server.start()
-        if provision:
-            server.provision()
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
-
-
 async def post(st: Stack, headers: dict, body: bytes, path: str = TELEMETRY_PATH):
     async with st.session() as client, client.post(st.url + path, data=body,
                                                    headers=headers) as resp:
@@ -76,8 +57,8 @@ def restart_empty(server) -> None:
 
 @pytest.mark.parametrize("lose_state", [wipe_while_running, restart_empty])
 async def test_replay_after_the_store_lost_its_state_is_refused(
-        tmp_path, dedicated, lose_state, caplog):
-    server = dedicated()
+        tmp_path, make_redis, lose_state, caplog):
+    server = make_redis()
     clock = [NOW]
     st = Stack(tmp_path, server.url)
     async with st.running(clock=lambda: clock[0]):
@@ -105,10 +86,10 @@ async def test_replay_after_the_store_lost_its_state_is_refused(
         assert (status, payload["error"]) == (409, "replayed_nonce")
 
 
-async def test_gateway_started_on_a_wiped_store_refuses_the_replay(dedicated) -> None:
+async def test_gateway_started_on_a_wiped_store_refuses_the_replay(make_redis) -> None:
     """The store was wiped while no gateway ran: the next one cannot tell it from a new
     store, starts an epoch at its first commit and refuses what may have been claimed."""
-    server = dedicated()
+    server = make_redis()
     first = RedisStore(server.url)
     await first.open()
     commit = a_commit()
@@ -124,10 +105,10 @@ async def test_gateway_started_on_a_wiped_store_refuses_the_replay(dedicated) ->
     await second.close()
 
 
-async def test_known_epoch_upgrade_and_new_tenant_are_not_refused(dedicated) -> None:
+async def test_known_epoch_upgrade_and_new_tenant_are_not_refused(make_redis) -> None:
     """Guards (they pass on the old code too): a store upgraded from layout version 2
     kept its state (epoch 0), and a tenant new to a known epoch is not amnesia."""
-    server = dedicated(provision=False)
+    server = make_redis(provision=False)
     redis.Redis.from_url(server.url).hset("fedgate:schema", mapping={
         "version": "2", "legacy_nonces_until": "0"})
     store = RedisStore(server.url)
@@ -138,8 +119,8 @@ async def test_known_epoch_upgrade_and_new_tenant_are_not_refused(dedicated) -> 
 
 
 @pytest.mark.parametrize("durable", [True, False])
-async def test_eviction_policy_refused_at_open(dedicated, durable) -> None:
-    server = dedicated("--maxmemory-policy", "volatile-lru")
+async def test_eviction_policy_refused_at_open(make_redis, durable) -> None:
+    server = make_redis("--maxmemory-policy", "volatile-lru")
     store = RedisStore(server.url, require_durable=durable)
     with pytest.raises(StoreError) as err:
         await store.open()
@@ -148,8 +129,8 @@ async def test_eviction_policy_refused_at_open(dedicated, durable) -> None:
     await store.close()
 
 
-def test_gateway_refuses_to_start_on_volatile_lru_with_one_line(tmp_path, dedicated):
-    server = dedicated("--maxmemory-policy", "volatile-lru")
+def test_gateway_refuses_to_start_on_volatile_lru_with_one_line(tmp_path, make_redis):
+    server = make_redis("--maxmemory-policy", "volatile-lru")
     st = Stack(tmp_path, server.url)
     try:
         result = subprocess.run(
@@ -163,8 +144,8 @@ def test_gateway_refuses_to_start_on_volatile_lru_with_one_line(tmp_path, dedica
 
 
 async def test_eviction_policy_changed_at_run_time_turns_readyz_and_commits_off(
-        tmp_path, dedicated):
-    server = dedicated()
+        tmp_path, make_redis):
+    server = make_redis()
     st = Stack(tmp_path, server.url)
     r = redis.Redis.from_url(server.url)
     async with st.running(clock=lambda: NOW):

@@ -46,24 +46,6 @@ async def store(redis_url: str) -> AsyncIterator[RedisStore]:
     await s.close()
 
 
-@pytest.fixture
-def make_server(tmp_path: Path, redis_server):
-    """Start dedicated redis-servers (conftest's RedisServer) with extra arguments."""
-    servers = []
-
-    def start(*args: str, provision: bool = True):
-        server = type(redis_server)(tmp_path / f"redis{len(servers)}", extra_args=args)
-        servers.append(server)
-        server.start()
-        if provision:
-            server.provision()
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
-
-
 async def test_commit_outcomes_and_reads(store: RedisStore) -> None:
     first = make_commit()
     assert (await store.commit(first)).outcome is Outcome.ACCEPTED
@@ -182,8 +164,8 @@ async def test_unreachable_on_open(tmp_path: Path, redis_server) -> None:
     (("--appendonly", "no"), "appendonly yes"),
     (("--appendfsync", "everysec"), "appendfsync always"),
 ])
-async def test_require_durable_refuses(make_server, args, setting) -> None:
-    server = make_server(*args)
+async def test_require_durable_refuses(make_redis, args, setting) -> None:
+    server = make_redis(*args)
     s = RedisStore(server.url)
     with pytest.raises(StoreError) as err:
         await s.open()
@@ -195,8 +177,8 @@ async def test_require_durable_refuses(make_server, args, setting) -> None:
     await relaxed.close()
 
 
-async def test_config_not_permitted(make_server) -> None:
-    server = make_server("--rename-command", "CONFIG", "")
+async def test_config_not_permitted(make_redis) -> None:
+    server = make_redis("--rename-command", "CONFIG", "")
     s = RedisStore(server.url)
     with pytest.raises(StoreError) as err:
         await s.open()
@@ -204,8 +186,8 @@ async def test_config_not_permitted(make_server) -> None:
     await s.close()
 
 
-async def test_out_of_memory_writes_nothing(make_server) -> None:
-    server = make_server("--maxmemory-policy", "noeviction")
+async def test_out_of_memory_writes_nothing(make_redis) -> None:
+    server = make_redis("--maxmemory-policy", "noeviction")
     s = RedisStore(server.url)
     await s.open()  # writes its layout version: done before memory runs out
     r = raw(server.url)
