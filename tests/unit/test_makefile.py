@@ -28,8 +28,12 @@ def dry_run(tmp_path: Path, target: str, *, venv: bool) -> str:
         stamp.touch()
         later = (tmp_path / "pyproject.toml").stat().st_mtime + 10
         os.utime(stamp, (later, later))
-    result = subprocess.run(["make", "-n", target], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=30)
+    # run as a top-level make even under `make test` (no inherited MAKEFLAGS/MAKELEVEL,
+    # which would add "make[1]: Entering directory" lines)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+    result = subprocess.run(["make", "--no-print-directory", "-n", target], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=30, env=env)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
