@@ -33,6 +33,8 @@ class Sent:
     status: int | None = None  # None: no answer
     answer: dict = field(default_factory=dict)
     error: str | None = None  # the body's error code, or the client-side exception
+    started: float = 0.0  # time.monotonic() when sent / answered
+    done: float = 0.0
 
 
 def signed_now() -> tuple[dict, bytes]:
@@ -40,6 +42,7 @@ def signed_now() -> tuple[dict, bytes]:
 
 
 async def post(client: aiohttp.ClientSession, stack: Stack, sent: Sent) -> Sent:
+    sent.started = time.monotonic()
     try:
         async with client.post(stack.url + TELEMETRY_PATH, data=sent.body,
                                headers=sent.headers) as resp:
@@ -47,6 +50,7 @@ async def post(client: aiohttp.ClientSession, stack: Stack, sent: Sent) -> Sent:
             sent.error = sent.answer.get("error")
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         sent.status, sent.error = None, type(exc).__name__
+    sent.done = time.monotonic()
     return sent
 
 
@@ -90,6 +94,11 @@ class Traffic:
 
     def with_status(self, status: int | None) -> list[Sent]:
         return [s for s in self.sent if s.status == status]
+
+    def first(self, status: int, after: float) -> Sent | None:
+        """The first request sent at or after ``after`` (monotonic) answered ``status``."""
+        return min((s for s in self.sent if s.status == status and s.started >= after),
+                   key=lambda s: s.done, default=None)
 
 
 async def stored_findings(store_url: str, ids: list[str]) -> dict[str, dict | None]:
@@ -148,6 +157,7 @@ async def check_nothing_lost(stack: Stack, traffic: Traffic, audit_paths: list[P
     * every request without an answer is either fully there (its replay is a 409 naming
       a stored record with exactly one ``telemetry.accepted`` event) or absent (its replay
       is accepted now);
+    * every request refused 503 wrote nothing: sent again now, it is accepted;
     * the audit chains verify and hold exactly one accepted event per stored record.
 
     Returns the figures for docs/RESILIENCE.md."""
@@ -166,6 +176,9 @@ async def check_nothing_lost(stack: Stack, traffic: Traffic, audit_paths: list[P
     half = [r for r in present if ids[r.answer.get("duplicate_of")] != 1]
     assert not half, f"{len(half)} unanswered requests stored without exactly one event"
     assert all(ids[s.answer["request_id"]] == 1 for s in accepted)
+    refused = await replay_all(stack, traffic.with_status(503))  # a 503 wrote nothing:
+    assert all(r.status == 202 for r in refused), Counter(r.status for r in refused)
+    ids = accepted_ids([e for p in audit_paths for e in audit_events(p)])  # its nonce free
     total = await count_findings(stack.store_url)
     assert sum(ids.values()) == len(ids) == total  # one event per stored record, no more
     return {"sent": len(traffic.sent), **{str(k): v for k, v in traffic.counts().items()},
