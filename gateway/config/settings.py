@@ -37,7 +37,11 @@ _CONN_LIMITS: dict[str, tuple[float, float, float, str]] = {
     "idle_timeout_s": (30.0, 0.0, 3600.0, "a number of seconds in (0, 3600]"),
     "max_connections": (4096, 0, 1_000_000, "an integer in [1, 1000000]"),
     "identity_share": (0.5, 0.0, 1.0, "a number in (0, 1]"),
+    # SIGTERM: in-flight requests get this long (docs/OPERATIONS.md "Stopping"); at most
+    # SHUTDOWN_TIMEOUT_MAX_S, below the supervisor's SIGKILL grace (gateway/http/workers.py)
+    "shutdown_timeout_s": (10.0, 0.0, 20.0, "a number of seconds in (0, 20]"),
 }
+SHUTDOWN_TIMEOUT_MAX_S = _CONN_LIMITS["shutdown_timeout_s"][2]
 _SERVER_KEYS = frozenset({"host", "port", "tls_cert", "tls_key", "client_ca", "max_body_bytes",
                           *_CONN_LIMITS})
 _IDENTITY_KEYS = frozenset({"pins", "tenants"})
@@ -74,6 +78,7 @@ class ServerSettings:
     idle_timeout_s: float = _CONN_LIMITS["idle_timeout_s"][0]
     max_connections: int = int(_CONN_LIMITS["max_connections"][0])
     identity_share: float = _CONN_LIMITS["identity_share"][0]
+    shutdown_timeout_s: float = _CONN_LIMITS["shutdown_timeout_s"][0]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -57,6 +57,8 @@ ECHO = web.AppKey("echo", bool)
 STORE_FAILURES = web.AppKey("store_failures", logs.Throttle)
 AUDIT_REFUSALS = web.AppKey("audit_refusals", logs.Throttle)
 HANDSHAKES = web.AppKey("handshakes", HandshakeAudit)  # refused TLS handshakes
+DECISIONS = web.AppKey("decisions", set)  # signed requests being handled (tasks)
+DRAINING = web.AppKey("draining", bool)  # stopping: answers close their connection
 
 REQUEST_ID = web.RequestKey("request_id", str)
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -86,6 +88,7 @@ def make_app(settings: GatewaySettings, keys: tuple[Keyring, PrivateKey], *,
     app[HANDSHAKES] = HandshakeAudit(app[METRICS], lambda event: emit_audit(app, event))
     app.on_shutdown.append(app[HANDSHAKES].flush)  # before the audit log closes
     app[READY], app[ECHO] = {"self_test": False, "audit": True}, echo
+    app[DECISIONS], app[DRAINING] = set(), False
     app[STORE_FAILURES] = logs.Throttle(logs.get_logger("fedgate.store"), "store unavailable")
     app[AUDIT_REFUSALS] = logs.Throttle(logs.get_logger("fedgate.audit"),
                                         "refusing signed requests: the audit log is unusable",
@@ -123,6 +126,9 @@ async def resources(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        if (guard := app.get(GUARD)) is not None:
+            await guard.close()  # a body still arriving fails now (a rejection, no write)
+        await finish_decisions(app)  # no commit without its audit event, none cut short
         await store.close()
         app[AUDIT_EXECUTOR].shutdown(wait=True)
         app[AUDIT].close()
@@ -130,6 +136,17 @@ async def resources(app: web.Application) -> AsyncIterator[None]:
 
 async def hide_server_version(request: web.Request, response: web.StreamResponse) -> None:
     response.headers["Server"] = "fedgate"  # no library or Python version to fingerprint
+    if request.app[DRAINING]:
+        response.force_close()  # stopping: no next request on this connection
+
+
+async def finish_decisions(app: web.Application) -> None:
+    """Wait for every signed request still being handled (the shutdown deadline passed
+    and aiohttp cancelled its handler): its commit and audit event complete together."""
+    pending = list(app[DECISIONS])
+    if pending:
+        log.warning("finishing %d signed request(s) before closing the store", len(pending))
+        await asyncio.gather(*pending, return_exceptions=True)
 
 
 @web.middleware
@@ -185,6 +202,13 @@ async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes
                                    f"arrived ({size} bytes)") from None
     except RequestPayloadError:
         raise E.BadRequest("the body's framing is malformed") from None
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # this task itself is cancelled
+        # the shutdown deadline passed: aiohttp ends the body read (gateway/http/server.py)
+        raise E.ClientDisconnected(f"the gateway stopped before the whole body arrived "
+                                   f"({size} bytes)") from None
     return b"".join(chunks)
 
 
@@ -208,6 +232,18 @@ def start_body(request: web.Request, identity: str) -> float:
 
 
 async def handle_signed(request: web.Request) -> web.Response:
+    """A signed request is handled in its own task, shielded: cancelling the handler (the
+    shutdown deadline, gateway/http/server.py) never stops it between the store commit and
+    its audit event; ``resources`` waits for it before closing the store and the audit log.
+    The client whose handler was cancelled gets no answer (its decision still stands)."""
+    app = request.app
+    task = asyncio.ensure_future(decide_signed(request))
+    app[DECISIONS].add(task)
+    task.add_done_callback(app[DECISIONS].discard)
+    return await asyncio.shield(task)
+
+
+async def decide_signed(request: web.Request) -> web.Response:
     app = request.app
     route: Route = SIGNED_ROUTES[request.path]
     ctx = Context(request[REQUEST_ID])

@@ -147,6 +147,24 @@ class ConnectionGuard:
         for conn in list(self._open):
             conn.abort()
 
+    # -- shutdown (gateway/http/server.py ``stop_gateway``) ------------------------------
+    def close_unused(self) -> None:
+        """Close the connections with no request in them: those that have sent nothing
+        yet (at once), and kept-alive idle ones (their HTTP handler closes cleanly, TLS
+        close_notify included). Not aiohttp's ``pre_shutdown``: it closes busy handlers
+        too, and a closed handler drops the rest of a body still arriving."""
+        for conn in list(self._table[SILENT]):
+            self._shed(conn, "shutdown")
+        for conn in self._table[IDLE]:
+            close = getattr(conn.handler, "close", None)
+            if close is not None:
+                close()
+
+    def busy(self) -> int:
+        """Connections with a request (or a handshake) in progress: waiting for their
+        headers, reading their body or being decided."""
+        return len(self._open) - len(self._table[SILENT]) - len(self._table[IDLE])
+
     # -- state changes ---------------------------------------------------------------
     def _admit(self, conn: Conn) -> None:
         while len(self._open) >= self.limits.max_connections:

@@ -22,12 +22,15 @@ from gateway import logs
 from gateway.config.settings import GatewaySettings, load_keys, load_settings
 
 from .admin import bind_admin, start_admin
-from .app import HANDSHAKES, METRICS, make_app, readiness
+from .app import DRAINING, HANDSHAKES, METRICS, SETTINGS, make_app, readiness
 from .conn import GUARD, ConnectionGuard, fit_limits, raise_fd_limit
 from .http_errors import handler_factory
 from .listen import bind_listeners
 
 log = logs.get_logger("fedgate.server")
+
+DRAIN_TICK_S = 0.05
+FINAL_GRACE_S = 1.0  # aiohttp's own wait for a request still running after the deadline
 
 
 class GuardedSite(web.BaseSite):
@@ -78,7 +81,8 @@ async def start_gateway(config: Path | GatewaySettings, *, clock=time.time, echo
     access = dict(access_log=logging.getLogger(logs.ACCESS_LOGGER),
                   access_log_class=logs.AccessLogger) if access_log else dict(access_log=None)
     handler_args = dict(**access, keepalive_timeout=limits.idle_timeout_s + 1)  # guard's first
-    runner = web.AppRunner(app, handle_signals=False, **handler_args)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=FINAL_GRACE_S,
+                           **handler_args)
     try:
         await runner.setup()  # runs cleanup_ctx start-up: self-test, store, audit
         for sock in socks:
@@ -91,6 +95,35 @@ async def start_gateway(config: Path | GatewaySettings, *, clock=time.time, echo
         raise
     guard.start()
     return runner
+
+
+async def stop_gateway(runner: web.AppRunner) -> None:
+    """Graceful stop (SIGTERM; docs/OPERATIONS.md "Stopping"): stop listening at once,
+    close idle keep-alive connections, let requests in progress (body still arriving,
+    or being decided) finish within
+    ``[server] shutdown_timeout_s``, then ``runner.cleanup()``: a request still running
+    is cancelled, but a decision already under way (store commit + its audit event) is
+    finished first (gateway/http/app.py ``decide``), then the audit log and the store close.
+    """
+    app = runner.app
+    guard: ConnectionGuard = app[GUARD]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + app[SETTINGS].server.shutdown_timeout_s
+    for site in list(runner.sites):
+        await site.stop()  # the listening socket closes: new connections are refused
+    app[DRAINING] = True  # every later response says Connection: close
+    busy = guard.busy()
+    log.info("draining", in_progress=busy)
+    while True:
+        guard.close_unused()  # a busy connection closes after its answer (DRAINING)
+        busy = guard.busy()
+        if busy == 0 or loop.time() >= deadline:
+            break
+        await asyncio.sleep(DRAIN_TICK_S)
+    if busy:
+        log.warning("shutdown_timeout_s reached: cancelling the requests still in progress",
+                    in_progress=busy)
+    await runner.cleanup()
 
 
 async def _run(settings: GatewaySettings, socks: list[socket.socket],
@@ -115,7 +148,7 @@ async def _run(settings: GatewaySettings, socks: list[socket.socket],
     finally:
         if admin is not None:
             await admin.cleanup()
-        await runner.cleanup()
+        await stop_gateway(runner)
         log.info("stopped")
 
 

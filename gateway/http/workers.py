@@ -33,7 +33,7 @@ from pathlib import Path
 
 from prometheus_client.multiprocess import mark_process_dead
 
-from gateway.config.settings import GatewaySettings, load_keys
+from gateway.config.settings import SHUTDOWN_TIMEOUT_MAX_S, GatewaySettings, load_keys
 
 from .admin import bind_admin, start_admin
 from .conn import fit_limits, raise_fd_limit
@@ -41,7 +41,10 @@ from .listen import bind_listeners
 from .metrics import MULTIPROC_ENV, PROCESSES_FILE, exposition
 
 PR_SET_PDEATHSIG = 1
-STOP_GRACE_S = 30.0  # SIGTERM'd workers get this long to finish before SIGKILL
+# SIGTERM'd workers get this long to finish before SIGKILL: their drain
+# ([server] shutdown_timeout_s, at most SHUTDOWN_TIMEOUT_MAX_S) plus closing the store
+STOP_GRACE_S = 30.0
+assert STOP_GRACE_S >= SHUTDOWN_TIMEOUT_MAX_S + 10, "the drain must fit in the grace"
 ASK_TIMEOUT_S = 2.0  # a worker that does not say it is ready within this is not
 
 
@@ -82,7 +85,7 @@ def _worker(config: str, socks: list[socket.socket], control: socket.socket, ind
 async def _serve(settings: GatewaySettings, socks: list[socket.socket],
                  control: socket.socket, index: int, *, access_log: bool = False) -> None:
     from .app import readiness
-    from .server import start_gateway
+    from .server import start_gateway, stop_gateway
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -110,7 +113,7 @@ async def _serve(settings: GatewaySettings, socks: list[socket.socket],
         await stop.wait()
     finally:
         watch.cancel()
-        await runner.cleanup()
+        await stop_gateway(runner)
 
 
 def describe_exit(index: int, proc: multiprocessing.process.BaseProcess) -> str:

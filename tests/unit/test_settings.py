@@ -55,6 +55,7 @@ header_timeout_s = 4.5
 idle_timeout_s = 20
 max_connections = 500
 identity_share = 0.25
+shutdown_timeout_s = 7.5
 
 [store]
 url = "sqlite:///state/test.db"
@@ -156,6 +157,7 @@ def test_valid_config_loads_with_paths_relative_to_its_directory(tmp_path, monke
     server = s.server
     assert (server.handshake_timeout_s, server.header_timeout_s, server.idle_timeout_s,
             server.max_connections, server.identity_share) == (3.0, 4.5, 20.0, 500, 0.25)
+    assert server.shutdown_timeout_s == 7.5
     assert s.store_url == f"sqlite:///{conf}/state/test.db"
     assert s.store_url.startswith("sqlite:////")  # the store strips "sqlite:///" → absolute
     assert dict(s.store_options) == {"busy_timeout_ms": 250}
@@ -182,6 +184,7 @@ def test_defaults_apply(tmp_path) -> None:
     assert ServerSettings(tls_cert=cfg, tls_key=cfg, client_ca=cfg).port == 8443
     assert (s.server.handshake_timeout_s, s.server.header_timeout_s, s.server.idle_timeout_s,
             s.server.max_connections, s.server.identity_share) == (10.0, 10.0, 30.0, 4096, 0.5)
+    assert s.server.shutdown_timeout_s == 10.0
     sec = s.security
     assert (sec.clock_skew_s, sec.nonce_ttl_s, sec.max_body_bytes) == (30, 120, DEFAULT_MAX_BODY)
     assert sec.allowed_schema_versions == {"1.0"} and sec.require_canonical_body is True
@@ -297,6 +300,13 @@ INVALID = [
      ["server.idle_timeout_s"]),
     ("identity-share-zero", sub("identity_share = 0.25", "identity_share = 0"),
      ["server.identity_share must be a number in (0, 1]"]),
+    ("shutdown-timeout-zero", sub("shutdown_timeout_s = 7.5", "shutdown_timeout_s = 0"),
+     ["server.shutdown_timeout_s must be a number of seconds in (0, 20]"]),
+    # the supervisor's SIGKILL grace (30 s, gateway/http/workers.py) must stay longer
+    ("shutdown-timeout-past-grace", sub("shutdown_timeout_s = 7.5", "shutdown_timeout_s = 25"),
+     ["server.shutdown_timeout_s must be a number of seconds in (0, 20]"]),
+    ("shutdown-timeout-string", sub("shutdown_timeout_s = 7.5", 'shutdown_timeout_s = "5"'),
+     ["server.shutdown_timeout_s"]),
     ("identity-share-above-one", sub("identity_share = 0.25", "identity_share = 1.5"),
      ["server.identity_share"]),
     ("identity-share-string", sub("identity_share = 0.25", 'identity_share = "0.5"'),
