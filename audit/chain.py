@@ -34,7 +34,8 @@ import fcntl
 import hashlib
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ from schemas.canonical import (
 )
 
 __all__ = ["GENESIS", "SEQUENCE", "AuditError", "AuditLog", "VerifyResult", "event_hash",
-           "verify_file"]
+           "head", "verify_file", "verify_lines"]
 
 GENESIS = "0" * 64
 SEQUENCE = "event.sequence"  # 1-based position of the line in its file
@@ -131,6 +132,16 @@ def _tail(fd: int) -> tuple[str, int]:
     return last["hash"], last[SEQUENCE]
 
 
+def head(fd: int) -> tuple[str, int, str | None]:
+    """``hash``, ``event.sequence`` and ``event.action`` of the last line (checked);
+    (GENESIS, 0, None) when the file is empty."""
+    last_hash, seq = _tail(fd)
+    if seq == 0:
+        return last_hash, seq, None
+    action = _read_line(_last_line(fd, os.fstat(fd).st_size)[:-1]).get("event.action")
+    return last_hash, seq, action if isinstance(action, str) else None
+
+
 def _is_sequence(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
@@ -149,9 +160,10 @@ def _count_lines(fd: int, size: int) -> int:
 class AuditLog:
     """Appends chained events to ``path``; one instance per process, thread-safe."""
 
-    def __init__(self, path: Path | str, *, fsync: bool = True) -> None:
+    def __init__(self, path: Path | str, *, fsync: bool = True, checkpoints: Any = None) -> None:
         self.path = Path(path)
         self.fsync = fsync
+        self.checkpoints = checkpoints  # an audit.checkpoints.Checkpointer, or None
         self._mutex = threading.Lock()  # flock does not exclude threads of one process
         self._fd: int | None = None
         self._pid = 0
@@ -199,24 +211,37 @@ class AuditLog:
             self._reopen()
         raise AuditError(f"{self.path} keeps being replaced")
 
-    def append(self, event: dict[str, Any]) -> dict[str, Any]:
-        """Chain ``event`` (any ``prev_hash``/``hash``/``event.sequence`` it has are
-        replaced) and write it."""
-        body = {k: v for k, v in event.items() if k not in ("prev_hash", "hash", SEQUENCE)}
+    @contextmanager
+    def locked(self) -> Iterator[int]:
+        """Hold this process's mutex and ``LOCK_EX`` on the current file; yield its fd."""
         with self._mutex:
             fd = self._lock()
             try:
-                body["prev_hash"], last = _tail(fd)
-                body[SEQUENCE] = last + 1
-                body["hash"] = event_hash(body)
-                line = dumps(body)
-                try:
-                    _read_line(line)  # never write what the chain's readers refuse
-                except ValueError as exc:
-                    raise AuditError(f"event is {exc}; not written") from None
-                self._write(fd, line + b"\n")
+                yield fd
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def append(self, event: dict[str, Any]) -> dict[str, Any]:
+        """Chain ``event`` (any ``prev_hash``/``hash``/``event.sequence`` it has are
+        replaced) and write it; then a checkpoint if one is due (audit/checkpoints.py)."""
+        with self.locked() as fd:
+            body = self.append_locked(fd, event)
+            if self.checkpoints is not None:
+                self.checkpoints.after_append(self, fd, body)
+        return body
+
+    def append_locked(self, fd: int, event: dict[str, Any]) -> dict[str, Any]:
+        """:meth:`append` for a caller already inside :meth:`locked`."""
+        body = {k: v for k, v in event.items() if k not in ("prev_hash", "hash", SEQUENCE)}
+        body["prev_hash"], last = _tail(fd)
+        body[SEQUENCE] = last + 1
+        body["hash"] = event_hash(body)
+        line = dumps(body)
+        try:
+            _read_line(line)  # never write what the chain's readers refuse
+        except ValueError as exc:
+            raise AuditError(f"event is {exc}; not written") from None
+        self._write(fd, line + b"\n")
         return body
 
     def _write(self, fd: int, line: bytes) -> None:
@@ -283,12 +308,13 @@ def _check_line(raw: bytes, prev: str, number: int | None = None) -> str:
     return event["hash"]
 
 
-def verify_lines(lines: Iterable[bytes]) -> VerifyResult:
-    """Walk the chain over ``lines`` (each with its newline); stop at the first break."""
-    prev, count = GENESIS, 0
+def verify_lines(lines: Iterable[bytes], prev: str = GENESIS, start: int = 0) -> VerifyResult:
+    """Walk the chain over ``lines`` (each with its newline); stop at the first break.
+    ``prev``/``start``: the hash and sequence the first line continues (a rotated file)."""
+    count = 0
     for number, raw in enumerate(lines, start=1):
         try:
-            prev = _check_line(raw, prev, number)
+            prev = _check_line(raw, prev, start + number)
         except ValueError as exc:
             return VerifyResult(False, count, number, str(exc), prev)
         count += 1

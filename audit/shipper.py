@@ -138,6 +138,8 @@ class ChainReader:
         finally:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
         entries, offset, seq, prev = [], state.offset, state.sequence, state.hash
+        if state == ShipState() and (anchor := rotated_anchor(data)) is not None:
+            prev, seq = anchor  # a fresh state on a rotated-to file: start at its first line
         for raw in _lines(data, limit):
             try:
                 prev = _check_line(raw, prev, seq + 1)
@@ -155,6 +157,21 @@ class ChainReader:
             return True
         cur = os.fstat(self.fd)
         return (st.st_dev, st.st_ino) != (cur.st_dev, cur.st_ino)
+
+
+def rotated_anchor(data: bytes) -> tuple[str, int] | None:
+    """(prev_hash, sequence - 1) of ``data``'s first line when it is ``audit.rotated``
+    (the first line of a file `fedgate audit rotate` started: the chain continues)."""
+    first = _lines(data, 1)
+    try:
+        event = _read_line(first[0][:-1]) if first else None
+    except ValueError:
+        return None
+    if not event or event.get("event.action") != "audit.rotated":
+        return None
+    prev, seq = event.get("prev_hash"), event.get(SEQUENCE)
+    ok = _is_hex64(prev) and isinstance(seq, int) and not isinstance(seq, bool) and seq >= 1
+    return (prev, seq - 1) if ok else None
 
 
 def _lines(data: bytes, limit: int) -> list[bytes]:
@@ -218,6 +235,26 @@ class Shipper:
             self.reader.check_position(self.state)
         return self.reader
 
+    def _follow_rotation(self) -> bool:
+        """The old file is shipped to its end and the path now names a file whose first
+        line continues the chain right after it (`fedgate audit rotate`): go on there."""
+        try:
+            new = ChainReader(self.path)
+        except FileNotFoundError:
+            return False
+        anchor = rotated_anchor(os.pread(new.fd, _CHUNK, 0))
+        if anchor != (self.state.hash, self.state.sequence):
+            new.close()
+            return False
+        if self.reader is not None:
+            self.reader.close()
+        self.reader = new
+        self.state = ShipState(0, self.state.sequence, self.state.hash)
+        self.state.save(self.state_path)
+        self.log(f"fedgate: audit ship: {self.path} was rotated; continuing at sequence "
+                 f"{self.state.sequence + 1}")
+        return True
+
     def ship_once(self) -> int:
         """Deliver what the file holds now (one batch); the number of events delivered.
         OSError / ssl.SSLError / TimeoutError when the receiver did not confirm."""
@@ -227,6 +264,8 @@ class Shipper:
         entries, tail = reader.read(self.state, self.cfg.batch_max_events)
         self.lag_events = tail - self.state.sequence
         if not entries:
+            if reader.replaced() and self._follow_rotation():
+                return 0
             if reader.replaced():
                 raise ShipError(f"{self.path} was replaced (rotated?): the ship state refers "
                                 "to the old file; see docs/AUDIT.md")

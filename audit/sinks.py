@@ -50,8 +50,8 @@ class AuditSink:
     """``emit(event)``: append to the chained file (durably), then log a summary."""
 
     def __init__(self, path: Path | str, *, fsync: bool = True, logger: Any = None,
-                 level: str = "info") -> None:
-        self.log = AuditLog(path, fsync=fsync)
+                 level: str = "info", checkpoints: Any = None) -> None:
+        self.log = AuditLog(path, fsync=fsync, checkpoints=checkpoints)
         self.logger = logger if logger is not None else stderr_logger()
         self.level = level  # the logger's method the summary is written with
 

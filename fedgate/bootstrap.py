@@ -29,6 +29,7 @@ from .pki import PkiError, init_pki, write_file
 IDENTITY = "spectrastrike-producer"
 PRODUCER_KID = "ss-prod-2026"
 FEEDBACK_KID = "vv-fb-2026"
+AUDIT_KID = "fedgate-audit-2026"  # signs audit checkpoints (docs/AUDIT.md)
 TENANTS = {"op-001": "10000000-0000-0000-0000-000000000001",
            "op-002": "10000000-0000-0000-0000-000000000001",
            "op-003": "20000000-0000-0000-0000-000000000002"}
@@ -53,8 +54,8 @@ def generated_files(root: Path) -> list[Path]:
     certs = [root / "certs" / f"{stem}{ext}" for stem in ("ca", "gateway", IDENTITY)
              for ext in (".crt", ".key")]
     keys = [root / "keys" / name for name in (
-        f"{PRODUCER_KID}.pem", f"{FEEDBACK_KID}.pem", "producers.jwks.json",
-        "feedback.jwks.json")]
+        f"{PRODUCER_KID}.pem", f"{FEEDBACK_KID}.pem", f"{AUDIT_KID}.pem",
+        "producers.jwks.json", "feedback.jwks.json", "audit.jwks.json")]
     return [*certs, root / "certs" / "pins.json", *keys, root / "gateway.toml",
             root / "emitter.toml"]
 
@@ -78,6 +79,10 @@ def bootstrap(root: Path, *, store_url: str | None = None, host: str = "127.0.0.
     (root / "keys").mkdir(parents=True, exist_ok=True)
     pki = init_pki(root / "certs", [IDENTITY], hosts=list(hosts), force=force)
     producer, feedback = PrivateKey(os.urandom(32)), PrivateKey(os.urandom(32))
+    audit_key = PrivateKey(os.urandom(32))
+    write_file(root / "keys" / f"{AUDIT_KID}.pem", audit_key.to_pem(), 0o600, force)
+    write_file(root / "keys" / "audit.jwks.json",
+               _jwks(Keyring([Key(AUDIT_KID, audit_key.public)])), 0o644, force)
     write_file(root / "keys" / f"{PRODUCER_KID}.pem", producer.to_pem(), 0o600, force)
     write_file(root / "keys" / f"{FEEDBACK_KID}.pem", feedback.to_pem(), 0o600, force)
     tenants = sorted(set(TENANTS.values()))
@@ -100,7 +105,8 @@ def bootstrap(root: Path, *, store_url: str | None = None, host: str = "127.0.0.
         f"[server]\nhost = {_toml(bind or host)}\nport = {port}\n"
         'tls_cert = "certs/gateway.crt"\ntls_key = "certs/gateway.key"\n'
         'client_ca = "certs/ca.crt"\n\n'
-        f"[store]\nurl = {_toml(configured_store)}\n\n[audit]\npath = {_toml(AUDIT)}\n\n"
+        f"[store]\nurl = {_toml(configured_store)}\n\n[audit]\npath = {_toml(AUDIT)}\n"
+        f'checkpoint_key = "keys/{AUDIT_KID}.pem"\ncheckpoint_kid = "{AUDIT_KID}"\n\n'
         f"[policy]\nrules = {_toml(RULES)}\n\n"
         f"[identities.{IDENTITY}]\npins = [{_toml(pki.identities[IDENTITY].sha256)}]\n"
         f"tenants = {_toml(tenants)}\n\n[operator_tenants]\n"

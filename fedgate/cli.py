@@ -16,7 +16,7 @@ from common.version import package_version
 from gateway.exits import one_line
 from keyring.keys import KeyStatus
 
-from .commands.audit import cmd_audit_ship, cmd_audit_verify
+from .commands.audit import cmd_audit_rotate, cmd_audit_ship, cmd_audit_verify
 from .commands.certs import cmd_certs_init, cmd_certs_issue
 from .commands.federation import cmd_bootstrap, cmd_demo
 from .commands.keys import cmd_keys_new
@@ -165,8 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
                             "HEX' when the chain is intact (record the last hash elsewhere: "
                             "only a copy of it shows that trailing lines were removed). Exit 1 "
                             "with one line naming the first bad line when the chain is broken; "
-                            "exit 2 when the file cannot be read.")
-    verify.add_argument("file", type=Path, help="audit log (JSON lines)")
+                            "exit 2 when the file cannot be read. With signed checkpoints "
+                            "(docs/AUDIT.md) it also "
+                            "reports how far the log is signed and fails when its tail was cut, "
+                            "a rotated file is missing or a checkpoint does not verify.")
+    verify.add_argument("file", type=Path, nargs="+",
+                        help="audit log (JSON lines); several: rotated files, oldest first")
+    verify.add_argument("--checkpoint-key", type=Path, metavar="KEY",
+                        help="the audit key's JWKS or PEM public key: check every "
+                        "checkpoint's signature")
+    verify.add_argument("--checkpoint", type=Path, metavar="SIDECAR",
+                        help="the latest checkpoint kept outside the log (default: "
+                        "LASTFILE.checkpoint when it exists); the log must reach it")
     verify.set_defaults(run=cmd_audit_verify)
     ship = aud.add_parser("ship", help="forward the audit log to a SIEM (RFC 5424 syslog)",
                           description="Send every audit event, in order, as one RFC 5424 "
@@ -181,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     ship.add_argument("--progress", type=float, default=10.0, metavar="SECONDS",
                       help="seconds between progress lines (default 10)")
     ship.set_defaults(run=cmd_audit_ship)
+    rot = aud.add_parser("rotate", help="move the audit file aside; the chain continues",
+                         description="Under the appenders' lock: end the audit file with a "
+                         "signed checkpoint (with [audit] checkpoint_key), move it to --to "
+                         "(default PATH.YYYYmmddTHHMMSSZ) and start a new file whose first line "
+                         "continues the chain. Running gateways follow it. Exit 0 done, 1 "
+                         "refused (empty file, target exists), 2 config error.")
+    rot.add_argument("--config", required=True, type=Path, help="gateway TOML file")
+    rot.add_argument("--to", type=Path, metavar="PATH", help="the old file's new name")
+    rot.set_defaults(run=cmd_audit_rotate)
 
     boot = sub.add_parser("bootstrap", help="lay out a dev federation: PKI, keys, configs",
                           description="Write certs/, keys/, gateway.toml and emitter.toml "

@@ -104,6 +104,16 @@ class GatewaySettings:
     log: LogSettings = LogSettings()  # [log]; `fedgate serve` flags override it
     admin: AdminSettings = AdminSettings()
     audit_syslog: SyslogSettings | None = None  # [audit.syslog]: `fedgate audit ship`
+    audit_checkpoints: CheckpointSettings | None = None  # None: no checkpoint key
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckpointSettings:
+    """[audit] checkpoint_*: sign the chain head every N events or T seconds (AUDIT.md)."""
+    key: Path
+    kid: str
+    every_events: int = 1000
+    every_s: float = 60.0
 
 
 def load_settings(path: str | Path) -> GatewaySettings:
@@ -132,13 +142,27 @@ def load_keys(settings: GatewaySettings) -> tuple[Keyring, PrivateKey]:
         feedback = PrivateKey.load(settings.feedback_key)
     except ValueError as exc:
         raise ConfigError(f"{settings.path}: feedback_key: {exc}") from None
+    audit_key = load_checkpoint_key(settings)  # a bad audit key fails start-up too
+    if audit_key is not None and audit_key.public == feedback.public:
+        raise ConfigError(f"{settings.path}: audit.checkpoint_key: is the feedback key; use a "
+                          "separate audit key (docs/AUDIT.md, Checkpoints)")
     return keyring, feedback
+
+
+def load_checkpoint_key(settings: GatewaySettings) -> PrivateKey | None:
+    """The audit checkpoint key ([audit] checkpoint_key); None when not configured."""
+    if settings.audit_checkpoints is None:
+        return None
+    try:
+        return PrivateKey.load(settings.audit_checkpoints.key)
+    except ValueError as exc:
+        raise ConfigError(f"{settings.path}: audit.checkpoint_key: {exc}") from None
 
 def _build(cfg: Path, raw: Mapping[str, Any]) -> GatewaySettings:
     base = cfg.parent
     server = _table(raw, "server", _SERVER_KEYS)
     store = _table(raw, "store", frozenset({"url", *_STORE_OPTIONS}))
-    audit = _table(raw, "audit", frozenset({"path", "syslog"}))
+    audit = _table(raw, "audit", frozenset({"path", "syslog", *_CHECKPOINT_KEYS}))
     policy = _table(raw, "policy", frozenset({"rules"}))
     admin = _admin(_table(raw, "admin", frozenset({"host", "port"})), server)
     security = _security(raw, server)
@@ -155,6 +179,7 @@ def _build(cfg: Path, raw: Mapping[str, Any]) -> GatewaySettings:
         log=from_table(_table(raw, "log", LOG_KEYS)),
         admin=admin,
         audit_syslog=syslog,
+        audit_checkpoints=_checkpoints(audit, base),
     )
 
 
@@ -286,3 +311,31 @@ def _audit(audit: Mapping[str, Any], base: Path) -> Path:
     ):
         raise ConfigError(f"audit.path: not writable: {path}")
     return path
+
+
+_CHECKPOINT_KEYS = ("checkpoint_key", "checkpoint_kid", "checkpoint_every_events",
+                    "checkpoint_every_s")
+
+
+def _checkpoints(audit: Mapping[str, Any], base: Path) -> CheckpointSettings | None:
+    """checkpoint_key and checkpoint_kid together or neither; the two triggers bounded."""
+    every_events = audit.get("checkpoint_every_events", 1000)
+    if not _is_int(every_events) or not 1 <= every_events <= 10_000_000:
+        raise ConfigError("audit.checkpoint_every_events must be an integer in [1, 10000000], "
+                          f"got {every_events!r}")
+    every_s = audit.get("checkpoint_every_s", 60)
+    if not (_is_int(every_s) or isinstance(every_s, float)) or not 0 < every_s <= 86400:
+        raise ConfigError(f"audit.checkpoint_every_s must be a number of seconds in "
+                          f"(0, 86400], got {every_s!r}")
+    if "checkpoint_key" not in audit:
+        if "checkpoint_kid" in audit:
+            raise ConfigError("audit.checkpoint_kid is set without audit.checkpoint_key")
+        return None
+    kid = audit.get("checkpoint_kid")
+    if kid is None:
+        raise ConfigError("audit.checkpoint_kid is required with audit.checkpoint_key")
+    if not isinstance(kid, str) or not KID_RE.fullmatch(kid):
+        raise ConfigError(f"audit.checkpoint_kid must match ^[A-Za-z0-9._:-]{{1,128}}$, "
+                          f"got {kid!r}")
+    return CheckpointSettings(key=readable_file(audit, "checkpoint_key", base, "audit."),
+                              kid=kid, every_events=every_events, every_s=float(every_s))

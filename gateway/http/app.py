@@ -36,6 +36,7 @@ from keyring import Keyring, PrivateKey, self_test
 from schemas.routes import SIGNED_ROUTES, Route
 from schemas.validate import Validators
 
+from .audit_checkpoints import checkpointer, tick_forever
 from .conn import CONN, GUARD, track_requests
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
@@ -116,9 +117,12 @@ async def resources(app: web.Application) -> AsyncIterator[None]:
     store.on_amnesia = app[METRICS].store_amnesia.inc
     await store.open()
     app[STORE] = store
-    app[AUDIT] = AuditSink(settings.audit_path, level="debug",
+    checkpoints = checkpointer(settings)
+    app[AUDIT] = AuditSink(settings.audit_path, level="debug", checkpoints=checkpoints,
                            logger=logs.get_logger("fedgate.audit") if app[ECHO] else _Quiet())
     app[AUDIT_EXECUTOR] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedgate-audit")
+    ticker = None if checkpoints is None else asyncio.create_task(
+        tick_forever(checkpoints, app[AUDIT].log, app[AUDIT_EXECUTOR]))
     app[ISSUER] = FeedbackIssuer(store, feedback_key, settings.feedback_kid, policy=policy)
     app[PIPELINE] = Pipeline(settings.security, keyring, validators, store,
                              store_timer=app[METRICS].store.observe,
@@ -129,6 +133,8 @@ async def resources(app: web.Application) -> AsyncIterator[None]:
         if (guard := app.get(GUARD)) is not None:
             await guard.close()  # a body still arriving fails now (a rejection, no write)
         await finish_decisions(app)  # no commit without its audit event, none cut short
+        if ticker is not None:
+            ticker.cancel()
         await store.close()
         app[AUDIT_EXECUTOR].shutdown(wait=True)
         app[AUDIT].close()

@@ -95,7 +95,7 @@ def test_version_falls_back_to_the_checkout_when_the_distribution_is_not_install
          "probe, demo, emit, outbox, feedback)"),
     (("certs",), "fedgate certs: error: missing action (one of: init, issue)"),
     (("keys",), "fedgate keys: error: missing action (one of: new)"),
-    (("audit",), "fedgate audit: error: missing action (one of: verify, ship)"),
+    (("audit",), "fedgate audit: error: missing action (one of: verify, ship, rotate)"),
 ])
 def test_a_missing_command_or_action_is_one_line_plus_usage_exit_2(tmp_path, args, line):
     result = fedgate(*args, cwd=tmp_path)

@@ -148,6 +148,35 @@ def test_a_replaced_audit_file_stops_the_shipper(tmp_path: Path, rsyslog: Rsyslo
         Shipper(audit, config(tmp_path, rsyslog)).ship_once()
 
 
+def test_the_shipper_follows_fedgate_audit_rotate(tmp_path: Path, rsyslog: Rsyslogd) -> None:
+    """A file started by `fedgate audit rotate` continues the chain: the running shipper
+    ships the old file to its end and goes on in the new one, sequences continuing; a
+    fresh shipper (no state) starts at the new file's first line."""
+    from audit.checkpoints import Checkpointer
+    from audit.rotate import rotate
+    from keyring.ed25519 import PrivateKey
+
+    audit = tmp_path / "audit.jsonl"
+    cp = Checkpointer(PrivateKey(bytes([9]) * 32), "audit-k", every_events=1000, every_s=60)
+    write(audit, 0, 3)
+    shipper = Shipper(audit, config(tmp_path, rsyslog))
+    drain(shipper)
+    write(audit, 3, 2)  # not yet shipped when the file is rotated
+    with AuditLog(audit, fsync=False) as log:
+        assert rotate(log, tmp_path / "audit.jsonl.1", cp) == 7  # checkpoint is line 6
+    write(audit, 10, 2)
+    drain(shipper)  # old file to its end, then the new one
+    drain(shipper)
+    shipper.close()
+    assert sequences(rsyslog.wait_for(9)) == list(range(1, 10))
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    again = Shipper(audit, config(tmp_path, rsyslog, state_path=str(fresh / "state.json")))
+    drain(again)
+    again.close()
+    assert sequences(rsyslog.wait_for(12))[9:] == [7, 8, 9]
+
+
 # -- TLS (RFC 5425) with the dev PKI -----------------------------------------------------
 
 def tls_rsyslog(tmp_path: Path, pki, auth_mode: str = "anon") -> Rsyslogd:

@@ -487,3 +487,46 @@ def test_one_public_key_for_two_identities_is_refused(tmp_path) -> None:
     save_jwks(tmp_path / "keys/producers.jwks.json", Keyring([
         Key("k-a", public, identity=IDENTITY), Key("k-b", public, identity="other-producer")]))
     expect_error(cfg, "producer_keyring", "reuses the public key", keys=True)
+
+
+# -- [audit] checkpoint_* (issue 10) -------------------------------------------------------
+AUDIT_PATH = 'path = "logs/audit.jsonl"'
+
+
+def test_audit_checkpoints_are_off_without_a_key_and_load_with_one(tmp_path) -> None:
+    assert load_settings(write_tree(tmp_path)).audit_checkpoints is None
+    cfg = write_tree(tmp_path, sub(AUDIT_PATH, AUDIT_PATH + '\ncheckpoint_key = "keys/audit.pem"'
+                                   '\ncheckpoint_kid = "aud-1"\ncheckpoint_every_s = 5')(VALID))
+    (tmp_path / "keys/audit.pem").write_bytes(PrivateKey(bytes([3]) * 32).to_pem())
+    settings = load_settings(cfg)
+    cp = settings.audit_checkpoints
+    assert (cp.key, cp.kid, cp.every_events, cp.every_s) == (
+        tmp_path / "keys/audit.pem", "aud-1", 1000, 5.0)
+    load_keys(settings)
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    ('checkpoint_kid = "a"', "audit.checkpoint_kid is set without audit.checkpoint_key"),
+    ('checkpoint_key = "keys/audit.pem"', "audit.checkpoint_kid is required"),
+    ('checkpoint_key = "keys/nope.pem"\ncheckpoint_kid = "a"', "audit.checkpoint_key"),
+    ('checkpoint_key = "keys/audit.pem"\ncheckpoint_kid = "a b"', "audit.checkpoint_kid must"),
+    ("checkpoint_every_events = 0", "audit.checkpoint_every_events must be an integer"),
+    ("checkpoint_every_events = true", "audit.checkpoint_every_events must be an integer"),
+    ("checkpoint_every_s = 0", "audit.checkpoint_every_s must be a number"),
+    ("checkpoint_every_s = 90000", "audit.checkpoint_every_s must be a number"),
+])
+def test_invalid_audit_checkpoint_keys(tmp_path, extra, needle) -> None:
+    cfg = write_tree(tmp_path, sub(AUDIT_PATH, AUDIT_PATH + "\n" + extra)(VALID))
+    (tmp_path / "keys/audit.pem").write_bytes(PrivateKey(bytes([3]) * 32).to_pem())
+    expect_error(cfg, needle)
+
+
+@pytest.mark.parametrize(("content", "needle"), [
+    (b"not a key\n", "audit.checkpoint_key: "),
+    (PrivateKey(SEED).to_pem(), "is the feedback key"),
+])
+def test_a_bad_or_reused_audit_key_fails_load_keys(tmp_path, content, needle) -> None:
+    cfg = write_tree(tmp_path, sub(AUDIT_PATH, AUDIT_PATH + '\ncheckpoint_key = "keys/a.pem"'
+                                   '\ncheckpoint_kid = "a"')(VALID))
+    (tmp_path / "keys/a.pem").write_bytes(content)
+    expect_error(cfg, needle, keys=True)
