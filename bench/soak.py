@@ -116,16 +116,30 @@ async def paced(stack: Stack, rate: float, seconds: float, interval: float,
     return rows, counts
 
 
+def with_workers_total(procs: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """Adds "workers" = the sum over the workers: the kernel spreads the load generator's
+    keep-alive connections over the workers, so one worker's fds move by whole
+    connections while the total does not."""
+    workers = [v for name, v in procs.items() if name.startswith("worker")]
+    return {**procs, "workers": (sum(v[0] for v in workers), sum(v[1] for v in workers))}
+
+
 def flat(rows: list[dict], tolerance: float = 0.10) -> dict[str, dict]:
-    """Per process and metric: mean of the first and last thirds of the rows after the
-    first (warm-up), and whether they are within ±tolerance of each other."""
+    """Mean of the first and last thirds of the rows after the first (warm-up), and
+    whether they are within ±tolerance of each other: RSS per process; open fds per
+    process except the workers, whose fds are judged as their sum (``with_workers_total``)."""
     steady = rows[1:] if len(rows) > 3 else rows
     third = max(1, len(steady) // 3)
     out = {}
-    for name in steady[0]["procs"]:
+    for name in with_workers_total(steady[0]["procs"]):
         for k, label in ((0, "rss_kib"), (1, "fds")):
-            first = [r["procs"][name][k] for r in steady[:third] if name in r["procs"]]
-            last = [r["procs"][name][k] for r in steady[-third:] if name in r["procs"]]
+            one_worker = name.startswith("worker") and name != "workers"
+            if (one_worker and label == "fds") or (name == "workers" and label == "rss_kib"):
+                continue  # a worker's own fds: judged in the sum; the sum's RSS: per worker
+            first = [with_workers_total(r["procs"])[name][k] for r in steady[:third]
+                     if name in with_workers_total(r["procs"])]
+            last = [with_workers_total(r["procs"])[name][k] for r in steady[-third:]
+                    if name in with_workers_total(r["procs"])]
             a, b = sum(first) / len(first), sum(last) / len(last)
             change = (b - a) / a if a else 0.0
             out[f"{name} {label}"] = {"first": round(a), "last": round(b),
