@@ -172,9 +172,9 @@ def load_and_log(config: Path, log_overrides: Mapping | None) -> GatewaySettings
     return settings
 
 
-def serve(config: Path, *, log_overrides: Mapping | None = None) -> None:
-    """``fedgate serve`` in one process."""
-    settings = load_and_log(config, log_overrides)
+def bind_ports(settings: GatewaySettings) -> tuple[list[socket.socket], list[socket.socket]]:
+    """Bind the mTLS port and the [admin] port once, before anything else starts (a port
+    in use is one line), then say so if no policy is configured."""
     limits = fit_limits(settings.server, raise_fd_limit())
     socks = bind_listeners(settings.server.host, settings.server.port, limits.backlog)
     try:
@@ -184,5 +184,12 @@ def serve(config: Path, *, log_overrides: Mapping | None = None) -> None:
             sock.close()
         raise
     warn_if_no_policy(settings)
+    return socks, admin_socks
+
+
+def serve(config: Path, *, log_overrides: Mapping | None = None) -> None:
+    """``fedgate serve`` in one process."""
+    settings = load_and_log(config, log_overrides)
+    socks, admin_socks = bind_ports(settings)
     asyncio.run(_run(settings, socks, admin_socks,
                      access_log=settings.log.merged(log_overrides).access))

@@ -35,9 +35,7 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from gateway.config.settings import SHUTDOWN_TIMEOUT_MAX_S, GatewaySettings, load_keys
 
-from .admin import bind_admin, start_admin
-from .conn import fit_limits, raise_fd_limit
-from .listen import bind_listeners
+from .admin import start_admin
 from .metrics import MULTIPROC_ENV, PROCESSES_FILE, exposition
 
 PR_SET_PDEATHSIG = 1
@@ -125,19 +123,11 @@ def describe_exit(index: int, proc: multiprocessing.process.BaseProcess) -> str:
 
 def serve_workers(config: Path, workers: int, *, log_overrides: Mapping | None = None) -> int:
     """N worker processes on one socket; returns the exit code."""
-    from .server import load_and_log, warn_if_no_policy
+    from .server import bind_ports, load_and_log
 
     settings = load_and_log(config, log_overrides)  # fail fast, once, on this terminal
     load_keys(settings)
-    limits = fit_limits(settings.server, raise_fd_limit())
-    socks = bind_listeners(settings.server.host, settings.server.port, limits.backlog)
-    try:
-        admin_socks = bind_admin(settings)
-    except BaseException:
-        for sock in socks:
-            sock.close()
-        raise
-    warn_if_no_policy(settings)
+    socks, admin_socks = bind_ports(settings)
     # every worker records its metrics here; any scrape sums them (gateway/http/metrics.py)
     with tempfile.TemporaryDirectory(prefix="fedgate-metrics-") as metrics_dir:
         os.environ[MULTIPROC_ENV] = metrics_dir  # inherited by the spawned workers
