@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
-from audit import AuditSink, request_event
+from audit import AuditSink
 from common.tls import peer_cert_pins
 from gateway import logs
 from gateway.config.settings import GatewaySettings
@@ -31,40 +29,49 @@ from gateway.feedback.policy import load_rules
 from gateway.pipeline import errors as E
 from gateway.pipeline.pipeline import Context, Pipeline, SignedRequest, check_head
 from gateway.pipeline.records import accepted_body
-from gateway.store import Store, StoreError, open_store
+from gateway.store import StoreError, open_store
 from keyring import Keyring, PrivateKey, self_test
 from schemas.routes import SIGNED_ROUTES, Route
 from schemas.validate import Validators
 
+from .appkeys import (  # noqa: F401  (re-exported: app.SETTINGS, app.ISSUER, … for callers)
+    AUDIT,
+    AUDIT_EXECUTOR,
+    AUDIT_REFUSALS,
+    CLOCK,
+    DECISIONS,
+    DRAINING,
+    ECHO,
+    HANDSHAKES,
+    ISSUER,
+    KEYS,
+    METRICS,
+    OTHER_HTTP_CODE,
+    PIPELINE,
+    READY,
+    REQUEST_ID,
+    REQUEST_ID_RE,
+    ROUTER_CODES,
+    SETTINGS,
+    STORE,
+    STORE_FAILURES,
+)
 from .audit_checkpoints import checkpointer, tick_forever
+from .auditing import audit, audit_skipped, audit_unrouted, emit_audit  # noqa: F401
 from .conn import CONN, GUARD, track_requests
-from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
+from .probes import (  # noqa: F401
+    handle_healthz,
+    handle_metrics,
+    handle_readyz,
+    json_response,
+    readiness,
+)
 from .tlsaudit import HandshakeAudit
 
 log = logging.getLogger("fedgate.gateway")
 
-SETTINGS = web.AppKey("settings", GatewaySettings)
-KEYS = web.AppKey("keys", tuple)  # (Keyring, PrivateKey)
-STORE = web.AppKey("store", Store)
-PIPELINE = web.AppKey("pipeline", Pipeline)
-AUDIT = web.AppKey("audit", AuditSink)
-AUDIT_EXECUTOR = web.AppKey("audit_executor", ThreadPoolExecutor)
-ISSUER = web.AppKey("issuer", FeedbackIssuer)
-METRICS = web.AppKey("metrics", Metrics)
-CLOCK = web.AppKey("clock", object)
-READY = web.AppKey("ready", dict)
-ECHO = web.AppKey("echo", bool)
-STORE_FAILURES = web.AppKey("store_failures", logs.Throttle)
-AUDIT_REFUSALS = web.AppKey("audit_refusals", logs.Throttle)
-HANDSHAKES = web.AppKey("handshakes", HandshakeAudit)  # refused TLS handshakes
-DECISIONS = web.AppKey("decisions", set)  # signed requests being handled (tasks)
-DRAINING = web.AppKey("draining", bool)  # stopping: answers close their connection
-
-REQUEST_ID = web.RequestKey("request_id", str)
-REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-ROUTER_CODES = {404: "not_found", 405: "method_not_allowed"}
-OTHER_HTTP_CODE = "bad_request"  # any other HTTP refusal raised below the middleware
+# the typed keys live in appkeys (imported here too: app.SETTINGS etc. keep working)
 
 
 class _Quiet:
@@ -179,10 +186,6 @@ async def request_id_middleware(request: web.Request, handler) -> web.StreamResp
         await audit_unrouted(request, request_id, err.status, err.error)
     response.headers["X-Request-Id"] = request_id
     return response
-
-
-def json_response(body: Any, status: int) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
 async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
@@ -313,79 +316,3 @@ def answer(route: Route, ctx: Context) -> tuple[int, dict[str, Any], str]:
     if route.kind == "query":
         return 200, ctx.response, "feedback.issued"
     return 202, accepted_body(route, ctx), f"{route.kind}.accepted"
-
-
-async def emit_audit(app: web.Application, event: dict[str, Any]) -> bool:
-    """Append one chained event off the event loop. On failure the gateway stops taking
-    signed requests (503) and /readyz turns 503: no decision without its audit event."""
-    if AUDIT not in app or not app[READY]["audit"]:
-        return False
-    try:
-        await asyncio.get_running_loop().run_in_executor(
-            app[AUDIT_EXECUTOR], app[AUDIT].emit, event)
-    except Exception:
-        log.exception("audit log append failed; refusing signed requests until restart")
-        app[READY]["audit"] = False
-        return False
-    return True
-
-
-async def audit(app: web.Application, ctx: Context, peer: str | None, action: str,
-                status: int, exc: E.GatewayError | None) -> bool:
-    """The one audit event of a decision on a signed request."""
-    return await emit_audit(app, request_event(
-        action=action, outcome="failure" if exc else "success",
-        category=[exc.category if exc else "web"], status=status,
-        request_id=ctx.request_id, reason=exc.error if exc else None,
-        identity=ctx.identity, peer_sha256=peer, tenant_id=ctx.tenant_id, kid=ctx.kid,
-        execution_fingerprint=ctx.execution_fingerprint, attestation_hash=ctx.attestation_hash,
-        detail=exc.detail if exc else None, now=time.time(),
-    ))
-
-
-async def audit_skipped(app: web.Application, ctx: Context, peer: str | None,
-                        status: int) -> bool:
-    """Stored records a feedback answer left out (gateway/feedback/evidence.py): counted by reason,
-    and one event per query naming how many and the first few record ids (bounded)."""
-    report = ctx.skipped_records
-    app[METRICS].records_skipped.update(report.counts)
-    return await emit_audit(app, request_event(
-        action="feedback.records_skipped", outcome="failure", category=["database"],
-        status=status, request_id=ctx.request_id, reason="stored_record_unusable",
-        identity=ctx.identity, peer_sha256=peer, tenant_id=ctx.tenant_id, kid=ctx.kid,
-        detail=report.summary(), now=time.time()))
-
-
-async def audit_unrouted(request: web.Request, request_id: str, status: int,
-                         code: str) -> None:
-    """A request for no route (scans, probes) or an unexpected failure: one event too."""
-    route = SIGNED_ROUTES.get(request.path)
-    request.app[METRICS].count(route.kind if route else "none", status, code)
-    await emit_audit(request.app, request_event(
-        action=f"{route.kind if route else 'http'}.rejected", outcome="failure",
-        category=["web"], status=status, request_id=request_id, reason=code,
-        detail=f"{request.method} {request.path[:200]}", now=time.time()))
-
-
-async def handle_healthz(request: web.Request) -> web.Response:
-    return json_response({"status": "ok"}, 200)
-
-
-async def readiness(app: web.Application) -> tuple[bool, dict[str, bool]]:
-    """(ready, checks) of this process's gateway: /readyz here and on the admin listener."""
-    store_ok = STORE in app and await app[STORE].ping()
-    checks = {"store": store_ok, "keys": bool(app[KEYS][0]),
-              "self_test": app[READY]["self_test"], "audit": app[READY]["audit"]}
-    return all(checks.values()), checks
-
-
-async def handle_readyz(request: web.Request) -> web.Response:
-    ready, checks = await readiness(request.app)
-    return json_response({"status": "ready" if ready else "not_ready", "checks": checks},
-                         200 if ready else 503)
-
-
-async def handle_metrics(request: web.Request) -> web.Response:
-    return web.Response(body=request.app[METRICS].render(),
-                        headers={"Content-Type": METRICS_CONTENT_TYPE,
-                                 "X-Content-Type-Options": "nosniff"})

@@ -29,7 +29,8 @@ from aiohttp.web_protocol import RequestHandler
 from audit import request_event
 from gateway.pipeline import errors as E
 
-from .app import METRICS, emit_audit
+from .appkeys import METRICS
+from .auditing import emit_audit
 
 log = logging.getLogger("fedgate.http")
 

@@ -22,10 +22,12 @@ from gateway import logs
 from gateway.config.settings import GatewaySettings, load_keys, load_settings
 
 from .admin import bind_admin, start_admin
-from .app import DRAINING, HANDSHAKES, METRICS, SETTINGS, make_app, readiness
+from .app import make_app
+from .appkeys import DRAINING, HANDSHAKES, METRICS, SETTINGS
 from .conn import GUARD, ConnectionGuard, fit_limits, raise_fd_limit
 from .http_errors import handler_factory
 from .listen import bind_listeners
+from .probes import readiness
 
 log = logs.get_logger("fedgate.server")
 

@@ -82,7 +82,7 @@ def _worker(config: str, socks: list[socket.socket], control: socket.socket, ind
 
 async def _serve(settings: GatewaySettings, socks: list[socket.socket],
                  control: socket.socket, index: int, *, access_log: bool = False) -> None:
-    from .app import readiness
+    from .probes import readiness
     from .server import start_gateway, stop_gateway
 
     loop = asyncio.get_running_loop()
