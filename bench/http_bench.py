@@ -87,6 +87,7 @@ async def main_async(args) -> list[str]:
         try:
             for workers in (1, 2):
                 redis.flushall()
+                redis.provision()  # a new, empty store (docs/STORES.md "Store amnesia")
                 rows.append(await one("Redis", workers, args, redis.url))
         finally:
             redis.stop()

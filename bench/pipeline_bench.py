@@ -93,6 +93,7 @@ class TempRedis:
 
     def __enter__(self) -> str:
         self.server.start()
+        self.server.provision()  # a new, empty store (docs/STORES.md "Store amnesia")
         return self.server.url
 
     def __exit__(self, *exc) -> None:

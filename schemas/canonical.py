@@ -205,10 +205,6 @@ def too_deep(value: Any, limit: int) -> bool:
     return False
 
 
-#: Only a run of 19+ digits can spell an integer beyond 64 bits (2^63 has 19 digits).
-_LONG_DIGITS = re.compile(rb"[0-9]{19}")
-
-
 def _ints_in_range(value: Any) -> bool:
     """True when every integer in ``value`` lies in signed 64 bits (iterative walk)."""
     stack = [value]
@@ -230,8 +226,8 @@ def parse_canonical(data: bytes) -> tuple[Any, bool]:
     Fast path: orjson accepts only valid UTF-8, finite numbers and no trailing data;
     a body equal to the canonical form of what orjson read cannot hold duplicate keys
     (canonical output never repeats a key). orjson reads integers up to 2^64−1 as ints
-    (beyond that as floats, which never re-serialise to the same bytes), so a body with
-    a long digit run has its integers checked against 64 bits before the fast answer.
+    (beyond that as floats, which never re-serialise to the same bytes), so its integers
+    are checked against 64 bits before the fast answer.
     Everything else goes through :func:`loads`, so failures carry the strict parser's
     code.
     """
@@ -242,8 +238,9 @@ def parse_canonical(data: bytes) -> tuple[Any, bool]:
     else:
         # orjson.loads yields only JSON types and finite floats; ints beyond u64 are floats.
         try:
-            if dumps(fast) == data and (
-                    _LONG_DIGITS.search(data) is None or _ints_in_range(fast)):
+            # the walk (~7 µs for a 2 KB body) is cheaper than finding the digit runs
+            # that could spell a big integer with a regex (~37 µs, docs/BENCHMARKS.md)
+            if dumps(fast) == data and _ints_in_range(fast):
                 return fast, True
         except (ValueError, RecursionError):
             pass
