@@ -27,7 +27,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 
 from audit.chain import SEQUENCE, AuditError, AuditLog, head
 from audit.events import rfc3339_ms
+from common.files import replace_durably
 from keyring.ed25519 import PrivateKey, verify
 from schemas.canonical import dumps
 
@@ -129,19 +129,7 @@ def read_sidecar(path: Path | str) -> Checkpoint | None:
 
 def write_sidecar(path: Path, cp: Checkpoint) -> None:
     """Replace ``path`` atomically (temporary file, fsync, rename, fsync of the dir)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
-    try:
-        os.write(fd, dumps(cp.members()) + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    replace_durably(path, dumps(cp.members()) + b"\n")
 
 
 class Checkpointer:

@@ -42,6 +42,7 @@ from typing import Any
 
 from audit.chain import GENESIS, SEQUENCE, _check_line, _is_hex64, _last_line, _read_line
 from audit.syslog import frame, rfc5424
+from common.files import replace_durably
 
 __all__ = ["ShipError", "ShipState", "Shipper", "ShipperBusy"]
 
@@ -80,21 +81,8 @@ class ShipState:
         return cls(raw["offset"], raw["sequence"], raw["hash"])
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        data = json.dumps({"offset": self.offset, "sequence": self.sequence,
-                           "hash": self.hash}).encode() + b"\n"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        replace_durably(path, json.dumps({"offset": self.offset, "sequence": self.sequence,
+                                          "hash": self.hash}).encode() + b"\n")
 
 
 @dataclass(frozen=True, slots=True)
