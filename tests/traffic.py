@@ -95,6 +95,10 @@ class Traffic:
     def with_status(self, status: int | None) -> list[Sent]:
         return [s for s in self.sent if s.status == status]
 
+    def since(self, status: int, after: float) -> int:
+        """How many requests sent at or after ``after`` (monotonic) were answered ``status``."""
+        return sum(1 for s in self.sent if s.status == status and s.started >= after)
+
     def first(self, status: int, after: float) -> Sent | None:
         """The first request sent at or after ``after`` (monotonic) answered ``status``."""
         return min((s for s in self.sent if s.status == status and s.started >= after),

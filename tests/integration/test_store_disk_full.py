@@ -85,13 +85,11 @@ async def test_sqlite_disk_full_is_503_never_202_and_recovers(tmp_path, small_di
         filler = fill(small_disks["db"])
         full = time.monotonic()
         # the WAL may reuse its pages a while; once it must grow, every commit fails
-        await traffic.until(lambda t: len([s for s in t.with_status(503)
-                                           if s.started >= full]) >= 10, timeout_s=25)
+        await traffic.until(lambda t: t.since(503, full) >= 10, timeout_s=25)
         last = traffic.sent[-8:]
         os.unlink(filler)
         freed = time.monotonic()
-        await traffic.until(lambda t: len([s for s in t.with_status(202)
-                                           if s.started >= freed]) >= 20)
+        await traffic.until(lambda t: t.since(202, freed) >= 20)
         await traffic.stop()
         assert set(traffic.counts()) <= {202, 503}, traffic.counts()
         assert {s.error for s in traffic.with_status(503)} <= {
@@ -116,8 +114,7 @@ async def test_audit_disk_full_is_503_audit_unavailable_and_no_torn_line(tmp_pat
         await traffic.until(lambda t: len(t.with_status(202)) >= 20)
         filler = fill(small_disks["audit"])
         full = time.monotonic()
-        await traffic.until(lambda t: len([s for s in t.with_status(503)
-                                           if s.started >= full]) >= 10)
+        await traffic.until(lambda t: t.since(503, full) >= 10)
         await traffic.stop()
         assert set(traffic.counts()) <= {202, 503}, traffic.counts()
         assert {s.error for s in traffic.with_status(503)} == {"audit_unavailable"}

@@ -62,8 +62,7 @@ async def test_redis_restarted_under_load_loses_nothing_and_accepts_no_replay(
                             and len([s for s in t.sent if s.started > down]) >= 20)
         redis.start()  # same port, same --dir: it loads its AOF
         back = time.monotonic()
-        await traffic.until(lambda t: len([s for s in t.with_status(202)
-                                           if s.started >= back]) >= 40)
+        await traffic.until(lambda t: t.since(202, back) >= 40)
         await traffic.stop()
         outage = [s for s in traffic.sent if down <= s.started and s.done <= back]
         assert outage and {s.status for s in outage} == {503}, traffic.counts()
@@ -96,13 +95,11 @@ async def test_sqlite_locked_under_load_is_503_never_202(tmp_path):
         blocker = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
         blocker.execute("BEGIN EXCLUSIVE")
         locked = time.monotonic()
-        await traffic.until(lambda t: len([s for s in t.with_status(503)
-                                           if s.started >= locked]) >= 10)
+        await traffic.until(lambda t: t.since(503, locked) >= 10)
         blocker.execute("ROLLBACK")
         blocker.close()
         free = time.monotonic()
-        await traffic.until(lambda t: len([s for s in t.with_status(202)
-                                           if s.started >= free]) >= 20)
+        await traffic.until(lambda t: t.since(202, free) >= 20)
         await traffic.stop()
         held = [s for s in traffic.sent if locked <= s.started and s.done <= free]
         assert held and {s.status for s in held} == {503}
