@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ DEFAULT_AUDIT_PATH = "audit/gateway-audit.jsonl"
 _OWN_KEYS = frozenset({"producer_keyring", "feedback_key", "feedback_kid",
                        "server", "store", "audit", "policy", "log", "admin"})
 # [server] connection limits (issue 7.3, docs/CONFIG.md): name → (default, bounds, kind)
+NODE_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,253}")
 _CONN_LIMITS: dict[str, tuple[float, float, float, str]] = {
     "handshake_timeout_s": (10.0, 0.0, 300.0, "a number of seconds in (0, 300]"),
     "header_timeout_s": (10.0, 0.0, 300.0, "a number of seconds in (0, 300]"),
@@ -43,6 +45,7 @@ _CONN_LIMITS: dict[str, tuple[float, float, float, str]] = {
 }
 SHUTDOWN_TIMEOUT_MAX_S = _CONN_LIMITS["shutdown_timeout_s"][2]
 _SERVER_KEYS = frozenset({"host", "port", "tls_cert", "tls_key", "client_ca", "max_body_bytes",
+                          "node_name",
                           *_CONN_LIMITS})
 _IDENTITY_KEYS = frozenset({"pins", "tenants"})
 _SQLITE, _REDIS = "sqlite:///", ("redis://", "rediss://")
@@ -79,6 +82,9 @@ class ServerSettings:
     max_connections: int = int(_CONN_LIMITS["max_connections"][0])
     identity_share: float = _CONN_LIMITS["identity_share"][0]
     shutdown_timeout_s: float = _CONN_LIMITS["shutdown_timeout_s"][0]
+    #: this replica's name (ECS ``service.node.name``; the audit outbox's owner): unique
+    #: among the gateways that share one store
+    node_name: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -227,8 +233,12 @@ def _server(server: Mapping[str, Any], base: Path) -> ServerSettings:
     port = server.get("port", DEFAULT_PORT)
     if not _is_int(port) or not 1 <= port <= 65535:
         raise ConfigError(f"server.port must be an integer in [1, 65535], got {port!r}")
+    node = server.get("node_name", socket.gethostname())
+    if not isinstance(node, str) or not NODE_NAME_RE.fullmatch(node):
+        raise ConfigError("server.node_name must match ^[A-Za-z0-9._-]{1,253}$, "
+                          f"got {node!r}")
     return ServerSettings(
-        host=host, port=port,
+        host=host, port=port, node_name=node,
         tls_cert=readable_file(server, "tls_cert", base, "server."),
         tls_key=readable_file(server, "tls_key", base, "server."),
         client_ca=readable_file(server, "client_ca", base, "server."),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -185,6 +186,7 @@ def test_defaults_apply(tmp_path) -> None:
     assert (s.server.handshake_timeout_s, s.server.header_timeout_s, s.server.idle_timeout_s,
             s.server.max_connections, s.server.identity_share) == (10.0, 10.0, 30.0, 4096, 0.5)
     assert s.server.shutdown_timeout_s == 10.0
+    assert s.server.node_name == socket.gethostname()  # the replica's default name
     sec = s.security
     assert (sec.clock_skew_s, sec.nonce_ttl_s, sec.max_body_bytes) == (30, 120, DEFAULT_MAX_BODY)
     assert sec.allowed_schema_versions == {"1.0"} and sec.require_canonical_body is True
@@ -307,6 +309,10 @@ INVALID = [
      ["server.shutdown_timeout_s must be a number of seconds in (0, 20]"]),
     ("shutdown-timeout-string", sub("shutdown_timeout_s = 7.5", 'shutdown_timeout_s = "5"'),
      ["server.shutdown_timeout_s"]),
+    ("node-name-slash", sub("identity_share = 0.25", 'identity_share = 0.25\nnode_name = "a/b"'),
+     ["server.node_name must match"]),
+    ("node-name-empty", sub("identity_share = 0.25", 'identity_share = 0.25\nnode_name = ""'),
+     ["server.node_name must match"]),
     ("identity-share-above-one", sub("identity_share = 0.25", "identity_share = 1.5"),
      ["server.identity_share"]),
     ("identity-share-string", sub("identity_share = 0.25", 'identity_share = "0.5"'),
