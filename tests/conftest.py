@@ -1,9 +1,11 @@
-"""Shared fixtures: vector files, a real redis-server on a free loopback port, stores."""
+"""Shared fixtures: vector files, a real redis-server on a free loopback port, a real
+Redis Cluster (3 masters + 3 replicas), stores."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -11,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
+from redis.cluster import RedisCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = ROOT / "tests" / "vectors"
@@ -81,6 +85,122 @@ class RedisServer:
             assert s.recv(16).startswith(b":")
 
 
+# -- Redis Cluster: ``redis-server`` processes in cluster mode on loopback ports (AOF on,
+# fsync always, ``noeviction``), joined by ``redis-cli --cluster create``;
+# ``cluster-node-timeout`` 1000 ms so that a killed master is failed over in about 2 s.
+NODE_TIMEOUT_MS = 1000
+
+
+class ClusterNodeServer(RedisServer):
+    """One cluster node: its own data port and cluster bus port (``cluster-port``: the
+    default port + 10000 may be past 65535 for an ephemeral port)."""
+
+    def __init__(self, workdir: Path, node_timeout_ms: int) -> None:
+        self.bus_port = free_port()
+        super().__init__(workdir, ("--cluster-enabled", "yes",
+                                   "--cluster-config-file", "nodes.conf",
+                                   "--cluster-port", str(self.bus_port),
+                                   "--cluster-node-timeout", str(node_timeout_ms),
+                                   "--maxmemory-policy", "noeviction",
+                                   "--repl-diskless-sync-delay", "0"))
+
+    def kill9(self) -> None:
+        """SIGKILL: no shutdown, no last write; the process is gone at once."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+
+
+class RedisClusterServers:
+    def __init__(self, workdir: Path, masters: int = 3, replicas: int = 1,
+                 node_timeout_ms: int = NODE_TIMEOUT_MS) -> None:
+        self.nodes = [ClusterNodeServer(workdir / f"node{i}", node_timeout_ms)
+                      for i in range(masters * (1 + replicas))]
+        self.replicas = replicas
+
+    @property
+    def url(self) -> str:
+        """Names one node (any: the client discovers the others)."""
+        return self.nodes[0].url
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise RuntimeError("redis-cli not installed (apt-get install -y redis-tools)")
+        subprocess.run(
+            [cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+             "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+        self.wait_ok()
+        self.wait_replicated()
+
+    def wait_replicated(self, timeout: float = 30.0) -> None:
+        """Until every master has its replicas online (their first sync done)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            infos = [m.client().info("replication") for m in self.masters()]
+            if len(infos) * (1 + self.replicas) == len(self.nodes) and all(
+                    sum(1 for k, v in i.items() if k.startswith("slave") and isinstance(v, dict)
+                        and v.get("state") == "online") >= self.replicas for i in infos):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("the Redis Cluster's replicas did not come online")
+
+    def wait_ok(self, timeout: float = 30.0) -> float:
+        """Seconds until every running node says ``cluster_state:ok`` and the masters
+        cover every slot with the expected replicas known."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            try:
+                states = [n.client().cluster("info") for n in self.nodes if n.proc]
+                if all(s["cluster_state"] == "ok" for s in states):
+                    return time.monotonic() - t0
+            except redis.RedisError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def client(self) -> RedisCluster:
+        live = next(n for n in self.nodes if n.proc is not None)
+        return RedisCluster(host="127.0.0.1", port=live.port, socket_timeout=5)
+
+    def masters(self) -> list[ClusterNodeServer]:
+        """The running nodes that are masters now (roles change on failover)."""
+        out = []
+        for n in self.nodes:
+            if n.proc is not None and n.client().info("replication")["role"] == "master":
+                out.append(n)
+        return out
+
+    def node_of(self, key: str) -> ClusterNodeServer:
+        """The master serving ``key``'s slot now."""
+        with self.client() as rc:
+            node = rc.get_node_from_key(key)
+        return next(n for n in self.nodes if n.port == int(node.port))
+
+    def flushall(self) -> None:
+        """Empty every master, then wait until each one's replicas have it too."""
+        for node in self.masters():
+            with node.client() as r:
+                r.flushall()
+                r.execute_command("WAIT", self.replicas, 2000)
+
+    def provision(self, prefix: str = "fedgate") -> None:
+        """Declare the empty store new (epoch 0, docs/STORES.md "Store amnesia")."""
+        with self.client() as rc:
+            rc.hsetnx(f"{prefix}:schema", "epoch", "0|provisioned")
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path_factory.mktemp("redis"))
@@ -123,10 +243,75 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'fedgate.db'}"
 
 
+@pytest.fixture(scope="session")
+def redis_cluster_servers(
+        tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    """One 3 + 3 cluster for the session (it takes ~2 s to come up)."""
+    cluster = RedisClusterServers(tmp_path_factory.mktemp("cluster"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster_servers: RedisClusterServers) -> str:
+    """URL of one node of the session's cluster, every master emptied before the test."""
+    redis_cluster_servers.flushall()
+    redis_cluster_servers.provision()
+    return redis_cluster_servers.url
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path):
+    """Clusters of the test's own (their masters may be killed), provisioned."""
+    clusters = []
+
+    def start(**kwargs) -> RedisClusterServers:
+        cluster = RedisClusterServers(tmp_path / f"cluster{len(clusters)}", **kwargs)
+        clusters.append(cluster)
+        cluster.start()
+        cluster.provision()
+        return cluster
+
+    yield start
+    for cluster in clusters:
+        cluster.stop()
+
+
+@pytest.fixture
+def sqlite_spec(sqlite_url: str) -> tuple[str, dict]:
+    return sqlite_url, {}
+
+
+@pytest.fixture
+def redis_spec(redis_url: str) -> tuple[str, dict]:
+    return redis_url, {}
+
+
+@pytest.fixture
+def redis_cluster_spec(redis_cluster_url: str) -> tuple[str, dict]:
+    return redis_cluster_url, {"cluster": True}
+
+
+@pytest.fixture(params=["sqlite", "redis", "redis_cluster"])
+def store_spec(request: pytest.FixtureRequest) -> tuple[str, dict]:
+    """The store contract runs once per store, all real: ``(url, open_store options)``."""
+    return request.getfixturevalue(f"{request.param}_spec")
+
+
 @pytest.fixture(params=["sqlite", "redis"])
 def store_url(request: pytest.FixtureRequest) -> str:
-    """Each contract test runs once per store, both real."""
+    """The gateway tests run once per store of one URL (a cluster needs its option)."""
     return request.getfixturevalue(f"{request.param}_url")
+
+
+@pytest.fixture
+def new_store(store_spec: tuple[str, dict]):
+    """A function that builds (not opens) a store of the test's kind."""
+    from gateway.store import open_store
+
+    url, options = store_spec
+    return lambda: open_store(url, **options)
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Stores behind one interface: SQLite (embedded default) and Redis (production)."""
+"""Stores behind one interface: SQLite (embedded default), Redis and Redis Cluster."""
 
 from __future__ import annotations
 
@@ -11,11 +11,17 @@ __all__ = [
 
 
 def open_store(url: str, **options: object) -> Store:
-    """Build (not yet open) the store named by ``url``: ``sqlite:///PATH`` or ``redis://``."""
+    """Build (not yet open) the store named by ``url``: ``sqlite:///PATH`` or ``redis://``
+    (with ``cluster=True``: a Redis Cluster, the URL naming any one of its nodes)."""
     if url.startswith("sqlite:///"):
         from .sqlite import SqliteStore
 
         return SqliteStore(url, **options)  # type: ignore[arg-type]
+    if url.startswith(("redis://", "rediss://")) and options.get("cluster"):
+        from .redis_cluster import RedisClusterStore
+
+        return RedisClusterStore(url, **options)  # type: ignore[arg-type]
+    options.pop("cluster", None)  # cluster = false: the single Redis
     if url.startswith(("redis://", "rediss://", "unix://")):
         from .redis import RedisStore
 

@@ -213,17 +213,25 @@ class RedisStore(Store):
                 commit.now, commit.identity, anchor.attestation_hash if anchor else "",
                 "1" if legacy else "0"]
         for _ in range(3):  # the epoch can change under us only by another loss of state
-            if self._epoch is None:
-                await self._sync_epoch(keys[3], commit.now)
-            if commit.earliest <= epoch_start(self._epoch):
+            if (epoch := self._held_epoch(rec.tenant_id)) is None:
+                epoch = await self._sync_epoch(rec.tenant_id, keys[3], commit.now)
+            if commit.earliest <= epoch_start(epoch):
                 return _BEFORE_EPOCH
-            reply = await self._call(self._evalsha, [*args, self._epoch], refused="write")
+            reply = await self._run_commit([*args, epoch])
             if reply[0] != b"epoch":
                 return self._result(reply, commit.body_digest)
-            await self._sync_epoch(keys[3], commit.now)
+            await self._sync_epoch(rec.tenant_id, keys[3], commit.now)
         raise StoreError("claim", "the store's epoch kept changing during the commit")
 
-    async def _sync_epoch(self, tenant_key: str, now: int) -> None:
+    # Hooks the cluster store (redis_cluster.py) overrides: per-tenant epochs, and the
+    # script run on the slot's master followed by WAIT on the same connection.
+    def _held_epoch(self, tenant_id: str) -> str | None:
+        return self._epoch  # one epoch for the whole store (every key on one server)
+
+    async def _run_commit(self, args: list) -> list:
+        return await self._call(self._evalsha, args, refused="write")
+
+    async def _sync_epoch(self, tenant_id: str, tenant_key: str, now: int) -> str:
         """Adopt the store's epoch for this tenant (starting one at ``now`` if the store
         has none); one log line and the counter when it is a new one for this process."""
         epoch, started = await self._call(sync_epoch, self.prefix, tenant_key, now)
@@ -237,6 +245,7 @@ class RedisStore(Store):
                 "have been accepted at or before it are refused (503 replay_store_unavailable)",
                 self.prefix, epoch, "started here" if started else "started by another gateway")
         self._epoch = epoch
+        return epoch
 
     async def _evalsha(self, client: Redis, args: list) -> list:
         try:

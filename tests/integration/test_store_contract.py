@@ -1,4 +1,5 @@
-"""The store contract, run on both real stores (SQLite file, redis-server).
+"""The store contract, run on every real store (SQLite file, redis-server, a 3 + 3
+Redis Cluster).
 
 Scenarios are rows of data (python-tuf style): a sequence of commits and the outcome
 each must get.
@@ -11,7 +12,7 @@ from dataclasses import replace
 
 import pytest
 
-from gateway.store import Anchor, Commit, Outcome, Record, StoreError, open_store
+from gateway.store import Anchor, Commit, Outcome, Record, StoreError
 
 TENANT = "7758e414-233a-5ea0-575b-cf0c26f5259a"
 OTHER_TENANT = "3526adb4-6352-d1d7-fa72-23d93cd439b3"
@@ -19,6 +20,15 @@ FP = "f" * 64
 HASH_A = "a" * 64
 HASH_B = "b" * 64
 NOW = 1_795_000_000
+
+
+@pytest.fixture
+async def store(new_store):
+    """An open store of each kind (``store_spec``: sqlite, redis, redis_cluster)."""
+    s = new_store()
+    await s.open()
+    yield s
+    await s.close()
 
 
 def make_commit(nonce: str = "nonce-0001", *, identity: str = "spectrastrike-producer",
@@ -185,12 +195,12 @@ async def test_list_records_by_kind_and_tenant_oldest_first(store):
     assert await store.list_records("graph", TENANT) == []
 
 
-async def test_records_survive_reopen(store_url):
-    first = open_store(store_url)
+async def test_records_survive_reopen(new_store):
+    first = new_store()
     await first.open()
     await first.commit(make_commit())
     await first.close()
-    second = open_store(store_url)
+    second = new_store()
     await second.open()
     try:
         assert await second.get_record("finding", "rec-1", TENANT) is not None
@@ -200,9 +210,9 @@ async def test_records_survive_reopen(store_url):
         await second.close()
 
 
-async def test_fifty_concurrent_claims_of_one_nonce_exactly_one_wins(store_url):
+async def test_fifty_concurrent_claims_of_one_nonce_exactly_one_wins(new_store):
     """50 claims of one nonce, each through its own connection: exactly one wins."""
-    stores = [open_store(store_url) for _ in range(50)]
+    stores = [new_store() for _ in range(50)]
     await asyncio.gather(*(s.open() for s in stores))
     try:
         base = make_commit()
@@ -217,7 +227,7 @@ async def test_fifty_concurrent_claims_of_one_nonce_exactly_one_wins(store_url):
     assert outcomes.count(Outcome.REPLAYED) == 49
     winner = f"req-{outcomes.index(Outcome.ACCEPTED)}"
     assert {r.duplicate_of for r in results if r.outcome is Outcome.REPLAYED} == {winner}
-    check = open_store(store_url)
+    check = new_store()
     await check.open()
     try:
         kept = [i for i in range(50) if await check.get_record("finding", f"rec-{i}", TENANT)]
@@ -226,11 +236,11 @@ async def test_fifty_concurrent_claims_of_one_nonce_exactly_one_wins(store_url):
     assert kept == [outcomes.index(Outcome.ACCEPTED)]
 
 
-async def test_two_identities_racing_for_a_new_execution_one_owns_it(store_url):
+async def test_two_identities_racing_for_a_new_execution_one_owns_it(new_store):
     """40 commits for one new execution, from two identities, each through its own
     connection and with its own nonce: every accepted one is from the same identity."""
     identities = ["spectrastrike-producer", "spectrastrike-other"]
-    stores = [open_store(store_url) for _ in range(40)]
+    stores = [new_store() for _ in range(40)]
     await asyncio.gather(*(s.open() for s in stores))
     try:
         commits = [make_commit(f"nonce-{i:04d}", identity=identities[i % 2],
