@@ -66,6 +66,10 @@ _STORE_OPTIONS: dict[str, tuple[str, str, Callable[[Any], bool]]] = {
                         lambda v: _is_int(v) and 1 <= v <= 1024),
     "key_prefix": ("redis", "[A-Za-z0-9._-]{1,64}",
                    lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9._-]{1,64}", v)),
+    "cluster": ("redis", "true or false", lambda v: isinstance(v, bool)),
+    # with cluster = true only (checked in _store)
+    "min_replicas_acked": ("redis", "an integer in [0, 16]",
+                           lambda v: _is_int(v) and 0 <= v <= 16),
 }
 
 
@@ -284,6 +288,10 @@ def _store(store: Mapping[str, Any], base: Path) -> tuple[str, Mapping[str, Any]
         if not check(value):
             raise ConfigError(f"store.{name} must be {what}, got {value!r}")
         options[name] = value
+    if options.get("min_replicas_acked") and not options.get("cluster"):
+        raise ConfigError("store.min_replicas_acked applies only with store.cluster = true")
+    if not options.get("cluster", True):
+        options.pop("cluster")  # false: the single Redis, as without the key
     return url, MappingProxyType(options)
 
 

@@ -212,6 +212,17 @@ def test_redis_options_pass_through(tmp_path) -> None:
                                      "key_prefix": "fg-a"}
 
 
+@pytest.mark.parametrize("keys, want", [
+    ("cluster = true", {"cluster": True}),
+    ("cluster = true\nmin_replicas_acked = 1", {"cluster": True, "min_replicas_acked": 1}),
+    ("cluster = false", {}),
+], ids=["cluster", "cluster-acked", "not-cluster"])
+def test_redis_cluster_options(tmp_path, keys, want) -> None:
+    text = sub("busy_timeout_ms = 250", keys)(
+        sub("sqlite:///state/test.db", "rediss://node-1.internal:7000/0")(VALID))
+    assert dict(load_settings(write_tree(tmp_path, text)).store_options) == want
+
+
 def test_max_body_bytes_at_top_level(tmp_path) -> None:
     text = "max_body_bytes = 4096\n" + VALID.replace("max_body_bytes = 2048\n", "")
     assert load_settings(write_tree(tmp_path, text)).security.max_body_bytes == 4096
@@ -330,6 +341,18 @@ INVALID = [
      ["store.busy_timeout_ms applies only to a sqlite store"]),
     ("store-option-bad-value", sub("busy_timeout_ms = 250", "busy_timeout_ms = -1"),
      ["store.busy_timeout_ms"]),
+    ("store-cluster-with-sqlite", sub("busy_timeout_ms = 250", "cluster = true"),
+     ["store.cluster applies only to a redis store"]),
+    ("store-cluster-not-bool", lambda t: sub("busy_timeout_ms = 250", 'cluster = "yes"')(
+        sub("sqlite:///state/test.db", "redis://h/0")(t)), ["store.cluster must be true or false"]),
+    ("store-replicas-acked-without-cluster", lambda t: sub(
+        "busy_timeout_ms = 250", "min_replicas_acked = 1")(
+        sub("sqlite:///state/test.db", "redis://h/0")(t)),
+     ["store.min_replicas_acked applies only with store.cluster = true"]),
+    ("store-replicas-acked-negative", lambda t: sub(
+        "busy_timeout_ms = 250", "cluster = true\nmin_replicas_acked = -1")(
+        sub("sqlite:///state/test.db", "redis://h/0")(t)),
+     ["store.min_replicas_acked must be an integer in [0, 16]"]),
     ("feedback-kid-bad", sub('"vv-fb-2026"', '"vv fb/2026"'), ["feedback_kid"]),
     ("feedback-kid-too-long", sub('"vv-fb-2026"', '"' + "k" * 129 + '"'), ["feedback_kid"]),
     ("feedback-kid-missing", sub('feedback_kid = "vv-fb-2026"\n', ""),
