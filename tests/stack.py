@@ -57,13 +57,14 @@ class Stack:
 
     def __init__(self, root: Path, store_url: str, *, tenants: dict | None = None,
                  keys=None, policy_rules: Path | None = None, server: dict | None = None,
-                 **security) -> None:
+                 store: dict | None = None, **security) -> None:
         """``tenants``: identity → its tenants; ``keys``: the producer keyring;
         ``policy_rules``: a rules file for the feedback policy (defaults: the class's);
-        ``server``: extra [server] keys."""
+        ``server``: extra [server] keys; ``store``: extra [store] keys (``cluster``…)."""
         self.root = root
         self.server_options = dict(server or {})  # extra [server] keys
         self.store_url = store_url
+        self.store_options = dict(store or {})  # extra [store] keys: open_store's options
         self.port = free_port()
         self.tenants = tenants or self.TENANTS
         self.policy_rules = policy_rules if policy_rules is not None else self.POLICY_RULES
@@ -90,6 +91,7 @@ class Stack:
             'client_ca = "certs/ca.crt"',
             *(f"{k} = {toml_value(v)}" for k, v in self.server_options.items()),
             "", "[store]", f"url = {toml_value(self.store_url)}",
+            *(f"{k} = {toml_value(v)}" for k, v in self.store_options.items()),
             "", "[audit]", f"path = {toml_value(str(self.audit_path))}",
         ]
         if self.policy_rules is not None:

@@ -105,9 +105,10 @@ class Traffic:
                    key=lambda s: s.done, default=None)
 
 
-async def stored_findings(store_url: str, ids: list[str]) -> dict[str, dict | None]:
+async def stored_findings(store_url: str, ids: list[str],
+                          **options) -> dict[str, dict | None]:
     """finding_id → the stored record (None: absent), read with the store's own API."""
-    store = open_store(store_url)
+    store = open_store(store_url, **options)
     await store.open()
     try:
         return {i: (json.loads(r) if (r := await store.get_record("finding", i, TENANT))
@@ -116,8 +117,8 @@ async def stored_findings(store_url: str, ids: list[str]) -> dict[str, dict | No
         await store.close()
 
 
-async def count_findings(store_url: str) -> int:
-    store = open_store(store_url)
+async def count_findings(store_url: str, **options) -> int:
+    store = open_store(store_url, **options)
     await store.open()
     try:
         return len(await store.list_records("finding", TENANT, limit=1_000_000))
@@ -169,7 +170,8 @@ async def check_nothing_lost(stack: Stack, traffic: Traffic, audit_paths: list[P
 
     Returns the figures for docs/RESILIENCE.md."""
     accepted = traffic.with_status(202)
-    stored = await stored_findings(stack.store_url, [s.answer["finding_id"] for s in accepted])
+    stored = await stored_findings(stack.store_url, [s.answer["finding_id"] for s in accepted],
+                                   **stack.store_options)
     lost = [i for i, record in stored.items() if record is None]
     assert not lost, f"{len(lost)} findings answered 202 are missing"
     replays = await replay_all(stack, accepted)
@@ -188,7 +190,7 @@ async def check_nothing_lost(stack: Stack, traffic: Traffic, audit_paths: list[P
     assert all(r.status == 202 for r in refused if r not in stored_503)
     assert lost_replies or not stored_503, Counter((r.status, r.error) for r in refused)
     ids = accepted_ids([e for p in audit_paths for e in audit_events(p)])  # its nonce free
-    total = await count_findings(stack.store_url) - len(stored_503)
+    total = await count_findings(stack.store_url, **stack.store_options) - len(stored_503)
     assert sum(ids.values()) == len(ids) == total  # one event per stored record, no more
     return {"sent": len(traffic.sent), **{str(k): v for k, v in traffic.counts().items()},
             "unanswered_present": len(present), "unanswered_absent": len(again) - len(present),
