@@ -199,16 +199,16 @@ class RedisClusterStore(RedisStore):
         for _ in range(REDIRECTS):
             replies = await self._on_connection(node, asking, ("EVALSHA", self._sha, *args))
             reply, asking = replies[0], False
-            if isinstance(reply, MovedError):  # (a subclass of AskError: test it first)
-                await rc.nodes_manager.move_slot(reply)
-                node = rc.nodes_manager.get_node_from_slot(slot)
-            elif isinstance(reply, AskError):  # this slot is being moved to that node
+            if isinstance(reply, AskError):  # MOVED (a subclass): the slot moved there;
+                # ASK: the slot is being moved there and our keys are gone already
                 node = rc.get_node(host=reply.host, port=reply.port)
                 if node is None:  # a node this process does not know yet
                     self._refresh = True
                     raise StoreError("claim", f"the commit's slot is moving to an unknown "
                                      f"node {reply.host}:{reply.port}")
-                asking = True
+                moved = isinstance(reply, MovedError)
+                self._refresh = self._refresh or moved  # the slot map, once, next commit
+                asking = not moved
             elif isinstance(reply, TryAgainError):  # its keys are split by a migration
                 await asyncio.sleep(TRYAGAIN_SLEEP_S)
                 node = rc.nodes_manager.get_node_from_slot(slot)
