@@ -2,9 +2,13 @@
 
 Each line is the canonical JSON form (``schemas.canonical.dumps``) of one event plus
 ``\\n``. ``hash`` is the sha256 hex of the canonical form of the event *without*
-``hash`` (but with ``prev_hash``); ``prev_hash`` is the previous line's ``hash``, 64
-zeros on the first line. Editing, inserting, deleting or reordering a line therefore
-breaks the chain at that line. (Removing trailing lines leaves a shorter, intact chain:
+``hash`` and ``event.hash`` (but with ``prev_hash``); ``prev_hash`` is the previous
+line's ``hash``, 64 zeros on the first line. [v1.1] ECS names of the same values:
+``event.hash`` = ``hash`` (it cannot be hashed into itself, so the hash leaves it out
+and the readers check it equals ``hash``) and ``fedgate.prev_hash`` = ``prev_hash``
+(hashed like any member); a line without them (written before v1.1) still verifies.
+Editing, inserting, deleting or reordering a line therefore breaks the chain at that
+line. (Removing trailing lines leaves a shorter, intact chain:
 only an external copy — the SIEM's — of the last hash detects that; see docs/AUDIT.md.)
 
 ``event.sequence`` is the line's 1-based position in the file, set by the appender from
@@ -50,10 +54,12 @@ from schemas.canonical import (
 )
 
 __all__ = ["GENESIS", "SEQUENCE", "AuditError", "AuditLog", "VerifyResult", "event_hash",
-           "head", "verify_file", "verify_lines"]
+           "head", "seal", "verify_file", "verify_lines"]
 
 GENESIS = "0" * 64
 SEQUENCE = "event.sequence"  # 1-based position of the line in its file
+HASH_ECS, PREV_ECS = "event.hash", "fedgate.prev_hash"  # [v1.1] ECS names of hash/prev_hash
+_CHAIN = ("prev_hash", "hash", SEQUENCE, HASH_ECS, PREV_ECS)
 _BLOCK = 4096
 _MAX_LINE = 1 << 20  # a longer "last line" is corruption, not an event
 _HEX = frozenset("0123456789abcdef")
@@ -64,8 +70,28 @@ class AuditError(RuntimeError):
 
 
 def event_hash(event: dict[str, Any]) -> str:
-    """sha256 hex of the canonical form of ``event`` without its ``hash`` member."""
-    return hashlib.sha256(dumps({k: v for k, v in event.items() if k != "hash"})).hexdigest()
+    """sha256 hex of the canonical form of ``event`` without ``hash`` and ``event.hash``."""
+    return hashlib.sha256(dumps({k: v for k, v in event.items()
+                                 if k != "hash" and k != HASH_ECS})).hexdigest()
+
+
+def seal(event: dict[str, Any], prev: str, sequence: int) -> dict[str, Any]:
+    """``event`` as line ``sequence`` after the line hashed ``prev``: its chain members
+    (any it had are replaced) under both names."""
+    body = {k: v for k, v in event.items() if k not in _CHAIN}
+    body["prev_hash"] = body[PREV_ECS] = prev
+    body[SEQUENCE] = sequence
+    body["hash"] = body[HASH_ECS] = event_hash(body)
+    return body
+
+
+def _aliases_agree(event: dict[str, Any]) -> str | None:
+    """Why the ECS names of the chain members disagree with theirs, or None."""
+    if event.get(HASH_ECS, event["hash"]) != event["hash"]:
+        return f"{HASH_ECS} differs from hash: the line was edited"
+    if event.get(PREV_ECS, event.get("prev_hash")) != event.get("prev_hash"):
+        return f"{PREV_ECS} differs from prev_hash"
+    return None
 
 
 def _is_hex64(value: Any) -> bool:
@@ -123,7 +149,7 @@ def _tail(fd: int) -> tuple[str, int]:
         raise AuditError(f"last line of the audit file is {exc}") from None
     if not _is_hex64(last.get("hash")):
         raise AuditError("last line of the audit file has no well-formed hash")
-    if event_hash(last) != last["hash"]:
+    if event_hash(last) != last["hash"] or _aliases_agree(last):
         raise AuditError("last line of the audit file fails its own hash (edited)")
     if SEQUENCE not in last:  # a file written before event.sequence existed: count once
         return last["hash"], _count_lines(fd, size)
@@ -222,8 +248,8 @@ class AuditLog:
                 fcntl.flock(fd, fcntl.LOCK_UN)
 
     def append(self, event: dict[str, Any]) -> dict[str, Any]:
-        """Chain ``event`` (any ``prev_hash``/``hash``/``event.sequence`` it has are
-        replaced) and write it; then a checkpoint if one is due (audit/checkpoints.py)."""
+        """Chain ``event`` (:func:`seal`: any chain members it has are replaced) and
+        write it; then a checkpoint if one is due (audit/checkpoints.py)."""
         with self.locked() as fd:
             body = self.append_locked(fd, event)
             if self.checkpoints is not None:
@@ -232,10 +258,8 @@ class AuditLog:
 
     def append_locked(self, fd: int, event: dict[str, Any]) -> dict[str, Any]:
         """:meth:`append` for a caller already inside :meth:`locked`."""
-        body = {k: v for k, v in event.items() if k not in ("prev_hash", "hash", SEQUENCE)}
-        body["prev_hash"], last = _tail(fd)
-        body[SEQUENCE] = last + 1
-        body["hash"] = event_hash(body)
+        prev, last = _tail(fd)
+        body = seal(event, prev, last + 1)
         line = dumps(body)
         try:
             _read_line(line)  # never write what the chain's readers refuse
@@ -299,6 +323,8 @@ def _check_line(raw: bytes, prev: str, number: int | None = None) -> str:
         raise ValueError("not in canonical form (rewritten or duplicate keys)")
     if event_hash(event) != event["hash"]:
         raise ValueError("hash mismatch: the line was edited")
+    if (disagree := _aliases_agree(event)) is not None:
+        raise ValueError(disagree)
     if event["prev_hash"] != prev:
         raise ValueError("prev_hash does not match the previous line: a line was "
                          "inserted, deleted or moved")

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from audit.chain import SEQUENCE, AuditError, AuditLog, head
+from audit.ecs import service_event
 from audit.events import rfc3339_ms
 from common.files import replace_durably
 from keyring.ed25519 import PrivateKey, verify
@@ -108,9 +109,8 @@ class Checkpoint:
 
 def checkpoint_event(cp: Checkpoint, action: str = CHECKPOINT, **extra: Any) -> dict[str, Any]:
     """The log line carrying ``cp`` (chain members are added by the appender)."""
-    return {"@timestamp": rfc3339_ms(cp.signed_at), "event.kind": "event",
-            "event.action": action, "event.outcome": "success",
-            "event.category": ["configuration"], **extra, **cp.members("checkpoint.")}
+    return {**service_event(rfc3339_ms(cp.signed_at), action), **extra,
+            **cp.members("checkpoint.")}
 
 
 def read_sidecar(path: Path | str) -> Checkpoint | None:

@@ -6,11 +6,19 @@ body bytes. ``now`` is the caller's single clock reading for the request (Unix s
 
 Shape rules (docs/AUDIT.md):
 
-* ``event.category`` is a JSON array of keywords, as ECS defines it;
+* [v1.1] ECS :data:`ECS_VERSION`: every event has ``ecs.version``, ``event.kind`` =
+  ``event``, ``event.category`` and ``event.type`` (JSON arrays of keywords; the types
+  are ones ECS expects for the categories, :func:`event_types`), ``service.name`` and,
+  when the caller knows it, ``service.node.name`` (the replica); the request's facts in
+  ECS fields (``source.ip``/``source.port``, ``http.request.method``, ``url.path``,
+  ``http.request.id``, ``tls.version``, ``organization.id``) when known;
+* members ECS does not define are under ``fedgate.``; the pre-v1.1 names
+  (:data:`LEGACY_ALIASES`) are still written, with the same value, for one release;
 * ``tenant_id``, ``kid`` and ``execution_fingerprint`` are always present (``null`` when
   not known yet) because ``schemas/audit_event.schema.json`` requires them; every other
   optional member is omitted when its value is ``None``;
-* ``prev_hash`` and ``hash`` are added by :meth:`audit.chain.AuditLog.append`.
+* ``prev_hash``/``fedgate.prev_hash``, ``event.sequence`` and ``hash``/``event.hash``
+  are added by :func:`audit.chain.seal` when the event is appended.
 """
 
 from __future__ import annotations
@@ -18,6 +26,19 @@ from __future__ import annotations
 import re
 import time
 from typing import Any
+
+from audit.ecs import (
+    ECS_VERSION,
+    EMITTER_SERVICE,
+    LEGACY_ALIASES,
+    MAX_METHOD,
+    MAX_PATH,
+    SERVICE_NAME,
+    bounded,
+    event_types,
+    ip,
+    port,
+)
 
 __all__ = ["FEEDBACK_CATEGORIES", "feedback_event", "handshake_event", "request_event",
            "rfc3339_ms"]
@@ -70,8 +91,15 @@ def _message(detail: str | None) -> str | None:
 
 
 def _assemble(fields: dict[str, Any]) -> dict[str, Any]:
-    """Drop ``None`` members, except the ones the schema requires (kept as ``null``)."""
-    return {k: v for k, v in fields.items() if v is not None or k in _ALWAYS}
+    """Drop ``None`` members, except the ones the schema requires (kept as ``null``), and
+    add the pre-v1.1 alias of every v1.1 member present (:data:`LEGACY_ALIASES`)."""
+    out = {k: v for k, v in fields.items() if v is not None}
+    for old, new in LEGACY_ALIASES.items():
+        if new in out:
+            out[old] = out[new]
+    for k in _ALWAYS:
+        out.setdefault(k, None)
+    return out
 
 
 def request_event(
@@ -89,9 +117,20 @@ def request_event(
     execution_fingerprint: str | None = None,
     attestation_hash: str | None = None,
     detail: str | None = None,
+    source_ip: str | None = None,
+    source_port: int | None = None,
+    method: str | None = None,
+    path: str | None = None,
+    tls_version: str | None = None,
+    node: str | None = None,
     now: float,
 ) -> dict[str, Any]:
-    """One gateway decision: ``telemetry.accepted``, ``query.rejected``, ``feedback.issued``..."""
+    """One gateway decision: ``telemetry.accepted``, ``query.rejected``, ``feedback.issued``...
+
+    [v1.1] ``source_ip``/``source_port``: the TCP peer; ``method`` and ``path`` (the
+    request target's path, still percent-encoded, at most 1024 characters): the HTTP
+    request line; ``tls_version``: ECS form (``1.3``); ``node``: ``service.node.name``,
+    the replica (``[server] node_name``). Each is omitted when ``None`` (unknown)."""
     _check(action, outcome, category, reason)
     if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
         raise ValueError(f"http.response.status_code {status!r} is not an HTTP status")
@@ -99,19 +138,29 @@ def request_event(
         raise ValueError("request_id is required")
     return _assemble({
         "@timestamp": rfc3339_ms(now),
+        "ecs.version": ECS_VERSION,
         "event.kind": "event",
         "event.action": action,
         "event.outcome": outcome,
         "event.category": list(category),
+        "event.type": event_types(category, outcome, status),
         "event.reason": reason,
+        "http.request.id": request_id,
+        "http.request.method": bounded(method, MAX_METHOD),
+        "url.path": bounded(path, MAX_PATH),
         "http.response.status_code": status,
-        "request_id": request_id,
-        "service.identity": identity,
+        "source.ip": ip(source_ip),
+        "source.port": port(source_port),
+        "tls.version": tls_version,
+        "tls.version_protocol": "tls" if tls_version else None,
         "tls.client.hash.sha256": peer_sha256,
-        "tenant_id": tenant_id,
-        "kid": kid,
-        "execution_fingerprint": execution_fingerprint,
-        "attestation_measurement_hash": attestation_hash,
+        "organization.id": tenant_id,
+        "service.name": SERVICE_NAME,
+        "service.node.name": node,
+        "fedgate.service_identity": identity,
+        "fedgate.kid": kid,
+        "fedgate.execution_fingerprint": execution_fingerprint,
+        "fedgate.attestation_measurement_hash": attestation_hash,
         "message": _message(detail),
     })
 
@@ -128,17 +177,27 @@ def feedback_event(
     adjustments: int | None = None,
     skipped: list[str] | None = None,
     detail: str | None = None,
+    method: str | None = None,
+    path: str | None = None,
+    node: str | None = None,
     now: float,
 ) -> dict[str, Any]:
     """The emitter's §6 verdict on one feedback response.
 
     ``skipped`` [v1.1]: execution fingerprints whose adjustments a verified answer
-    carried but the emitter never sent (§6 step 8): ``feedback.skipped`` (count),
-    ``feedback.skipped_executions`` and ``feedback.skip_reason`` = ``unknown_execution``.
+    carried but the emitter never sent (§6 step 8): ``fedgate.feedback.skipped`` (count),
+    ``fedgate.feedback.skipped_executions`` and ``fedgate.feedback.skip_reason`` =
+    ``unknown_execution`` (and their pre-v1.1 names without ``fedgate.``).
 
     ``feedback.applied`` on success, ``feedback.rejected`` with ``reason`` = the §6 code
     otherwise; the category follows from the code (:data:`FEEDBACK_CATEGORIES`). The
-    response ``nonce`` is not secret and is recorded as ``feedback.nonce``.
+    response ``nonce`` is not secret and is recorded as ``fedgate.feedback.nonce``.
+
+    [v1.1] ECS: ``method``/``path`` are the emitter's own query (``http.request.*``,
+    ``url.path``), ``node`` its host (``service.node.name``), ``service.name`` is
+    ``fedgate-emitter``. There is no ``source.*`` nor ``tls.*``: the emitter is the
+    client of this exchange, so the TCP peer is the gateway (ECS ``destination``), and its
+    transport does not hand the connection's address or TLS version to this layer.
     """
     if outcome == "success":
         if reason is not None:
@@ -153,21 +212,26 @@ def feedback_event(
         raise ValueError("request_id is required")
     return _assemble({
         "@timestamp": rfc3339_ms(now),
+        "ecs.version": ECS_VERSION,
         "event.kind": "event",
         "event.action": action,
         "event.outcome": outcome,
         "event.category": category,
+        "event.type": event_types(category, outcome, status),
         "event.reason": reason,
+        "http.request.id": request_id,
+        "http.request.method": bounded(method, MAX_METHOD),
+        "url.path": bounded(path, MAX_PATH),
         "http.response.status_code": status,
-        "request_id": request_id,
-        "tenant_id": tenant_id,
-        "kid": kid,
-        "execution_fingerprint": None,
-        "feedback.nonce": nonce,
-        "feedback.adjustments": adjustments,
-        "feedback.skipped": len(skipped) if skipped else None,
-        "feedback.skipped_executions": list(skipped) if skipped else None,
-        "feedback.skip_reason": "unknown_execution" if skipped else None,
+        "organization.id": tenant_id,
+        "service.name": EMITTER_SERVICE,
+        "service.node.name": node,
+        "fedgate.kid": kid,
+        "fedgate.feedback.nonce": nonce,
+        "fedgate.feedback.adjustments": adjustments,
+        "fedgate.feedback.skipped": len(skipped) if skipped else None,
+        "fedgate.feedback.skipped_executions": list(skipped) if skipped else None,
+        "fedgate.feedback.skip_reason": "unknown_execution" if skipped else None,
         "message": _message(detail),
     })
 
@@ -179,6 +243,7 @@ def handshake_event(
     source_ip: str | None,
     source_port: int | None,
     tls_version: str | None = None,
+    node: str | None = None,
     suppressed: dict[str, int] | None = None,
     suppressed_other_sources: dict[str, int] | None = None,
     detail: str | None = None,
@@ -188,27 +253,32 @@ def handshake_event(
     so ``request_id`` is one the gateway made up). ``suppressed``: failures from the same
     source not written since its previous event, by reason (``fedgate.suppressed`` is
     their sum); ``suppressed_other_sources``: the same for failures of sources the
-    limiter's table had to forget (gateway/http/tlsaudit.py)."""
+    limiter's table had to forget (gateway/http/tlsaudit.py).
+
+    [v1.1] ECS: ``event.type`` ``connection``/``denied`` (network) and ``start`` (an
+    authentication attempt that failed); ``node`` is ``service.node.name``. No
+    ``http.*`` nor ``url.path``: no HTTP request was read; ``tls.version`` only once TLS
+    1.3 was negotiated (a reason in ``AFTER_VERSION`` of gateway/http/tlsaudit.py)."""
     _check("tls.handshake_failed", "failure", ["network", "authentication"], reason)
     if not request_id:
         raise ValueError("request_id is required")
     others = sum(suppressed_other_sources.values()) if suppressed_other_sources else 0
     return _assemble({
         "@timestamp": rfc3339_ms(now),
+        "ecs.version": ECS_VERSION,
         "event.kind": "event",
         "event.action": "tls.handshake_failed",
         "event.outcome": "failure",
         "event.category": ["network", "authentication"],
-        "event.type": ["connection", "denied"],
+        "event.type": event_types(["network", "authentication"], "failure"),
         "event.reason": reason,
         "request_id": request_id,
-        "source.ip": source_ip,
-        "source.port": source_port,
+        "source.ip": ip(source_ip),
+        "source.port": port(source_port),
         "tls.version": tls_version,
         "tls.version_protocol": "tls" if tls_version else None,
-        "tenant_id": None,
-        "kid": None,
-        "execution_fingerprint": None,
+        "service.name": SERVICE_NAME,
+        "service.node.name": node,
         "fedgate.suppressed": sum(suppressed.values()) if suppressed else 0,
         "fedgate.suppressed_reasons": dict(sorted(suppressed.items())) if suppressed else None,
         "fedgate.suppressed_other_sources": others or None,

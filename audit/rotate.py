@@ -18,8 +18,9 @@ import os
 import time
 from pathlib import Path
 
-from audit.chain import SEQUENCE, AuditError, AuditLog, _last_line, _read_line, event_hash, head
+from audit.chain import AuditError, AuditLog, _last_line, _read_line, head, seal
 from audit.checkpoints import CHECKPOINT, ROTATED, Checkpoint, Checkpointer, checkpoint_event
+from audit.ecs import service_event
 from audit.events import rfc3339_ms
 from schemas.canonical import dumps
 
@@ -48,12 +49,9 @@ def rotate(log: AuditLog, target: Path, checkpointer: Checkpointer | None = None
             cp = Checkpoint.from_mapping(_read_line(line[:-1]), "checkpoint.")
         now = cp.signed_at if cp is not None else time.time()
         event = (checkpoint_event(cp, ROTATED) if cp is not None else
-                 {"@timestamp": rfc3339_ms(now), "event.kind": "event",
-                  "event.action": ROTATED, "event.outcome": "success",
-                  "event.category": ["configuration"]})
+                 service_event(rfc3339_ms(now), ROTATED))
         event["audit.rotated_from"] = target.name
-        event["prev_hash"], event[SEQUENCE] = last_hash, seq + 1
-        event["hash"] = event_hash(event)
+        event = seal(event, last_hash, seq + 1)
         tmp = log.path.with_name(f".{log.path.name}.rotate.{os.getpid()}.tmp")
         out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
         try:

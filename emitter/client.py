@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -48,6 +49,7 @@ class EmitterClient(Deliveries, FeedbackQueries):
                  sleep: Callable[[float], Any] = asyncio.sleep) -> None:
         check_url(settings.url)  # refuse http:// even for settings built in code
         self.settings, self._clock, self._sleep = settings, clock, sleep
+        self.node = socket.gethostname() or None  # service.node.name of its audit events
         self.signer = signer if signer is not None else self._load_signer()
         self._check_signer()
         self._ssl = self._tls_context()

@@ -47,6 +47,7 @@ class QueryError(Exception):
 
 class FeedbackQueries:
     last_feedback: VerifiedFeedback | None = None
+    node: str | None = None  # service.node.name of the audit events (the client's host)
 
     async def query_feedback(self, tenant_id: str, operator_id: str,
                              limit: int = 100) -> list[dict[str, Any]]:
@@ -129,7 +130,8 @@ class FeedbackQueries:
         self.audit.append(feedback_event(
             outcome="failure" if reason else "success", request_id=request_id,
             reason=reason, status=200, tenant_id=tenant_id, kid=kid, nonce=nonce,
-            adjustments=applied, skipped=skipped, detail=detail, now=self._clock()))
+            adjustments=applied, skipped=skipped, detail=detail, method="POST",
+            path=QUERY_PATH, node=self.node, now=self._clock()))
 
 
 def text(value: Any) -> str | None:

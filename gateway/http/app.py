@@ -93,7 +93,8 @@ def make_app(settings: GatewaySettings, keys: tuple[Keyring, PrivateKey], *,
                           middlewares=[track_requests, request_id_middleware])
     app[SETTINGS], app[KEYS], app[CLOCK] = settings, keys, clock
     app[METRICS] = Metrics()
-    app[HANDSHAKES] = HandshakeAudit(app[METRICS], lambda event: emit_audit(app, event))
+    app[HANDSHAKES] = HandshakeAudit(app[METRICS], lambda event: emit_audit(app, event),
+                                     node=settings.server.node_name or None)
     app.on_shutdown.append(app[HANDSHAKES].flush)  # before the audit log closes
     app[READY], app[ECHO] = {"self_test": False, "audit": True}, echo
     app[DECISIONS], app[DRAINING] = set(), False
@@ -286,10 +287,10 @@ async def decide_signed(request: web.Request) -> web.Response:
     finally:
         app[METRICS].pipeline.observe(time.perf_counter() - started)
     note_store(app, ctx, route, exc)
-    if not await audit(app, ctx, peer, action, status, exc):
+    if not await audit(request, ctx, peer, action, status, exc):
         err = E.AuditUnavailable("the decision could not be audited")
         status, payload = err.status, err.body(ctx.request_id)
-    if ctx.skipped_records and not await audit_skipped(app, ctx, peer, status):
+    if ctx.skipped_records and not await audit_skipped(request, ctx, peer, status):
         err = E.AuditUnavailable("the decision could not be audited")
         status, payload = err.status, err.body(ctx.request_id)
     app[METRICS].count(route.kind, status, exc.error if exc else None)

@@ -78,6 +78,7 @@ class Conn(sslproto.SSLProtocol):
         self.state, self.since, self.doomed = SILENT, 0.0, False
         self.peer: Any = None  # the TCP peer (ip, port, ...)
         self.handshaken = False
+        self.tls_version: str | None = None  # the negotiated version ("TLSv1.3"), for audit
         self.identity: str | None = None  # set by ``claim`` while a request holds it
         self.shed_reason: str | None = None  # why the guard closed it, if it did
 
@@ -96,6 +97,9 @@ class Conn(sslproto.SSLProtocol):
     def _on_handshake_complete(self, handshake_exc: Any) -> None:
         self.handshaken = handshake_exc is None  # a failure reaches connection_lost
         super()._on_handshake_complete(handshake_exc)
+        if self.handshaken:  # kept: the audit event may be written after the socket closed
+            sslobj = self._get_extra_info("ssl_object")
+            self.tls_version = sslobj.version() if sslobj is not None else None
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.state is SILENT or self.state is IDLE:  # a handshake or request begins:

@@ -30,7 +30,7 @@ from audit import request_event
 from gateway.pipeline import errors as E
 
 from .appkeys import METRICS
-from .auditing import emit_audit
+from .auditing import connection_facts, emit_audit
 
 log = logging.getLogger("fedgate.http")
 
@@ -108,9 +108,12 @@ class GatewayRequestHandler(RequestHandler):
             return
         detail = err.detail + (f" ({left_out} more not audited before this one)"
                                if left_out else "")
+        # no method nor path: the request line could not be read (aiohttp's stand-in
+        # request says UNKNOWN /); the peer, TLS version and replica are known
         event = request_event(action="http.rejected", outcome="failure", category=["web"],
                               status=status, request_id=request_id, reason=err.error,
-                              detail=detail, now=time.time())
+                              detail=detail, now=time.time(),
+                              **connection_facts(app, None, self.transport))
         task = asyncio.get_running_loop().create_task(emit_audit(app, event))
         _PENDING.add(task)
         task.add_done_callback(_PENDING.discard)

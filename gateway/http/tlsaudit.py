@@ -124,8 +124,9 @@ class HandshakeAudit:
     def __init__(self, metrics: Metrics, emit: Callable[[dict[str, Any]], Awaitable[Any]] | None,
                  *, per_source_s: float = PER_SOURCE_S, max_sources: int = MAX_SOURCES,
                  global_events: int = GLOBAL_EVENTS, global_window_s: float = GLOBAL_WINDOW_S,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, node: str | None = None) -> None:
         self.metrics, self.emit, self.clock = metrics, emit, clock
+        self.node = node  # service.node.name of the events
         self.per_source_s, self.max_sources = per_source_s, max_sources
         self.global_events, self.global_window_s = global_events, global_window_s
         self._sources: OrderedDict[str | None, Source] = OrderedDict()
@@ -180,7 +181,7 @@ class HandshakeAudit:
         event = handshake_event(
             reason=failure.reason, request_id=str(uuid.uuid4()), source_ip=failure.ip,
             source_port=failure.port, detail=failure.detail, now=failure.at,
-            tls_version="1.3" if failure.reason in AFTER_VERSION else None,
+            tls_version="1.3" if failure.reason in AFTER_VERSION else None, node=self.node,
             suppressed=same, suppressed_other_sources=other)
         held = sum(same.values()) if same else 0
         log.warning("TLS handshake refused from %s:%s: %s (%s)%s", failure.ip, failure.port,

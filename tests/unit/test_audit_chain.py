@@ -49,8 +49,10 @@ def make_event(i: int) -> dict:
 
 
 def reference_hash(event: dict) -> str:
-    """The §7 rule written out independently of audit.chain."""
-    rest = {k: v for k, v in event.items() if k != "hash"}
+    """The §7 rule written out independently of audit.chain: everything but the hash
+    itself, under either of its names ([v1.1] ``event.hash`` is the same value)."""
+    assert "hash" not in event or event.get("event.hash", event["hash"]) == event["hash"]
+    rest = {k: v for k, v in event.items() if k not in ("hash", "event.hash")}
     canonical = json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -115,6 +117,16 @@ def _edit_line3(ls: list[bytes]) -> list[bytes]:
     return ls
 
 
+def _set(index: int, key: str, value: str) -> Callable[[list[bytes]], list[bytes]]:
+    """Set one member of line ``index + 1``, kept canonical (nothing else changes)."""
+    def op(ls: list[bytes]) -> list[bytes]:
+        event = json.loads(ls[index])
+        event[key] = value
+        ls[index] = json.dumps(event, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+        return ls
+    return op
+
+
 def _prev_of(ls: list[bytes], index: int) -> str:
     return json.loads(ls[index])["hash"]
 
@@ -143,6 +155,11 @@ TAMPER: list[tuple[str, Callable[[list[bytes]], list[bytes]], int, str]] = [
     ("duplicate-key-line-4", _duplicate_key, 4, "canonical"),
     ("hash-removed-line-5", lambda ls: ls[:4] + [re.sub(rb'"hash":"[0-9a-f]+",', b"", ls[4])],
      5, "ill-formed hash"),
+    # [v1.1] event.hash is left out of the hash (it is the hash): only the check that it
+    # equals hash catches an edit of it alone
+    ("edit-event-hash-line-3", _set(2, "event.hash", "ab" * 32), 3, "event.hash differs"),
+    ("edit-fedgate-prev-hash-line-2", _set(1, "fedgate.prev_hash", "ab" * 32), 2,
+     "hash mismatch"),
     ("prev-hash-upper-line-1", lambda ls: [ls[0].replace(b'"prev_hash":"0', b'"prev_hash":"O'),
                                            *ls[1:]], 1, "ill-formed prev_hash"),
 ]
@@ -161,6 +178,22 @@ def test_tampering_is_detected(five: Path, tmp_path: Path, op: Callable, bad_lin
     assert result.lines == bad_line - 1
     assert reason in result.reason
     assert f"line {bad_line}:" in str(result)
+
+
+def test_chain_members_are_written_under_their_ecs_names_too(five: Path) -> None:
+    """[v1.1] event.hash = hash, fedgate.prev_hash = prev_hash, event.sequence = line."""
+    for number, event in enumerate(map(json.loads, lines_of(five)), start=1):
+        assert event["event.hash"] == event["hash"] == reference_hash(event)
+        assert event["fedgate.prev_hash"] == event["prev_hash"]
+        assert event["event.sequence"] == number
+
+
+def test_an_edited_event_hash_on_the_last_line_stops_the_appender(five: Path) -> None:
+    data = lines_of(five)
+    five.write_bytes(b"".join(_set(4, "event.hash", "ab" * 32)(data)))
+    with AuditLog(five, fsync=False) as log, pytest.raises(AuditError, match="edited"):
+        log.append(make_event(5))
+    assert len(lines_of(five)) == 5
 
 
 def test_tamper_table_covers_the_brief() -> None:

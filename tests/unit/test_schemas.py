@@ -74,7 +74,9 @@ BASES: dict[str, Any] = {
         "tls.client.hash.sha256": _T01["client_cert_sha256"],
         "tenant_id": "10000000-0000-0000-0000-000000000001", "kid": None,
         "execution_fingerprint": "4a" * 32, "attestation_measurement_hash": "74" * 32,
-        "prev_hash": "0" * 64, "hash": HEX,
+        "prev_hash": "0" * 64, "hash": HEX, "ecs.version": "8.11.0", "event.kind": "event",
+        "event.type": ["access"], "event.sequence": 1, "event.hash": HEX,
+        "fedgate.prev_hash": "0" * 64, "service.name": "fedgate",
     },
 }
 
@@ -118,7 +120,8 @@ REQUIRED = {
     "signed_at nonce schema_version",
     "finding_record": " ".join(BASES["finding_record"]),
     "audit_event": "@timestamp event.action event.outcome event.category request_id tenant_id kid "
-    "execution_fingerprint prev_hash hash",
+    "execution_fingerprint prev_hash hash ecs.version event.kind event.type event.sequence "
+    "event.hash fedgate.prev_hash service.name",  # [v1.1] §7 ECS alignment
 }
 OPTIONAL = {
     "telemetry": ["payload/attributes/execution_fingerprint", "payload/attributes/asset_ref"],
@@ -307,6 +310,11 @@ _SINGLE: list[tuple[str, str, str, Any, bool]] = [
         ("tenant-int", "tenant_id", 7, False), ("hash-bad", "hash", "00", False),
         ("timestamp-naive", "@timestamp", "2026-11-23T14:52:49", False),
         ("ecs-extra", "user_agent.original", "python-requests/2.32.5", True),
+        ("event-type-string", "event.type", "access", False),
+        ("event-kind-alert", "event.kind", "alert", False),
+        ("sequence-0", "event.sequence", 0, False),
+        ("event-hash-bad", "event.hash", "00", False),
+        ("source-port-70000", "source.port", 70000, False),
         *[(f"forbidden-{k}", k, "x", False)
           for k in ("body", "body_b64", "private_key", "signature_input", "signing_input")],
     ]
