@@ -116,9 +116,5 @@ async def test_replicas_share_one_cluster(replicas: Replicas) -> None:
                                                 for n in REPLICAS]
     named = {name: {e.get("service.node.name") for e in trail}
              for name, trail in trails.items()}
-    # TODO(lead): service.node.name is being added to the events by another branch;
-    # until it lands this check has nothing to check (the events above tell the replicas
-    # apart by their files). Once merged, drop the condition.
-    if any(None not in names for names in named.values()):  # the field exists in events
-        assert named == {name: {name} for name in REPLICAS}
+    assert named == {name: {name} for name in REPLICAS}  # each trail names its replica
 
