@@ -16,6 +16,7 @@ the reason, never the PIN.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -173,9 +174,9 @@ class Pkcs11Signer:
             raise
 
     def _pair(self, pkcs11) -> tuple[Any, bytes]:
-        O, A = pkcs11.ObjectClass, pkcs11.Attribute
-        private = _find(self._session, self.uri, O.PRIVATE_KEY)
-        public = _find(self._session, self.uri, O.PUBLIC_KEY)
+        Obj, A = pkcs11.ObjectClass, pkcs11.Attribute
+        private = _find(self._session, self.uri, Obj.PRIVATE_KEY)
+        public = _find(self._session, self.uri, Obj.PUBLIC_KEY)
         if len(private) != 1:
             raise Pkcs11Error(f"{self.uri}: {len(private) or 'no'} private key objects match "
                               "(need exactly one)")
@@ -216,10 +217,8 @@ class Pkcs11Signer:
             self._executor = None
         with self._lock:
             if self._session is not None:
-                try:
+                with contextlib.suppress(self._errors):
                     self._session.close()
-                except self._errors:
-                    pass
                 self._session = None
 
 
@@ -261,15 +260,15 @@ def import_seed(config: Pkcs11Config, uri: Pkcs11Uri, seed: bytes) -> bytes:
     import nacl.bindings
 
     pkcs11 = _pkcs11()
-    A, O = pkcs11.Attribute, pkcs11.ObjectClass
+    A, Obj = pkcs11.Attribute, pkcs11.ObjectClass
     public_key = nacl.bindings.crypto_sign_seed_keypair(seed)[0]
     with open_session(config, uri, rw=True) as session:
         _refuse_existing(session, uri)
         public, private = _templates(pkcs11, uri)
         kind = {A.KEY_TYPE: pkcs11.KeyType.EC_EDWARDS}
         try:
-            session.create_object({**private, **kind, A.CLASS: O.PRIVATE_KEY, A.VALUE: seed})
-            session.create_object({**public, **kind, A.CLASS: O.PUBLIC_KEY,
+            session.create_object({**private, **kind, A.CLASS: Obj.PRIVATE_KEY, A.VALUE: seed})
+            session.create_object({**public, **kind, A.CLASS: Obj.PUBLIC_KEY,
                                    A.EC_POINT: b"\x04\x20" + public_key})
         except pkcs11.exceptions.PKCS11Error as exc:
             raise Pkcs11Error(f"{uri}: import failed: {_describe(exc)}") from None
