@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 # What only the tests need: redis-server and rsyslogd (with its gtls driver), installed
-# with apt-get when missing (the tests start their own on free loopback ports).
+# with apt-get when missing (the tests start their own on free loopback ports), and
+# SoftHSM2 (the PKCS#11 signer's tests make their own tokens in temporary directories).
 testdeps:
 	@command -v redis-server >/dev/null 2>&1 || { \
 	  echo "redis-server not found: installing (apt-get)"; \
@@ -24,6 +25,10 @@ testdeps:
 	  echo "rsyslogd (with gtls) not found: installing rsyslog rsyslog-gnutls (apt-get)"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsyslog rsyslog-gnutls) >/dev/null || \
 	  { echo "error: rsyslog and rsyslog-gnutls are required for the tests (apt-get install rsyslog rsyslog-gnutls)" >&2; exit 1; }; }
+	@command -v softhsm2-util >/dev/null 2>&1 || { \
+	  echo "softhsm2-util not found: installing softhsm2 (apt-get)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq softhsm2) >/dev/null || \
+	  { echo "error: softhsm2 is required for the PKCS#11 tests (apt-get install softhsm2)" >&2; exit 1; }; }
 
 venv: $(STAMP)
 

@@ -25,6 +25,9 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 ED25519_PARAMS = bytes.fromhex("06032b6570")  # DER of OID 1.3.101.112 (id-Ed25519)
+# what a key may carry in CKA_EC_PARAMS: the OID, or PKCS#11 3.0's PrintableString curve
+# name (SoftHSM2 gives its generated private keys "edwards25519")
+_ED25519_NAMES = (ED25519_PARAMS, b"\x13\x0cedwards25519")
 URI_SCHEME = "pkcs11:"
 _PATH_ATTRS = frozenset({"token", "object", "id", "serial", "manufacturer", "model", "type"})
 
@@ -184,7 +187,7 @@ class Pkcs11Signer:
             raise Pkcs11Error(f"{self.uri}: {len(public) or 'no'} public key objects match "
                               "(need exactly one, same label/id as the private key)")
         key = private[0]
-        if key[A.KEY_TYPE] != pkcs11.KeyType.EC_EDWARDS or key[A.EC_PARAMS] != ED25519_PARAMS:
+        if key[A.KEY_TYPE] != pkcs11.KeyType.EC_EDWARDS or key[A.EC_PARAMS] not in _ED25519_NAMES:
             raise Pkcs11Error(f"{self.uri}: the key is not an Ed25519 key")
         return key, public_bytes(public[0][A.EC_POINT])
 
@@ -224,9 +227,9 @@ class Pkcs11Signer:
 
 def _templates(pkcs11, uri: Pkcs11Uri) -> tuple[dict, dict]:
     A = pkcs11.Attribute
-    common = {A.TOKEN: True, A.EC_PARAMS: ED25519_PARAMS, A.LABEL: uri.object or "",
+    common = {A.TOKEN: True, A.LABEL: uri.object or "",
               A.ID: uri.id if uri.id is not None else (uri.object or "").encode()}
-    public = {**common, A.VERIFY: True}
+    public = {**common, A.VERIFY: True, A.EC_PARAMS: ED25519_PARAMS}
     private = {**common, A.SIGN: True, A.SENSITIVE: True, A.EXTRACTABLE: False,
                A.PRIVATE: True}
     return public, private
@@ -265,7 +268,7 @@ def import_seed(config: Pkcs11Config, uri: Pkcs11Uri, seed: bytes) -> bytes:
     with open_session(config, uri, rw=True) as session:
         _refuse_existing(session, uri)
         public, private = _templates(pkcs11, uri)
-        kind = {A.KEY_TYPE: pkcs11.KeyType.EC_EDWARDS}
+        kind = {A.KEY_TYPE: pkcs11.KeyType.EC_EDWARDS, A.EC_PARAMS: ED25519_PARAMS}
         try:
             session.create_object({**private, **kind, A.CLASS: Obj.PRIVATE_KEY, A.VALUE: seed})
             session.create_object({**public, **kind, A.CLASS: Obj.PUBLIC_KEY,
