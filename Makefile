@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test testdeps resilience soak bench lint venv clean
+.PHONY: demo test testdeps resilience soak bench lint venv clean sbom wheel reproducible
 
 # The virtualenv only: no root, no system packages (`make demo` needs nothing else).
 $(STAMP): pyproject.toml
@@ -56,8 +56,24 @@ bench: $(STAMP)
 	$(BIN)/python bench/pipeline_bench.py --write docs/BENCHMARKS.md
 	$(BIN)/python bench/http_bench.py --append docs/BENCHMARKS.md
 
+# CycloneDX JSON SBOM of the venv's installed dependency set (tools/sbom.py: the
+# generator, PyPI cyclonedx-bom, runs from its own .venv-sbom, made on first use).
+sbom: $(STAMP)
+	$(BIN)/python tools/sbom.py generate dist/fedgate.cdx.json --python $(BIN)/python
+
+# The wheel, dated by the last commit (SOURCE_DATE_EPOCH), with the SBOM inside its
+# .dist-info/sboms/ (PEP 770).
+wheel: sbom
+	rm -f dist/fedgate-*.whl
+	SOURCE_DATE_EPOCH=$$(git log -1 --format=%ct) $(BIN)/python -m pip wheel --no-deps -q -w dist .
+	$(BIN)/python tools/sbom.py attach dist/fedgate-*.whl dist/fedgate.cdx.json
+
+# Two wheels from two fresh clones of the last commit must be byte-identical.
+reproducible: $(STAMP)
+	$(BIN)/python tools/reproducible_wheel.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-sbom build dist *.egg-info .pytest_cache .hypothesis
