@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test testdeps resilience soak bench lint venv clean
+.PHONY: demo test testdeps resilience soak bench lint venv clean sbom wheel reproducible
 
 # The virtualenv only: no root, no system packages (`make demo` needs nothing else).
 $(STAMP): pyproject.toml
@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 # What only the tests need: redis-server and rsyslogd (with its gtls driver), installed
-# with apt-get when missing (the tests start their own on free loopback ports).
+# with apt-get when missing (the tests start their own on free loopback ports), and
+# SoftHSM2 (the PKCS#11 signer's tests make their own tokens in temporary directories).
 testdeps:
 	@command -v redis-server >/dev/null 2>&1 || { \
 	  echo "redis-server not found: installing (apt-get)"; \
@@ -24,6 +25,10 @@ testdeps:
 	  echo "rsyslogd (with gtls) not found: installing rsyslog rsyslog-gnutls (apt-get)"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsyslog rsyslog-gnutls) >/dev/null || \
 	  { echo "error: rsyslog and rsyslog-gnutls are required for the tests (apt-get install rsyslog rsyslog-gnutls)" >&2; exit 1; }; }
+	@command -v softhsm2-util >/dev/null 2>&1 || { \
+	  echo "softhsm2-util not found: installing softhsm2 (apt-get)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq softhsm2) >/dev/null || \
+	  { echo "error: softhsm2 is required for the PKCS#11 tests (apt-get install softhsm2)" >&2; exit 1; }; }
 
 venv: $(STAMP)
 
@@ -51,8 +56,24 @@ bench: $(STAMP)
 	$(BIN)/python bench/pipeline_bench.py --write docs/BENCHMARKS.md
 	$(BIN)/python bench/http_bench.py --append docs/BENCHMARKS.md
 
+# CycloneDX JSON SBOM of the venv's installed dependency set (tools/sbom.py: the
+# generator, PyPI cyclonedx-bom, runs from its own .venv-sbom, made on first use).
+sbom: $(STAMP)
+	$(BIN)/python tools/sbom.py generate dist/fedgate.cdx.json --python $(BIN)/python
+
+# The wheel, dated by the last commit (SOURCE_DATE_EPOCH), with the SBOM inside its
+# .dist-info/sboms/ (PEP 770).
+wheel: sbom
+	rm -f dist/fedgate-*.whl
+	SOURCE_DATE_EPOCH=$$(git log -1 --format=%ct) $(BIN)/python -m pip wheel --no-deps -q -w dist .
+	$(BIN)/python tools/sbom.py attach dist/fedgate-*.whl dist/fedgate.cdx.json
+
+# Two wheels from two fresh clones of the last commit must be byte-identical.
+reproducible: $(STAMP)
+	$(BIN)/python tools/reproducible_wheel.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-sbom build dist *.egg-info .pytest_cache .hypothesis

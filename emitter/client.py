@@ -23,7 +23,8 @@ import aiohttp
 from audit import AuditLog
 from common.tls import TlsConfigError, client_context
 from common.tomlfile import ConfigError
-from keyring.ed25519 import PrivateKey, verify
+from keyring.ed25519 import verify
+from keyring.signer import open_signer
 from schemas.routes import GRAPH_PATH, TELEMETRY_PATH
 
 from .delivery import Deliveries, DeliveryResult, _execution, _queued
@@ -70,9 +71,12 @@ class EmitterClient(Deliveries, FeedbackQueries):
 
     # -- set-up ------------------------------------------------------------------------
 
-    def _load_signer(self) -> PrivateKey:
+    def _load_signer(self) -> Any:
+        """The PEM file, or a session on the PKCS#11 token (``signing_key = "pkcs11:…"``;
+        the private key stays in the token; the session lives as long as the process)."""
         try:
-            return PrivateKey.load(self.settings.signing_key)
+            return open_signer(self.settings.signing_key, self.settings.kid,
+                               pkcs11=self.settings.pkcs11)
         except ValueError as exc:
             raise ConfigError(f"signing_key: {exc}") from None
 
@@ -82,6 +86,8 @@ class EmitterClient(Deliveries, FeedbackQueries):
             ok = verify(bytes(self.signer.public), self.signer.sign(probe), probe)
         except (AttributeError, TypeError) as exc:
             raise ConfigError(f"signing_key: not a signer (.sign/.public): {exc}") from None
+        except ValueError as exc:  # the token refused to sign
+            raise ConfigError(f"signing_key: {exc}") from None
         if not ok:
             raise ConfigError("signing_key: the signer's signature does not verify under "
                               "its public key")

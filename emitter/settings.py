@@ -19,13 +19,15 @@ from urllib.parse import urlsplit
 from common.tls import is_pin, normalize_pin
 from common.tomlfile import ConfigError, load_file, path_value, readable_file
 from keyring.keys import KID_RE
+from keyring.pkcs11 import Pkcs11Config
+from keyring.signer import KeySource, key_source, pkcs11_config
 from schemas.routes import IDENTITY_RE
 
 _KEYS = frozenset({
     "url", "ca", "cert", "key", "server_pins", "identity", "signing_key", "kid",
     "feedback_keyring", "state_dir", "clock_skew_s", "legacy_unbound_nonce",
     "max_attempts", "backoff_initial_s", "backoff_max_s", "request_timeout_s",
-    "max_body_bytes", "outbox_retention_s",
+    "max_body_bytes", "outbox_retention_s", "pkcs11",
 })
 DEFAULT_MAX_BODY = 1024 * 1024  # the gateway's default max_body_bytes (PROTOCOL.md §4)
 DEFAULT_RETENTION_S = 7 * 86400
@@ -40,7 +42,7 @@ class EmitterSettings:
     key: Path
     server_pins: tuple[str, ...]  # gateway cert sha256 (lowercase hex) or spki:<base64>
     identity: str
-    signing_key: Path
+    signing_key: KeySource  # a PEM file, or a pkcs11: URI (docs/KEYS.md)
     kid: str | None
     feedback_keyring: Path
     state_dir: Path
@@ -52,6 +54,7 @@ class EmitterSettings:
     request_timeout_s: float = 10.0
     max_body_bytes: int = DEFAULT_MAX_BODY  # a larger signed body is refused locally
     outbox_retention_s: int = DEFAULT_RETENTION_S  # final outbox rows older: pruned
+    pkcs11: Pkcs11Config | None = None  # [pkcs11]: the token's module and PIN
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -118,7 +121,8 @@ def _build(cfg: Path, raw: Mapping[str, Any]) -> EmitterSettings:
         ca=readable_file(raw, "ca", base), cert=readable_file(raw, "cert", base),
         key=readable_file(raw, "key", base), server_pins=_pins(raw.get("server_pins", [])),
         identity=_identity(raw.get("identity")),
-        signing_key=readable_file(raw, "signing_key", base), kid=_kid(raw.get("kid")),
+        signing_key=key_source(raw, "signing_key", base), kid=_kid(raw.get("kid")),
+        pkcs11=pkcs11_config(raw, base, ("signing_key",)),
         feedback_keyring=readable_file(raw, "feedback_keyring", base),
         state_dir=_state_dir(raw, base),
         clock_skew_s=_number(raw, "clock_skew_s", 30, 1, 3600, integer=True),

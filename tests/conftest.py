@@ -323,3 +323,70 @@ async def store(store_url: str):
     await s.open()
     yield s
     await s.close()
+
+
+# -- SoftHSM2 (tests/hsm.py): the PKCS#11 signer against a real token --------------------
+
+FEEDBACK_TOKEN, PRODUCER_TOKEN = "fedgate-feedback", "fedgate-producer"
+
+
+@pytest.fixture(scope="session")
+def softhsm(tmp_path_factory: pytest.TempPathFactory):
+    """One SoftHSM2 for the in-process tests, its tokens made before any test loads the
+    module: ``fedgate-feedback`` holds the feedback vectors' seeds (objects vv-fb-2026,
+    vv-fb-2027), ``fedgate-producer`` the lab producer key (object lab-2026).
+    ``SOFTHSM2_CONF`` and the PIN variable are set for the whole session."""
+    import hashlib
+    import os
+
+    from hsm import PIN, PIN_ENV, SoftHsm
+
+    hsm = SoftHsm(tmp_path_factory.mktemp("softhsm"))
+    hsm.init_token(FEEDBACK_TOKEN)
+    hsm.init_token(PRODUCER_TOKEN)
+    for kid, seed in load_vectors("feedback_v1.json")["feedback_private_key_seed_hex"].items():
+        hsm.import_seed(FEEDBACK_TOKEN, kid, bytes.fromhex(seed))
+    hsm.import_seed(PRODUCER_TOKEN, "lab-2026", hashlib.sha256(b"lab producer key").digest())
+    saved = {k: os.environ.get(k) for k in ("SOFTHSM2_CONF", PIN_ENV)}
+    os.environ.update(SOFTHSM2_CONF=str(hsm.conf), **{PIN_ENV: PIN})
+    yield hsm
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(params=["file", "pkcs11"])
+def feedback_signer(request: pytest.FixtureRequest):
+    """kid → the feedback signer for that vector key: the PEM-file signer, or the same seed
+    inside the SoftHSM2 token (signing through PKCS#11). Closed after the test."""
+    from keyring.ed25519 import PrivateKey
+    from keyring.pkcs11 import Pkcs11Config, Pkcs11Signer, parse_uri
+    from keyring.signer import FileSigner
+
+    seeds = load_vectors("feedback_v1.json")["feedback_private_key_seed_hex"]
+    opened = []
+
+    def make(kid: str):
+        if request.param == "file":
+            return FileSigner(PrivateKey(bytes.fromhex(seeds[kid])), kid)
+        from hsm import PIN
+
+        hsm = request.getfixturevalue("softhsm")
+        signer = Pkcs11Signer(Pkcs11Config(hsm.module, PIN),
+                              parse_uri(hsm.uri(FEEDBACK_TOKEN, kid)), kid)
+        opened.append(signer)
+        return signer
+
+    make.kind = request.param
+    yield make
+    for signer in opened:
+        signer.close()
+
+
+@pytest.fixture(params=["file", "pkcs11"])
+def feedback_hsm(request: pytest.FixtureRequest):
+    """For a ``Stack(..., hsm=feedback_hsm)``: None (the PEM feedback key) or the session's
+    SoftHSM2 (feedback_key = pkcs11:token=fedgate-feedback;object=vv-fb-2026)."""
+    return request.getfixturevalue("softhsm") if request.param == "pkcs11" else None

@@ -57,11 +57,15 @@ class Stack:
 
     def __init__(self, root: Path, store_url: str, *, tenants: dict | None = None,
                  keys=None, policy_rules: Path | None = None, server: dict | None = None,
-                 store: dict | None = None, **security) -> None:
+                 store: dict | None = None, hsm=None, **security) -> None:
         """``tenants``: identity → its tenants; ``keys``: the producer keyring;
         ``policy_rules``: a rules file for the feedback policy (defaults: the class's);
-        ``server``: extra [server] keys; ``store``: extra [store] keys (``cluster``…)."""
+        ``server``: extra [server] keys; ``store``: extra [store] keys (``cluster``…);
+        ``hsm``: a tests/hsm.py ``SoftHsm`` whose token ``fedgate-feedback`` holds the
+        feedback key (object ``vv-fb-2026``): the gateway signs through PKCS#11 instead of
+        the PEM file."""
         self.root = root
+        self.hsm = hsm
         self.server_options = dict(server or {})  # extra [server] keys
         self.store_url = store_url
         self.store_options = dict(store or {})  # extra [store] keys: open_store's options
@@ -84,7 +88,8 @@ class Stack:
         lines = [f"{k} = {toml_value(v)}" for k, v in security.items()]
         lines += [
             'producer_keyring = "keys/producers.jwks.json"',
-            'feedback_key = "keys/feedback.pem"',
+            (f'feedback_key = "{self.hsm.uri("fedgate-feedback", "vv-fb-2026")}"'
+             if self.hsm is not None else 'feedback_key = "keys/feedback.pem"'),
             'feedback_kid = "vv-fb-2026"',
             "", "[server]", 'host = "127.0.0.1"', f"port = {self.port}",
             'tls_cert = "certs/gateway.crt"', 'tls_key = "certs/gateway.key"',
@@ -101,6 +106,8 @@ class Stack:
                       f"tenants = {toml_value(self.tenants[name])}"]
         lines += ["", "[operator_tenants]"]
         lines += [f"{op} = {toml_value(t)}" for op, t in CONFIG["operator_tenants"].items()]
+        if self.hsm is not None:
+            lines += [self.hsm.toml()]
         self.config_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     @property
@@ -129,7 +136,8 @@ class Stack:
             await runner.cleanup()
 
     # -- `fedgate serve` subprocesses --------------------------------------------------
-    def spawn(self, *extra: str, fd_soft_limit: int | None = None) -> subprocess.Popen:
+    def spawn(self, *extra: str, fd_soft_limit: int | None = None,
+              env: dict[str, str] | None = None) -> subprocess.Popen:
         """A `fedgate serve` process; its output goes to ``serve.log`` (a pipe nobody
         reads would fill up and stall the gateway under load). ``fd_soft_limit``: start
         it with that soft RLIMIT_NOFILE (the hard one unchanged), like `ulimit -Sn`."""
@@ -141,7 +149,7 @@ class Stack:
         proc = subprocess.Popen(
             [sys.executable, "-m", "fedgate.cli", "serve", "--config", str(self.config_path),
              *extra], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
+            env={**(env or os.environ), "PYTHONPATH": str(ROOT)}, start_new_session=True,
             preexec_fn=limit_fds if fd_soft_limit is not None else None)
         log.close()
         self.procs.append(proc)

@@ -22,6 +22,8 @@ from gateway.logs import KEYS as LOG_KEYS
 from gateway.logs import LogSettings, from_table
 from keyring.ed25519 import PrivateKey
 from keyring.keys import KID_RE, Keyring, KeyringError, load_jwks
+from keyring.pkcs11 import Pkcs11Config, Pkcs11Error
+from keyring.signer import FileSigner, KeySource, key_source, open_signer, pkcs11_config
 
 from .config import SecurityConfig
 from .syslog_config import SyslogSettings, parse_syslog
@@ -29,7 +31,7 @@ from .syslog_config import SyslogSettings, parse_syslog
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8443
 DEFAULT_STORE_URL = "sqlite:///state/fedgate.db"
 DEFAULT_AUDIT_PATH = "audit/gateway-audit.jsonl"
-_OWN_KEYS = frozenset({"producer_keyring", "feedback_key", "feedback_kid",
+_OWN_KEYS = frozenset({"producer_keyring", "feedback_key", "feedback_kid", "pkcs11",
                        "server", "store", "audit", "policy", "log", "admin"})
 # [server] connection limits (issue 7.3, docs/CONFIG.md): name → (default, bounds, kind)
 NODE_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,253}")
@@ -107,8 +109,9 @@ class GatewaySettings:
     store_url: str  # sqlite:///ABS/PATH (so "sqlite:////…") or redis[s]://…
     store_options: Mapping[str, Any]  # keyword arguments for gateway.store.open_store
     producer_keyring: Path
-    feedback_key: Path
+    feedback_key: KeySource  # a PEM file, or a pkcs11: URI (docs/KEYS.md)
     feedback_kid: str
+    pkcs11: Pkcs11Config | None = None  # [pkcs11]: the token's module and PIN
     audit_path: Path
     policy_rules: Path | None = None
     log: LogSettings = LogSettings()  # [log]; `fedgate serve` flags override it
@@ -131,9 +134,10 @@ def load_settings(path: str | Path) -> GatewaySettings:
     return load_file(path, _build)
 
 
-def load_keys(settings: GatewaySettings) -> tuple[Keyring, PrivateKey]:
-    """The producer keyring and the feedback signing key; every producer key must belong
-    to a configured identity (a key that can never verify anything is a mistake)."""
+def load_keys(settings: GatewaySettings) -> tuple[Keyring, FileSigner | Any]:
+    """The producer keyring and the feedback signer (a file key, or a session on the
+    PKCS#11 token: the caller closes it); every producer key must belong to a configured
+    identity (a key that can never verify anything is a mistake)."""
     try:
         keyring = load_jwks(settings.producer_keyring)
     except KeyringError as exc:
@@ -148,12 +152,14 @@ def load_keys(settings: GatewaySettings) -> tuple[Keyring, PrivateKey]:
         if owners.setdefault(key.public, key.identity) != key.identity:
             raise ConfigError(f"{settings.path}: producer_keyring: key {key.kid!r} reuses the "
                               f"public key of another identity ({owners[key.public]!r})")
-    try:
-        feedback = PrivateKey.load(settings.feedback_key)
-    except ValueError as exc:
-        raise ConfigError(f"{settings.path}: feedback_key: {exc}") from None
     audit_key = load_checkpoint_key(settings)  # a bad audit key fails start-up too
+    try:
+        feedback = open_signer(settings.feedback_key, settings.feedback_kid,
+                               pkcs11=settings.pkcs11)
+    except (Pkcs11Error, ValueError) as exc:
+        raise ConfigError(f"{settings.path}: feedback_key: {exc}") from None
     if audit_key is not None and audit_key.public == feedback.public:
+        feedback.close()
         raise ConfigError(f"{settings.path}: audit.checkpoint_key: is the feedback key; use a "
                           "separate audit key (docs/AUDIT.md, Checkpoints)")
     return keyring, feedback
@@ -184,8 +190,10 @@ def _build(cfg: Path, raw: Mapping[str, Any]) -> GatewaySettings:
         path=cfg, security=security, server=_server(server, base),
         store_url=store_url, store_options=store_options,
         producer_keyring=readable_file(raw, "producer_keyring", base),
-        feedback_key=readable_file(raw, "feedback_key", base),
-        feedback_kid=_feedback_kid(raw), audit_path=audit_path, policy_rules=rules,
+        feedback_key=key_source(raw, "feedback_key", base),
+        feedback_kid=_feedback_kid(raw),
+        pkcs11=pkcs11_config(raw, base, ("feedback_key",)),
+        audit_path=audit_path, policy_rules=rules,
         log=from_table(_table(raw, "log", LOG_KEYS)),
         admin=admin,
         audit_syslog=syslog,

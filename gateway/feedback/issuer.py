@@ -25,6 +25,7 @@ from typing import Any
 from gateway.pipeline import errors as E
 from gateway.store import Store, StoreError
 from keyring import PrivateKey
+from keyring.signer import sign_async
 from schemas.signing import (
     FEEDBACK_SCHEMA_VERSION,
     SIGNATURE_ALGORITHM,
@@ -67,9 +68,30 @@ def sign_feedback(key: PrivateKey, kid: str, *, tenant_id: str, data: list[dict[
                   signed_at: int, nonce: str, request_id: str) -> dict[str, Any]:
     message = feedback_signing_input(tenant_id, signed_at, nonce, FEEDBACK_SCHEMA_VERSION,
                                      kid, data)
+    return feedback_body(key.sign(message), kid, data=data, signed_at=signed_at, nonce=nonce,
+                         request_id=request_id)
+
+
+async def sign_feedback_async(key: Any, kid: str, *, tenant_id: str,
+                              data: list[dict[str, Any]], signed_at: int, nonce: str,
+                              request_id: str) -> dict[str, Any]:
+    """``sign_feedback`` for the event loop: a PKCS#11 token signs in its own thread."""
+    message = feedback_signing_input(tenant_id, signed_at, nonce, FEEDBACK_SCHEMA_VERSION,
+                                     kid, data)
+    try:
+        signature = await sign_async(key, message)
+    except ValueError as exc:  # the token failed (removed, logged out): nothing is consumed
+        log.error("feedback (request %s) could not be signed: %s", request_id, exc)
+        raise E.InternalError("the feedback could not be signed") from exc
+    return feedback_body(signature, kid, data=data, signed_at=signed_at, nonce=nonce,
+                         request_id=request_id)
+
+
+def feedback_body(signature: bytes, kid: str, *, data: list[dict[str, Any]], signed_at: int,
+                  nonce: str, request_id: str) -> dict[str, Any]:
     return {
         "request_id": request_id, "status": "accepted", "data": data, "errors": [],
-        "signature": base64.b64encode(key.sign(message)).decode("ascii"),
+        "signature": base64.b64encode(signature).decode("ascii"),
         "kid": kid, "signature_algorithm": SIGNATURE_ALGORITHM, "signed_at": signed_at,
         "nonce": nonce, "schema_version": FEEDBACK_SCHEMA_VERSION,
     }
@@ -153,7 +175,7 @@ class RulePolicy:
 class FeedbackIssuer:
     """Signs with exactly one key (``kid``); rotation is a configuration switch."""
 
-    def __init__(self, store: Store, key: PrivateKey, kid: str,
+    def __init__(self, store: Store, key: Any, kid: str,
                  policy: Policy = no_adjustments) -> None:
         self.store, self.key, self.kid, self.policy = store, key, kid, policy
 
@@ -171,6 +193,7 @@ class FeedbackIssuer:
             log.warning("feedback (request %s): %s", ctx.request_id, decision.skipped.summary())
             ctx.skipped_records = decision.skipped
         data = decision.adjustments[:limit]
-        return sign_feedback(self.key, self.kid, tenant_id=ctx.tenant_id, data=data,
-                             signed_at=now, nonce=bound_nonce(ctx.body["nonce"]),
-                             request_id=ctx.request_id)
+        return await sign_feedback_async(self.key, self.kid, tenant_id=ctx.tenant_id,
+                                         data=data, signed_at=now,
+                                         nonce=bound_nonce(ctx.body["nonce"]),
+                                         request_id=ctx.request_id)

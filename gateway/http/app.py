@@ -29,8 +29,9 @@ from gateway.feedback.policy import load_rules
 from gateway.pipeline import errors as E
 from gateway.pipeline.pipeline import Context, Pipeline, SignedRequest, check_head
 from gateway.pipeline.records import accepted_body
+from gateway.selftest import run_startup
 from gateway.store import StoreError, open_store
-from keyring import Keyring, PrivateKey, self_test
+from keyring import Keyring, PrivateKey
 from schemas.routes import SIGNED_ROUTES, Route
 from schemas.validate import Validators
 
@@ -113,12 +114,17 @@ def make_app(settings: GatewaySettings, keys: tuple[Keyring, PrivateKey], *,
 
 
 async def resources(app: web.Application) -> AsyncIterator[None]:
-    """Start-up: self-test, validators, store, audit log, pipeline. Shutdown: close."""
+    """Start-up: self-test, validators, store, audit log, pipeline. Shutdown: close
+    (the feedback signer too: its PKCS#11 session)."""
     settings = app[SETTINGS]
     keyring, feedback_key = app[KEYS]
-    self_test()  # refuses to start if the loaded crypto fails its known answers
-    app[READY]["self_test"] = True
     validators = Validators()  # compiled once, shared by the pipeline and the policy
+    try:  # the known answers (gateway/selftest.py), the feedback key's through its token
+        run_startup(feedback_key, validators)
+    except BaseException:
+        _close_signer(feedback_key)
+        raise
+    app[READY]["self_test"] = True
     policy = (RulePolicy(load_rules(settings.policy_rules), validators=validators)
               if settings.policy_rules is not None else no_adjustments)
     store = open_store(settings.store_url, **settings.store_options)
@@ -146,6 +152,13 @@ async def resources(app: web.Application) -> AsyncIterator[None]:
         await store.close()
         app[AUDIT_EXECUTOR].shutdown(wait=True)
         app[AUDIT].close()
+        _close_signer(feedback_key)
+
+
+def _close_signer(signer: Any) -> None:
+    close = getattr(signer, "close", None)  # a plain PrivateKey (tests) has nothing to close
+    if close is not None:
+        close()
 
 
 async def hide_server_version(request: web.Request, response: web.StreamResponse) -> None:

@@ -34,6 +34,7 @@ from pathlib import Path
 from prometheus_client.multiprocess import mark_process_dead
 
 from gateway.config.settings import SHUTDOWN_TIMEOUT_MAX_S, GatewaySettings, load_keys
+from gateway.selftest import run_startup
 
 from .admin import start_admin
 from .metrics import MULTIPROC_ENV, PROCESSES_FILE, exposition
@@ -126,7 +127,11 @@ def serve_workers(config: Path, workers: int, *, log_overrides: Mapping | None =
     from .server import bind_ports, load_and_log
 
     settings = load_and_log(config, log_overrides)  # fail fast, once, on this terminal
-    load_keys(settings)
+    _, signer = load_keys(settings)
+    try:  # a missing, locked or wrong token: one line here, before any worker starts
+        run_startup(signer)
+    finally:
+        signer.close()  # each worker opens its own session (one per process)
     socks, admin_socks = bind_ports(settings)
     # every worker records its metrics here; any scrape sums them (gateway/http/metrics.py)
     with tempfile.TemporaryDirectory(prefix="fedgate-metrics-") as metrics_dir:

@@ -40,7 +40,7 @@ VECTORS = load_vectors("feedback_v1.json")
 SEEDS = VECTORS["feedback_private_key_seed_hex"]
 RING = parse_jwks(VECTORS["keyring"])
 KID_A, KID_B = "vv-fb-2026", "vv-fb-2027"
-KEY_A, KEY_B = (PrivateKey(bytes.fromhex(SEEDS[k])) for k in (KID_A, KID_B))
+KEY_A = PrivateKey(bytes.fromhex(SEEDS[KID_A]))
 
 FP_GRAPH, FP_CRIT, FP_QUIET, FP_UNANCHORED = ("a1" * 32, "b2" * 32, "c3" * 32, "d4" * 32)
 ATT = {fp: hashlib.sha256(f"attestation {fp}".encode()).hexdigest()
@@ -171,10 +171,11 @@ def signing_input(response: dict[str, Any], tenant: str = TENANT) -> bytes:
                                   response["data"])
 
 
-async def test_respond_signs_and_binds(store) -> None:
+async def test_respond_signs_and_binds(store, feedback_signer) -> None:
+    """File key or PKCS#11 token (``feedback_signer``): the same bytes, the same signature."""
     await feed(store)
     ctx = await query_ctx(store)
-    issuer = FeedbackIssuer(store, KEY_A, KID_A, policy=RulePolicy(RULES))
+    issuer = FeedbackIssuer(store, feedback_signer(KID_A), KID_A, policy=RulePolicy(RULES))
     response = await issuer.respond(ctx, NOW)
     Validators().validate("feedback_response", response)
     assert response["data"] == EXPECTED
@@ -183,16 +184,18 @@ async def test_respond_signs_and_binds(store) -> None:
     signature = base64.b64decode(response["signature"])
     assert verify(RING[KID_A].public, signature, signing_input(response))
     assert not verify(RING[KID_A].public, signature, signing_input(response, TENANT_B))
+    assert signature == KEY_A.sign(signing_input(response))  # deterministic: the vector key
     assert re.fullmatch(re.escape(QUERY_NONCE) + r"\.[A-Za-z0-9_-]{16}", response["nonce"])
     again = await issuer.respond(ctx, NOW)
     assert again["nonce"] != response["nonce"]
 
 
-async def test_query_stores_its_feedback_with_the_nonce_claim(store) -> None:
+async def test_query_stores_its_feedback_with_the_nonce_claim(store, feedback_signer) -> None:
     """Through the pipeline: the answer is recorded in the same atomic step as the claim."""
     await feed(store)
     lab = Lab(store)
-    lab.pipeline.respond = FeedbackIssuer(store, KEY_A, KID_A, policy=RulePolicy(RULES)).respond
+    lab.pipeline.respond = FeedbackIssuer(store, feedback_signer(KID_A), KID_A,
+                                          policy=RulePolicy(RULES)).respond
     headers, raw = lab.signed(QUERY_PATH, body_for(QUERY_PATH, limit=10), nonce=QUERY_NONCE)
     status, error, ctx = await lab.send(headers, raw, QUERY_PATH)
     assert (status, error) == (202, None)
@@ -202,9 +205,10 @@ async def test_query_stores_its_feedback_with_the_nonce_claim(store) -> None:
     assert ctx.response["data"] == EXPECTED
 
 
-async def test_respond_without_policy_is_empty_but_signed(store) -> None:
+async def test_respond_without_policy_is_empty_but_signed(store, feedback_signer) -> None:
     await feed(store)
-    response = await FeedbackIssuer(store, KEY_A, KID_A).respond(await query_ctx(store), NOW)
+    response = await FeedbackIssuer(store, feedback_signer(KID_A), KID_A).respond(
+        await query_ctx(store), NOW)
     assert response["data"] == []
     assert verify(RING[KID_A].public, base64.b64decode(response["signature"]),
                   signing_input(response))
@@ -222,12 +226,13 @@ async def test_respond_on_closed_store_is_503_without_detail_leak(store) -> None
 
 
 @pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
-async def test_failed_feedback_write_keeps_the_query_nonce(store) -> None:
+async def test_failed_feedback_write_keeps_the_query_nonce(store, feedback_signer) -> None:
     """A real SQLITE_FULL when the answer is stored: 503, the query's nonce unclaimed, and
     the same signed query succeeds once the store can write again."""
     await feed(store)
     lab = Lab(store)
-    lab.pipeline.respond = FeedbackIssuer(store, KEY_A, KID_A, policy=RulePolicy(RULES)).respond
+    lab.pipeline.respond = FeedbackIssuer(store, feedback_signer(KID_A), KID_A,
+                                          policy=RulePolicy(RULES)).respond
     headers, raw = lab.signed(QUERY_PATH, body_for(QUERY_PATH, limit=10), nonce=QUERY_NONCE)
     pages = store._db.execute("PRAGMA page_count").fetchone()[0]
     store._db.execute(f"PRAGMA max_page_count = {pages}")
@@ -256,27 +261,29 @@ def retired(kid: str, not_after: int) -> Key:
     return Key(kid, RING[kid].public, status=KeyStatus.RETIRED, not_after=not_after)
 
 
-ROTATION_ROWS: dict[str, tuple[PrivateKey, str, Keyring, str]] = {
-    "before: A signs, emitter holds A": (KEY_A, KID_A, Keyring([RING[KID_A]]), "ok"),
-    "step 1: A signs, emitter holds A+B": (KEY_A, KID_A, Keyring([RING[KID_A], RING[KID_B]]),
+# name → (the key that signs: its vector kid, the kid the gateway announces, the emitter's
+# keyring, the emitter's verdict)
+ROTATION_ROWS: dict[str, tuple[str, str, Keyring, str]] = {
+    "before: A signs, emitter holds A": (KID_A, KID_A, Keyring([RING[KID_A]]), "ok"),
+    "step 1: A signs, emitter holds A+B": (KID_A, KID_A, Keyring([RING[KID_A], RING[KID_B]]),
                                            "ok"),
-    "step 2: B signs, emitter holds A+B": (KEY_B, KID_B, Keyring([RING[KID_A], RING[KID_B]]),
+    "step 2: B signs, emitter holds A+B": (KID_B, KID_B, Keyring([RING[KID_A], RING[KID_B]]),
                                            "ok"),
-    "B too early: emitter holds only A": (KEY_B, KID_B, Keyring([RING[KID_A]]), "unknown_kid"),
-    "step 3: A retired, B signs": (KEY_B, KID_B, Keyring([retired(KID_A, NOW - 1),
+    "B too early: emitter holds only A": (KID_B, KID_B, Keyring([RING[KID_A]]), "unknown_kid"),
+    "step 3: A retired, B signs": (KID_B, KID_B, Keyring([retired(KID_A, NOW - 1),
                                                           RING[KID_B]]), "ok"),
-    "step 3: A retired, stale A answer": (KEY_A, KID_A, Keyring([retired(KID_A, NOW - 1),
+    "step 3: A retired, stale A answer": (KID_A, KID_A, Keyring([retired(KID_A, NOW - 1),
                                                                  RING[KID_B]]), "unknown_kid"),
-    "half switch: new kid, old key": (KEY_A, KID_B, Keyring([RING[KID_A], RING[KID_B]]),
+    "half switch: new kid, old key": (KID_A, KID_B, Keyring([RING[KID_A], RING[KID_B]]),
                                       "invalid_signature"),
 }
 
 
 @pytest.mark.parametrize("key, kid, ring, expected", ROTATION_ROWS.values(), ids=ROTATION_ROWS)
-async def test_key_rotation(store, key: PrivateKey, kid: str, ring: Keyring,
+async def test_key_rotation(store, feedback_signer, key: str, kid: str, ring: Keyring,
                             expected: str) -> None:
     await feed(store)
-    issuer = FeedbackIssuer(store, key, kid, policy=RulePolicy(RULES))
+    issuer = FeedbackIssuer(store, feedback_signer(key), kid, policy=RulePolicy(RULES))
     response = await issuer.respond(await query_ctx(store), NOW)
     assert response["kid"] == kid
     assert emitter_check(ring, response) == expected

@@ -22,20 +22,22 @@ from typing import Any
 import pytest
 from lab import IDENTITY, KEYS, NOW, PRODUCER, TELEMETRY_BODY, TENANT, TENANT_B, body_for
 from promtext import value
-from stack import Stack
+from stack import FEEDBACK_SEED, Stack
 
 from audit import verify_file
 from emitter.signing import sign_request
 from gateway.feedback.policy import DEFAULT_RULES_FILE
 from gateway.store import Record, open_store
-from keyring import Key, Keyring, PrivateKey
+from keyring import Key, Keyring, PrivateKey, verify
 from schemas.canonical import dumps
 from schemas.routes import QUERY_PATH, TELEMETRY_PATH
+from schemas.signing import feedback_signing_input
 
 OTHER = "spectrastrike-other"
 OTHER_KEY = PrivateKey(hashlib.sha256(b"lab producer key, spectrastrike-other").digest())
 SIGNERS = {IDENTITY: (PRODUCER, "lab-2026"), OTHER: (OTHER_KEY, "lab-other-2026")}
 FP_A, FP_B = "a1" * 32, "b2" * 32
+FEEDBACK_PUBLIC = PrivateKey(FEEDBACK_SEED).public
 ATT = {fp: hashlib.sha256(f"attestation {fp}".encode()).hexdigest() for fp in (FP_A, FP_B)}
 
 
@@ -80,6 +82,13 @@ async def send_finding(stack: Stack, identity: str, fp: str) -> None:
 
 
 def decided(payload: dict[str, Any]) -> list[tuple[str, str]]:
+    """The adjustments, once the answer's signature verified (PyNaCl) under the vector
+    feedback key, whether the gateway signed with the PEM file or through the token."""
+    message = feedback_signing_input(TENANT, payload["signed_at"], payload["nonce"],
+                                     payload["schema_version"], payload["kid"],
+                                     payload["data"])
+    assert payload["kid"] == "vv-fb-2026"
+    assert verify(FEEDBACK_PUBLIC, base64.b64decode(payload["signature"]), message)
     return [(a["execution_fingerprint"], a["action"]) for a in payload["data"]]
 
 
@@ -135,9 +144,10 @@ BAD_RECORDS: dict[str, tuple[str, Any, str]] = {
 
 
 @pytest.mark.parametrize("name", list(BAD_RECORDS))
-async def test_unusable_stored_record_is_skipped_not_a_500(tmp_path, store_url, name):
+async def test_unusable_stored_record_is_skipped_not_a_500(tmp_path, store_url, name,
+                                                            feedback_hsm):
     kind, build, reason = BAD_RECORDS[name]
-    stack = PolicyStack(tmp_path, store_url)
+    stack = PolicyStack(tmp_path, store_url, hsm=feedback_hsm)
     async with stack.running(clock=lambda: NOW):
         await send_finding(stack, IDENTITY, FP_A)
         store = open_store(store_url)  # a second, independent client of the same store
@@ -170,8 +180,9 @@ async def test_unusable_stored_record_is_skipped_not_a_500(tmp_path, store_url, 
 
 # -- 2. an answer carries only the querying identity's executions ---------------------------
 
-async def test_answer_carries_only_the_querying_identitys_executions(tmp_path, store_url):
-    stack = PolicyStack(tmp_path, store_url)
+async def test_answer_carries_only_the_querying_identitys_executions(tmp_path, store_url,
+                                                                   feedback_hsm):
+    stack = PolicyStack(tmp_path, store_url, hsm=feedback_hsm)
     async with stack.running(clock=lambda: NOW):
         await send_finding(stack, IDENTITY, FP_A)
         await send_finding(stack, OTHER, FP_B)
@@ -186,12 +197,13 @@ async def test_answer_carries_only_the_querying_identitys_executions(tmp_path, s
 
 # -- 3. another identity's records cannot crowd the querying identity's out ----------------
 
-async def test_another_identity_cannot_crowd_out_the_answer(tmp_path, store_url):
+async def test_another_identity_cannot_crowd_out_the_answer(tmp_path, store_url,
+                                                            feedback_hsm):
     """The policy reads at most 16 MiB of records per kind; it used to spend that budget
     on every record of the tenant before keeping the querying identity's, so OTHER's 17
     accepted ~1 MiB findings (newer than IDENTITY's one) erased IDENTITY's ``isolate``.
     Only IDENTITY's own records are read now (the store's per-identity index)."""
-    stack = PolicyStack(tmp_path, store_url)
+    stack = PolicyStack(tmp_path, store_url, hsm=feedback_hsm)
     big = copy.deepcopy(critical_finding(FP_B))
     big["payload"]["description"] = "x" * (1024 * 1024 - 4000)
     async with stack.running(clock=lambda: NOW):

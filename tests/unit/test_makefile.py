@@ -51,6 +51,7 @@ def test_make_test_still_installs_redis_and_rsyslog(tmp_path, venv):
     commands = dry_run(tmp_path, "test", venv=venv)
     assert "apt-get install -y -qq redis-server" in commands
     assert "apt-get install -y -qq rsyslog rsyslog-gnutls" in commands
+    assert "apt-get install -y -qq softhsm2" in commands  # the PKCS#11 signer's tests
     assert commands.strip().splitlines()[-1] == ".venv/bin/python -m pytest -q"
 
 
@@ -58,4 +59,5 @@ def test_ci_installs_the_test_packages_itself():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "apt-get install -y -qq redis-server" in ci
     assert "apt-get install -y -qq rsyslog rsyslog-gnutls" in ci
+    assert "apt-get install -y -qq softhsm2" in ci
     assert ci.rstrip().endswith("make test")
