@@ -50,6 +50,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/pipeline_bench.py --write docs/BENCHMARKS.md
 	$(BIN)/python bench/http_bench.py --append docs/BENCHMARKS.md
+	$(BIN)/python bench/baseline_bench.py --append docs/BENCHMARKS.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
