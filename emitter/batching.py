@@ -31,7 +31,7 @@ from .transport import RETRY_STATUSES, TRANSPORT_ERRORS, backoff_delay, classify
 
 log = logging.getLogger("fedgate.emitter")
 
-MAX_BATCH_BYTES = 4 * 1024 * 1024  # half the gateway's default max_batch_bytes
+MAX_BATCH_BYTES = 1024 * 1024  # bounds the memory a batch takes (its bodies, base64, JSON)
 
 
 def batchable(item: OutboxItem) -> bool:
