@@ -55,6 +55,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/pipeline_bench.py --write docs/BENCHMARKS.md
 	$(BIN)/python bench/http_bench.py --append docs/BENCHMARKS.md
+	$(BIN)/python bench/baseline_bench.py --append docs/BENCHMARKS.md
 
 # CycloneDX JSON SBOM of the venv's installed dependency set (tools/sbom.py: the
 # generator, PyPI cyclonedx-bom, runs from its own .venv-sbom, made on first use).

@@ -59,6 +59,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     emit.add_argument("--skip-invalid", action="store_true",
                       help="send the valid items even if some are invalid (they are named "
                       "on stderr, and the exit code is 1)")
+    emit.add_argument("--batch", type=_batch_size, default=DEFAULT_BATCH, metavar="N",
+                      help=BATCH_HELP)
     emit.add_argument("file", nargs="?", default="-",
                       help="JSON input file, or - for stdin (default)")
     emit.set_defaults(run=cmd_emit)
@@ -76,6 +78,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                           description="Send every pending row, oldest first, as emit does "
                           "(same lines, same exit codes).")
     flush.add_argument("--config", required=True, type=Path, help="emitter TOML file")
+    flush.add_argument("--batch", type=_batch_size, default=DEFAULT_BATCH, metavar="N",
+                       help=BATCH_HELP)
     flush.set_defaults(run=cmd_outbox_flush)
     prune = ob.add_parser("prune", help="drop rejected/expired rows (and old delivered "
                           "ones); shrink the file",
@@ -122,6 +126,22 @@ def main(argv: list[str] | None = None) -> int:
 
 def _line(message: object) -> str:
     return " ".join(str(message).split())[:1000]
+
+
+DEFAULT_BATCH = 100
+BATCH_HELP = (f"send up to N telemetry items per batch request (default {DEFAULT_BATCH}; "
+              "1: one request per item); a gateway without the batch route (404) gets "
+              "single requests")
+
+
+def _batch_size(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 1000:
+        raise argparse.ArgumentTypeError(f"must be an integer in [1, 1000], got {text!r}")
+    return n
 
 
 def _duration(text: str) -> float:
@@ -177,12 +197,13 @@ def cmd_emit(args: argparse.Namespace) -> int:
         with stream:
             staged = stage_input(client, stream, route, skip_invalid=args.skip_invalid,
                                  interrupt=interrupt, err=sys.stderr)
-        return await _after_staging(client, interrupt, staged, args.file, args.skip_invalid)
+        return await _after_staging(client, interrupt, staged, args.file, args.skip_invalid,
+                                    args.batch)
     return _run(args, work)
 
 
 async def _after_staging(client: EmitterClient, interrupt: Interrupt, staged,
-                         name: str, args_skip: bool) -> int:
+                         name: str, args_skip: bool, batch: int = 1) -> int:
     err = sys.stderr
     if staged.interrupted:
         return _fail("interrupted while reading the input: nothing queued, nothing sent",
@@ -206,12 +227,12 @@ async def _after_staging(client: EmitterClient, interrupt: Interrupt, staged,
         why = "empty input" if staged.items == 0 else "every valid item already delivered"
         print(f"fedgate: emit: nothing to send ({why})", file=err)
         return 1 if staged.invalid_count else 0
-    code = await _send(client, interrupt)
+    code = await _send(client, interrupt, batch)
     return code if code != 0 or not staged.invalid_count else 1
 
 
-async def _send(client: EmitterClient, interrupt: Interrupt) -> int:
-    sent = await send_pending(client, interrupt, sys.stdout, sys.stderr)
+async def _send(client: EmitterClient, interrupt: Interrupt, batch: int = 1) -> int:
+    sent = await send_pending(client, interrupt, sys.stdout, sys.stderr, batch=batch)
     print(summary(sent, client.outbox.count_pending()), file=sys.stderr)
     if sent.interrupted:
         return EXIT_INTERRUPTED
@@ -219,7 +240,7 @@ async def _send(client: EmitterClient, interrupt: Interrupt) -> int:
 
 
 def cmd_outbox_flush(args: argparse.Namespace) -> int:
-    return _run(args, _send)
+    return _run(args, lambda client, interrupt: _send(client, interrupt, args.batch))
 
 
 def _open_outbox(args: argparse.Namespace) -> Outbox:

@@ -27,6 +27,7 @@ from keyring.ed25519 import verify
 from keyring.signer import open_signer
 from schemas.routes import GRAPH_PATH, TELEMETRY_PATH
 
+from .batching import Batches
 from .delivery import Deliveries, DeliveryResult, _execution, _queued
 from .feedback import FeedbackQueries, QueryError
 from .ledger import Ledger
@@ -40,7 +41,7 @@ __all__ = ["DeliveryResult", "EmitterClient", "QueryError", "ServerPins", "backo
 
 log = logging.getLogger("fedgate.emitter")
 
-class EmitterClient(Deliveries, FeedbackQueries):
+class EmitterClient(Batches, Deliveries, FeedbackQueries):
     """Async context manager. ``signer``: anything with ``.sign(bytes) -> bytes`` and
     ``.public`` (an HSM handle); default: the PEM ``signing_key`` of the settings.
     ``query_feedback`` comes from :class:`emitter.feedback.FeedbackQueries`."""

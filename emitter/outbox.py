@@ -275,6 +275,23 @@ class Outbox:
                 "updated_at = ? WHERE id = ? AND state = 'pending'", (self._clock(), item_id))
         return bool(row[0])
 
+    def begin_attempts(self, item_ids: list[int]) -> dict[int, bool]:
+        """:meth:`begin_attempt` for the rows of one batch request, in one transaction
+        (one fsync): → each row's previous ``maybe_accepted``."""
+        with self._transaction():
+            previous = {}
+            for item_id in item_ids:
+                row = self._db.execute("SELECT maybe_accepted FROM outbox WHERE id = ?",
+                                       (item_id,)).fetchone()
+                if row is None:
+                    raise KeyError(item_id)
+                previous[item_id] = bool(row[0])
+                self._db.execute(
+                    "UPDATE outbox SET attempts = attempts + 1, maybe_accepted = 1, "
+                    "updated_at = ? WHERE id = ? AND state = 'pending'",
+                    (self._clock(), item_id))
+        return previous
+
     def record_attempt(self, item_id: int, error: str | None, *,
                        maybe_accepted: bool | None) -> None:
         """The outcome of an attempt that left the row pending: ``error``, and what

@@ -19,16 +19,18 @@ import os
 import signal
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TextIO
 
 from schemas.routes import Route
 from schemas.validate import Validators
 
+from .batching import MAX_BATCH_BYTES, batchable, entry_size
 from .client import EmitterClient
 from .delivery import DeliveryResult
 from .inputs import InputError, problem, read_items
-from .outbox import FINAL_STATES, body_digest
+from .outbox import FINAL_STATES, OutboxItem, body_digest
 
 PROGRESS_EVERY = 100  # items between two progress lines when stderr is not a terminal
 MAX_REPORTED = 100  # invalid items named one by one; the rest are counted
@@ -179,9 +181,12 @@ class Sent:
 
 
 async def send_pending(client: EmitterClient, interrupt: Interrupt, out: TextIO,
-                       err: TextIO) -> Sent:
+                       err: TextIO, *, batch: int = 1) -> Sent:
     """Deliver every pending row (oldest first): one line each on ``out``, progress on
-    ``err``; stop at the first row the gateway cannot take now, or on Ctrl-C."""
+    ``err``; stop at the first row the gateway cannot take now, or on Ctrl-C. ``batch``
+    > 1: up to that many telemetry rows per batch request (``EmitterClient.deliver_batch``;
+    single requests for a gateway without the batch route); Ctrl-C then stops after the
+    current batch."""
     interrupt.watch()
     outbox, report = client.outbox, Sent()
     report.total = outbox.count_pending()
@@ -192,30 +197,56 @@ async def send_pending(client: EmitterClient, interrupt: Interrupt, out: TextIO,
             ids = outbox.pending_ids(after=last, limit=500)
             if not ids:
                 break
-            for item_id in ids:
-                last = item_id
+            for chunk in chunks(outbox, ids, batch):
+                last = chunk[-1].id
                 if interrupt.requested:
                     report.interrupted = True
                     return report
-                item = outbox.get(item_id)
-                if item.state != "pending":
-                    continue
-                result = await client.deliver(item)
-                done += 1
-                print(describe(result), file=out, flush=True)
-                report.delivered += result.delivered
-                report.failed |= result.outcome in ("rejected", "refused")
-                if result.outcome in ("queued", "refused"):
-                    report.stopped = (why_queued(result.error) if result.outcome == "queued"
-                                      else f"refused {result.error}")
+                results = (await client.deliver_batch(chunk) if len(chunk) > 1
+                           else [await client.deliver(chunk[0])])
+                for result in results:
+                    done += 1
+                    print(describe(result), file=out, flush=True)
+                    report.delivered += result.delivered
+                    report.failed |= result.outcome in ("rejected", "refused")
+                    if result.outcome in ("queued", "refused") and not report.stopped:
+                        report.stopped = (why_queued(result.error) if result.outcome == "queued"
+                                          else f"refused {result.error}")
+                if report.stopped:
                     break
-                if tty or done % PROGRESS_EVERY == 0:
+                if tty or done % PROGRESS_EVERY < len(results):
                     end = "\r" if tty else "\n"
                     print(f"fedgate: sent {report.delivered} of {report.total}", end=end,
                           file=err, flush=True)
+            else:
+                last = max(last, ids[-1])
     except asyncio.CancelledError:  # a second Ctrl-C: the row stays pending
         report.interrupted = True
     return report
+
+
+def chunks(outbox, ids: list[int], batch: int) -> Iterator[list[OutboxItem]]:
+    """The pending rows of ``ids`` in order, grouped: up to ``batch`` consecutive telemetry
+    rows (at most ``MAX_BATCH_BYTES`` of them) together; any other row alone."""
+    group: list[OutboxItem] = []
+    size = 0
+    for item_id in ids:
+        item = outbox.get(item_id)
+        if item.state != "pending":
+            continue
+        if batch <= 1 or not batchable(item):
+            if group:
+                yield group
+                group, size = [], 0
+            yield [item]
+            continue
+        if group and (len(group) >= batch or size + entry_size(item) > MAX_BATCH_BYTES):
+            yield group
+            group, size = [], 0
+        group.append(item)
+        size += entry_size(item)
+    if group:
+        yield group
 
 
 def summary(report: Sent, queued: int) -> str:

@@ -11,6 +11,9 @@ IDENTITY_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")  # a client identity's name
 TELEMETRY_PATH = "/internal/v1/telemetry"
 GRAPH_PATH = "/internal/v1/cognitive/execution-graph"
 QUERY_PATH = "/internal/v1/cognitive/feedback/adjustments/query"
+#: [v1.1] many telemetry events, each signed alone (PROTOCOL.md §5); not a SIGNED_ROUTE:
+#: its envelope is not signed, its items run the TELEMETRY route one by one
+BATCH_PATH = "/internal/v1/telemetry/batch"
 
 GRAPH_SCHEMA_VERSION = "execution.graph.v1"
 FINDING_SCHEMA_VERSION = "finding.record.v1"

@@ -46,9 +46,14 @@ _CONN_LIMITS: dict[str, tuple[float, float, float, str]] = {
     "shutdown_timeout_s": (10.0, 0.0, 20.0, "a number of seconds in (0, 20]"),
 }
 SHUTDOWN_TIMEOUT_MAX_S = _CONN_LIMITS["shutdown_timeout_s"][2]
+# the batch route (PROTOCOL.md §5 v1.1): name → (default, lowest, highest)
+_BATCH_LIMITS: dict[str, tuple[int, int, int]] = {
+    "max_batch_bytes": (8 * 1024 * 1024, 1, 256 * 1024 * 1024),
+    "max_batch_items": (1000, 1, 100_000),
+}
 _SERVER_KEYS = frozenset({"host", "port", "tls_cert", "tls_key", "client_ca", "max_body_bytes",
-                          "node_name",
-                          *_CONN_LIMITS})
+                          "node_name", "batch_route",
+                          *_CONN_LIMITS, *_BATCH_LIMITS})
 _IDENTITY_KEYS = frozenset({"pins", "tenants"})
 _SQLITE, _REDIS = "sqlite:///", ("redis://", "rediss://")
 
@@ -91,6 +96,10 @@ class ServerSettings:
     #: this replica's name (ECS ``service.node.name``; the audit outbox's owner): unique
     #: among the gateways that share one store
     node_name: str = ""
+    #: POST /internal/v1/telemetry/batch is served (false: 404, emitters fall back)
+    batch_route: bool = True
+    max_batch_bytes: int = _BATCH_LIMITS["max_batch_bytes"][0]
+    max_batch_items: int = _BATCH_LIMITS["max_batch_items"][0]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -249,13 +258,25 @@ def _server(server: Mapping[str, Any], base: Path) -> ServerSettings:
     if not isinstance(node, str) or not NODE_NAME_RE.fullmatch(node):
         raise ConfigError("server.node_name must match ^[A-Za-z0-9._-]{1,253}$, "
                           f"got {node!r}")
+    batch_route = server.get("batch_route", True)
+    if not isinstance(batch_route, bool):
+        raise ConfigError(f"server.batch_route must be true or false, got {batch_route!r}")
     return ServerSettings(
-        host=host, port=port, node_name=node,
+        host=host, port=port, node_name=node, batch_route=batch_route,
+        **{name: _batch_limit(server, name) for name in _BATCH_LIMITS},
         tls_cert=readable_file(server, "tls_cert", base, "server."),
         tls_key=readable_file(server, "tls_key", base, "server."),
         client_ca=readable_file(server, "client_ca", base, "server."),
         **{name: _conn_limit(server, name) for name in _CONN_LIMITS},
     )
+
+
+def _batch_limit(server: Mapping[str, Any], name: str) -> int:
+    default, low, high = _BATCH_LIMITS[name]
+    value = server.get(name, default)
+    if not _is_int(value) or not low <= value <= high:
+        raise ConfigError(f"server.{name} must be an integer in [{low}, {high}], got {value!r}")
+    return value
 
 
 def _admin(admin: Mapping[str, Any], server: Mapping[str, Any]) -> AdminSettings:

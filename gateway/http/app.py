@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestPayloadError
 
 from audit import AuditSink
 from common.tls import peer_cert_pins
@@ -30,9 +29,9 @@ from gateway.pipeline import errors as E
 from gateway.pipeline.pipeline import Context, Pipeline, SignedRequest, check_head
 from gateway.pipeline.records import accepted_body
 from gateway.selftest import run_startup
-from gateway.store import StoreError, open_store
+from gateway.store import open_store
 from keyring import Keyring, PrivateKey
-from schemas.routes import SIGNED_ROUTES, Route
+from schemas.routes import BATCH_PATH, SIGNED_ROUTES, Route
 from schemas.validate import Validators
 
 from .appkeys import (  # noqa: F401  (re-exported: app.SETTINGS, app.ISSUER, … for callers)
@@ -59,7 +58,9 @@ from .appkeys import (  # noqa: F401  (re-exported: app.SETTINGS, app.ISSUER, �
 )
 from .audit_checkpoints import checkpointer, tick_forever
 from .auditing import audit, audit_skipped, audit_unrouted, emit_audit  # noqa: F401
+from .batch import handle_batch
 from .conn import CONN, GUARD, track_requests
+from .intake import body_timeout, note_store, read_body, start_body  # noqa: F401
 from .metrics import Metrics
 from .probes import (  # noqa: F401
     handle_healthz,
@@ -107,6 +108,8 @@ def make_app(settings: GatewaySettings, keys: tuple[Keyring, PrivateKey], *,
     app.on_response_prepare.append(hide_server_version)
     for path in SIGNED_ROUTES:
         app.router.add_post(path, handle_signed)
+    if settings.server.batch_route:
+        app.router.add_post(BATCH_PATH, handle_batch)
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/readyz", handle_readyz)
     app.router.add_get("/metrics", handle_metrics)
@@ -202,58 +205,6 @@ async def request_id_middleware(request: web.Request, handler) -> web.StreamResp
     return response
 
 
-async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
-    """§4.2 while streaming (the headers were judged by ``check_head``): at most ``limit``
-    bytes, all of them within ``timeout_s`` (else 408: a slow sender cannot hold a worker).
-    A connection lost before the end (the client left, or the guard shed it) is a
-    ``ClientDisconnected``; a body whose framing breaks (bad chunks) a ``BadRequest``."""
-    chunks, size = [], 0
-    try:
-        async with asyncio.timeout(timeout_s):
-            async for chunk in request.content.iter_chunked(64 * 1024):
-                size += len(chunk)
-                if size > limit:
-                    raise E.BodyTooLarge(f"body exceeds max_body_bytes ({limit})")
-                chunks.append(chunk)
-    except TimeoutError:
-        raise E.RequestTimeout(f"the body did not arrive within {timeout_s:g} s") from None
-    except ConnectionError:
-        conn = request.get(CONN)
-        by = f"shed by the gateway ({conn.shed_reason})" if conn and conn.shed_reason else (
-            "by the client")
-        raise E.ClientDisconnected(f"the connection was closed {by} before the whole body "
-                                   f"arrived ({size} bytes)") from None
-    except RequestPayloadError:
-        raise E.BadRequest("the body's framing is malformed") from None
-    except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            raise  # this task itself is cancelled
-        # the shutdown deadline passed: aiohttp ends the body read (gateway/http/server.py)
-        raise E.ClientDisconnected(f"the gateway stopped before the whole body arrived "
-                                   f"({size} bytes)") from None
-    return b"".join(chunks)
-
-
-def body_timeout(app: web.Application) -> float:
-    """At most clock_skew_s (bounded to 1-30 s): a body slower than that could not pass
-    the timestamp window anyway."""
-    return float(min(30, max(1, app[SETTINGS].security.clock_skew_s)))
-
-
-def start_body(request: web.Request, identity: str) -> float:
-    """The headers passed (``check_head``): count the request in its identity's share of
-    the connection cap and return how long its body may take (gateway/http/conn.py)."""
-    cap_s = body_timeout(request.app)
-    guard, conn = request.app.get(GUARD), request.get(CONN)
-    if guard is None or conn is None:
-        return cap_s
-    if not guard.claim(conn, identity):
-        raise E.RateLimited("too many requests in progress for this service identity",
-                            retry_after=1)
-    return guard.limits.body_seconds(request.content_length, cap_s)
-
-
 async def handle_signed(request: web.Request) -> web.Response:
     """A signed request is handled in its own task, shielded: cancelling the handler (the
     shutdown deadline, gateway/http/server.py) never stops it between the store commit and
@@ -299,7 +250,7 @@ async def decide_signed(request: web.Request) -> web.Response:
         status, payload, action = exc.status, exc.body(ctx.request_id), f"{route.kind}.rejected"
     finally:
         app[METRICS].pipeline.observe(time.perf_counter() - started)
-    note_store(app, ctx, route, exc)
+    note_store(app, ctx, route.kind, exc)
     if not await audit(request, ctx, peer, action, status, exc):
         err = E.AuditUnavailable("the decision could not be audited")
         status, payload = err.status, err.body(ctx.request_id)
@@ -313,17 +264,6 @@ async def decide_signed(request: web.Request) -> web.Response:
     if not body_in:
         response.force_close()  # an unread body must not be parsed as the next request
     return response
-
-
-def note_store(app: web.Application, ctx: Context, route: Route,
-               exc: E.GatewayError | None) -> None:
-    """A 503 for a store failure logs its cause (throttled); a success after, the recovery."""
-    if exc is None:
-        app[STORE_FAILURES].recovered()
-    elif isinstance(exc.__cause__, StoreError):
-        app[STORE_FAILURES].failed(exc.__cause__, stage=exc.__cause__.stage, status=exc.status,
-                                   error=exc.error, route=route.kind,
-                                   request_id=ctx.request_id)
 
 
 def answer(route: Route, ctx: Context) -> tuple[int, dict[str, Any], str]:

@@ -87,6 +87,9 @@ class Metrics:
         self.connections_closed = LabeledCounter(Counter(  # by reason (gateway/http/conn.py)
             "fedgate_connections_closed", "Connections closed early by the gateway, by reason.",
             ["reason"], registry=reg))
+        self._batch_items = Counter(  # the batch route's items (gateway/http/batch.py)
+            "fedgate_batch_items", "Items of batch requests by status and error code.",
+            ["code", "error"], registry=reg)
         self.store_amnesia = Counter(  # docs/STORES.md "Store amnesia"
             "fedgate_store_amnesia", "New replay-store epochs seen begin: the store had lost "
             "its state (flushed, restarted empty) or was new.", registry=reg)
@@ -103,6 +106,9 @@ class Metrics:
 
     def count(self, route: str, status: int, error: str | None) -> None:
         self._requests.labels(route, str(status), error or "").inc()
+
+    def batch_items(self, status: int, error: str | None) -> None:
+        self._batch_items.labels(str(status), error or "").inc()
 
     @property
     def connections_open(self) -> int:

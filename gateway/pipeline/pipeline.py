@@ -22,7 +22,7 @@ from typing import Any
 
 from common.tls import pin_matches
 from gateway.config.config import SecurityConfig
-from gateway.store import Commit, Outcome, Store, StoreError
+from gateway.store import Commit, CommitResult, Outcome, Store, StoreError
 from keyring import Key, Keyring, KeySelectionError, candidate_keys, verify
 from keyring.keys import KID_RE
 from schemas.canonical import CanonicalError, loads, parse_canonical, too_deep
@@ -63,6 +63,15 @@ class Pipeline:
 
     async def process(self, req: SignedRequest, now: int, ctx: Context) -> Context:
         """Run §4 steps 2-14 on ``req``; return the filled context or raise GatewayError."""
+        commit = await self.prepare(req, now, ctx)
+        await self.commit(commit)
+        ctx.record_id = commit.record.record_id
+        return ctx
+
+    async def prepare(self, req: SignedRequest, now: int, ctx: Context) -> Commit:
+        """§4 steps 2-11 (read-only) on ``req``: the ``Commit`` of steps 12-14 that
+        ``commit`` then makes, or GatewayError. The batch route prepares every item in a
+        tight loop, then commits them together (gateway/pipeline/batch.py)."""
         cfg = self.config
         # §4.2 content type, size, non-empty body
         check_content_type(req.headers)
@@ -106,11 +115,9 @@ class Pipeline:
             # read-only look at the claim; the claim at commit stays the authority
             await self.refuse_claimed(ctx, nonce, hashlib.sha256(req.body).hexdigest(), now)
             ctx.response = await self.respond(ctx, now)
-        # §4.12-14 owner and attestation anchor, claim the nonce, persist: one atomic step
-        commit = records.build_commit(req, body, ctx, now, cfg, signature)
-        await self.commit(commit)
-        ctx.record_id = commit.record.record_id
-        return ctx
+        # §4.12-14 (``commit``) owner and attestation anchor, claim the nonce, persist:
+        # one atomic step
+        return records.build_commit(req, body, ctx, now, cfg, signature)
 
     def parse_body(self, route: Route, raw: bytes) -> dict[str, Any]:
         try:
@@ -147,28 +154,55 @@ class Pipeline:
             raise_replayed(duplicate)
 
     async def commit(self, commit: Commit) -> None:
+        """§4.12-14: one atomic store call; GatewayError if it refused or failed."""
         started = time.perf_counter()
         try:
-            result = await self.store.commit(commit)
+            result: CommitResult | StoreError = await self.store.commit(commit)
         except StoreError as exc:
-            if exc.stage == "claim":
-                raise E.ReplayStoreUnavailable("the replay store is unavailable") from exc
-            raise E.StoreUnavailable("the store could not persist the request") from exc
+            result = exc
         finally:
             if self.store_timer is not None:
                 self.store_timer(time.perf_counter() - started)
-        if result.outcome is Outcome.BEFORE_EPOCH:  # docs/STORES.md "Store amnesia"
-            raise E.ReplayStoreUnavailable(
-                "the replay store lost its state; a request signed before it recovered "
-                "cannot be judged — re-sign it with a fresh timestamp")
-        if result.outcome is Outcome.EXECUTION_NOT_OWNED:
-            raise E.ExecutionNotOwned("this execution belongs to another service identity")
-        if result.outcome is Outcome.ATTESTATION_MISMATCH:
-            raise E.AttestationMismatch(
-                "attestation_measurement_hash differs from the hash anchored for this execution"
-            )
-        if result.outcome is Outcome.REPLAYED:
-            raise_replayed(result.duplicate_of)
+        judge_commit(result)
+
+    async def commit_many(self, commits: list[Commit]) -> list[E.GatewayError | None]:
+        """The commits of one batch (``Store.commit_many``: each atomic on its own, the
+        first in order wins a conflict): per commit, None (done) or its GatewayError."""
+        started = time.perf_counter()
+        try:
+            results = await self.store.commit_many(commits)
+        finally:
+            if self.store_timer is not None:
+                self.store_timer(time.perf_counter() - started)
+        out: list[E.GatewayError | None] = []
+        for result in results:
+            try:
+                judge_commit(result)
+            except E.GatewayError as exc:
+                out.append(exc)
+            else:
+                out.append(None)
+        return out
+
+
+def judge_commit(result: CommitResult | StoreError) -> None:
+    """What the store said about one commit, as §4's answer (raise) or accepted (return)."""
+    if isinstance(result, StoreError):
+        if result.stage == "claim":
+            raise E.ReplayStoreUnavailable("the replay store is unavailable") from result
+        raise E.StoreUnavailable("the store could not persist the request") from result
+    if result.outcome is Outcome.BEFORE_EPOCH:  # docs/STORES.md "Store amnesia"
+        raise E.ReplayStoreUnavailable(
+            "the replay store lost its state; a request signed before it recovered "
+            "cannot be judged — re-sign it with a fresh timestamp")
+    if result.outcome is Outcome.EXECUTION_NOT_OWNED:
+        raise E.ExecutionNotOwned("this execution belongs to another service identity")
+    if result.outcome is Outcome.ATTESTATION_MISMATCH:
+        raise E.AttestationMismatch(
+            "attestation_measurement_hash differs from the hash anchored for this execution"
+        )
+    if result.outcome is Outcome.REPLAYED:
+        raise_replayed(result.duplicate_of)
 
 
 def raise_replayed(duplicate_of: str | None) -> None:
@@ -201,18 +235,22 @@ def check_content_type(headers: Any) -> None:
 
 
 def check_head(cfg: SecurityConfig, headers: Any, content_length: int | None,
-               peer_fp: str | None, peer_spki: str | None = None) -> str:
+               peer_fp: str | None, peer_spki: str | None = None, *,
+               max_bytes: int | None = None) -> str:
     """§4.2-3 on what the headers allow, before a byte of the body is read (so a client
     whose certificate is pinned to no identity never holds a body read): content type
     and encoding, Content-Length against max_body_bytes and zero, then the identity.
     A chunked body (no Content-Length) has its size judged while it is read, after this.
-    ``Pipeline.process`` judges the same again on the whole body."""
+    ``Pipeline.process`` judges the same again on the whole body. ``max_bytes``: the
+    batch route's limit (``max_batch_bytes``) instead of ``max_body_bytes``."""
     check_content_type(headers)
     encoding = one_header(headers, "Content-Encoding", E.UnsupportedMediaType) or "identity"
     if encoding.strip().lower() != "identity":
         raise E.UnsupportedMediaType("Content-Encoding is not accepted (send identity)")
-    if content_length is not None and content_length > cfg.max_body_bytes:
-        raise E.BodyTooLarge(f"body exceeds max_body_bytes ({cfg.max_body_bytes})")
+    limit, name = ((cfg.max_body_bytes, "max_body_bytes") if max_bytes is None
+                   else (max_bytes, "max_batch_bytes"))
+    if content_length is not None and content_length > limit:
+        raise E.BodyTooLarge(f"body exceeds {name} ({limit})")
     if content_length == 0:
         raise E.EmptyBody("the request body is empty")
     return check_identity(cfg, headers, peer_fp, peer_spki)

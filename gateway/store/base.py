@@ -10,7 +10,8 @@ any part fails nothing is written, so a failed write never consumes a nonce.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+import asyncio
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -143,6 +144,41 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def commit(self, commit: Commit) -> CommitResult:
         """Steps 12-14 as one atomic step; raise StoreError on failure (nothing written)."""
+
+    async def commit_many(self, commits: Sequence[Commit]) -> list[CommitResult | StoreError]:
+        """The commits of one batch request, each atomic on its own (not all or nothing):
+        per commit, its result or the StoreError that failed it. Where two commits could
+        decide each other (the same nonce; the same execution with different attestation
+        hashes or owners) the first in order is decided first, so the batch's answer does not depend
+        on timing. This default runs the others concurrently; a store may do the whole
+        batch in one round trip instead (same contract)."""
+        last: dict[tuple[str, ...], asyncio.Future] = {}
+        claims: dict[tuple[str, str], set[tuple[str, str]]] = {}  # execution → (hash, owner)
+        for c in commits:
+            if c.anchor is not None:
+                claims.setdefault((c.tenant_id, c.anchor.execution_fingerprint), set()).add(
+                    (c.anchor.attestation_hash, c.identity))
+        tasks = []
+        for c in commits:
+            keys = [("nonce", c.identity, c.tenant_id, c.nonce)]
+            execution = None if c.anchor is None else (c.tenant_id,
+                                                       c.anchor.execution_fingerprint)
+            if execution is not None and len(claims[execution]) > 1:
+                keys.append(("anchor", *execution))
+            after = {last[k] for k in keys if k in last}
+            task = asyncio.ensure_future(self._commit_after(c, after))
+            last.update(dict.fromkeys(keys, task))
+            tasks.append(task)
+        return list(await asyncio.gather(*tasks))
+
+    async def _commit_after(self, commit: Commit,
+                            after: set[asyncio.Future]) -> CommitResult | StoreError:
+        if after:
+            await asyncio.wait(after)
+        try:
+            return await self.commit(commit)
+        except StoreError as exc:
+            return exc
 
     @abc.abstractmethod
     async def put_record(self, record: Record, now: int) -> None:

@@ -168,10 +168,12 @@ def test_ctrl_c_leaves_the_rest_queued_and_a_rerun_sends_no_duplicate(fed, tmp_p
     data = jsonl(tmp_path / "campaign.jsonl", items)
     proc = subprocess.Popen([sys.executable, "-m", "fedgate.cli", "emit", "--config",
                              str(fed / "emitter.toml"), str(data)], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = [proc.stdout.readline() for _ in range(3)]  # sending has started
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    # unbuffered: readline takes no more than its line (a batch's lines come at once,
+    # and communicate() would not see what a buffered reader had taken ahead)
+    first = [proc.stdout.readline().decode() for _ in range(3)]  # sending has started
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    out, err = (part.decode() for part in proc.communicate(timeout=120))
     lines = first + out.splitlines(keepends=True)
     assert proc.returncode == 130, err
     assert "Traceback" not in err

@@ -1,0 +1,126 @@
+"""``POST /internal/v1/telemetry/batch`` → 200 (PROTOCOL.md §5, v1.1; docs/PROTOCOL.md).
+
+Checks 2-3 (content type, size against ``max_batch_bytes``, identity) run once for the
+whole request, then the strict envelope (gateway/pipeline/batch.py): a failure there is
+the usual error body and status for the whole request, nothing stored, one audit event
+(``telemetry_batch.rejected``). Otherwise every item is decided on its own, exactly as a
+single ``POST /internal/v1/telemetry`` would be, and gets one audit event of its own
+(``telemetry.accepted`` / ``telemetry.rejected``, in item order); the answer lists the
+items' results in order. Served unless ``[server] batch_route = false`` (then 404, and
+emitters fall back to single requests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from aiohttp import web
+
+from common.tls import peer_cert_pins
+from gateway.pipeline import errors as E
+from gateway.pipeline.batch import ItemOutcome, parse_envelope, run_batch
+from gateway.pipeline.pipeline import check_head
+from gateway.pipeline.request import Context
+
+from .appkeys import (
+    AUDIT_REFUSALS,
+    CLOCK,
+    DECISIONS,
+    METRICS,
+    PIPELINE,
+    READY,
+    REQUEST_ID,
+    SETTINGS,
+)
+from .auditing import audit
+from .conn import CONN, GUARD
+from .intake import note_store, read_body, start_body
+from .probes import json_response
+
+KIND = "telemetry_batch"  # the route label of fedgate_requests_total, the audit prefix
+
+
+async def handle_batch(request: web.Request) -> web.Response:
+    """In its own shielded task, as ``app.handle_signed``: a cancelled handler never
+    stops the batch between its commits and their audit events."""
+    app = request.app
+    task = asyncio.ensure_future(decide_batch(request))
+    app[DECISIONS].add(task)
+    task.add_done_callback(app[DECISIONS].discard)
+    return await asyncio.shield(task)
+
+
+async def decide_batch(request: web.Request) -> web.Response:
+    app = request.app
+    ctx = Context(request[REQUEST_ID])
+    if not app[READY]["audit"]:  # fail closed: no decision without its audit event
+        app[AUDIT_REFUSALS].failed("an earlier append failed (restart the gateway)",
+                                   request_id=ctx.request_id)
+        err = E.AuditUnavailable("the audit log is unavailable")
+        return json_response(err.body(ctx.request_id), err.status)
+    peer, peer_spki = peer_cert_pins(request.transport.get_extra_info("ssl_object")
+                                     if request.transport else None)
+    settings = app[SETTINGS]
+    security, server = settings.security, settings.server
+    started, body_in = time.perf_counter(), False
+    try:
+        ctx.identity = check_head(security, request.headers, request.content_length,
+                                  peer, peer_spki, max_bytes=server.max_batch_bytes)
+        body = await read_body(request, server.max_batch_bytes,
+                               start_body(request, ctx.identity), "max_batch_bytes")
+        body_in = True
+        if (guard := app.get(GUARD)) is not None and (conn := request.get(CONN)) is not None:
+            guard.deciding(conn)
+        if not body:
+            raise E.EmptyBody("the request body is empty")
+        items = parse_envelope(body, server.max_batch_items)
+        now = int(app[CLOCK]())  # once for the whole batch, when its body is in
+        outcomes = await run_batch(app[PIPELINE], items, request.headers, peer, peer_spki,
+                                   ctx.request_id, now)
+    except E.GatewayError as exc:
+        app[METRICS].pipeline.observe(time.perf_counter() - started)
+        return await refuse(request, ctx, peer, exc, body_in)
+    app[METRICS].pipeline.observe(time.perf_counter() - started)
+    return await answer(request, ctx, peer, outcomes)
+
+
+async def refuse(request: web.Request, ctx: Context, peer: str | None,
+                 exc: E.GatewayError, body_in: bool) -> web.Response:
+    """The whole request refused (checks 2-3 or the envelope): one audit event."""
+    app = request.app
+    note_store(app, ctx, KIND, exc)
+    status, payload = exc.status, exc.body(ctx.request_id)
+    if not await audit(request, ctx, peer, f"{KIND}.rejected", status, exc):
+        err = E.AuditUnavailable("the decision could not be audited")
+        status, payload = err.status, err.body(ctx.request_id)
+    app[METRICS].count(KIND, status, exc.error)
+    response = json_response(payload, status)
+    if isinstance(exc, E.RateLimited):
+        response.headers["Retry-After"] = str(exc.extra["retry_after"])
+    if not body_in:
+        response.force_close()  # an unread body must not be parsed as the next request
+    return response
+
+
+async def answer(request: web.Request, ctx: Context, peer: str | None,
+                 outcomes: list[ItemOutcome]) -> web.Response:
+    """One audit event per item (appended in item order), then the 200 answer."""
+    app = request.app
+    for outcome in outcomes:
+        note_store(app, outcome.ctx, "telemetry", outcome.error)
+    audited = await asyncio.gather(*(
+        audit(request, o.ctx, peer, "telemetry.rejected" if o.error else "telemetry.accepted",
+              o.status, o.error) for o in outcomes))
+    for outcome, ok in zip(outcomes, audited, strict=True):
+        if not ok:  # as a single request: the decision stands, the answer says 503
+            outcome.error = E.AuditUnavailable("the decision could not be audited")
+        app[METRICS].batch_items(outcome.status, outcome.error.error if outcome.error
+                                 else None)
+    accepted = sum(o.error is None for o in outcomes)
+    app[METRICS].count(KIND, 200, None)
+    payload: dict[str, Any] = {
+        "request_id": ctx.request_id, "status": "completed", "accepted": accepted,
+        "rejected": len(outcomes) - accepted, "results": [o.result() for o in outcomes]}
+    return json_response(payload, 200)

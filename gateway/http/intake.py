@@ -1,0 +1,82 @@
+"""What every signed route does with a request before and after the pipeline: read the
+body within its size and time limits (§4.2), count it against its identity's share of
+the connection cap, and log a store failure's cause (throttled). Shared by the single
+routes (gateway/http/app.py) and the batch route (gateway/http/batch.py)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
+
+from gateway.pipeline import errors as E
+from gateway.pipeline.request import Context
+from gateway.store import StoreError
+
+from .appkeys import SETTINGS, STORE_FAILURES
+from .conn import CONN, GUARD
+
+
+async def read_body(request: web.Request, limit: int, timeout_s: float,
+                    limit_name: str = "max_body_bytes") -> bytes:
+    """§4.2 while streaming (the headers were judged by ``check_head``): at most ``limit``
+    bytes, all of them within ``timeout_s`` (else 408: a slow sender cannot hold a worker).
+    A connection lost before the end (the client left, or the guard shed it) is a
+    ``ClientDisconnected``; a body whose framing breaks (bad chunks) a ``BadRequest``."""
+    chunks, size = [], 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.content.iter_chunked(64 * 1024):
+                size += len(chunk)
+                if size > limit:
+                    raise E.BodyTooLarge(f"body exceeds {limit_name} ({limit})")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise E.RequestTimeout(f"the body did not arrive within {timeout_s:g} s") from None
+    except ConnectionError:
+        conn = request.get(CONN)
+        by = f"shed by the gateway ({conn.shed_reason})" if conn and conn.shed_reason else (
+            "by the client")
+        raise E.ClientDisconnected(f"the connection was closed {by} before the whole body "
+                                   f"arrived ({size} bytes)") from None
+    except RequestPayloadError:
+        raise E.BadRequest("the body's framing is malformed") from None
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # this task itself is cancelled
+        # the shutdown deadline passed: aiohttp ends the body read (gateway/http/server.py)
+        raise E.ClientDisconnected(f"the gateway stopped before the whole body arrived "
+                                   f"({size} bytes)") from None
+    return b"".join(chunks)
+
+
+def body_timeout(app: web.Application) -> float:
+    """At most clock_skew_s (bounded to 1-30 s): a body slower than that could not pass
+    the timestamp window anyway."""
+    return float(min(30, max(1, app[SETTINGS].security.clock_skew_s)))
+
+
+def start_body(request: web.Request, identity: str) -> float:
+    """The headers passed (``check_head``): count the request in its identity's share of
+    the connection cap and return how long its body may take (gateway/http/conn.py)."""
+    cap_s = body_timeout(request.app)
+    guard, conn = request.app.get(GUARD), request.get(CONN)
+    if guard is None or conn is None:
+        return cap_s
+    if not guard.claim(conn, identity):
+        raise E.RateLimited("too many requests in progress for this service identity",
+                            retry_after=1)
+    return guard.limits.body_seconds(request.content_length, cap_s)
+
+
+def note_store(app: web.Application, ctx: Context, route_kind: str,
+               exc: E.GatewayError | None) -> None:
+    """A 503 for a store failure logs its cause (throttled); a success after, the recovery."""
+    if exc is None:
+        app[STORE_FAILURES].recovered()
+    elif isinstance(exc.__cause__, StoreError):
+        app[STORE_FAILURES].failed(exc.__cause__, stage=exc.__cause__.stage, status=exc.status,
+                                   error=exc.error, route=route_kind,
+                                   request_id=ctx.request_id)
