@@ -59,6 +59,7 @@ from .appkeys import (  # noqa: F401  (re-exported: app.SETTINGS, app.ISSUER, �
 from .audit_checkpoints import checkpointer, tick_forever
 from .auditing import audit, audit_skipped, audit_unrouted, emit_audit  # noqa: F401
 from .conn import CONN, GUARD, track_requests
+from .killswitch import RevocationWatcher
 from .metrics import Metrics
 from .probes import (  # noqa: F401
     handle_healthz,
@@ -123,6 +124,11 @@ async def resources(app: web.Application) -> AsyncIterator[None]:
     store = open_store(settings.store_url, **settings.store_options)
     store.on_amnesia = app[METRICS].store_amnesia.inc
     await store.open()
+    try:  # the revoked keys before serving (the kill switch): unreadable → no start
+        revoked = await store.revoked_keys()
+    except BaseException:
+        await store.close()
+        raise
     app[STORE] = store
     checkpoints = checkpointer(settings)
     app[AUDIT] = AuditSink(settings.audit_path, level="debug", checkpoints=checkpoints,
@@ -134,9 +140,15 @@ async def resources(app: web.Application) -> AsyncIterator[None]:
     app[PIPELINE] = Pipeline(settings.security, keyring, validators, store,
                              store_timer=app[METRICS].store.observe,
                              respond=app[ISSUER].respond)
+    watcher = RevocationWatcher(store, app[PIPELINE], settings.server.revocation_refresh_s,
+                                on_count=app[METRICS].revoked_keys)
+    watcher.apply(revoked, at_start=True)
+    revocations = asyncio.create_task(watcher.run())
     try:
         yield
     finally:
+        revocations.cancel()
+        await asyncio.gather(revocations, return_exceptions=True)
         if (guard := app.get(GUARD)) is not None:
             await guard.close()  # a body still arriving fails now (a rejection, no write)
         await finish_decisions(app)  # no commit without its audit event, none cut short
@@ -263,7 +275,8 @@ async def decide_signed(request: web.Request) -> web.Response:
         return json_response(err.body(ctx.request_id), err.status)
     peer, peer_spki = peer_cert_pins(request.transport.get_extra_info("ssl_object")
                                      if request.transport else None)
-    security = app[SETTINGS].security
+    trust = app[PIPELINE].trust  # read once: a SIGHUP or a revocation swaps it whole
+    security = trust.config
     started, now, exc, body_in = time.perf_counter(), None, None, False
     try:
         # §4.2-3 on the headers alone: no body is read for a client that fails them
@@ -278,7 +291,7 @@ async def decide_signed(request: web.Request) -> web.Response:
         # the timestamp window or outlive a claim), and passed down
         now = int(app[CLOCK]())
         req = SignedRequest(route, request.headers, body, peer, ctx.request_id, peer_spki)
-        await app[PIPELINE].process(req, now, ctx)
+        await app[PIPELINE].process(req, now, ctx, trust)
         status, payload, action = answer(route, ctx)
     except E.GatewayError as error:
         exc = error
