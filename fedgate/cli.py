@@ -20,6 +20,7 @@ from .commands.audit import cmd_audit_rotate, cmd_audit_ship, cmd_audit_verify
 from .commands.certs import cmd_certs_init, cmd_certs_issue
 from .commands.federation import cmd_bootstrap, cmd_demo
 from .commands.keys import cmd_keys_new
+from .commands.revoke import cmd_keys_revoke, cmd_keys_revoked
 from .commands.selftest import cmd_selftest
 from .commands.serve import cmd_probe, cmd_serve
 
@@ -142,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "append the public JWK to that JWKS file (e.g. the gateway's "
                           "producer_keyring; created if missing, replaced atomically, a kid "
                           "already in it is refused before any file is written). The gateway "
-                          "reads the keyring at start-up: restart it to use the new key.")
+                          "reads the keyring at start-up: reload it (SIGHUP) to use the new key.")
     new.add_argument("--kid", required=True, help="key id, ^[A-Za-z0-9._:-]{1,128}$")
     new.add_argument("--out", type=Path, help="output directory (required without --pkcs11)")
     new.add_argument("--identity", help="service identity the key signs for (producer keys)")
@@ -166,6 +167,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --pkcs11: the environment variable holding the token's user "
                      "PIN (default FEDGATE_PKCS11_PIN)")
     new.set_defaults(run=cmd_keys_new)
+    revoke = keys.add_parser(
+        "revoke", help="revoke a producer key on every gateway sharing the store (kill switch)",
+        description="Mark KID revoked in the store named by the gateway config ([store] url) "
+        "and signal it: every gateway sharing that store refuses the key (401 key_not_valid) "
+        "within 1 s, and at start-up from then on. Final: there is no un-revoke; give the "
+        "producer a new key under a new kid. KID must be in the config's producer_keyring.")
+    revoke.add_argument("kid", metavar="KID", help="the producer key's kid")
+    revoke.add_argument("--config", required=True, type=Path, help="the gateway's TOML config")
+    revoke.add_argument("--reason", default="", help="why (one line, kept with the revocation)")
+    revoke.set_defaults(run=cmd_keys_revoke)
+    revoked = keys.add_parser("revoked", help="list the revoked producer keys in the store",
+                              description="One line per revoked kid: kid, time (UTC), reason.")
+    revoked.add_argument("--config", required=True, type=Path,
+                         help="the gateway's TOML config")
+    revoked.set_defaults(run=cmd_keys_revoked)
 
     aud_parser = sub.add_parser("audit", help="audit log tools")
     aud = aud_parser.add_subparsers(metavar="ACTION")

@@ -44,6 +44,9 @@ _CONN_LIMITS: dict[str, tuple[float, float, float, str]] = {
     # SIGTERM: in-flight requests get this long (docs/OPERATIONS.md "Stopping"); at most
     # SHUTDOWN_TIMEOUT_MAX_S, below the supervisor's SIGKILL grace (gateway/http/workers.py)
     "shutdown_timeout_s": (10.0, 0.0, 20.0, "a number of seconds in (0, 20]"),
+    # the kill switch: the whole revoked-key set is re-read this often even if no signal
+    # came (a lost pub/sub message costs at most this long; docs/OPERATIONS.md)
+    "revocation_refresh_s": (5.0, 0.0, 60.0, "a number of seconds in (0, 60]"),
 }
 SHUTDOWN_TIMEOUT_MAX_S = _CONN_LIMITS["shutdown_timeout_s"][2]
 # the batch route (PROTOCOL.md §5 v1.1): name → (default, lowest, highest)
@@ -93,6 +96,7 @@ class ServerSettings:
     max_connections: int = int(_CONN_LIMITS["max_connections"][0])
     identity_share: float = _CONN_LIMITS["identity_share"][0]
     shutdown_timeout_s: float = _CONN_LIMITS["shutdown_timeout_s"][0]
+    revocation_refresh_s: float = _CONN_LIMITS["revocation_refresh_s"][0]
     #: this replica's name (ECS ``service.node.name``; the audit outbox's owner): unique
     #: among the gateways that share one store
     node_name: str = ""
@@ -145,8 +149,24 @@ def load_settings(path: str | Path) -> GatewaySettings:
 
 def load_keys(settings: GatewaySettings) -> tuple[Keyring, FileSigner | Any]:
     """The producer keyring and the feedback signer (a file key, or a session on the
-    PKCS#11 token: the caller closes it); every producer key must belong to a configured
-    identity (a key that can never verify anything is a mistake)."""
+    PKCS#11 token: the caller closes it)."""
+    keyring = load_producer_keyring(settings)
+    audit_key = load_checkpoint_key(settings)  # a bad audit key fails start-up too
+    try:
+        feedback = open_signer(settings.feedback_key, settings.feedback_kid,
+                               pkcs11=settings.pkcs11)
+    except (Pkcs11Error, ValueError) as exc:
+        raise ConfigError(f"{settings.path}: feedback_key: {exc}") from None
+    if audit_key is not None and audit_key.public == feedback.public:
+        feedback.close()
+        raise ConfigError(f"{settings.path}: audit.checkpoint_key: is the feedback key; use a "
+                          "separate audit key (docs/AUDIT.md, Checkpoints)")
+    return keyring, feedback
+
+
+def load_producer_keyring(settings: GatewaySettings) -> Keyring:
+    """The producer keyring (also what ``SIGHUP`` re-reads); every producer key must belong
+    to a configured identity (a key that can never verify anything is a mistake)."""
     try:
         keyring = load_jwks(settings.producer_keyring)
     except KeyringError as exc:
@@ -161,17 +181,7 @@ def load_keys(settings: GatewaySettings) -> tuple[Keyring, FileSigner | Any]:
         if owners.setdefault(key.public, key.identity) != key.identity:
             raise ConfigError(f"{settings.path}: producer_keyring: key {key.kid!r} reuses the "
                               f"public key of another identity ({owners[key.public]!r})")
-    audit_key = load_checkpoint_key(settings)  # a bad audit key fails start-up too
-    try:
-        feedback = open_signer(settings.feedback_key, settings.feedback_kid,
-                               pkcs11=settings.pkcs11)
-    except (Pkcs11Error, ValueError) as exc:
-        raise ConfigError(f"{settings.path}: feedback_key: {exc}") from None
-    if audit_key is not None and audit_key.public == feedback.public:
-        feedback.close()
-        raise ConfigError(f"{settings.path}: audit.checkpoint_key: is the feedback key; use a "
-                          "separate audit key (docs/AUDIT.md, Checkpoints)")
-    return keyring, feedback
+    return keyring
 
 
 def load_checkpoint_key(settings: GatewaySettings) -> PrivateKey | None:

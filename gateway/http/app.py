@@ -61,6 +61,7 @@ from .auditing import audit, audit_skipped, audit_unrouted, emit_audit  # noqa: 
 from .batch import handle_batch
 from .conn import CONN, GUARD, track_requests
 from .intake import body_timeout, note_store, read_body, start_body  # noqa: F401
+from .killswitch import RevocationWatcher
 from .metrics import Metrics
 from .probes import (  # noqa: F401
     handle_healthz,
@@ -133,6 +134,11 @@ async def resources(app: web.Application) -> AsyncIterator[None]:
     store = open_store(settings.store_url, **settings.store_options)
     store.on_amnesia = app[METRICS].store_amnesia.inc
     await store.open()
+    try:  # the revoked keys before serving (the kill switch): unreadable → no start
+        revoked = await store.revoked_keys()
+    except BaseException:
+        await store.close()
+        raise
     app[STORE] = store
     checkpoints = checkpointer(settings)
     app[AUDIT] = AuditSink(settings.audit_path, level="debug", checkpoints=checkpoints,
@@ -144,9 +150,15 @@ async def resources(app: web.Application) -> AsyncIterator[None]:
     app[PIPELINE] = Pipeline(settings.security, keyring, validators, store,
                              store_timer=app[METRICS].store.observe,
                              respond=app[ISSUER].respond)
+    watcher = RevocationWatcher(store, app[PIPELINE], settings.server.revocation_refresh_s,
+                                on_count=app[METRICS].revoked_keys)
+    watcher.apply(revoked, at_start=True)
+    revocations = asyncio.create_task(watcher.run())
     try:
         yield
     finally:
+        revocations.cancel()
+        await asyncio.gather(revocations, return_exceptions=True)
         if (guard := app.get(GUARD)) is not None:
             await guard.close()  # a body still arriving fails now (a rejection, no write)
         await finish_decisions(app)  # no commit without its audit event, none cut short
@@ -228,7 +240,8 @@ async def decide_signed(request: web.Request) -> web.Response:
         return json_response(err.body(ctx.request_id), err.status)
     peer, peer_spki = peer_cert_pins(request.transport.get_extra_info("ssl_object")
                                      if request.transport else None)
-    security = app[SETTINGS].security
+    trust = app[PIPELINE].trust  # read once: a SIGHUP or a revocation swaps it whole
+    security = trust.config
     started, now, exc, body_in = time.perf_counter(), None, None, False
     try:
         # §4.2-3 on the headers alone: no body is read for a client that fails them
@@ -243,7 +256,7 @@ async def decide_signed(request: web.Request) -> web.Response:
         # the timestamp window or outlive a claim), and passed down
         now = int(app[CLOCK]())
         req = SignedRequest(route, request.headers, body, peer, ctx.request_id, peer_spki)
-        await app[PIPELINE].process(req, now, ctx)
+        await app[PIPELINE].process(req, now, ctx, trust)
         status, payload, action = answer(route, ctx)
     except E.GatewayError as error:
         exc = error

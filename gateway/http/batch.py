@@ -63,7 +63,8 @@ async def decide_batch(request: web.Request) -> web.Response:
     peer, peer_spki = peer_cert_pins(request.transport.get_extra_info("ssl_object")
                                      if request.transport else None)
     settings = app[SETTINGS]
-    security, server = settings.security, settings.server
+    trust = app[PIPELINE].trust  # read once: a SIGHUP or a revocation swaps it whole
+    security, server = trust.config, settings.server
     started, body_in = time.perf_counter(), False
     try:
         ctx.identity = check_head(security, request.headers, request.content_length,
@@ -78,7 +79,7 @@ async def decide_batch(request: web.Request) -> web.Response:
         items = parse_envelope(body, server.max_batch_items)
         now = int(app[CLOCK]())  # once for the whole batch, when its body is in
         outcomes = await run_batch(app[PIPELINE], items, request.headers, peer, peer_spki,
-                                   ctx.request_id, now)
+                                   ctx.request_id, now, trust)
     except E.GatewayError as exc:
         app[METRICS].pipeline.observe(time.perf_counter() - started)
         return await refuse(request, ctx, peer, exc, body_in)

@@ -96,6 +96,14 @@ class Metrics:
         self.tls_handshake_failures = LabeledCounter(Counter(  # by reason (tlsaudit.py)
             "fedgate_tls_handshake_failures", "TLS handshakes refused or abandoned, by reason.",
             ["reason"], registry=reg))
+        self.reloads = LabeledCounter(Counter(  # SIGHUP, by result (gateway/http/reload.py)
+            "fedgate_config_reloads", "SIGHUP reloads of keyring, identities, pins and "
+            "operator map, by result (ok, error: the previous configuration stays).",
+            ["result"], registry=reg))
+        self._revoked = Gauge(  # the kill switch (gateway/http/killswitch.py)
+            "fedgate_revoked_keys", "Revoked producer keys this gateway knows of (the "
+            "smallest among the live workers).", registry=reg, multiprocess_mode="livemin")
+        self.revoked_keys = self._revoked.set
         self._open = Gauge("fedgate_connections_open", "Connections open in all workers.",
                            registry=reg, multiprocess_mode="livesum")
         self._max = Gauge("fedgate_connections_max", "The per-worker connection cap in force.",

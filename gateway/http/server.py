@@ -28,6 +28,7 @@ from .conn import GUARD, ConnectionGuard, fit_limits, raise_fd_limit
 from .http_errors import handler_factory
 from .listen import bind_listeners
 from .probes import readiness
+from .reload import SighupLatch, reload_trust
 
 log = logs.get_logger("fedgate.server")
 
@@ -129,7 +130,8 @@ async def stop_gateway(runner: web.AppRunner) -> None:
 
 
 async def _run(settings: GatewaySettings, socks: list[socket.socket],
-               admin_socks: list[socket.socket], *, access_log: bool = False) -> None:
+               admin_socks: list[socket.socket], *, access_log: bool = False,
+               hup: SighupLatch | None = None) -> None:
     try:
         runner = await start_gateway(settings, socks=socks, access_log=access_log)
     except BaseException:
@@ -144,6 +146,8 @@ async def _run(settings: GatewaySettings, socks: list[socket.socket],
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if hup is not None:  # SIGHUP: keyring, identities, pins, operator map (reload.py)
+        hup.attach(loop, lambda: reload_trust(app))
     try:
         await stop.wait()
         log.info("stopping")
@@ -191,7 +195,8 @@ def bind_ports(settings: GatewaySettings) -> tuple[list[socket.socket], list[soc
 
 def serve(config: Path, *, log_overrides: Mapping | None = None) -> None:
     """``fedgate serve`` in one process."""
+    hup = SighupLatch()  # a SIGHUP while starting is kept for later, never fatal
     settings = load_and_log(config, log_overrides)
     socks, admin_socks = bind_ports(settings)
     asyncio.run(_run(settings, socks, admin_socks,
-                     access_log=settings.log.merged(log_overrides).access))
+                     access_log=settings.log.merged(log_overrides).access, hup=hup))

@@ -11,10 +11,12 @@ it dies (``PR_SET_PDEATHSIG``), and everywhere the end of the control socket sto
 Metrics (issue 8.3): the supervisor points ``PROMETHEUS_MULTIPROC_DIR`` at a private
 temporary directory (removed when it exits) before spawning; see gateway/http/metrics.py.
 
-SIGTERM/SIGINT to the supervisor stop every worker. A worker that exits on its own is
-named with its exit status (``fedgate: worker 2 (pid N) exited with status 3`` /
-``killed by SIGKILL``), the others are stopped, and the supervisor exits non-zero (fail
-closed: let the service manager restart the whole service).
+SIGTERM/SIGINT to the supervisor stop every worker; SIGHUP is forwarded to every worker,
+which reloads keyring, identities, pins and operator map itself (gateway/http/reload.py).
+A worker that exits on its own is named with its exit status (``fedgate: worker 2 (pid N)
+exited with status 3`` / ``killed by SIGKILL``), the others are stopped, and the
+supervisor exits non-zero (fail closed: let the service manager restart the whole
+service).
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ def die_with_parent(parent: int) -> None:
 def _worker(config: str, socks: list[socket.socket], control: socket.socket, index: int,
             parent: int, log_overrides: Mapping | None = None) -> None:
     """A worker process's entry point (spawned: a fresh interpreter)."""
+    from .reload import SighupLatch
+
+    hup = SighupLatch()  # first: a SIGHUP forwarded while starting is kept, never fatal
     die_with_parent(parent)
     from gateway.exits import one_line  # the CLI's own one-line error reporting
 
@@ -70,7 +75,7 @@ def _worker(config: str, socks: list[socket.socket], control: socket.socket, ind
     try:
         settings = load_and_log(Path(config), log_overrides)
         asyncio.run(_serve(settings, socks, control, index,
-                           access_log=settings.log.merged(log_overrides).access))
+                           access_log=settings.log.merged(log_overrides).access, hup=hup))
     except Exception as exc:
         reported = one_line(exc)
         if reported is None:
@@ -82,8 +87,10 @@ def _worker(config: str, socks: list[socket.socket], control: socket.socket, ind
 
 
 async def _serve(settings: GatewaySettings, socks: list[socket.socket],
-                 control: socket.socket, index: int, *, access_log: bool = False) -> None:
+                 control: socket.socket, index: int, *, access_log: bool = False,
+                 hup=None) -> None:
     from .probes import readiness
+    from .reload import reload_trust
     from .server import start_gateway, stop_gateway
 
     loop = asyncio.get_running_loop()
@@ -106,6 +113,8 @@ async def _serve(settings: GatewaySettings, socks: list[socket.socket],
     watch = asyncio.create_task(answer_supervisor())
     runner = await start_gateway(settings, socks=socks, access_log=access_log)
     apps.append(runner.app)
+    if hup is not None:  # SIGHUP (forwarded by the supervisor): reload.py
+        hup.attach(loop, lambda: reload_trust(runner.app))
     print(f"fedgate: worker {index} (pid {os.getpid()}) serving "
           f"https://{settings.server.host}:{settings.server.port}", file=sys.stderr, flush=True)
     try:
@@ -124,8 +133,10 @@ def describe_exit(index: int, proc: multiprocessing.process.BaseProcess) -> str:
 
 def serve_workers(config: Path, workers: int, *, log_overrides: Mapping | None = None) -> int:
     """N worker processes on one socket; returns the exit code."""
+    from .reload import SighupLatch
     from .server import bind_ports, load_and_log
 
+    hup = SighupLatch()  # a SIGHUP while starting is forwarded once the workers run
     settings = load_and_log(config, log_overrides)  # fail fast, once, on this terminal
     _, signer = load_keys(settings)
     try:  # a missing, locked or wrong token: one line here, before any worker starts
@@ -138,14 +149,16 @@ def serve_workers(config: Path, workers: int, *, log_overrides: Mapping | None =
         os.environ[MULTIPROC_ENV] = metrics_dir  # inherited by the spawned workers
         try:
             return asyncio.run(Supervisor(settings, workers, Path(metrics_dir),
-                                          dict(log_overrides or {})).run(socks, admin_socks))
+                                          dict(log_overrides or {}), hup=hup
+                                          ).run(socks, admin_socks))
         finally:
             os.environ.pop(MULTIPROC_ENV, None)
 
 
 class Supervisor:
     def __init__(self, settings: GatewaySettings, workers: int, metrics_dir: Path,
-                 log_overrides: Mapping | None = None) -> None:
+                 log_overrides: Mapping | None = None, hup=None) -> None:
+        self.hup = hup  # SIGHUP: forwarded to every worker (forward_hup)
         self.settings, self.n, self.metrics_dir = settings, workers, metrics_dir
         self.log_overrides = dict(log_overrides or {})
         self.procs: dict[int, multiprocessing.process.BaseProcess] = {}
@@ -176,6 +189,8 @@ class Supervisor:
             for sock in socks:  # the workers hold it now; the port dies with the last one
                 sock.close()
         self.write_processes()
+        if self.hup is not None:
+            self.hup.attach(loop, self.forward_hup)
         if self.stopping:  # a signal while spawning: stop the late ones too
             self.stopping = False
             self.stop()
@@ -225,6 +240,12 @@ class Supervisor:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.processes()), encoding="utf-8")
         tmp.replace(path)
+
+    def forward_hup(self) -> None:
+        """SIGHUP to every live worker: each reloads (and logs) for itself."""
+        for proc in self.alive():
+            if proc.pid is not None:
+                os.kill(proc.pid, signal.SIGHUP)
 
     def alive(self) -> list[multiprocessing.process.BaseProcess]:
         return [proc for proc in self.procs.values() if proc.is_alive()]

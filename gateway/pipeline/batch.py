@@ -29,6 +29,7 @@ from schemas.validate import json_pointer
 from . import errors as E
 from .pipeline import Pipeline
 from .request import Context, SignedRequest
+from .trust import Trust
 
 ITEM_MEMBERS = ("timestamp", "nonce", "signature", "kid", "body_b64")
 REQUIRED = ("timestamp", "nonce", "signature", "body_b64")
@@ -136,8 +137,9 @@ def item_request_id(batch_request_id: str, index: int) -> str:
 
 async def run_batch(pipeline: Pipeline, items: list[Item], headers: Any,
                     peer: str | None, peer_spki: str | None, batch_request_id: str,
-                    now: int) -> list[ItemOutcome]:
-    """Every item through §4 steps 2-14 on its own, with one ``now``; in item order."""
+                    now: int, trust: Trust | None = None) -> list[ItemOutcome]:
+    """Every item through §4 steps 2-14 on its own, with one ``now`` and one ``trust``
+    (the bundle the envelope's identity was judged against); in item order."""
     inherited = [(name, value) for name in INHERITED for value in headers.getall(name, [])]
     outcomes, commits = [], []
     for index, item in enumerate(items):
@@ -145,7 +147,7 @@ async def run_batch(pipeline: Pipeline, items: list[Item], headers: Any,
         req = SignedRequest(TELEMETRY, item.headers(inherited), item.body, peer,
                             outcome.ctx.request_id, peer_spki)
         try:
-            commits.append((outcome, await pipeline.prepare(req, now, outcome.ctx)))
+            commits.append((outcome, await pipeline.prepare(req, now, outcome.ctx, trust)))
         except E.GatewayError as exc:
             outcome.error = exc
         outcomes.append(outcome)

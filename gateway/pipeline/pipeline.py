@@ -6,6 +6,8 @@ configuration and the keyring, all loaded at start-up); steps 12-14 are the sing
 atomic store call, so nothing is written and no nonce is consumed unless every
 read-only check has passed. "now" is captured once by the caller and passed down.
 Step 1 (route, method) belongs to the HTTP router; step 0 (TLS) to the TLS context.
+The identities, pins, operator map and keyring are one immutable ``Trust`` (trust.py),
+swapped whole on ``SIGHUP`` or a revocation; a request reads it once.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from . import errors as E
 from . import records
 from .ratelimit import RateLimiter
 from .request import Context, SignedRequest
+from .trust import Trust
 
 log = logging.getLogger("fedgate.pipeline")
 TIMESTAMP_RE = re.compile(r"0|[1-9][0-9]{0,17}")  # Unix seconds: no sign, no leading zeros
@@ -52,27 +55,48 @@ class Pipeline:
         *, store_timer: Callable[[float], None] | None = None,
         respond: Callable[[Context, int], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
-        self.config = config
+        self.trust = Trust.build(config, keyring)  # swapped whole: reload(), revoke()
         self.respond = respond  # builds a feedback answer (read-only), see gateway/feedback
         self.store_timer = store_timer  # observes the commit's latency (metrics)
-        self.keyring = keyring
         self.validators = validators
         self.store = store
         self.limiter = RateLimiter(config.rate_limit_per_minute) if (
             config.rate_limit_per_minute) else None
 
-    async def process(self, req: SignedRequest, now: int, ctx: Context) -> Context:
-        """Run §4 steps 2-14 on ``req``; return the filled context or raise GatewayError."""
-        commit = await self.prepare(req, now, ctx)
+    @property
+    def config(self) -> SecurityConfig:
+        return self.trust.config
+
+    @property
+    def keyring(self) -> Keyring:
+        """The keyring in force: the file's keys, revoked ones marked revoked."""
+        return self.trust.keyring
+
+    def reload(self, config: SecurityConfig, keyring: Keyring) -> None:
+        """New identities, pins, operator map and keyring (``SIGHUP``): one assignment."""
+        self.trust = self.trust.with_files(config, keyring)
+
+    def revoke(self, revoked: frozenset[str]) -> None:
+        """The store's whole revoked set (the kill switch): one assignment."""
+        self.trust = self.trust.with_revoked(revoked)
+
+    async def process(self, req: SignedRequest, now: int, ctx: Context,
+                      trust: Trust | None = None) -> Context:
+        """Run §4 steps 2-14 on ``req``; return the filled context or raise GatewayError.
+        ``trust``: the bundle the caller already judged the headers against (read once
+        per request); else the one in force now."""
+        commit = await self.prepare(req, now, ctx, trust)
         await self.commit(commit)
         ctx.record_id = commit.record.record_id
         return ctx
 
-    async def prepare(self, req: SignedRequest, now: int, ctx: Context) -> Commit:
+    async def prepare(self, req: SignedRequest, now: int, ctx: Context,
+                      trust: Trust | None = None) -> Commit:
         """§4 steps 2-11 (read-only) on ``req``: the ``Commit`` of steps 12-14 that
         ``commit`` then makes, or GatewayError. The batch route prepares every item in a
         tight loop, then commits them together (gateway/pipeline/batch.py)."""
-        cfg = self.config
+        trust = trust or self.trust
+        cfg = trust.config
         # §4.2 content type, size, non-empty body
         check_content_type(req.headers)
         if len(req.body) > cfg.max_body_bytes:
@@ -87,7 +111,7 @@ class Pipeline:
         check_timestamp_window(int(ts_text), now, cfg.clock_skew_s)
         # §4.5 candidate keys: explicit kid, or the identity's keys valid now
         try:
-            keys = candidate_keys(self.keyring, ctx.identity, kid, now)
+            keys = candidate_keys(trust.keyring, ctx.identity, kid, now)
         except KeySelectionError as exc:
             cls = E.UnknownKid if exc.code == "unknown_kid" else E.KeyNotValid
             raise cls(exc.detail) from None

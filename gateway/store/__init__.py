@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
-from .base import Anchor, Claim, Commit, CommitResult, Outcome, Record, Store, StoreError
+from .base import (
+    Anchor,
+    Claim,
+    Commit,
+    CommitResult,
+    Outcome,
+    Record,
+    Revocation,
+    Store,
+    StoreError,
+)
 
 __all__ = [
-    "Anchor", "Claim", "Commit", "CommitResult", "Outcome", "Record", "Store", "StoreError",
+    "Anchor", "Claim", "Commit", "CommitResult", "Outcome", "Record", "Revocation", "Store",
+    "StoreError",
     "open_store",
 ]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -110,6 +110,15 @@ class Claim:
 
     body_digest: str
     request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """A revoked producer key (the kill switch, gateway/store/revocations.py)."""
+
+    kid: str
+    revoked_at: int  # Unix seconds, the revoking command's clock
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,3 +231,20 @@ class Store(abc.ABC):
         read through an index of their own — never by filtering the tenant's records, so
         another identity's records cost nothing. Records stored with ``put_record`` have
         no identity unless ``Record.identity`` names one."""
+
+    # -- the kill switch (gateway/store/revocations.py) ---------------------------------
+    @abc.abstractmethod
+    async def revoke_key(self, kid: str, reason: str, now: int) -> Revocation:
+        """Mark ``kid`` revoked for every gateway sharing the store, for good (the first
+        revocation's time and reason stand), and signal it; return what is stored.
+        Raise StoreError if it cannot be written."""
+
+    @abc.abstractmethod
+    async def revoked_keys(self) -> Mapping[str, Revocation]:
+        """Every revoked kid; StoreError if the set cannot be read (fail closed)."""
+
+    @abc.abstractmethod
+    def revocation_signals(self) -> AsyncIterator[None]:
+        """Yield whenever the revoked set may have changed (and once at the start); runs
+        until cancelled, never raises for an outage (the caller's periodic re-read bounds
+        what a lost signal can cost)."""

@@ -45,6 +45,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from .base import Claim, Commit, CommitResult, Outcome, Record, Store, StoreError
 from .redis_epoch import epoch_start, eviction_policy, eviction_refusal, read_epoch, sync_epoch
 from .redis_scripts import COMMIT_LUA, PUT_LUA, migrate
+from .revocations import RedisRevocations
 
 log = logging.getLogger("fedgate.store")
 
@@ -72,7 +73,7 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-class RedisStore(Store):
+class RedisStore(RedisRevocations, Store):
     def __init__(self, url: str, *, require_durable: bool = True, socket_timeout: float = 2.0,
                  key_prefix: str = "fedgate", max_connections: int = DEFAULT_POOL) -> None:
         if not isinstance(max_connections, int) or not 1 <= max_connections <= MAX_POOL:

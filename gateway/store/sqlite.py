@@ -19,13 +19,14 @@ from typing import Any, TypeVar
 from common.sqlite import begin_immediate, connect_durable, transaction
 
 from .base import Claim, Commit, CommitResult, Outcome, Record, Store, StoreError
+from .revocations import SqliteRevocations
 from .sqlite_schema import SCHEMA, migrate, sweep_legacy_nonces
 
 T = TypeVar("T")
 PURGE_EVERY = 512  # commits between sweeps of expired nonces
 
 
-class SqliteStore(Store):
+class SqliteStore(SqliteRevocations, Store):
     def __init__(self, url: str, *, busy_timeout_ms: int = 5000) -> None:
         self.url = url
         self.path = Path(url.removeprefix("sqlite:///"))
