@@ -9,16 +9,25 @@ import asyncio
 
 import pytest
 
-from gateway.store import Revocation, open_store
+from gateway.store import Revocation
 
 
-async def test_a_revocation_is_stored_for_good_and_the_first_one_stands(store, store_url):
+@pytest.fixture
+async def store(new_store):
+    """An open store of each kind — SQLite, Redis, and the 3+3 Redis Cluster."""
+    s = new_store()
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def test_a_revocation_is_stored_for_good_and_the_first_one_stands(store, new_store):
     assert dict(await store.revoked_keys()) == {}
     first = await store.revoke_key("lab-2026", "laptop stolen", 1_800_000_000)
     assert first == Revocation("lab-2026", 1_800_000_000, "laptop stolen")
     again = await store.revoke_key("lab-2026", "second thoughts", 1_800_000_100)
     assert again == first  # final: not moved, not renamed
-    other = open_store(store_url)  # another gateway, after a restart
+    other = new_store()  # another gateway, after a restart
     await other.open()
     try:
         assert dict(await other.revoked_keys()) == {"lab-2026": first}
@@ -26,8 +35,8 @@ async def test_a_revocation_is_stored_for_good_and_the_first_one_stands(store, s
         await other.close()
 
 
-async def test_another_store_object_is_signalled(store, store_url):
-    watcher = open_store(store_url)
+async def test_another_store_object_is_signalled(store, new_store):
+    watcher = new_store()
     await watcher.open()
     signals = watcher.revocation_signals()
     try:
