@@ -10,6 +10,8 @@ Shape rules (docs/AUDIT.md):
 * ``tenant_id``, ``kid`` and ``execution_fingerprint`` are always present (``null`` when
   not known yet) because ``schemas/audit_event.schema.json`` requires them; every other
   optional member is omitted when its value is ``None``;
+* ``event.id`` (ECS) is a fresh UUID per event: unique, so an event kept in the store's
+  audit outbox is recognised in the chain after a crash (docs/AUDIT.md *Outbox*);
 * ``prev_hash`` and ``hash`` are added by :meth:`audit.chain.AuditLog.append`.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
 from typing import Any
 
 __all__ = ["FEEDBACK_CATEGORIES", "feedback_event", "handshake_event", "request_event",
@@ -70,8 +73,11 @@ def _message(detail: str | None) -> str | None:
 
 
 def _assemble(fields: dict[str, Any]) -> dict[str, Any]:
-    """Drop ``None`` members, except the ones the schema requires (kept as ``null``)."""
-    return {k: v for k, v in fields.items() if v is not None or k in _ALWAYS}
+    """Drop ``None`` members, except the ones the schema requires (kept as ``null``);
+    add a unique ``event.id``."""
+    event = {k: v for k, v in fields.items() if v is not None or k in _ALWAYS}
+    event["event.id"] = str(uuid.uuid4())
+    return event
 
 
 def request_event(

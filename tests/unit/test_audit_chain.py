@@ -521,3 +521,9 @@ def test_a_sequence_that_is_not_the_line_position_breaks_the_chain(five: Path) -
     result = verify_file(five)
     assert (result.ok, result.first_bad_line) == (False, 6)
     assert "event.sequence is 7, not the line's position 6" in result.reason
+
+
+def test_every_event_has_its_own_event_id() -> None:
+    """ECS ``event.id``: what recovery from the store's audit outbox matches on."""
+    ids = [e["event.id"] for e in all_events() + all_events()]
+    assert len(set(ids)) == len(ids) and all(re.fullmatch(r"[0-9a-f-]{36}", i) for i in ids)
