@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
-from .base import Anchor, Claim, Commit, CommitResult, Outcome, Record, Store, StoreError
+from .base import (
+    OWNER_RE,
+    Anchor,
+    Claim,
+    Commit,
+    CommitResult,
+    OutboxEntry,
+    Outcome,
+    Record,
+    Store,
+    StoreError,
+)
 
 __all__ = [
-    "Anchor", "Claim", "Commit", "CommitResult", "Outcome", "Record", "Store", "StoreError",
+    "OWNER_RE", "Anchor", "Claim", "Commit", "CommitResult", "Outcome", "OutboxEntry", "Record",
+    "Store", "StoreError",
     "open_store",
 ]
 
