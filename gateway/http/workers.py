@@ -59,7 +59,7 @@ def die_with_parent(parent: int) -> None:
 
 
 def _worker(config: str, socks: list[socket.socket], control: socket.socket, index: int,
-            parent: int, log_overrides: Mapping | None = None) -> None:
+            parent: int, log_overrides: Mapping | None = None, workers: int = 1) -> None:
     """A worker process's entry point (spawned: a fresh interpreter)."""
     die_with_parent(parent)
     from gateway.exits import one_line  # the CLI's own one-line error reporting
@@ -68,7 +68,7 @@ def _worker(config: str, socks: list[socket.socket], control: socket.socket, ind
 
     try:
         settings = load_and_log(Path(config), log_overrides)
-        asyncio.run(_serve(settings, socks, control, index,
+        asyncio.run(_serve(settings, socks, control, index, workers,
                            access_log=settings.log.merged(log_overrides).access))
     except Exception as exc:
         reported = one_line(exc)
@@ -81,7 +81,8 @@ def _worker(config: str, socks: list[socket.socket], control: socket.socket, ind
 
 
 async def _serve(settings: GatewaySettings, socks: list[socket.socket],
-                 control: socket.socket, index: int, *, access_log: bool = False) -> None:
+                 control: socket.socket, index: int, workers: int, *,
+                 access_log: bool = False) -> None:
     from .probes import readiness
     from .server import start_gateway, stop_gateway
 
@@ -103,7 +104,8 @@ async def _serve(settings: GatewaySettings, socks: list[socket.socket],
         stop.set()
 
     watch = asyncio.create_task(answer_supervisor())
-    runner = await start_gateway(settings, socks=socks, access_log=access_log)
+    runner = await start_gateway(settings, socks=socks, access_log=access_log,
+                                 worker=(index, workers))  # names its audit outbox
     apps.append(runner.app)
     print(f"fedgate: worker {index} (pid {os.getpid()}) serving "
           f"https://{settings.server.host}:{settings.server.port}", file=sys.stderr, flush=True)
@@ -161,7 +163,7 @@ class Supervisor:
                 ours, theirs = socket.socketpair()
                 proc = ctx.Process(target=_worker, name=f"fedgate-worker-{index}",
                                    args=(str(self.settings.path), socks, theirs, index,
-                                         os.getpid(), self.log_overrides))
+                                         os.getpid(), self.log_overrides, self.n))
                 proc.start()
                 theirs.close()
                 self.procs[index] = proc

@@ -107,9 +107,12 @@ class Pipeline:
             await self.refuse_claimed(ctx, nonce, hashlib.sha256(req.body).hexdigest(), now)
             ctx.response = await self.respond(ctx, now)
         # §4.12-14 owner and attestation anchor, claim the nonce, persist: one atomic step
+        # (with the accept's audit events in the same step, when ctx.outbox is set)
         commit = records.build_commit(req, body, ctx, now, cfg, signature)
-        await self.commit(commit)
+        outbox_ref = await self.commit(commit)
         ctx.record_id = commit.record.record_id
+        if ctx.outbox is not None:
+            ctx.outbox.ref = outbox_ref
         return ctx
 
     def parse_body(self, route: Route, raw: bytes) -> dict[str, Any]:
@@ -146,7 +149,9 @@ class Pipeline:
             duplicate = claim.request_id if claim.body_digest == digest else None
             raise_replayed(duplicate)
 
-    async def commit(self, commit: Commit) -> None:
+    async def commit(self, commit: Commit) -> Any:
+        """The atomic store step; its outbox entry's reference when accepted, else the
+        refusal's GatewayError."""
         started = time.perf_counter()
         try:
             result = await self.store.commit(commit)
@@ -169,6 +174,7 @@ class Pipeline:
             )
         if result.outcome is Outcome.REPLAYED:
             raise_replayed(result.duplicate_of)
+        return result.outbox_ref
 
 
 def raise_replayed(duplicate_of: str | None) -> None:
