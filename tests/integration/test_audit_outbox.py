@@ -27,9 +27,8 @@ import time
 from collections import Counter
 
 import pytest
-from lab import TENANT
 from stack import ROOT, Stack
-from traffic import Traffic, accepted_ids, audit_events, signed_now
+from traffic import Traffic, accepted_ids, audit_events, signed_now, stored_request_ids
 
 from gateway.store import open_store
 
@@ -49,17 +48,6 @@ async def dead(proc: subprocess.Popen, timeout_s: float = 20.0) -> int:
         assert time.monotonic() < deadline, f"still running {timeout_s} s after the signal"
         await asyncio.sleep(0.01)
     return proc.returncode
-
-
-async def stored_request_ids(store_url: str) -> Counter:
-    """request_id → how many stored findings carry it (read with the store's own API)."""
-    store = open_store(store_url)
-    await store.open()
-    try:
-        records = await store.list_records("finding", TENANT, limit=1_000_000)
-        return Counter(json.loads(r)["request_id"] for r in records)
-    finally:
-        await store.close()
 
 
 async def outbox_events(store_url: str) -> list[dict]:
