@@ -72,10 +72,11 @@ from .auditing import (  # noqa: F401
     audit_unrouted,
     chain_accepted,
     emit_audit,
+    recover_outbox,
 )
 from .conn import CONN, GUARD, track_requests
 from .metrics import Metrics
-from .outbox import OutboxAcks, owner_name, owners_to_recover, recover
+from .outbox import OutboxAcks, owner_name
 from .probes import (  # noqa: F401
     handle_healthz,
     handle_metrics,
@@ -172,21 +173,6 @@ async def resources(app: web.Application) -> AsyncIterator[None]:
         await store.close()
         app[AUDIT_EXECUTOR].shutdown(wait=True)
         app[AUDIT].close()
-
-
-async def recover_outbox(app: web.Application) -> None:
-    """Start-up recovery of the audit outbox (gateway/http/outbox.py): one line when
-    there was anything; a failure stops the start (fail closed)."""
-    index, workers = app[WORKER]
-    node = app[SETTINGS].server.node_name
-    pending = await app[STORE].outbox_owners(node) if index == (1 if workers > 1 else 0) \
-        else set()
-    owners = owners_to_recover(node, index, workers, pending)
-    appended, present = await recover(app[STORE], app[AUDIT_WRITER], app[SETTINGS].audit_path,
-                                      owners, app[AUDIT_EXECUTOR])
-    if appended or present:
-        log.warning("audit outbox of %s: %d event(s) chained at start-up, %d already in "
-                    "the chain", ", ".join(owners), appended, present)
 
 
 async def hide_server_version(request: web.Request, response: web.StreamResponse) -> None:

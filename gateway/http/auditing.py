@@ -22,7 +22,17 @@ from gateway.pipeline import errors as E
 from gateway.pipeline.request import Context
 from schemas.routes import SIGNED_ROUTES
 
-from .appkeys import AUDIT_WRITER, METRICS, OUTBOX_ACKS, READY
+from .appkeys import (
+    AUDIT_EXECUTOR,
+    AUDIT_WRITER,
+    METRICS,
+    OUTBOX_ACKS,
+    READY,
+    SETTINGS,
+    STORE,
+    WORKER,
+)
+from .outbox import owners_to_recover, recover
 
 log = logging.getLogger("fedgate.gateway")
 
@@ -120,3 +130,18 @@ async def audit_unrouted(request: web.Request, request_id: str, status: int,
         action=f"{route.kind if route else 'http'}.rejected", outcome="failure",
         category=["web"], status=status, request_id=request_id, reason=code,
         detail=f"{request.method} {request.path[:200]}", now=time.time()))
+
+
+async def recover_outbox(app: web.Application) -> None:
+    """Start-up recovery of the audit outbox (gateway/http/outbox.py): one line when
+    there was anything; a failure stops the start (fail closed)."""
+    index, workers = app[WORKER]
+    node = app[SETTINGS].server.node_name
+    pending = await app[STORE].outbox_owners(node) if index == (1 if workers > 1 else 0) \
+        else set()
+    owners = owners_to_recover(node, index, workers, pending)
+    appended, present = await recover(app[STORE], app[AUDIT_WRITER], app[SETTINGS].audit_path,
+                                      owners, app[AUDIT_EXECUTOR])
+    if appended or present:
+        log.warning("audit outbox of %s: %d event(s) chained at start-up, %d already in "
+                    "the chain", ", ".join(owners), appended, present)
