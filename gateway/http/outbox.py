@@ -88,6 +88,7 @@ class OutboxAcks:
         self._refs: list[Any] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._failing = False
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -111,12 +112,17 @@ class OutboxAcks:
         try:
             await self.store.outbox_ack(refs)
         except StoreError as exc:
-            log.warning("audit outbox: %d acknowledgement(s) failed, retrying: %s",
-                        len(refs), exc)
+            if not self._failing:  # one line per outage, not one per retry
+                log.warning("audit outbox: acknowledgements failed, retrying: %s", exc)
+            self._failing = True
             self._refs[:0] = refs
+            return
         except BaseException:  # cancelled mid-way: kept for the final flush
             self._refs[:0] = refs
             raise
+        if self._failing:
+            log.info("audit outbox: acknowledgements recovered")
+            self._failing = False
 
     async def close(self) -> None:
         if self._task is not None:
