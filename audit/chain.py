@@ -15,14 +15,19 @@ only an external copy — the SIEM's — of the last hash detects that; see docs
 the last line (so it continues across restarts and processes); a consumer that receives
 events more than once (the SIEM shipper is at-least-once) drops repeats by it.
 
-Appending, in every process that shares the file:
+Appending, in every process that shares the file (``append_many``: a whole batch at
+once — group commit, issue 9):
 
 1. take ``flock(LOCK_EX)`` on this process's own open file description (reopened
    after a ``fork`` and when the path now names another file);
-2. read the file backwards from its end, in blocks, until the last complete line;
-   check it ends with ``\\n`` and carries its own correct hash (else fail closed);
-3. write the new line with one ``os.write`` on an ``O_APPEND`` descriptor, ``fsync``;
-4. unlock.
+2. the last line's hash and sequence: kept in memory after this process's own write
+   and trusted only while the file's device, inode and size are still the ones it
+   left (no other process appended, nobody rotated or cut it); else read the file
+   backwards from its end, in blocks, until the last complete line, and check it ends
+   with ``\\n`` and carries its own correct hash (else fail closed);
+3. write the batch's lines with one ``os.write`` on an ``O_APPEND`` descriptor, one
+   ``fsync``;
+4. unlock. The lock is never held across more than one batch.
 
 Lines are read back with :func:`schemas.canonical.load_stored`, the gateway's own
 strict parser (PROTOCOL.md §3: one parser for every later reader), and a line that
@@ -193,6 +198,9 @@ class AuditLog:
         self._mutex = threading.Lock()  # flock does not exclude threads of one process
         self._fd: int | None = None
         self._pid = 0
+        #: (st_dev, st_ino, size, last hash, last sequence) after this process's last write
+        self._cache: tuple[int, int, int, str, int] | None = None
+        self.batches = self.events = self.fsyncs = 0  # writes, lines and fsyncs made here
         self._open()
 
     def _open(self) -> None:
@@ -250,32 +258,85 @@ class AuditLog:
     def append(self, event: dict[str, Any]) -> dict[str, Any]:
         """Chain ``event`` (:func:`seal`: any chain members it has are replaced) and
         write it; then a checkpoint if one is due (audit/checkpoints.py)."""
-        with self.locked() as fd:
-            body = self.append_locked(fd, event)
-            if self.checkpoints is not None:
-                self.checkpoints.after_append(self, fd, body)
+        (body,) = self.append_many([event])
+        if isinstance(body, AuditError):
+            raise body
         return body
+
+    def append_many(self, events: list[dict[str, Any]]) -> list[dict[str, Any] | AuditError]:
+        """Chain and write ``events`` in order, as one batch: one lock, one tail check,
+        one write, one fsync (and a checkpoint line right after any event whose sequence
+        makes one due). Returns each event's chained body, or the ``AuditError`` of an
+        event the chain's readers would refuse (not written; the others are). Raises
+        ``AuditError``/``OSError`` when the file cannot be extended: nothing written."""
+        with self.locked() as fd:
+            return self._append_batch(fd, events, self.checkpoints)
 
     def append_locked(self, fd: int, event: dict[str, Any]) -> dict[str, Any]:
-        """:meth:`append` for a caller already inside :meth:`locked`."""
-        prev, last = _tail(fd)
-        body = seal(event, prev, last + 1)
-        line = dumps(body)
-        try:
-            _read_line(line)  # never write what the chain's readers refuse
-        except ValueError as exc:
-            raise AuditError(f"event is {exc}; not written") from None
-        self._write(fd, line + b"\n")
+        """:meth:`append` for a caller already inside :meth:`locked` (no checkpoint)."""
+        (body,) = self._append_batch(fd, [event], None)
+        if isinstance(body, AuditError):
+            raise body
         return body
 
-    def _write(self, fd: int, line: bytes) -> None:
-        size = os.fstat(fd).st_size
+    def _head(self, fd: int) -> tuple[str, int, int]:
+        """``(last hash, last sequence, size)``: from memory while the file is the one
+        this process last wrote (same device, inode and size), else read and checked."""
+        st = os.fstat(fd)
+        if self._cache is not None and self._cache[:3] == (st.st_dev, st.st_ino, st.st_size):
+            return self._cache[3], self._cache[4], st.st_size
+        last_hash, seq = _tail(fd)
+        return last_hash, seq, st.st_size
+
+    def _append_batch(self, fd: int, events: list[dict[str, Any]],
+                      checkpoints: Any) -> list[dict[str, Any] | AuditError]:
+        last_hash, seq, size = self._head(fd)
+        lines: list[bytes] = []
+        out: list[dict[str, Any] | AuditError] = []
+        signed: list[Any] = []  # checkpoints whose lines are in this batch
+
+        def chain(event: dict[str, Any]) -> dict[str, Any] | AuditError:
+            nonlocal last_hash, seq
+            body = seal(event, last_hash, seq + 1)
+            line = dumps(body)
+            try:
+                _read_line(line)  # never write what the chain's readers refuse
+            except ValueError as exc:
+                return AuditError(f"event is {exc}; not written")
+            lines.append(line + b"\n")
+            last_hash, seq = body["hash"], seq + 1
+            return body
+
+        for event in events:
+            body = chain(event)
+            out.append(body)
+            if checkpoints is not None and isinstance(body, dict) and (
+                    due := checkpoints.line_after(body)) is not None:
+                cp, cp_event = due
+                cp_body = chain(cp_event)
+                if isinstance(cp_body, AuditError):
+                    raise cp_body
+                signed.append(cp)
+        if lines:
+            data = b"".join(lines)
+            self._write(fd, data, size)
+            st = os.fstat(fd)
+            self._cache = (st.st_dev, st.st_ino, size + len(data), last_hash, seq)
+            self.batches += 1
+            self.events += len(lines)
+        if signed:
+            checkpoints.sidecar(self, signed[-1])  # after the fsync, still locked
+        return out
+
+    def _write(self, fd: int, data: bytes, size: int) -> None:
         try:
-            if os.write(fd, line) != len(line):
+            if os.write(fd, data) != len(data):
                 raise AuditError("short write to the audit file")
             if self.fsync:
                 os.fsync(fd)
+                self.fsyncs += 1
         except BaseException:
+            self._cache = None
             os.ftruncate(fd, size)  # never leave a torn line behind (still locked)
             raise
 

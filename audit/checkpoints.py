@@ -17,7 +17,8 @@ the appenders' flock:
    very checkpoint there.
 
 Triggers: after an event whose ``event.sequence`` is a multiple of ``every_events``
-(the appender that wrote it holds the lock, so exactly one process sees it), and
+(the appender that writes it holds the lock, so exactly one process sees it; in a batch
+the checkpoint line goes right after that event, in the same write), and
 :meth:`Checkpointer.tick` (a timer in every gateway worker): under the lock, when the
 last line is not already a checkpoint and the sidecar is ``every_s`` old or missing.
 """
@@ -142,11 +143,24 @@ class Checkpointer:
         self.key, self.kid = key, kid
         self.every_events, self.every_s, self.clock = every_events, every_s, clock
 
-    def after_append(self, log: AuditLog, fd: int, body: dict[str, Any]) -> None:
-        """Called by ``AuditLog.append`` with the lock held, after ``body`` was written."""
-        if body.get("event.action") not in (CHECKPOINT, ROTATED) and \
-                body[SEQUENCE] % self.every_events == 0:
-            self.write_locked(log, fd, body[SEQUENCE], body["hash"])
+    def line_after(self, body: dict[str, Any]) -> tuple[Checkpoint, dict[str, Any]] | None:
+        """Called by ``AuditLog.append_many`` (lock held) for each event it chains: when
+        ``body``'s sequence is a multiple of ``every_events``, the checkpoint of it and
+        its log line, which the appender chains right after ``body`` in the same write
+        (then calls :meth:`sidecar`, after the fsync)."""
+        if body.get("event.action") in (CHECKPOINT, ROTATED) or \
+                body[SEQUENCE] % self.every_events:
+            return None
+        cp = Checkpoint.sign(self.key, self.kid, body[SEQUENCE], body["hash"],
+                             int(self.clock()))
+        return cp, checkpoint_event(cp)
+
+    def sidecar(self, log: AuditLog, cp: Checkpoint) -> None:
+        """Replace the sidecar with ``cp`` (its line is written and fsynced; lock held)."""
+        try:
+            write_sidecar(sidecar_path(log.path), cp)
+        except OSError as exc:
+            raise AuditError(f"cannot write the checkpoint sidecar: {exc.strerror}") from None
 
     def tick(self, log: AuditLog) -> Checkpoint | None:
         """The time trigger: checkpoint the head if it is unsigned and the last
@@ -175,8 +189,5 @@ class Checkpointer:
                      **extra: Any) -> Checkpoint:
         cp = Checkpoint.sign(self.key, self.kid, sequence, hash_, int(self.clock()))
         log.append_locked(fd, checkpoint_event(cp, **extra))
-        try:
-            write_sidecar(sidecar_path(log.path), cp)
-        except OSError as exc:
-            raise AuditError(f"cannot write the checkpoint sidecar: {exc.strerror}") from None
+        self.sidecar(log, cp)
         return cp

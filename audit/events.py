@@ -17,6 +17,8 @@ Shape rules (docs/AUDIT.md):
 * ``tenant_id``, ``kid`` and ``execution_fingerprint`` are always present (``null`` when
   not known yet) because ``schemas/audit_event.schema.json`` requires them; every other
   optional member is omitted when its value is ``None``;
+* ``event.id`` (ECS) is a fresh UUID per event: unique, so an event kept in the store's
+  audit outbox is recognised in the chain after a crash (docs/AUDIT.md *Outbox*);
 * ``prev_hash``/``fedgate.prev_hash``, ``event.sequence`` and ``hash``/``event.hash``
   are added by :func:`audit.chain.seal` when the event is appended.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
 from typing import Any
 
 from audit.ecs import (
@@ -91,14 +94,16 @@ def _message(detail: str | None) -> str | None:
 
 
 def _assemble(fields: dict[str, Any]) -> dict[str, Any]:
-    """Drop ``None`` members, except the ones the schema requires (kept as ``null``), and
-    add the pre-v1.1 alias of every v1.1 member present (:data:`LEGACY_ALIASES`)."""
+    """Drop ``None`` members, except the ones the schema requires (kept as ``null``),
+    add the pre-v1.1 alias of every v1.1 member present (:data:`LEGACY_ALIASES`) and a
+    unique ``event.id``."""
     out = {k: v for k, v in fields.items() if v is not None}
     for old, new in LEGACY_ALIASES.items():
         if new in out:
             out[old] = out[new]
     for k in _ALWAYS:
         out.setdefault(k, None)
+    out["event.id"] = str(uuid.uuid4())
     return out
 
 

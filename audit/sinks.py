@@ -56,7 +56,18 @@ class AuditSink:
         self.level = level  # the logger's method the summary is written with
 
     def emit(self, event: dict[str, Any]) -> None:
-        chained = self.log.append(event)
+        self._summary(self.log.append(event))
+
+    def emit_many(self, events: list[dict[str, Any]]) -> list[Any]:
+        """:meth:`emit` for a batch (``AuditLog.append_many``: one write, one fsync);
+        each event's chained body or its ``AuditError``."""
+        out = self.log.append_many(events)
+        for chained in out:
+            if isinstance(chained, dict):
+                self._summary(chained)
+        return out
+
+    def _summary(self, chained: dict[str, Any]) -> None:
         summary = {name: chained[key] for name, key in _SUMMARY if chained.get(key) is not None}
         getattr(self.logger, self.level)(chained.get("event.action", "audit"),
                                          hash=chained["hash"][:16], **summary)

@@ -117,6 +117,17 @@ async def stored_findings(store_url: str, ids: list[str],
         await store.close()
 
 
+async def stored_request_ids(store_url: str, **options) -> Counter:
+    """request_id → how many stored findings carry it (read with the store's own API)."""
+    store = open_store(store_url, **options)
+    await store.open()
+    try:
+        records = await store.list_records("finding", TENANT, limit=1_000_000)
+        return Counter(json.loads(r)["request_id"] for r in records)
+    finally:
+        await store.close()
+
+
 async def count_findings(store_url: str, **options) -> int:
     store = open_store(store_url, **options)
     await store.open()

@@ -5,6 +5,8 @@ Resources (store, keys, validators, audit log, pipeline) are built once at start
 handler never opens a connection. Every answer carries ``X-Request-Id``; every signed
 request produces exactly one decision event, accepted or rejected (a feedback query whose
 answer left unusable stored records out adds one `feedback.records_skipped` event).
+An accepted decision's events are written by the store commit itself (the audit outbox,
+gateway/http/outbox.py) and appended to the chain before the answer is sent.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from audit import AuditSink
+from audit.writer import GroupWriter
 from common.tls import peer_cert_pins
 from gateway import logs
 from gateway.config.settings import GatewaySettings
@@ -28,6 +31,7 @@ from gateway.feedback.policy import load_rules
 from gateway.pipeline import errors as E
 from gateway.pipeline.pipeline import Context, Pipeline, SignedRequest, check_head
 from gateway.pipeline.records import accepted_body
+from gateway.pipeline.request import AuditOutbox
 from gateway.selftest import run_startup
 from gateway.store import open_store
 from keyring import Keyring, PrivateKey
@@ -38,6 +42,7 @@ from .appkeys import (  # noqa: F401  (re-exported: app.SETTINGS, app.ISSUER, â€
     AUDIT,
     AUDIT_EXECUTOR,
     AUDIT_REFUSALS,
+    AUDIT_WRITER,
     CLOCK,
     DECISIONS,
     DRAINING,
@@ -47,6 +52,8 @@ from .appkeys import (  # noqa: F401  (re-exported: app.SETTINGS, app.ISSUER, â€
     KEYS,
     METRICS,
     OTHER_HTTP_CODE,
+    OUTBOX_ACKS,
+    OWNER,
     PIPELINE,
     READY,
     REQUEST_ID,
@@ -55,14 +62,24 @@ from .appkeys import (  # noqa: F401  (re-exported: app.SETTINGS, app.ISSUER, â€
     SETTINGS,
     STORE,
     STORE_FAILURES,
+    WORKER,
 )
 from .audit_checkpoints import checkpointer, tick_forever
-from .auditing import audit, audit_skipped, audit_unrouted, emit_audit  # noqa: F401
+from .auditing import (  # noqa: F401
+    accept_events,
+    audit,
+    audit_skipped,
+    audit_unrouted,
+    chain_accepted,
+    emit_audit,
+    recover_outbox,
+)
 from .batch import handle_batch
 from .conn import CONN, GUARD, track_requests
 from .intake import body_timeout, note_store, read_body, start_body  # noqa: F401
 from .killswitch import RevocationWatcher
 from .metrics import Metrics
+from .outbox import OutboxAcks, owner_name
 from .probes import (  # noqa: F401
     handle_healthz,
     handle_metrics,
@@ -85,8 +102,12 @@ class _Quiet:
 
 
 def make_app(settings: GatewaySettings, keys: tuple[Keyring, PrivateKey], *,
-             clock: Callable[[], float] = time.time, echo: bool = True) -> web.Application:
+             clock: Callable[[], float] = time.time, echo: bool = True,
+             worker: tuple[int, int] = (0, 1)) -> web.Application:
     """The gateway application; ``keys`` were loaded and checked by the caller.
+
+    ``worker``: (this worker's index, the worker count): ``fedgate serve`` is (0, 1),
+    ``--workers N`` runs (1, N) â€¦ (N, N); it names the audit outbox's owner.
 
     ``echo``: also log a one-line summary of every audit event (``fedgate.audit``, at
     debug: shown with ``--log-level debug``). A store failure is logged with its cause
@@ -95,6 +116,7 @@ def make_app(settings: GatewaySettings, keys: tuple[Keyring, PrivateKey], *,
     app = web.Application(client_max_size=settings.security.max_body_bytes + 1,
                           middlewares=[track_requests, request_id_middleware])
     app[SETTINGS], app[KEYS], app[CLOCK] = settings, keys, clock
+    app[WORKER], app[OWNER] = worker, owner_name(settings.server.node_name, worker[0])
     app[METRICS] = Metrics()
     app[HANDSHAKES] = HandshakeAudit(app[METRICS], lambda event: emit_audit(app, event),
                                      node=settings.server.node_name or None)
@@ -144,6 +166,11 @@ async def resources(app: web.Application) -> AsyncIterator[None]:
     app[AUDIT] = AuditSink(settings.audit_path, level="debug", checkpoints=checkpoints,
                            logger=logs.get_logger("fedgate.audit") if app[ECHO] else _Quiet())
     app[AUDIT_EXECUTOR] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedgate-audit")
+    app[AUDIT_WRITER] = GroupWriter(app[AUDIT].emit_many, app[AUDIT_EXECUTOR],
+                                    observe=app[METRICS].audit_batch.observe)
+    await recover_outbox(app)  # before serving: what a previous run left in the outbox
+    app[OUTBOX_ACKS] = OutboxAcks(store)
+    app[OUTBOX_ACKS].start()
     ticker = None if checkpoints is None else asyncio.create_task(
         tick_forever(checkpoints, app[AUDIT].log, app[AUDIT_EXECUTOR]))
     app[ISSUER] = FeedbackIssuer(store, feedback_key, settings.feedback_kid, policy=policy)
@@ -164,6 +191,7 @@ async def resources(app: web.Application) -> AsyncIterator[None]:
         await finish_decisions(app)  # no commit without its audit event, none cut short
         if ticker is not None:
             ticker.cancel()
+        await app[OUTBOX_ACKS].close()
         await store.close()
         app[AUDIT_EXECUTOR].shutdown(wait=True)
         app[AUDIT].close()
@@ -242,6 +270,9 @@ async def decide_signed(request: web.Request) -> web.Response:
                                      if request.transport else None)
     trust = app[PIPELINE].trust  # read once: a SIGHUP or a revocation swaps it whole
     security = trust.config
+    accept_status, accept_action = accepted(route)
+    ctx.outbox = AuditOutbox(app[OWNER], lambda c: accept_events(
+        request, c, peer, accept_action, accept_status))
     started, now, exc, body_in = time.perf_counter(), None, None, False
     try:
         # Â§4.2-3 on the headers alone: no body is read for a client that fails them
@@ -264,12 +295,17 @@ async def decide_signed(request: web.Request) -> web.Response:
     finally:
         app[METRICS].pipeline.observe(time.perf_counter() - started)
     note_store(app, ctx, route.kind, exc)
-    if not await audit(request, ctx, peer, action, status, exc):
-        err = E.AuditUnavailable("the decision could not be audited")
-        status, payload = err.status, err.body(ctx.request_id)
-    if ctx.skipped_records and not await audit_skipped(request, ctx, peer, status):
-        err = E.AuditUnavailable("the decision could not be audited")
-        status, payload = err.status, err.body(ctx.request_id)
+    if exc is None and ctx.outbox.events is not None:
+        # accepted: the events are durably in the store's outbox; chained now, or at the
+        # next start if the audit log fails (the answer is true either way)
+        await chain_accepted(app, ctx)
+    else:
+        if not await audit(request, ctx, peer, action, status, exc):
+            err = E.AuditUnavailable("the decision could not be audited")
+            status, payload = err.status, err.body(ctx.request_id)
+        if ctx.skipped_records and not await audit_skipped(request, ctx, peer, status):
+            err = E.AuditUnavailable("the decision could not be audited")
+            status, payload = err.status, err.body(ctx.request_id)
     app[METRICS].count(route.kind, status, exc.error if exc else None)
     response = json_response(payload, status)
     if isinstance(exc, E.RateLimited):
@@ -279,7 +315,13 @@ async def decide_signed(request: web.Request) -> web.Response:
     return response
 
 
-def answer(route: Route, ctx: Context) -> tuple[int, dict[str, Any], str]:
+def accepted(route: Route) -> tuple[int, str]:
+    """The status and audit action of an accepted request on ``route``."""
     if route.kind == "query":
-        return 200, ctx.response, "feedback.issued"
-    return 202, accepted_body(route, ctx), f"{route.kind}.accepted"
+        return 200, "feedback.issued"
+    return 202, f"{route.kind}.accepted"
+
+
+def answer(route: Route, ctx: Context) -> tuple[int, dict[str, Any], str]:
+    status, action = accepted(route)
+    return status, ctx.response if route.kind == "query" else accepted_body(route, ctx), action

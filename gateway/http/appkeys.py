@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from audit import AuditSink
+from audit.writer import GroupWriter
 from gateway import logs
 from gateway.config.settings import GatewaySettings
 from gateway.feedback.issuer import FeedbackIssuer
@@ -18,6 +19,7 @@ from gateway.pipeline.pipeline import Pipeline
 from gateway.store import Store
 
 from .metrics import Metrics
+from .outbox import OutboxAcks
 from .tlsaudit import HandshakeAudit
 
 SETTINGS = web.AppKey("settings", GatewaySettings)
@@ -26,6 +28,10 @@ STORE = web.AppKey("store", Store)
 PIPELINE = web.AppKey("pipeline", Pipeline)
 AUDIT = web.AppKey("audit", AuditSink)
 AUDIT_EXECUTOR = web.AppKey("audit_executor", ThreadPoolExecutor)
+AUDIT_WRITER = web.AppKey("audit_writer", GroupWriter)  # group commit of the chain
+OUTBOX_ACKS = web.AppKey("outbox_acks", OutboxAcks)  # chained outbox entries to delete
+WORKER = web.AppKey("worker", tuple)  # (this worker's index, the worker count)
+OWNER = web.AppKey("owner", str)  # the audit outbox owner: <node_name>/<worker index>
 ISSUER = web.AppKey("issuer", FeedbackIssuer)
 METRICS = web.AppKey("metrics", Metrics)
 CLOCK = web.AppKey("clock", object)

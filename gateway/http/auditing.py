@@ -1,7 +1,13 @@
 """The gateway's audit events (PROTOCOL.md §7): one per decision on a signed request, one
 per refused unrouted request, one per feedback query that left unusable records out; each
-appended to the hash chain off the event loop, and the gateway fails closed (503, /readyz
-false) when an append fails: no decision without its audit event.
+appended to the hash chain off the event loop in group commits (audit/writer.py), and
+the gateway fails closed (503, /readyz false) when an append fails: no decision without
+its audit event.
+
+An accepted decision's events are built before the store commit and written by it into
+the audit outbox (gateway/http/outbox.py): :func:`accept_events` builds them,
+:func:`chain_accepted` appends them after the commit. A refusal writes nothing to the
+store: its event is appended directly (:func:`audit`).
 
 [v1.1] ECS: :func:`http_facts` reads the request's TCP peer, TLS version, method, path and
 the replica's name as plain values for the builders (audit/events.py never sees a
@@ -9,7 +15,6 @@ request)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Any
@@ -22,20 +27,30 @@ from gateway.pipeline import errors as E
 from gateway.pipeline.request import Context
 from schemas.routes import SIGNED_ROUTES
 
-from .appkeys import AUDIT, AUDIT_EXECUTOR, METRICS, READY, SETTINGS
+from .appkeys import (
+    AUDIT_EXECUTOR,
+    AUDIT_WRITER,
+    METRICS,
+    OUTBOX_ACKS,
+    READY,
+    SETTINGS,
+    STORE,
+    WORKER,
+)
 from .conn import CONN
+from .outbox import owners_to_recover, recover
 
 log = logging.getLogger("fedgate.gateway")
 
 
 async def emit_audit(app: web.Application, event: dict[str, Any]) -> bool:
-    """Append one chained event off the event loop. On failure the gateway stops taking
-    signed requests (503) and /readyz turns 503: no decision without its audit event."""
-    if AUDIT not in app or not app[READY]["audit"]:
+    """Append one chained event off the event loop (in the next group commit). On failure
+    the gateway stops taking signed requests (503) and /readyz turns 503: no decision
+    without its audit event."""
+    if AUDIT_WRITER not in app or not app[READY]["audit"]:
         return False
     try:
-        await asyncio.get_running_loop().run_in_executor(
-            app[AUDIT_EXECUTOR], app[AUDIT].emit, event)
+        await app[AUDIT_WRITER].write(event)
     except Exception:
         log.exception("audit log append failed; refusing signed requests until restart")
         app[READY]["audit"] = False
@@ -62,31 +77,75 @@ def http_facts(request: web.BaseRequest) -> dict[str, Any]:
             "method": request.method, "path": request.rel_url.raw_path}
 
 
-async def audit(request: web.Request, ctx: Context, peer: str | None, action: str,
-                status: int, exc: E.GatewayError | None) -> bool:
+def decision_event(request: web.Request, ctx: Context, peer: str | None, action: str,
+                   status: int, exc: E.GatewayError | None) -> dict[str, Any]:
     """The one audit event of a decision on a signed request."""
-    app = request.app
-    return await emit_audit(app, request_event(
+    return request_event(
         action=action, outcome="failure" if exc else "success",
         category=[exc.category if exc else "web"], status=status,
         request_id=ctx.request_id, reason=exc.error if exc else None,
         identity=ctx.identity, peer_sha256=peer, tenant_id=ctx.tenant_id, kid=ctx.kid,
         execution_fingerprint=ctx.execution_fingerprint, attestation_hash=ctx.attestation_hash,
         detail=exc.detail if exc else None, now=time.time(), **http_facts(request),
-    ))
+    )
+
+
+def skipped_event(request: web.Request, ctx: Context, peer: str | None,
+                  status: int) -> dict[str, Any]:
+    """Stored records a feedback answer left out (gateway/feedback/evidence.py): one event
+    per query naming how many and the first few record ids (bounded)."""
+    return request_event(
+        action="feedback.records_skipped", outcome="failure", category=["database"],
+        status=status, request_id=ctx.request_id, reason="stored_record_unusable",
+        identity=ctx.identity, peer_sha256=peer, tenant_id=ctx.tenant_id, kid=ctx.kid,
+        detail=ctx.skipped_records.summary(), now=time.time(), **http_facts(request))
+
+
+async def audit(request: web.Request, ctx: Context, peer: str | None, action: str,
+                status: int, exc: E.GatewayError | None) -> bool:
+    """The one audit event of a decision, appended directly (a refusal)."""
+    return await emit_audit(request.app,
+                            decision_event(request, ctx, peer, action, status, exc))
 
 
 async def audit_skipped(request: web.Request, ctx: Context, peer: str | None,
                         status: int) -> bool:
-    """Stored records a feedback answer left out (gateway/feedback/evidence.py): counted by reason,
-    and one event per query naming how many and the first few record ids (bounded)."""
-    app, report = request.app, ctx.skipped_records
-    app[METRICS].records_skipped.update(report.counts)
-    return await emit_audit(app, request_event(
-        action="feedback.records_skipped", outcome="failure", category=["database"],
-        status=status, request_id=ctx.request_id, reason="stored_record_unusable",
-        identity=ctx.identity, peer_sha256=peer, tenant_id=ctx.tenant_id, kid=ctx.kid,
-        detail=report.summary(), now=time.time(), **http_facts(request)))
+    """Stored records a feedback answer left out: counted by reason, and one event."""
+    request.app[METRICS].records_skipped.update(ctx.skipped_records.counts)
+    return await emit_audit(request.app, skipped_event(request, ctx, peer, status))
+
+
+def accept_events(request: web.Request, ctx: Context, peer: str | None, action: str,
+                  status: int) -> list[dict[str, Any]]:
+    """An accepted decision's events, for the store's audit outbox (built once every
+    check passed, just before the commit): the decision, and the skipped records."""
+    events = [decision_event(request, ctx, peer, action, status, None)]
+    if ctx.skipped_records:
+        events.append(skipped_event(request, ctx, peer, status))
+    return events
+
+
+async def chain_accepted(app: web.Application, ctx: Context) -> bool:
+    """Append an accepted commit's outbox events to the chain, then queue the entry's
+    acknowledgement. If that fails the decision stands (its events are durably in the
+    outbox and are chained at the next start), but the gateway turns not ready and
+    refuses later signed requests (503 ``audit_unavailable``), as for any failed append."""
+    outbox = ctx.outbox
+    if ctx.skipped_records:
+        app[METRICS].records_skipped.update(ctx.skipped_records.counts)
+    if not app[READY]["audit"]:
+        return False
+    try:
+        await app[AUDIT_WRITER].write_all(outbox.events)
+    except Exception as exc:
+        log.error("audit log append failed after an accepted commit (request %s): its "
+                  "events stay in the store's audit outbox and are chained at the next "
+                  "start; refusing signed requests until restart: %s", ctx.request_id, exc)
+        app[READY]["audit"] = False
+        return False
+    if outbox.ref is not None:
+        app[OUTBOX_ACKS].add(outbox.ref)
+    return True
 
 
 async def audit_unrouted(request: web.Request, request_id: str, status: int,
@@ -99,3 +158,18 @@ async def audit_unrouted(request: web.Request, request_id: str, status: int,
         category=["web"], status=status, request_id=request_id, reason=code,
         detail=f"{request.method} {request.path[:200]}", now=time.time(),
         **http_facts(request)))
+
+
+async def recover_outbox(app: web.Application) -> None:
+    """Start-up recovery of the audit outbox (gateway/http/outbox.py): one line when
+    there was anything; a failure stops the start (fail closed)."""
+    index, workers = app[WORKER]
+    node = app[SETTINGS].server.node_name
+    pending = await app[STORE].outbox_owners(node) if index == (1 if workers > 1 else 0) \
+        else set()
+    owners = owners_to_recover(node, index, workers, pending)
+    appended, present = await recover(app[STORE], app[AUDIT_WRITER], app[SETTINGS].audit_path,
+                                      owners, app[AUDIT_EXECUTOR])
+    if appended or present:
+        log.warning("audit outbox of %s: %d event(s) chained at start-up, %d already in "
+                    "the chain", ", ".join(owners), appended, present)

@@ -22,19 +22,20 @@ from common.tls import peer_cert_pins
 from gateway.pipeline import errors as E
 from gateway.pipeline.batch import ItemOutcome, parse_envelope, run_batch
 from gateway.pipeline.pipeline import check_head
-from gateway.pipeline.request import Context
+from gateway.pipeline.request import AuditOutbox, Context
 
 from .appkeys import (
     AUDIT_REFUSALS,
     CLOCK,
     DECISIONS,
     METRICS,
+    OWNER,
     PIPELINE,
     READY,
     REQUEST_ID,
     SETTINGS,
 )
-from .auditing import audit
+from .auditing import accept_events, audit, chain_accepted
 from .conn import CONN, GUARD
 from .intake import note_store, read_body, start_body
 from .probes import json_response
@@ -79,7 +80,9 @@ async def decide_batch(request: web.Request) -> web.Response:
         items = parse_envelope(body, server.max_batch_items)
         now = int(app[CLOCK]())  # once for the whole batch, when its body is in
         outcomes = await run_batch(app[PIPELINE], items, request.headers, peer, peer_spki,
-                                   ctx.request_id, now, trust)
+                                   ctx.request_id, now, trust, outbox=lambda: AuditOutbox(
+                                       app[OWNER], lambda c: accept_events(
+                                           request, c, peer, "telemetry.accepted", 202)))
     except E.GatewayError as exc:
         app[METRICS].pipeline.observe(time.perf_counter() - started)
         return await refuse(request, ctx, peer, exc, body_in)
@@ -112,10 +115,15 @@ async def answer(request: web.Request, ctx: Context, peer: str | None,
     for outcome in outcomes:
         note_store(app, outcome.ctx, "telemetry", outcome.error)
     audited = await asyncio.gather(*(
-        audit(request, o.ctx, peer, "telemetry.rejected" if o.error else "telemetry.accepted",
-              o.status, o.error) for o in outcomes))
+        # accepted: its event is durably in the store's outbox (chained now, or at the next
+        # start if the audit log fails: the 202 stands); refused: appended directly
+        chain_accepted(app, o.ctx) if o.error is None and o.ctx.outbox is not None
+        and o.ctx.outbox.events is not None
+        else audit(request, o.ctx, peer, "telemetry.rejected", o.status, o.error)
+        for o in outcomes))
     for outcome, ok in zip(outcomes, audited, strict=True):
-        if not ok:  # as a single request: the decision stands, the answer says 503
+        if not ok and outcome.error is not None:  # as a single request: the refusal
+            # stands, the answer says 503
             outcome.error = E.AuditUnavailable("the decision could not be audited")
         app[METRICS].batch_items(outcome.status, outcome.error.error if outcome.error
                                  else None)

@@ -37,6 +37,7 @@ from prometheus_client.process_collector import ProcessCollector
 prometheus_client.disable_created_metrics()  # no *_created series: not in the old exposition
 
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # events per audit write
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 PROCESSES_FILE = "processes.json"  # written by the supervisor: {"worker-1": pid, …}
@@ -80,6 +81,10 @@ class Metrics:
         self.store = Histogram("fedgate_store_commit_seconds",
                                "Time of the atomic store commit (steps 12-14).",
                                buckets=BUCKETS, registry=reg)
+        self.audit_batch = Histogram(  # group commit (audit/writer.py)
+            "fedgate_audit_batch_events",
+            "Audit events written per batch (one write and one fsync of the chain).",
+            buckets=BATCH_BUCKETS, registry=reg)
         self.records_skipped = LabeledCounter(Counter(  # by reason (gateway/feedback/evidence.py)
             "fedgate_feedback_records_skipped",
             "Stored records a feedback decision left out, by reason.", ["reason"],

@@ -66,11 +66,13 @@ class GuardedSite(web.BaseSite):
 
 async def start_gateway(config: Path | GatewaySettings, *, clock=time.time, echo: bool = True,
                         socks: list[socket.socket] | None = None,
-                        access_log: bool = False) -> web.AppRunner:
+                        access_log: bool = False,
+                        worker: tuple[int, int] = (0, 1)) -> web.AppRunner:
     """Load keys, build the TLS context and the app, run start-up, listen on ``socks``
     (bound by the caller: ``serve`` and the workers' supervisor) or on sockets bound here
     (the demo, the tests). The caller stops it with ``await runner.cleanup()``.
-    ``access_log``: one ``fedgate.access`` line per HTTP request (gateway/logs.py)."""
+    ``access_log``: one ``fedgate.access`` line per HTTP request (gateway/logs.py).
+    ``worker``: (index, count), see ``make_app`` (the audit outbox's owner)."""
     settings = config if isinstance(config, GatewaySettings) else load_settings(config)
     keys = load_keys(settings)
     ssl_ctx = server_context(settings.server.tls_cert, settings.server.tls_key,
@@ -78,7 +80,7 @@ async def start_gateway(config: Path | GatewaySettings, *, clock=time.time, echo
     limits = fit_limits(settings.server, raise_fd_limit())
     if socks is None:
         socks = bind_listeners(settings.server.host, settings.server.port, limits.backlog)
-    app = make_app(settings, keys, clock=clock, echo=echo)
+    app = make_app(settings, keys, clock=clock, echo=echo, worker=worker)
     app[GUARD] = guard = ConnectionGuard(limits, app[METRICS], app[HANDSHAKES])
     app.on_cleanup.append(guard.close)
     access = dict(access_log=logging.getLogger(logs.ACCESS_LOGGER),

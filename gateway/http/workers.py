@@ -62,7 +62,7 @@ def die_with_parent(parent: int) -> None:
 
 
 def _worker(config: str, socks: list[socket.socket], control: socket.socket, index: int,
-            parent: int, log_overrides: Mapping | None = None) -> None:
+            parent: int, log_overrides: Mapping | None = None, workers: int = 1) -> None:
     """A worker process's entry point (spawned: a fresh interpreter)."""
     from .reload import SighupLatch
 
@@ -74,7 +74,7 @@ def _worker(config: str, socks: list[socket.socket], control: socket.socket, ind
 
     try:
         settings = load_and_log(Path(config), log_overrides)
-        asyncio.run(_serve(settings, socks, control, index,
+        asyncio.run(_serve(settings, socks, control, index, workers,
                            access_log=settings.log.merged(log_overrides).access, hup=hup))
     except Exception as exc:
         reported = one_line(exc)
@@ -87,8 +87,8 @@ def _worker(config: str, socks: list[socket.socket], control: socket.socket, ind
 
 
 async def _serve(settings: GatewaySettings, socks: list[socket.socket],
-                 control: socket.socket, index: int, *, access_log: bool = False,
-                 hup=None) -> None:
+                 control: socket.socket, index: int, workers: int, *,
+                 access_log: bool = False, hup=None) -> None:
     from .probes import readiness
     from .reload import reload_trust
     from .server import start_gateway, stop_gateway
@@ -111,7 +111,8 @@ async def _serve(settings: GatewaySettings, socks: list[socket.socket],
         stop.set()
 
     watch = asyncio.create_task(answer_supervisor())
-    runner = await start_gateway(settings, socks=socks, access_log=access_log)
+    runner = await start_gateway(settings, socks=socks, access_log=access_log,
+                                 worker=(index, workers))  # names its audit outbox
     apps.append(runner.app)
     if hup is not None:  # SIGHUP (forwarded by the supervisor): reload.py
         hup.attach(loop, lambda: reload_trust(runner.app))
@@ -179,7 +180,7 @@ class Supervisor:
                 ours, theirs = socket.socketpair()
                 proc = ctx.Process(target=_worker, name=f"fedgate-worker-{index}",
                                    args=(str(self.settings.path), socks, theirs, index,
-                                         os.getpid(), self.log_overrides))
+                                         os.getpid(), self.log_overrides, self.n))
                 proc.start()
                 theirs.close()
                 self.procs[index] = proc

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,7 @@ from schemas.validate import json_pointer
 
 from . import errors as E
 from .pipeline import Pipeline
-from .request import Context, SignedRequest
+from .request import AuditOutbox, Context, SignedRequest
 from .trust import Trust
 
 ITEM_MEMBERS = ("timestamp", "nonce", "signature", "kid", "body_b64")
@@ -137,13 +138,16 @@ def item_request_id(batch_request_id: str, index: int) -> str:
 
 async def run_batch(pipeline: Pipeline, items: list[Item], headers: Any,
                     peer: str | None, peer_spki: str | None, batch_request_id: str,
-                    now: int, trust: Trust | None = None) -> list[ItemOutcome]:
+                    now: int, trust: Trust | None = None,
+                    outbox: Callable[[], AuditOutbox] | None = None) -> list[ItemOutcome]:
     """Every item through §4 steps 2-14 on its own, with one ``now`` and one ``trust``
-    (the bundle the envelope's identity was judged against); in item order."""
+    (the bundle the envelope's identity was judged against); in item order. ``outbox``
+    makes each item's audit outbox: an accepted item's event is stored by its commit."""
     inherited = [(name, value) for name in INHERITED for value in headers.getall(name, [])]
     outcomes, commits = [], []
     for index, item in enumerate(items):
         outcome = ItemOutcome(index, Context(item_request_id(batch_request_id, index)))
+        outcome.ctx.outbox = outbox() if outbox is not None else None
         req = SignedRequest(TELEMETRY, item.headers(inherited), item.body, peer,
                             outcome.ctx.request_id, peer_spki)
         try:
@@ -152,9 +156,12 @@ async def run_batch(pipeline: Pipeline, items: list[Item], headers: Any,
             outcome.error = exc
         outcomes.append(outcome)
     if commits:
-        errors = await pipeline.commit_many([commit for _, commit in commits])
-        for (outcome, commit), error in zip(commits, errors, strict=True):
-            outcome.error = error
-            if error is None:
-                outcome.ctx.record_id = commit.record.record_id
+        results = await pipeline.commit_many([commit for _, commit in commits])
+        for (outcome, commit), result in zip(commits, results, strict=True):
+            if isinstance(result, E.GatewayError):
+                outcome.error = result
+                continue
+            outcome.ctx.record_id = commit.record.record_id
+            if outcome.ctx.outbox is not None:
+                outcome.ctx.outbox.ref = result.outbox_ref
     return outcomes

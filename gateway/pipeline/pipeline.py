@@ -20,6 +20,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from common.tls import pin_matches
@@ -86,8 +87,10 @@ class Pipeline:
         ``trust``: the bundle the caller already judged the headers against (read once
         per request); else the one in force now."""
         commit = await self.prepare(req, now, ctx, trust)
-        await self.commit(commit)
+        outbox_ref = await self.commit(commit)
         ctx.record_id = commit.record.record_id
+        if ctx.outbox is not None:
+            ctx.outbox.ref = outbox_ref
         return ctx
 
     async def prepare(self, req: SignedRequest, now: int, ctx: Context,
@@ -140,7 +143,8 @@ class Pipeline:
             await self.refuse_claimed(ctx, nonce, hashlib.sha256(req.body).hexdigest(), now)
             ctx.response = await self.respond(ctx, now)
         # §4.12-14 (``commit``) owner and attestation anchor, claim the nonce, persist:
-        # one atomic step
+        # one atomic step (with the accept's audit events in the same step, when
+        # ctx.outbox is set)
         return records.build_commit(req, body, ctx, now, cfg, signature)
 
     def parse_body(self, route: Route, raw: bytes) -> dict[str, Any]:
@@ -177,8 +181,9 @@ class Pipeline:
             duplicate = claim.request_id if claim.body_digest == digest else None
             raise_replayed(duplicate)
 
-    async def commit(self, commit: Commit) -> None:
-        """§4.12-14: one atomic store call; GatewayError if it refused or failed."""
+    async def commit(self, commit: Commit) -> Any:
+        """§4.12-14: one atomic store call; its outbox entry's reference when accepted,
+        else the refusal's GatewayError."""
         started = time.perf_counter()
         try:
             result: CommitResult | StoreError = await self.store.commit(commit)
@@ -187,30 +192,36 @@ class Pipeline:
         finally:
             if self.store_timer is not None:
                 self.store_timer(time.perf_counter() - started)
-        judge_commit(result)
+        return judge_commit(result)
 
-    async def commit_many(self, commits: list[Commit]) -> list[E.GatewayError | None]:
+    async def commit_many(self, commits: list[Commit]) -> list[E.GatewayError | Accepted]:
         """The commits of one batch (``Store.commit_many``: each atomic on its own, the
-        first in order wins a conflict): per commit, None (done) or its GatewayError."""
+        first in order wins a conflict): per commit, its GatewayError or ``Accepted``."""
         started = time.perf_counter()
         try:
             results = await self.store.commit_many(commits)
         finally:
             if self.store_timer is not None:
                 self.store_timer(time.perf_counter() - started)
-        out: list[E.GatewayError | None] = []
+        out: list[E.GatewayError | Accepted] = []
         for result in results:
             try:
-                judge_commit(result)
+                out.append(Accepted(judge_commit(result)))
             except E.GatewayError as exc:
                 out.append(exc)
-            else:
-                out.append(None)
         return out
 
 
-def judge_commit(result: CommitResult | StoreError) -> None:
-    """What the store said about one commit, as §4's answer (raise) or accepted (return)."""
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A batch item's accepted commit: its audit outbox entry's reference (or None)."""
+
+    outbox_ref: Any
+
+
+def judge_commit(result: CommitResult | StoreError) -> Any:
+    """What the store said about one commit, as §4's answer (raise) or accepted (return
+    the outbox entry's reference)."""
     if isinstance(result, StoreError):
         if result.stage == "claim":
             raise E.ReplayStoreUnavailable("the replay store is unavailable") from result
@@ -227,6 +238,7 @@ def judge_commit(result: CommitResult | StoreError) -> None:
         )
     if result.outcome is Outcome.REPLAYED:
         raise_replayed(result.duplicate_of)
+    return result.outbox_ref
 
 
 def raise_replayed(duplicate_of: str | None) -> None:

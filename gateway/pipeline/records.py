@@ -12,6 +12,8 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
+
 from gateway.config.config import SecurityConfig
 from gateway.store import Anchor, Commit, Record
 from schemas.canonical import dumps
@@ -77,10 +79,15 @@ def build_commit(
         anchor = Anchor(ctx.tenant_id, ctx.execution_fingerprint, ctx.attestation_hash)
     record = Record(req.route.record_kind, record_id, ctx.tenant_id,
                     ctx.execution_fingerprint, dumps(evidence))
+    audit = owner = None
+    if ctx.outbox is not None:  # the accept's audit events, stored with the record
+        ctx.outbox.events = ctx.outbox.build(ctx)
+        audit, owner = orjson.dumps(ctx.outbox.events), ctx.outbox.owner
     return Commit(
         identity=ctx.identity, nonce=body["nonce"], body_digest=digest,
         request_id=ctx.request_id, now=now, nonce_ttl_s=cfg.nonce_ttl_s,
         record=record, anchor=anchor, valid_from=body["timestamp"] - cfg.clock_skew_s,
+        audit=audit, audit_owner=owner,
     )
 
 

@@ -4,6 +4,7 @@ neither imports the other's caller."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,3 +38,16 @@ class Context:
     body: dict[str, Any] = field(default_factory=dict)
     response: dict[str, Any] | None = None  # a feedback query's signed answer
     skipped_records: Any = None  # a query: stored records its answer had to leave out
+    outbox: AuditOutbox | None = None  # the accept's audit events go with the commit
+
+
+@dataclass(slots=True)
+class AuditOutbox:
+    """The accept's audit events, written by the store commit itself (docs/AUDIT.md
+    *Outbox*): ``build(ctx)`` makes them once every check passed, just before the commit;
+    after an accepted commit ``events`` holds them and ``ref`` the store's entry."""
+
+    owner: str  # <node_name>/<worker index>
+    build: Callable[[Context], list[dict[str, Any]]]
+    events: list[dict[str, Any]] | None = None
+    ref: Any = None

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from .base import (
+    OWNER_RE,
     Anchor,
     Claim,
     Commit,
     CommitResult,
+    OutboxEntry,
     Outcome,
     Record,
     Revocation,
@@ -15,8 +17,8 @@ from .base import (
 )
 
 __all__ = [
-    "Anchor", "Claim", "Commit", "CommitResult", "Outcome", "Record", "Revocation", "Store",
-    "StoreError",
+    "OWNER_RE", "Anchor", "Claim", "Commit", "CommitResult", "Outcome", "OutboxEntry", "Record",
+    "Revocation", "Store", "StoreError",
     "open_store",
 ]
 

@@ -3,17 +3,26 @@
 Both implementations (``sqlite.SqliteStore``, ``redis.RedisStore``) run the same
 contract tests. ``commit`` is the only write on the request path: in one atomic step it
 (12) checks the execution's owner and attestation anchor (setting both for a new
-execution), (13) claims ``(identity, tenant_id, nonce)`` and (14) persists the record. If
-any part fails nothing is written, so a failed write never consumes a nonce.
+execution), (13) claims ``(identity, tenant_id, nonce)`` and (14) persists the record,
+together with the accept's audit events in the audit outbox (``Commit.audit``). If any
+part fails nothing is written, so a failed write never consumes a nonce.
+
+The audit outbox (docs/AUDIT.md *Outbox*): an accepted commit also stores its audit
+events under ``Commit.audit_owner`` (``<node_name>/<worker index>``), so no record can
+exist without them even if the process dies before they reach the hash chain. The
+owner chains them, then acknowledges them (``outbox_ack``); at start-up it reads what it
+left (``outbox_read``) and chains what the chain does not hold yet.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import re
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from ..logs import redact
 
@@ -84,6 +93,11 @@ class Commit:
     #: claimed in a past the store forgot. None: ``now − nonce_ttl_s``, a lower bound
     #: (nonce_ttl_s > 2 × clock_skew_s), so refusing more, never less.
     valid_from: int | None = None
+    #: the accept's audit events (a JSON array, orjson), written by the same atomic step
+    #: when the outcome is ACCEPTED (never on a refusal); None: no outbox entry
+    audit: bytes | None = None
+    #: whose outbox: ``<node_name>/<worker index>`` (:data:`OWNER_RE`); set with ``audit``
+    audit_owner: str | None = None
 
     @property
     def tenant_id(self) -> str:
@@ -128,6 +142,27 @@ class CommitResult:
     duplicate_of: str | None = None
     #: ATTESTATION_MISMATCH: the hash already anchored.
     anchored_hash: str | None = None
+    #: ACCEPTED with ``Commit.audit``: the outbox entry's reference (for ``outbox_ack``)
+    outbox_ref: Any = None
+
+
+#: an outbox owner: ``<node_name>/<worker index>`` (node names as [server] node_name)
+OWNER_RE = re.compile(r"[A-Za-z0-9._-]{1,253}/[0-9]{1,6}")
+
+
+def check_owner(owner: str) -> str:
+    if not isinstance(owner, str) or OWNER_RE.fullmatch(owner) is None:
+        raise ValueError(f"invalid audit outbox owner {owner!r} (want <node_name>/<index>)")
+    return owner
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """One accepted commit's audit events, not yet acknowledged."""
+
+    ref: Any  # the store's reference, for ``outbox_ack``
+    owner: str
+    events: bytes  # a JSON array of event objects, as the commit wrote it
 
 
 class Store(abc.ABC):
@@ -195,6 +230,18 @@ class Store(abc.ABC):
 
         Raise StoreError("write") if it cannot be written or the id is taken.
         """
+
+    @abc.abstractmethod
+    async def outbox_owners(self, node: str) -> set[str]:
+        """The owners ``<node>/<k>`` that have outbox entries (start-up recovery)."""
+
+    @abc.abstractmethod
+    async def outbox_read(self, owner: str) -> list[OutboxEntry]:
+        """``owner``'s unacknowledged entries, oldest first within a tenant."""
+
+    @abc.abstractmethod
+    async def outbox_ack(self, refs: list[Any]) -> None:
+        """Delete these entries (their events are in the chain); unknown refs are ignored."""
 
     @abc.abstractmethod
     async def get_claim(self, identity: str, tenant_id: str, nonce: str,

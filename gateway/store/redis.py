@@ -13,6 +13,9 @@ Key layout (``P`` = ``key_prefix``; braces are Redis Cluster hash tags):
 - ``P:{<tenant>}:n:<identity>:<nonce>``  claim: ``<expires_at>|<body digest>|<request
                                    id>``, TTL nonce_ttl_s
 - ``P:{<tenant>}:epoch``           the store's epoch, copied into the tenant's slot
+- ``P:{<tenant>}:audit:<owner>``   the audit outbox of ``<node_name>/<worker>``: a stream,
+                                   one entry (field ``e``: a JSON array of events) per
+                                   accepted commit, deleted once chained (docs/AUDIT.md)
 - ``P:schema``                     hash: layout version, ``legacy_nonces_until``, ``epoch``
 
 A commit runs only while the tenant's epoch marker equals the epoch the gateway holds;
@@ -42,7 +45,18 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from .base import Claim, Commit, CommitResult, Outcome, Record, Store, StoreError
+from . import redis_outbox
+from .base import (
+    Claim,
+    Commit,
+    CommitResult,
+    OutboxEntry,
+    Outcome,
+    Record,
+    Store,
+    StoreError,
+    check_owner,
+)
 from .redis_epoch import epoch_start, eviction_policy, eviction_refusal, read_epoch, sync_epoch
 from .redis_scripts import COMMIT_LUA, PUT_LUA, migrate
 from .revocations import RedisRevocations
@@ -109,6 +123,10 @@ class RedisStore(RedisRevocations, Store):
     def _nonce_key(self, identity: str, tenant_id: str, nonce: str) -> str:
         ident = _check(_IDENTITY, identity, "identity")
         return f"{self._tenant(tenant_id)}:n:{ident}:{_check(_NONCE, nonce, 'nonce')}"
+
+    def _outbox_key(self, tenant_id: str, owner: str) -> str:
+        """The owner's audit outbox in the tenant's slot (a commit's keys share one slot)."""
+        return f"{self._tenant(tenant_id)}:audit:{check_owner(owner)}"
 
     def _epoch_key(self, tenant_id: str) -> str:
         return f"{self._tenant(tenant_id)}:epoch"
@@ -203,6 +221,8 @@ class RedisStore(RedisRevocations, Store):
                 self._record_key(rec.tenant_id, rec.kind, rec.record_id),
                 self._index_key(rec.tenant_id, rec.kind), self._epoch_key(rec.tenant_id),
                 self._index_key(rec.tenant_id, rec.kind, commit.identity)]
+        if commit.audit is not None:
+            keys.append(self._outbox_key(rec.tenant_id, commit.audit_owner))
         if anchor is not None:
             fp = anchor.execution_fingerprint
             keys += [self._anchor_key(rec.tenant_id, fp), self._anchor_key(rec.tenant_id, fp, "o")]
@@ -213,14 +233,21 @@ class RedisStore(RedisRevocations, Store):
         args = [len(keys), *keys, claim, commit.nonce_ttl_s, rec.data, rec.record_id,
                 commit.now, commit.identity, anchor.attestation_hash if anchor else "",
                 "1" if legacy else "0"]
+        audit = commit.audit if commit.audit is not None else b""
+        if commit.audit is not None and not commit.audit:
+            raise ValueError("an outbox entry cannot be empty")
         for _ in range(3):  # the epoch can change under us only by another loss of state
             if (epoch := self._held_epoch(rec.tenant_id)) is None:
                 epoch = await self._sync_epoch(rec.tenant_id, keys[3], commit.now)
             if commit.earliest <= epoch_start(epoch):
                 return _BEFORE_EPOCH
-            reply = await self._run_commit([*args, epoch])
+            reply = await self._run_commit([*args, epoch, audit])
             if reply[0] != b"epoch":
-                return self._result(reply, commit.body_digest)
+                result = self._result(reply, commit.body_digest)
+                if result.outbox_ref is not None:  # (stream key, entry id) for the ack
+                    result = CommitResult(Outcome.ACCEPTED, outbox_ref=(keys[5],
+                                                                        result.outbox_ref))
+                return result
             await self._sync_epoch(rec.tenant_id, keys[3], commit.now)
         raise StoreError("claim", "the store's epoch kept changing during the commit")
 
@@ -271,7 +298,8 @@ class RedisStore(RedisRevocations, Store):
     def _result(reply: list, body_digest: str) -> CommitResult:
         status = reply[0]
         if status == b"accepted":
-            return _ACCEPTED
+            return _ACCEPTED if len(reply) < 2 else CommitResult(
+                Outcome.ACCEPTED, outbox_ref=reply[1].decode())
         if status == b"replayed":
             _, digest, request_id = reply[1].decode().split("|", 2)
             dup = request_id if digest == body_digest else None
@@ -293,6 +321,16 @@ class RedisStore(RedisRevocations, Store):
                                  record.record_id, refused="write")
         if reply != b"ok":
             raise StoreError("write", "record id already exists; nothing was written")
+
+    # -- the audit outbox (docs/AUDIT.md *Outbox*; redis_outbox.py) --------------------------
+    async def outbox_owners(self, node: str) -> set[str]:
+        return await self._call(redis_outbox.owners, self.prefix, node)
+
+    async def outbox_read(self, owner: str) -> list[OutboxEntry]:
+        return await self._call(redis_outbox.read, self.prefix, check_owner(owner))
+
+    async def outbox_ack(self, refs: list) -> None:
+        await self._call(redis_outbox.ack, refs, refused="write")
 
     # -- reads --------------------------------------------------------------------------
     async def get_claim(self, identity: str, tenant_id: str, nonce: str,

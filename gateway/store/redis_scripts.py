@@ -22,11 +22,15 @@ from redis.asyncio import Redis
 COMMIT_LUA = """#!lua
 -- KEYS[1] claim  KEYS[2] record  KEYS[3] index  KEYS[4] the tenant's epoch marker
 -- KEYS[5] the identity's index of this kind (sorted set: record id -> its position in
--- KEYS[3]); then, when ARGV[7] ~= '': KEYS[6] anchor  KEYS[7] owner; and last, when
--- ARGV[8] == '1', the pre-v1.1 claim
+-- KEYS[3]); then, when ARGV[10] ~= '', KEYS[6] the owner's audit outbox (a stream);
+-- then, when ARGV[7] ~= '': anchor, owner; and last, when ARGV[8] == '1', the pre-v1.1
+-- claim
 -- ARGV[1] claim (expires_at|digest|request_id)  ARGV[2] nonce TTL s  ARGV[3] record data
 -- ARGV[4] record id  ARGV[5] now  ARGV[6] identity  ARGV[7] attestation hash or ''
 -- ARGV[8] '1' when the last key is a pre-v1.1 claim to honour  ARGV[9] the gateway's epoch
+-- ARGV[10] the accept's audit events (JSON array) or ''
+local a = 6
+if ARGV[10] ~= '' then a = 7 end
 -- 0. the store's epoch (redis_epoch.py): a missing or other marker means the store lost
 -- its state or started a new epoch -> nothing judged, nothing written
 local epoch = redis.call('GET', KEYS[4])
@@ -39,8 +43,8 @@ local function live(key)
 end
 -- 1. the execution's owner, then its attestation anchor: refused -> nothing written
 if ARGV[7] ~= '' then
-  local anchored = redis.call('GET', KEYS[6])
-  local owner = redis.call('GET', KEYS[7])
+  local anchored = redis.call('GET', KEYS[a])
+  local owner = redis.call('GET', KEYS[a + 1])
   if anchored and not owner then return {'unmigrated'} end
   if owner and owner ~= ARGV[6] then return {'not_owned'} end
   if anchored and anchored ~= ARGV[7] then return {'mismatch', anchored} end
@@ -51,16 +55,29 @@ if not claimed and ARGV[8] == '1' then claimed = live(KEYS[#KEYS]) end
 if claimed then return {'replayed', claimed} end
 -- 3. record id already used -> conflict, nothing written
 if redis.call('EXISTS', KEYS[2]) > 0 then return {'conflict'} end
--- 4. write everything: claim (replacing an expired one), anchor and owner, record, indexes
+-- 4. write everything: claim (replacing an expired one), anchor and owner, record,
+-- indexes, and the accept's audit events in the owner's outbox
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 if ARGV[7] ~= '' then
-  redis.call('SET', KEYS[6], ARGV[7], 'NX')
-  redis.call('SET', KEYS[7], ARGV[6], 'NX')
+  redis.call('SET', KEYS[a], ARGV[7], 'NX')
+  redis.call('SET', KEYS[a + 1], ARGV[6], 'NX')
 end
 redis.call('SET', KEYS[2], ARGV[3])
 local position = redis.call('RPUSH', KEYS[3], ARGV[4])
 redis.call('ZADD', KEYS[5], position, ARGV[4])
+if ARGV[10] ~= '' then
+  return {'accepted', redis.call('XADD', KEYS[6], '*', 'e', ARGV[10])}
+end
 return {'accepted'}
+"""
+
+# Acknowledge outbox entries: KEYS[1] the stream, ARGV the entry ids. The stream is
+# deleted once empty (in the same script: a concurrent XADD cannot fall in between),
+# so a start-up SCAN finds only owners with something pending.
+ACK_LUA = """#!lua
+redis.call('XDEL', KEYS[1], unpack(ARGV))
+if redis.call('XLEN', KEYS[1]) == 0 then redis.call('DEL', KEYS[1]) end
+return 'ok'
 """
 
 # A record outside any claim (issued feedback): same record/index layout.

@@ -18,7 +18,17 @@ from typing import Any, TypeVar
 
 from common.sqlite import begin_immediate, connect_durable, transaction
 
-from .base import Claim, Commit, CommitResult, Outcome, Record, Store, StoreError
+from .base import (
+    Claim,
+    Commit,
+    CommitResult,
+    OutboxEntry,
+    Outcome,
+    Record,
+    Store,
+    StoreError,
+    check_owner,
+)
 from .revocations import SqliteRevocations
 from .sqlite_schema import SCHEMA, migrate, sweep_legacy_nonces
 
@@ -71,6 +81,8 @@ class SqliteStore(SqliteRevocations, Store):
     async def commit(self, commit: Commit) -> CommitResult:
         if commit.record.identity not in (None, commit.identity):
             raise ValueError("the record's identity must be the commit's")
+        if commit.audit is not None:
+            check_owner(commit.audit_owner)
         return await self._run(self._commit_sync, commit, stage="claim")
 
     def _commit_sync(self, c: Commit) -> CommitResult:
@@ -81,7 +93,7 @@ class SqliteStore(SqliteRevocations, Store):
             if decided is not None:  # a rejection writes nothing
                 db.execute("ROLLBACK")
                 return decided
-            self._write(db, c)
+            outbox_ref = self._write(db, c)
             try:
                 db.execute("COMMIT")  # returns once the WAL is fsynced
             except sqlite3.Error as exc:
@@ -91,7 +103,7 @@ class SqliteStore(SqliteRevocations, Store):
                 db.execute("ROLLBACK")
             raise
         self._commits += 1
-        return CommitResult(Outcome.ACCEPTED)
+        return CommitResult(Outcome.ACCEPTED, outbox_ref=outbox_ref)
 
     def _decide(self, db: sqlite3.Connection, c: Commit) -> CommitResult | None:
         # 12. the execution's owner, then its attestation anchor
@@ -124,7 +136,8 @@ class SqliteStore(SqliteRevocations, Store):
                 (identity, nonce, now)).fetchone()
         return None if row is None else Claim(row[0], row[1])
 
-    def _write(self, db: sqlite3.Connection, c: Commit) -> None:
+    def _write(self, db: sqlite3.Connection, c: Commit) -> int | None:
+        outbox_ref = None
         try:
             # 13. claim (replacing an expired claim of the same nonce, if any)
             db.execute(
@@ -145,12 +158,17 @@ class SqliteStore(SqliteRevocations, Store):
                 " created_at, data, identity) VALUES (?,?,?,?,?,?,?)",
                 (r.kind, r.record_id, r.tenant_id, r.execution_fingerprint, c.now, r.data,
                  c.identity))
+            if c.audit is not None:  # the accept's audit events, in the same transaction
+                outbox_ref = db.execute(
+                    "INSERT INTO audit_outbox (owner, event) VALUES (?,?)",
+                    (c.audit_owner, c.audit)).lastrowid
             if self._commits % PURGE_EVERY == PURGE_EVERY - 1:
                 db.execute("DELETE FROM claims WHERE expires_at <= ?", (c.now,))
                 if self._legacy_nonces:
                     self._legacy_nonces = sweep_legacy_nonces(db, c.now)
         except sqlite3.Error as exc:
             raise StoreError("write", f"sqlite write failed: {exc}") from exc
+        return outbox_ref
 
     async def put_record(self, record: Record, now: int) -> None:
         await self._run(self._put_sync, record, now, stage="write")
@@ -165,6 +183,32 @@ class SqliteStore(SqliteRevocations, Store):
                      r.identity))
         except sqlite3.Error as exc:
             raise StoreError("write", f"sqlite write failed: {exc}") from exc
+
+    # -- the audit outbox (docs/AUDIT.md *Outbox*) ------------------------------------
+    async def outbox_owners(self, node: str) -> set[str]:
+        prefix = f"{node}/"
+        rows = await self._run(lambda: self._conn().execute(
+            "SELECT DISTINCT owner FROM audit_outbox WHERE substr(owner, 1, ?) = ?",
+            (len(prefix), prefix)).fetchall(), stage="claim")
+        return {row[0] for row in rows}
+
+    async def outbox_read(self, owner: str) -> list[OutboxEntry]:
+        rows = await self._run(lambda: self._conn().execute(
+            "SELECT id, event FROM audit_outbox WHERE owner=? ORDER BY id",
+            (check_owner(owner),)).fetchall(), stage="claim")
+        return [OutboxEntry(row[0], owner, bytes(row[1])) for row in rows]
+
+    async def outbox_ack(self, refs: list[Any]) -> None:
+        if refs:
+            await self._run(self._ack_sync, [int(r) for r in refs], stage="write")
+
+    def _ack_sync(self, ids: list[int]) -> None:
+        db = self._conn()
+        with transaction(db, self.busy_timeout_ms):
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                db.execute(f"DELETE FROM audit_outbox WHERE id IN ({','.join('?' * len(chunk))})",
+                           chunk)
 
     # -- reads ------------------------------------------------------------------------
     async def get_claim(self, identity: str, tenant_id: str, nonce: str,

@@ -16,6 +16,8 @@ one write transaction (so concurrent openers serialise), and is idempotent:
   and order, so a feedback query reads and budgets only its own identity's records) is
   added if missing and, once (``user_version`` < 2 → 2), back-filled from the evidence
   JSON's ``identity``; a record without one (issued feedback) keeps NULL.
+- ``audit_outbox`` (version 3): an accepted commit's audit events, written in its
+  transaction, deleted once they are in the hash chain (docs/AUDIT.md *Outbox*).
 - the pre-v1.1 ``nonces(identity, nonce)`` table is kept: while it holds rows the
   store consults it for live claims (judged with the request's ``now``, as every claim),
   so an upgrade opens no replay window. Nothing writes to it any more; the periodic
@@ -46,9 +48,13 @@ CREATE TABLE IF NOT EXISTS records (
 CREATE INDEX IF NOT EXISTS records_by_tenant ON records (kind, tenant_id, seq);
 CREATE INDEX IF NOT EXISTS records_by_execution
     ON records (tenant_id, execution_fingerprint, seq);
+CREATE TABLE IF NOT EXISTS audit_outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, owner TEXT NOT NULL, event BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS audit_outbox_by_owner ON audit_outbox (owner, id);
 """
-SCHEMA_VERSION = 2  # PRAGMA user_version: 1 once the v1.1 migration has run, 2 once
-# records carry the identity that sent them (indexed: a query reads only its own)
+SCHEMA_VERSION = 3  # PRAGMA user_version: 1 once the v1.1 migration has run, 2 once
+# records carry the identity that sent them (indexed: a query reads only its own), 3
+# with the audit outbox (created by SCHEMA above: nothing to back-fill)
 RECORDS_BY_IDENTITY = ("CREATE INDEX IF NOT EXISTS records_by_identity"
                        " ON records (kind, tenant_id, identity, seq)")
 # The sender of a record stored before records had an identity column: the evidence

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import socket
 import ssl
 
 import pytest
@@ -19,6 +20,7 @@ from stack import Stack
 
 from audit import verify_file
 from fedgate.cli import package_version
+from gateway.store import open_store
 from schemas.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
 
 
@@ -406,18 +408,35 @@ async def test_schema_violation_does_not_echo_the_body(stack):
 
 
 async def test_unusable_audit_log_stops_decisions(stack):
-    """A torn audit tail: the gateway refuses (503) instead of deciding unaudited."""
+    """A torn audit tail: the gateway refuses (503) instead of deciding unaudited. The
+    request whose append found it broken was already committed with its event in the
+    store's audit outbox: its 202 stands (docs/AUDIT.md *Outbox*), the rest are 503."""
     async with stack.session() as client:
         assert (await post(client, stack, TELEMETRY_PATH, *LAB.signed()))[0] == 202
         with stack.audit_path.open("a") as fh:
             fh.write('{"partial')
         status, _, payload = await post(client, stack, TELEMETRY_PATH, *LAB.signed())
-        assert (status, payload["error"]) == (503, "audit_unavailable")
+        assert status == 202
+        outbox = await stack_store_outbox(stack)
+        assert payload["request_id"] in [e["request_id"] for e in outbox]  # (acks lag)
+        assert payload["request_id"] not in stack.audit_path.read_text()
         status, _, payload = await post(client, stack, TELEMETRY_PATH, *LAB.signed())
         assert (status, payload["error"]) == (503, "audit_unavailable")
         async with client.get(stack.url + "/readyz") as resp:
             assert resp.status == 503
             assert (await resp.json())["checks"]["audit"] is False
+
+
+async def stack_store_outbox(stack) -> list[dict]:
+    """The events in the store's audit outbox (all owners of this host)."""
+    store = open_store(stack.store_url)
+    await store.open()
+    try:
+        owners = await store.outbox_owners(socket.gethostname())
+        return [e for o in sorted(owners) for entry in await store.outbox_read(o)
+                for e in json.loads(entry.events)]
+    finally:
+        await store.close()
 
 
 async def test_gateway_refuses_to_start_when_the_self_test_fails(tmp_path, sqlite_url,

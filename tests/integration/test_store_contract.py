@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 
+import orjson
 import pytest
 
 from gateway.store import Anchor, Commit, Outcome, Record, StoreError
@@ -320,3 +321,63 @@ async def test_put_record_is_listed_under_its_identity_when_it_names_one(store):
     mismatched = replace(mismatched, record=replace(mismatched.record, identity="someone"))
     with pytest.raises(ValueError):
         await store.commit(mismatched)
+
+
+# -- the audit outbox (docs/AUDIT.md *Outbox*): written by the commit itself ------------
+
+OWNER = "node-a/0"
+
+
+def audited(commit: Commit, n: int, owner: str = OWNER) -> Commit:
+    events = [{"event.id": f"ev-{n}", "event.action": "telemetry.accepted",
+               "request_id": commit.request_id}]
+    return replace(commit, audit=orjson.dumps(events), audit_owner=owner)
+
+
+@pytest.mark.parametrize("steps", [s for _, s in SCENARIOS], ids=[n for n, _ in SCENARIOS])
+async def test_an_accepted_commit_leaves_one_outbox_entry_and_a_refusal_none(store, steps):
+    expected = []
+    for n, (overrides, outcome, _) in enumerate(steps):
+        commit = audited(make_commit(**overrides), n)
+        result = await store.commit(commit)
+        assert result.outcome is outcome
+        if outcome is Outcome.ACCEPTED:
+            expected.append(commit.audit)
+            assert result.outbox_ref is not None
+        else:
+            assert result.outbox_ref is None
+        entries = await store.outbox_read(OWNER)
+        assert sorted(e.events for e in entries) == sorted(expected)
+        assert {e.owner for e in entries} <= {OWNER}
+    assert await store.outbox_owners("node-a") == ({OWNER} if expected else set())
+    await store.outbox_ack([e.ref for e in await store.outbox_read(OWNER)])
+    assert await store.outbox_read(OWNER) == []
+    assert await store.outbox_owners("node-a") == set()
+
+
+async def test_a_commit_that_fails_writes_no_outbox_entry(store):
+    assert (await store.commit(audited(make_commit(), 0))).outcome is Outcome.ACCEPTED
+    taken = audited(make_commit("nonce-0002", request_id="req-2"), 1)  # record id rec-1
+    with pytest.raises(StoreError):
+        await store.commit(taken)
+    assert [e.events for e in await store.outbox_read(OWNER)] == [audited(make_commit(), 0).audit]
+    assert not await store.is_claimed("spectrastrike-producer", TENANT, "nonce-0002", NOW)
+
+
+async def test_outboxes_are_per_owner_and_acks_are_per_entry(store):
+    for n, owner in enumerate(["node-a/1", "node-a/1", "node-a/2", "node-ab/1"]):
+        commit = make_commit(f"nonce-000{n}", request_id=f"req-{n}", record_id=f"rec-{n}",
+                             fp=None, tenant=TENANT if n % 2 else OTHER_TENANT)
+        assert (await store.commit(audited(commit, n, owner))).outcome is Outcome.ACCEPTED
+    assert (await store.commit(make_commit("nonce-0009", request_id="req-9", record_id="rec-9",
+                                           fp=None))).outbox_ref is None  # no audit given
+    assert await store.outbox_owners("node-a") == {"node-a/1", "node-a/2"}
+    first, second = await store.outbox_read("node-a/1")
+    assert {orjson.loads(e.events)[0]["event.id"] for e in (first, second)} == {"ev-0", "ev-1"}
+    await store.outbox_ack([first.ref])
+    await store.outbox_ack([first.ref])  # twice: ignored
+    assert [e.ref for e in await store.outbox_read("node-a/1")] == [second.ref]
+    assert len(await store.outbox_read("node-ab/1")) == 1
+    with pytest.raises(ValueError):
+        await store.commit(audited(make_commit("nonce-0010", request_id="r", record_id="r"),
+                                   10, owner="node a/1"))

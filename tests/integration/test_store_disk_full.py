@@ -23,7 +23,13 @@ from pathlib import Path
 
 import pytest
 from stack import Stack
-from traffic import Traffic, audit_events, check_nothing_lost
+from traffic import (
+    Traffic,
+    accepted_ids,
+    audit_events,
+    check_nothing_lost,
+    stored_request_ids,
+)
 
 
 def mount_tmpfs(path: Path, size: str) -> None:
@@ -127,7 +133,11 @@ async def test_audit_disk_full_is_503_audit_unavailable_and_no_torn_line(tmp_pat
         again.start()
         await again.until(lambda t: len(t.with_status(202)) >= 5)
         await again.stop()
-        assert len(audit_events(stack.audit_path)) > len(events)
+        after = audit_events(stack.audit_path)
+        assert len(after) > len(events)
+        stored, accepted = await stored_request_ids(stack.store_url), accepted_ids(after)
+        unaudited = [rid for rid in stored if accepted[rid] != 1]  # the outbox recovered
+        assert not unaudited and set(accepted) == set(stored)
         print("audit disk full:", dict(traffic.counts()), f"events kept: {len(events)}")
     finally:
         stack.kill_all()

@@ -301,9 +301,53 @@ def test_append_reads_only_the_tail(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert large.stat().st_size > 100 * 8192
     small_calls, small_bytes = _read_cost(small, monkeypatch)
     large_calls, large_bytes = _read_cost(large, monkeypatch)
-    assert small_calls == large_calls == 3  # one block per append
-    assert small_bytes <= large_bytes <= 3 * chain._BLOCK
+    # one block for the first append; the next two trust the head kept in memory
+    assert small_calls == large_calls == 1
+    assert small_bytes <= large_bytes <= chain._BLOCK
     assert verify_file(large).ok and verify_file(large).lines == 10_003
+
+
+def test_the_head_in_memory_is_dropped_when_another_writer_appended(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two appenders on one file (two workers): each trusts its cached head only while
+    the file's size is what it left, so the chain never forks."""
+    path = tmp_path / "two.jsonl"
+    reads = []
+    real = chain._read_block
+    monkeypatch.setattr(chain, "_read_block", lambda *a: reads.append(a) or real(*a))
+    with AuditLog(path, fsync=False) as a, AuditLog(path, fsync=False) as b:
+        a.append(make_event(0))  # empty file: nothing to read
+        a.append(make_event(1))  # cached
+        assert reads == []
+        b.append(make_event(2))  # b has no cache: reads the tail
+        assert len(reads) == 1
+        a.append(make_event(3))  # the size changed under a: reads the tail again
+        assert len(reads) == 2
+        a.append_many([make_event(4), make_event(5)])  # cached again: one write
+        assert len(reads) == 2
+    assert verify_file(path).ok and verify_file(path).lines == 6
+    assert [json.loads(line)["request_id"] for line in lines_of(path)] == [
+        make_event(i)["request_id"] for i in range(6)]
+
+
+def test_a_batch_is_one_write_and_one_fsync(tmp_path: Path) -> None:
+    path = tmp_path / "batch.jsonl"
+    with AuditLog(path) as log:
+        bodies = log.append_many([make_event(i) for i in range(50)])
+        assert (log.batches, log.events, log.fsyncs) == (1, 50, 1)
+        log.append(make_event(50))
+        assert (log.batches, log.events, log.fsyncs) == (2, 51, 2)
+    assert [b[chain.SEQUENCE] for b in bodies] == list(range(1, 51))
+    assert verify_file(path).ok and verify_file(path).lines == 51
+
+
+def test_a_batch_leaves_out_only_the_event_readers_would_refuse(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    with AuditLog(path, fsync=False) as log:
+        out = log.append_many([make_event(0), {**make_event(1), "n": 1 << 70}, make_event(2)])
+    assert isinstance(out[1], chain.AuditError) and not isinstance(out[0], Exception)
+    assert out[2]["prev_hash"] == out[0]["hash"]
+    assert verify_file(path).ok and verify_file(path).lines == 2
 
 
 def test_a_long_last_line_is_read_in_several_blocks(tmp_path: Path,
@@ -510,3 +554,9 @@ def test_a_sequence_that_is_not_the_line_position_breaks_the_chain(five: Path) -
     result = verify_file(five)
     assert (result.ok, result.first_bad_line) == (False, 6)
     assert "event.sequence is 7, not the line's position 6" in result.reason
+
+
+def test_every_event_has_its_own_event_id() -> None:
+    """ECS ``event.id``: what recovery from the store's audit outbox matches on."""
+    ids = [e["event.id"] for e in all_events() + all_events()]
+    assert len(set(ids)) == len(ids) and all(re.fullmatch(r"[0-9a-f-]{36}", i) for i in ids)

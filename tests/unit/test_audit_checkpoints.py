@@ -215,3 +215,20 @@ def test_deleting_the_first_lines_of_a_rotated_file_is_still_a_break(tmp_path):
     middle.write_bytes(b"".join(middle.read_bytes().splitlines(keepends=True)[1:]))
     err = one_error(cli("audit", "verify", str(middle)))
     assert "broken: line 1: prev_hash does not match" in err
+
+
+def test_a_batch_gets_its_checkpoints_right_after_the_events_they_sign(tmp_path):
+    """Group commit (issue 9): one batch of 12 events with every_events=5 is one write
+    holding checkpoint lines right after sequences 5 and 10, the sidecar the last one."""
+    path = tmp_path / "audit.jsonl"
+    with AuditLog(path, fsync=False, checkpoints=Checkpointer(KEY, KID, every_events=5,
+                                                              every_s=3600)) as log:
+        out = log.append_many([{"message": f"event {i}", "n": i} for i in range(12)])
+        assert log.batches == 1
+    assert [b["event.sequence"] for b in out] == [1, 2, 3, 4, 5, 7, 8, 9, 10, 12, 13, 14]
+    events = lines(path)
+    cps = [e for e in events if e.get("event.action") == "audit.checkpoint"]
+    assert [(e["event.sequence"], e["checkpoint.sequence"]) for e in cps] == [(6, 5), (11, 10)]
+    assert read_sidecar(sidecar_path(path)) == Checkpoint.from_mapping(cps[-1], "checkpoint.")
+    assert cli("audit", "verify", str(path), "--checkpoint-key", str(jwks(tmp_path))
+               ).returncode == 0

@@ -1,0 +1,77 @@
+"""Group commit of the audit chain on the asyncio side (issue 9).
+
+:class:`GroupWriter` batches the events submitted while a write is in flight or within
+the same event-loop tick, and writes each batch with one executor hop and one
+``write_many`` call (``AuditSink.emit_many`` → ``AuditLog.append_many``: one flock, one
+write, one fsync). Each submitter's future resolves when its own batch is durable; an
+event the chain refuses fails alone, a file that cannot be extended fails the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import Any
+
+__all__ = ["GroupWriter"]
+
+Event = dict[str, Any]
+
+
+class GroupWriter:
+    """One per process (event loop); ``write_many`` runs in ``executor``, one at a time."""
+
+    def __init__(self, write_many: Callable[[list[Event]], list[Any]], executor: Executor,
+                 *, observe: Callable[[int], None] | None = None) -> None:
+        self.write_many, self.executor, self.observe = write_many, executor, observe
+        self._pending: list[tuple[Event, asyncio.Future]] = []
+        self._task: asyncio.Task | None = None
+
+    async def write(self, event: Event) -> Event:
+        """``event`` chained and durable (its chained body); raises what the write raised."""
+        (body,) = await self.write_all([event])
+        return body
+
+    async def write_all(self, events: list[Event]) -> list[Event]:
+        """Several events, in this order, in the next batch (one submitter)."""
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in events]
+        self._pending.extend(zip(events, futures, strict=True))
+        if self._task is None:  # starts on the next tick: this tick's submitters join
+            self._task = loop.create_task(self._drain())
+        return list(await asyncio.gather(*futures))
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                events = [event for event, _ in batch]
+                try:
+                    results = await loop.run_in_executor(self.executor, self.write_many,
+                                                         events)
+                except BaseException as exc:  # nothing of this batch was written
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc if isinstance(exc, Exception)
+                                                 else RuntimeError("audit write cancelled"))
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                if self.observe is not None:
+                    self.observe(len(batch))
+                for (_, future), result in zip(batch, results, strict=True):
+                    if future.done():
+                        continue
+                    if isinstance(result, Exception):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+        finally:
+            self._task = None
+            if self._pending:  # cancelled with submitters waiting: they fail, never hang
+                batch, self._pending = self._pending, []
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(RuntimeError("audit writer stopped"))
