@@ -18,27 +18,13 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
         return cmd_keys_new_pkcs11(args)
     if args.out is None:
         raise ValueError("--out is required (or --pkcs11 URI: the key is made in a token)")
-    if not KID_RE.fullmatch(args.kid):
-        raise ValueError(f"--kid {args.kid!r} must match ^[A-Za-z0-9._:-]{{1,128}}$")
-    for flag, value in (("--not-before", args.not_before), ("--not-after", args.not_after)):
-        if value is not None and value < 0:
-            raise ValueError(f"{flag} must be Unix seconds (>= 0), got {value}")
-    if None not in (args.not_before, args.not_after) and args.not_after < args.not_before:
-        raise ValueError("--not-after is before --not-before")
+    _check_new_args(args)  # refuse before writing anything
     pem, jwk = args.out / f"{args.kid}.pem", args.out / f"{args.kid}.jwk.json"
     for path in (pem, jwk):
         if path.exists():
             raise ValueError(f"{path} exists; refusing to overwrite a key")
-    if args.jwks is not None:  # refuse before writing anything
-        if not args.jwks.parent.is_dir():
-            raise ValueError(f"--jwks {args.jwks}: no such directory {args.jwks.parent}")
-        if args.jwks.exists() and args.kid in load_jwks(args.jwks):
-            raise ValueError(f"{args.jwks}: kid {args.kid!r} is already in this keyring")
     key = PrivateKey(os.urandom(32))
-    public = Key(kid=args.kid, public=key.public, identity=args.identity,
-                 tenants=frozenset(args.tenant), status=KeyStatus(args.status),
-                 not_before=args.not_before, not_after=args.not_after)
-    key_from_jwk(public.to_jwk())  # the loader's own checks (identity, tenants)
+    public = _new_public(args, key.public)
     args.out.mkdir(parents=True, exist_ok=True)
     fd = os.open(pem, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:

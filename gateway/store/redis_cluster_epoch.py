@@ -33,21 +33,14 @@ from __future__ import annotations
 
 from redis.asyncio.cluster import RedisCluster
 
-from .redis_epoch import epoch_start, new_epoch
+from .redis_epoch import ADOPT_OR_START_LUA, epoch_start, new_epoch
 
 SCHEMA_CHECK_S = 1.0
 GRACE_S = 2 * 300 + 60  # > SCHEMA_CHECK_S + the largest socket_timeout (300 s), twice
 
 # KEYS[1] P:schema; ARGV[1] a new store-wide epoch (used only when there is none);
 # ARGV[2] the tenant's field. → {store epoch, '1' if started here, '1' if the tenant is known}
-SCHEMA_LUA = """#!lua
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-local started = '0'
-if not epoch then
-  epoch, started = ARGV[1], '1'
-  redis.call('HSET', KEYS[1], 'epoch', epoch)
-  redis.call('HSETNX', KEYS[1], 'version', '4')  -- redis_scripts.SCHEMA_VERSION
-end
+SCHEMA_LUA = "#!lua" + ADOPT_OR_START_LUA + """\
 local known = redis.call('HEXISTS', KEYS[1], ARGV[2])
 return {epoch, started, tostring(known)}
 """

@@ -43,7 +43,10 @@ return false
 # KEYS[1] P:schema  KEYS[2] P:{<tenant>}:epoch; ARGV[1] a new epoch, started only when
 # the store holds none. Returns {epoch, '1' if this call started it else '0'}.
 # (Two hash slots: fine on the single Redis primary the store speaks to today.)
-SYNC_LUA = """#!lua
+# The store-wide epoch in KEYS[1] (P:schema), started as ARGV[1] when there is none:
+# sets ``epoch`` and ``started`` ('1' when this call started it). Shared with the
+# cluster store's SCHEMA_LUA (redis_cluster_epoch.py).
+ADOPT_OR_START_LUA = """
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 local started = '0'
 if not epoch then
@@ -51,6 +54,8 @@ if not epoch then
   redis.call('HSET', KEYS[1], 'epoch', epoch)
   redis.call('HSETNX', KEYS[1], 'version', '4')  -- redis_scripts.SCHEMA_VERSION
 end
+"""
+SYNC_LUA = "#!lua" + ADOPT_OR_START_LUA + """\
 if redis.call('GET', KEYS[2]) ~= epoch then redis.call('SET', KEYS[2], epoch) end
 return {epoch, started}
 """
