@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -116,7 +117,9 @@ def open_session(config: Pkcs11Config, uri: Pkcs11Uri, *, rw: bool = False):
     """A logged-in session on the token ``uri`` names; Pkcs11Error otherwise."""
     pkcs11 = _pkcs11()
     try:
-        lib = pkcs11.lib(str(config.module))
+        # python-pkcs11 keeps one initialised library per path string: two spellings of one
+        # module (a symlink and its target) would initialise it twice in one process
+        lib = pkcs11.lib(os.path.realpath(config.module))
     except (OSError, RuntimeError) as exc:
         raise Pkcs11Error(f"{uri}: cannot load the PKCS#11 module {config.module} "
                           f"({_describe(exc)})") from None
