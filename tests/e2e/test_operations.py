@@ -92,9 +92,9 @@ def test_version_falls_back_to_the_checkout_when_the_distribution_is_not_install
 
 @pytest.mark.parametrize(("args", "line"), [
     ((), "fedgate: error: missing command (one of: serve, certs, keys, audit, bootstrap, "
-         "probe, demo, emit, outbox, feedback)"),
+         "probe, selftest, demo, emit, outbox, feedback)"),
     (("certs",), "fedgate certs: error: missing action (one of: init, issue)"),
-    (("keys",), "fedgate keys: error: missing action (one of: new)"),
+    (("keys",), "fedgate keys: error: missing action (one of: new, revoke, revoked)"),
     (("audit",), "fedgate audit: error: missing action (one of: verify, ship, rotate)"),
 ])
 def test_a_missing_command_or_action_is_one_line_plus_usage_exit_2(tmp_path, args, line):
