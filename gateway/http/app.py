@@ -176,6 +176,7 @@ async def resources(app: web.Application) -> AsyncIterator[None]:
     app[ISSUER] = FeedbackIssuer(store, feedback_key, settings.feedback_kid, policy=policy)
     app[PIPELINE] = Pipeline(settings.security, keyring, validators, store,
                              store_timer=app[METRICS].store.observe,
+                             group_observe=app[METRICS].store_batch.observe,
                              respond=app[ISSUER].respond)
     watcher = RevocationWatcher(store, app[PIPELINE], settings.server.revocation_refresh_s,
                                 on_count=app[METRICS].revoked_keys)
