@@ -229,6 +229,8 @@ class Store(abc.ABC):
         the batch's answer does not depend on timing. This default runs the others
         concurrently; a store may do the whole batch in one round trip instead (same
         contract: redis.py, sqlite.py)."""
+        for c in commits:  # a commit no store could run: refused before any is sent
+            self.check_commit(c)
         tasks: list[asyncio.Future] = []
         for c, deps in zip(commits, conflict_deps(commits), strict=True):
             after = {tasks[i] for i in deps}
