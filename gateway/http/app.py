@@ -23,7 +23,6 @@ from aiohttp import web
 
 from audit import AuditSink
 from audit.writer import GroupWriter
-from common.tls import peer_cert_pins
 from gateway import logs
 from gateway.config.settings import GatewaySettings
 from gateway.feedback.issuer import FeedbackIssuer, RulePolicy, no_adjustments
@@ -75,7 +74,7 @@ from .auditing import (  # noqa: F401
     recover_outbox,
 )
 from .batch import handle_batch
-from .conn import CONN, GUARD, track_requests
+from .conn import CONN, GUARD, peer_pins, track_requests
 from .intake import body_timeout, note_store, read_body, start_body  # noqa: F401
 from .killswitch import RevocationWatcher
 from .metrics import Metrics
@@ -110,8 +109,9 @@ def make_app(settings: GatewaySettings, keys: tuple[Keyring, PrivateKey], *,
     ``--workers N`` runs (1, N) … (N, N); it names the audit outbox's owner.
 
     ``echo``: also log a one-line summary of every audit event (``fedgate.audit``, at
-    debug: shown with ``--log-level debug``). A store failure is logged with its cause
-    (``fedgate.store``, warning, throttled); so is a refusal for want of an audit log.
+    debug: only when that logger is enabled for debug at start-up, ``--log-level debug``).
+    A store failure is logged with its cause (``fedgate.store``, warning, throttled); so
+    is a refusal for want of an audit log.
     """
     app = web.Application(client_max_size=settings.security.max_body_bytes + 1,
                           middlewares=[track_requests, request_id_middleware])
@@ -163,8 +163,11 @@ async def resources(app: web.Application) -> AsyncIterator[None]:
         raise
     app[STORE] = store
     checkpoints = checkpointer(settings)
+    # a decision line per request only when asked for at start-up (--log-level debug):
+    # otherwise not even built and dropped per request (issue 9; docs/LOGGING.md)
+    echo = app[ECHO] and logging.getLogger("fedgate.audit").isEnabledFor(logging.DEBUG)
     app[AUDIT] = AuditSink(settings.audit_path, level="debug", checkpoints=checkpoints,
-                           logger=logs.get_logger("fedgate.audit") if app[ECHO] else _Quiet())
+                           logger=logs.get_logger("fedgate.audit") if echo else _Quiet())
     app[AUDIT_EXECUTOR] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedgate-audit")
     app[AUDIT_WRITER] = GroupWriter(app[AUDIT].emit_many, app[AUDIT_EXECUTOR],
                                     observe=app[METRICS].audit_batch.observe)
@@ -176,6 +179,7 @@ async def resources(app: web.Application) -> AsyncIterator[None]:
     app[ISSUER] = FeedbackIssuer(store, feedback_key, settings.feedback_kid, policy=policy)
     app[PIPELINE] = Pipeline(settings.security, keyring, validators, store,
                              store_timer=app[METRICS].store.observe,
+                             group_observe=app[METRICS].store_batch.observe,
                              respond=app[ISSUER].respond)
     watcher = RevocationWatcher(store, app[PIPELINE], settings.server.revocation_refresh_s,
                                 on_count=app[METRICS].revoked_keys)
@@ -266,8 +270,7 @@ async def decide_signed(request: web.Request) -> web.Response:
                                    request_id=ctx.request_id)
         err = E.AuditUnavailable("the audit log is unavailable")
         return json_response(err.body(ctx.request_id), err.status)
-    peer, peer_spki = peer_cert_pins(request.transport.get_extra_info("ssl_object")
-                                     if request.transport else None)
+    peer, peer_spki = peer_pins(request)  # once per connection
     trust = app[PIPELINE].trust  # read once: a SIGHUP or a revocation swaps it whole
     security = trust.config
     accept_status, accept_action = accepted(route)

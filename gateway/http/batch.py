@@ -18,7 +18,6 @@ from typing import Any
 
 from aiohttp import web
 
-from common.tls import peer_cert_pins
 from gateway.pipeline import errors as E
 from gateway.pipeline.batch import ItemOutcome, parse_envelope, run_batch
 from gateway.pipeline.pipeline import check_head
@@ -36,7 +35,7 @@ from .appkeys import (
     SETTINGS,
 )
 from .auditing import accept_events, audit, chain_accepted
-from .conn import CONN, GUARD
+from .conn import CONN, GUARD, peer_pins
 from .intake import note_store, read_body, start_body
 from .probes import json_response
 
@@ -61,8 +60,7 @@ async def decide_batch(request: web.Request) -> web.Response:
                                    request_id=ctx.request_id)
         err = E.AuditUnavailable("the audit log is unavailable")
         return json_response(err.body(ctx.request_id), err.status)
-    peer, peer_spki = peer_cert_pins(request.transport.get_extra_info("ssl_object")
-                                     if request.transport else None)
+    peer, peer_spki = peer_pins(request)  # once per connection
     settings = app[SETTINGS]
     trust = app[PIPELINE].trust  # read once: a SIGHUP or a revocation swaps it whole
     security, server = trust.config, settings.server

@@ -52,12 +52,14 @@ from typing import Any
 
 from aiohttp import web
 
+from common import tls
+
 from .conn_limits import Limits, fit_limits, raise_fd_limit
 from .metrics import Metrics
 from .tlsaudit import HandshakeAudit
 
 __all__ = ["GUARD", "CONN", "Conn", "ConnectionGuard", "Limits", "fit_limits",
-           "raise_fd_limit", "track_requests"]
+           "peer_pins", "raise_fd_limit", "track_requests"]
 
 log = logging.getLogger("fedgate.conn")
 
@@ -81,6 +83,8 @@ class Conn(sslproto.SSLProtocol):
         self.tls_version: str | None = None  # the negotiated version ("TLSv1.3"), for audit
         self.identity: str | None = None  # set by ``claim`` while a request holds it
         self.shed_reason: str | None = None  # why the guard closed it, if it did
+        #: the peer leaf's (sha256 hex, spki pin), read once per connection (peer_pins)
+        self.pins: tuple[str | None, str | None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.raw = transport
@@ -316,6 +320,20 @@ class ConnectionGuard:
 
 GUARD = web.AppKey("conn_guard", ConnectionGuard)
 CONN = web.RequestKey("conn", Conn)
+
+
+def peer_pins(request: web.Request) -> tuple[str | None, str | None]:
+    """(sha256 hex, ``spki:`` pin) of the peer's leaf certificate: its DER read and hashed
+    once per connection, not per request (issue 9). TLS 1.3 only (common/tls.py): no
+    renegotiation, so the certificate of a connection never changes."""
+    conn = request.get(CONN)
+    if conn is not None and conn.pins is not None:
+        return conn.pins
+    transport = request.transport
+    pins = tls.peer_cert_pins(transport.get_extra_info("ssl_object") if transport else None)
+    if conn is not None:
+        conn.pins = pins
+    return pins
 
 
 @web.middleware

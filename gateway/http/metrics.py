@@ -85,6 +85,10 @@ class Metrics:
             "fedgate_audit_batch_events",
             "Audit events written per batch (one write and one fsync of the chain).",
             buckets=BATCH_BUCKETS, registry=reg)
+        self.store_batch = Histogram(  # group commit (gateway/store/batcher.py)
+            "fedgate_store_commit_batch_commits",
+            "Requests' commits sent to the store together (one round trip / transaction).",
+            buckets=BATCH_BUCKETS, registry=reg)
         self.records_skipped = LabeledCounter(Counter(  # by reason (gateway/feedback/evidence.py)
             "fedgate_feedback_records_skipped",
             "Stored records a feedback decision left out, by reason.", ["reason"],

@@ -26,6 +26,7 @@ from typing import Any
 from common.tls import pin_matches
 from gateway.config.config import SecurityConfig
 from gateway.store import Commit, CommitResult, Outcome, Store, StoreError
+from gateway.store.batcher import CommitBatcher
 from keyring import Key, Keyring, KeySelectionError, candidate_keys, verify
 from keyring.keys import KID_RE
 from schemas.canonical import CanonicalError, loads, parse_canonical, too_deep
@@ -54,6 +55,7 @@ class Pipeline:
     def __init__(
         self, config: SecurityConfig, keyring: Keyring, validators: Validators, store: Store,
         *, store_timer: Callable[[float], None] | None = None,
+        group_observe: Callable[[int], None] | None = None,
         respond: Callable[[Context, int], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         self.trust = Trust.build(config, keyring)  # swapped whole: reload(), revoke()
@@ -61,6 +63,9 @@ class Pipeline:
         self.store_timer = store_timer  # observes the commit's latency (metrics)
         self.validators = validators
         self.store = store
+        # concurrent requests' commits coalesced into one group commit per tick (issue 9)
+        self.committer: Store | CommitBatcher = CommitBatcher(
+            store, observe=group_observe) if getattr(store, "groups_commits", False) else store
         self.limiter = RateLimiter(config.rate_limit_per_minute) if (
             config.rate_limit_per_minute) else None
 
@@ -186,7 +191,7 @@ class Pipeline:
         else the refusal's GatewayError."""
         started = time.perf_counter()
         try:
-            result: CommitResult | StoreError = await self.store.commit(commit)
+            result: CommitResult | StoreError = await self.committer.commit(commit)
         except StoreError as exc:
             result = exc
         finally:

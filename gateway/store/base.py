@@ -165,6 +165,29 @@ class OutboxEntry:
     events: bytes  # a JSON array of event objects, as the commit wrote it
 
 
+def conflict_deps(commits: Sequence[Commit]) -> list[set[int]]:
+    """Per commit, the earlier commits (indexes) it must be decided after: the last one
+    before it with the same nonce claim ``(identity, tenant, nonce)``, and, when an
+    execution is claimed with more than one (attestation hash, owner) among them, the
+    last one before it on that execution. Unrelated commits depend on nothing."""
+    last: dict[tuple[str, ...], int] = {}
+    claims: dict[tuple[str, str], set[tuple[str, str]]] = {}  # execution → (hash, owner)
+    for c in commits:
+        if c.anchor is not None:
+            claims.setdefault((c.tenant_id, c.anchor.execution_fingerprint), set()).add(
+                (c.anchor.attestation_hash, c.identity))
+    deps = []
+    for i, c in enumerate(commits):
+        keys = [("nonce", c.identity, c.tenant_id, c.nonce)]
+        execution = None if c.anchor is None else (c.tenant_id,
+                                                   c.anchor.execution_fingerprint)
+        if execution is not None and len(claims[execution]) > 1:
+            keys.append(("anchor", *execution))
+        deps.append({last[k] for k in keys if k in last})
+        last.update(dict.fromkeys(keys, i))
+    return deps
+
+
 class Store(abc.ABC):
     """Async store; created once at start-up, closed at shutdown."""
 
@@ -189,30 +212,29 @@ class Store(abc.ABC):
     async def commit(self, commit: Commit) -> CommitResult:
         """Steps 12-14 as one atomic step; raise StoreError on failure (nothing written)."""
 
+    #: True when ``commit_many`` sends a group of commits in one round trip / one
+    #: transaction (``CommitBatcher`` then coalesces concurrent requests' commits)
+    groups_commits: bool = False
+
+    def check_commit(self, commit: Commit) -> None:
+        """Raise ValueError for a commit the store can never run (a programming error),
+        before it joins a group: it must fail alone. By default every commit can run."""
+        return None
+
     async def commit_many(self, commits: Sequence[Commit]) -> list[CommitResult | StoreError]:
         """The commits of one batch request, each atomic on its own (not all or nothing):
         per commit, its result or the StoreError that failed it. Where two commits could
         decide each other (the same nonce; the same execution with different attestation
-        hashes or owners) the first in order is decided first, so the batch's answer does not depend
-        on timing. This default runs the others concurrently; a store may do the whole
-        batch in one round trip instead (same contract)."""
-        last: dict[tuple[str, ...], asyncio.Future] = {}
-        claims: dict[tuple[str, str], set[tuple[str, str]]] = {}  # execution → (hash, owner)
-        for c in commits:
-            if c.anchor is not None:
-                claims.setdefault((c.tenant_id, c.anchor.execution_fingerprint), set()).add(
-                    (c.anchor.attestation_hash, c.identity))
-        tasks = []
-        for c in commits:
-            keys = [("nonce", c.identity, c.tenant_id, c.nonce)]
-            execution = None if c.anchor is None else (c.tenant_id,
-                                                       c.anchor.execution_fingerprint)
-            if execution is not None and len(claims[execution]) > 1:
-                keys.append(("anchor", *execution))
-            after = {last[k] for k in keys if k in last}
-            task = asyncio.ensure_future(self._commit_after(c, after))
-            last.update(dict.fromkeys(keys, task))
-            tasks.append(task)
+        hashes or owners) the first in order is decided first (:func:`conflict_deps`), so
+        the batch's answer does not depend on timing. This default runs the others
+        concurrently; a store may do the whole batch in one round trip instead (same
+        contract: redis.py, sqlite.py)."""
+        for c in commits:  # a commit no store could run: refused before any is sent
+            self.check_commit(c)
+        tasks: list[asyncio.Future] = []
+        for c, deps in zip(commits, conflict_deps(commits), strict=True):
+            after = {tasks[i] for i in deps}
+            tasks.append(asyncio.ensure_future(self._commit_after(c, after)))
         return list(await asyncio.gather(*tasks))
 
     async def _commit_after(self, commit: Commit,

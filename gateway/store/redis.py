@@ -39,13 +39,14 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from . import redis_outbox
+from . import redis_group, redis_outbox
 from .base import (
     Claim,
     Commit,
@@ -207,7 +208,14 @@ class RedisStore(RedisRevocations, Store):
         return refusal is None
 
     # -- commit -------------------------------------------------------------------------
-    async def commit(self, commit: Commit) -> CommitResult:
+    groups_commits = True
+
+    def check_commit(self, commit: Commit) -> None:
+        self._prepare(commit)
+
+    def _prepare(self, commit: Commit) -> tuple[list[str], list]:
+        """The commit's KEYS and ARGV but the last two (epoch, audit events); ValueError
+        for a commit no store could run."""
         rec, anchor = commit.record, commit.anchor
         if commit.nonce_ttl_s <= 0:
             raise ValueError("nonce_ttl_s must be positive")
@@ -215,8 +223,8 @@ class RedisStore(RedisRevocations, Store):
             raise ValueError("the anchor and the record must belong to one tenant")
         if rec.identity not in (None, commit.identity):
             raise ValueError("the record's identity must be the commit's")
-        if self._unsafe is not None:
-            raise StoreError("claim", self._unsafe)
+        if commit.audit is not None and not commit.audit:
+            raise ValueError("an outbox entry cannot be empty")
         keys = [self._nonce_key(commit.identity, rec.tenant_id, commit.nonce),
                 self._record_key(rec.tenant_id, rec.kind, rec.record_id),
                 self._index_key(rec.tenant_id, rec.kind), self._epoch_key(rec.tenant_id),
@@ -233,23 +241,34 @@ class RedisStore(RedisRevocations, Store):
         args = [len(keys), *keys, claim, commit.nonce_ttl_s, rec.data, rec.record_id,
                 commit.now, commit.identity, anchor.attestation_hash if anchor else "",
                 "1" if legacy else "0"]
+        return keys, args
+
+    async def commit(self, commit: Commit) -> CommitResult:
+        keys, args = self._prepare(commit)
+        if self._unsafe is not None:
+            raise StoreError("claim", self._unsafe)
         audit = commit.audit if commit.audit is not None else b""
-        if commit.audit is not None and not commit.audit:
-            raise ValueError("an outbox entry cannot be empty")
         for _ in range(3):  # the epoch can change under us only by another loss of state
-            if (epoch := self._held_epoch(rec.tenant_id)) is None:
-                epoch = await self._sync_epoch(rec.tenant_id, keys[3], commit.now)
+            if (epoch := self._held_epoch(commit.tenant_id)) is None:
+                epoch = await self._sync_epoch(commit.tenant_id, keys[3], commit.now)
             if commit.earliest <= epoch_start(epoch):
                 return _BEFORE_EPOCH
             reply = await self._run_commit([*args, epoch, audit])
             if reply[0] != b"epoch":
-                result = self._result(reply, commit.body_digest)
-                if result.outbox_ref is not None:  # (stream key, entry id) for the ack
-                    result = CommitResult(Outcome.ACCEPTED, outbox_ref=(keys[5],
-                                                                        result.outbox_ref))
-                return result
-            await self._sync_epoch(rec.tenant_id, keys[3], commit.now)
+                return self._finish(reply, commit, keys)
+            await self._sync_epoch(commit.tenant_id, keys[3], commit.now)
         raise StoreError("claim", "the store's epoch kept changing during the commit")
+
+    async def commit_many(self, commits: Sequence[Commit]) -> list[CommitResult | StoreError]:
+        """Group commit: the group's EVALSHAs in one pipeline on one connection
+        (redis_group.py); conflicting commits in later round trips, in order."""
+        return await redis_group.commit_many(self, commits)
+
+    def _finish(self, reply: list, commit: Commit, keys: list[str]) -> CommitResult:
+        result = self._result(reply, commit.body_digest)
+        if result.outbox_ref is not None:  # (stream key, entry id) for the ack
+            result = CommitResult(Outcome.ACCEPTED, outbox_ref=(keys[5], result.outbox_ref))
+        return result
 
     # Hooks the cluster store (redis_cluster.py) overrides: per-tenant epochs, and the
     # script run on the slot's master followed by WAIT on the same connection.

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
@@ -36,7 +37,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from .base import Commit, CommitResult, StoreError
+from .base import Commit, CommitResult, Store, StoreError
 from .redis import RedisStore, _text
 from .redis_cluster_epoch import SCHEMA_CHECK_S, reregister, sync_tenant
 from .redis_epoch import eviction_policy, eviction_refusal
@@ -186,6 +187,14 @@ class RedisClusterStore(RedisStore):
         if time.monotonic() >= self._schema_due:
             await self._check_schema(commit.now)
         return await super().commit(commit)
+
+    # Group commit (redis_group.py) speaks to one server: on a cluster a group's commits
+    # go to their slots' masters one by one (Store's default: concurrent, conflicting
+    # ones in order), and requests are not coalesced (CommitBatcher).
+    groups_commits = False
+
+    async def commit_many(self, commits: Sequence[Commit]) -> list[CommitResult | StoreError]:
+        return await Store.commit_many(self, commits)
 
     async def _run_commit(self, args: list) -> list:
         return await self._call(self._commit_on_slot, args, refused="write")

@@ -5,6 +5,8 @@ never blocks on disk and several worker processes can share the file: SQLite's o
 locking serialises writers (``BEGIN IMMEDIATE`` + ``busy_timeout``). ``commit`` is one
 transaction: owner and anchor check, nonce claim and record insert succeed or vanish
 together, and a 202 is only answered after the WAL is fsynced (durable across a crash).
+``commit_many`` (group commit, issue 9) runs a group in ONE transaction (one fsync) with
+a ``SAVEPOINT`` per commit: each stays atomic alone, a refused one is rolled back alone.
 The schema and its upgrade from the pre-v1.1 layout live in ``sqlite_schema``.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,6 +40,8 @@ PURGE_EVERY = 512  # commits between sweeps of expired nonces
 
 
 class SqliteStore(SqliteRevocations, Store):
+    groups_commits = True
+
     def __init__(self, url: str, *, busy_timeout_ms: int = 5000) -> None:
         self.url = url
         self.path = Path(url.removeprefix("sqlite:///"))
@@ -45,6 +50,8 @@ class SqliteStore(SqliteRevocations, Store):
         self._executor: ThreadPoolExecutor | None = None
         self._commits = 0
         self._legacy_nonces = False  # the pre-v1.1 table still holds live claims
+        #: write transactions committed by commit/commit_many (each one fsync of the WAL)
+        self.commit_transactions = 0
 
     # -- lifecycle --------------------------------------------------------------------
     async def open(self) -> None:
@@ -78,12 +85,67 @@ class SqliteStore(SqliteRevocations, Store):
         return True
 
     # -- the atomic commit (§4 steps 12-14) -------------------------------------------
-    async def commit(self, commit: Commit) -> CommitResult:
+    def check_commit(self, commit: Commit) -> None:
         if commit.record.identity not in (None, commit.identity):
             raise ValueError("the record's identity must be the commit's")
         if commit.audit is not None:
             check_owner(commit.audit_owner)
+
+    async def commit(self, commit: Commit) -> CommitResult:
+        self.check_commit(commit)
         return await self._run(self._commit_sync, commit, stage="claim")
+
+    async def commit_many(self, commits: Sequence[Commit]) -> list[CommitResult | StoreError]:
+        """One transaction, one fsync; in order, so a conflicting commit is decided after
+        the one before it (the contract's ordering, base.conflict_deps, holds a fortiori)."""
+        for c in commits:
+            self.check_commit(c)
+        if not commits:
+            return []
+        try:
+            return await self._run(self._commit_many_sync, list(commits), stage="claim")
+        except StoreError as exc:  # the lock could not be taken: nothing was decided
+            return [exc] * len(commits)
+
+    def _commit_many_sync(self, commits: list[Commit]) -> list[CommitResult | StoreError]:
+        db = self._conn()
+        begin_immediate(db, self.busy_timeout_ms)
+        results: list[CommitResult | StoreError] = []
+        try:
+            for c in commits:
+                db.execute("SAVEPOINT c")
+                try:
+                    result = self._decide(db, c)
+                    if result is None:
+                        result = CommitResult(Outcome.ACCEPTED, outbox_ref=self._write(db, c))
+                        self._commits += 1
+                except StoreError as exc:  # e.g. the record id is taken: this one only
+                    result = exc
+                except sqlite3.Error as exc:
+                    result = StoreError("claim", f"sqlite: {exc}")
+                if not db.in_transaction:  # SQLite rolled the whole group back (disk
+                    # full, I/O error): nothing of it is written, every commit fails
+                    raise StoreError("write", f"sqlite rolled the group back: {result}")
+                if isinstance(result, CommitResult) and result.outcome is Outcome.ACCEPTED:
+                    db.execute("RELEASE c")
+                else:  # a refusal or a failure leaves no trace
+                    db.execute("ROLLBACK TO c")
+                    db.execute("RELEASE c")
+                results.append(result)
+            try:
+                db.execute("COMMIT")  # returns once the WAL is fsynced
+            except sqlite3.Error as exc:
+                # nothing of the group is written; a refusal may have been decided by
+                # an earlier commit of the group: every commit fails (503, retried)
+                raise StoreError("write", f"sqlite commit failed: {exc}") from exc
+        except BaseException as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            if isinstance(exc, StoreError):
+                return [exc] * len(commits)
+            raise
+        self.commit_transactions += 1
+        return results
 
     def _commit_sync(self, c: Commit) -> CommitResult:
         db = self._conn()
@@ -103,6 +165,7 @@ class SqliteStore(SqliteRevocations, Store):
                 db.execute("ROLLBACK")
             raise
         self._commits += 1
+        self.commit_transactions += 1
         return CommitResult(Outcome.ACCEPTED, outbox_ref=outbox_ref)
 
     def _decide(self, db: sqlite3.Connection, c: Commit) -> CommitResult | None:

@@ -1,0 +1,141 @@
+"""Group commit on the single Redis (issue 9): a group's commits in one round trip.
+
+``commit_many`` sends the EVALSHAs of every commit that is ready in ONE non-transactional
+pipeline on one connection: each script stays atomic on its own (a refusal writes
+nothing), and a commit that conflicts with an earlier one of the group
+(``base.conflict_deps``: same nonce claim, or the same execution claimed with another
+attestation hash or owner) waits for that one's final answer and goes in a later round
+trip, as the one-by-one default would run it. The epoch is handled as in
+``RedisStore.commit``: a tenant whose epoch the gateway does not hold is synced first, a
+commit that could have been accepted before the epoch began is ``BEFORE_EPOCH``, and a
+commit the script refused with ``epoch`` is tried again (at most 3 times) after the sync.
+A script Redis lost (``NOSCRIPT``: it did not run) is loaded again and its commits sent
+again. Fail closed: a lost connection or a timeout fails every commit of that round trip
+with ``StoreError("claim")`` — some may have run — and nothing is ever resent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+
+from .base import Commit, CommitResult, Outcome, StoreError, conflict_deps
+from .redis_epoch import epoch_start
+from .redis_scripts import COMMIT_LUA
+
+RedisStore = Any  # redis.RedisStore (which imports this module): its commit hooks
+
+TRIES = 3  # per commit: as RedisStore.commit's epoch loop
+MAX_GROUP = 512  # EVALSHAs per round trip
+
+
+async def commit_many(store: RedisStore,
+                      commits: Sequence[Commit]) -> list[CommitResult | StoreError]:
+    prepared = [store._prepare(c) for c in commits]  # ValueError before anything is sent
+    deps = conflict_deps(commits)
+    results: list[CommitResult | StoreError | None] = [None] * len(commits)
+    tries = [0] * len(commits)
+    todo = set(range(len(commits)))
+    while todo:
+        ready = [i for i in sorted(todo) if not deps[i] & todo][:MAX_GROUP]
+        epochs: dict[str, str | StoreError] = {}
+        sent: list[int] = []
+        for i in ready:
+            c, keys = commits[i], prepared[i][0]
+            if store._unsafe is not None:
+                results[i] = StoreError("claim", store._unsafe)
+            elif tries[i] == TRIES:
+                results[i] = StoreError("claim", "the store's epoch kept changing (or its "
+                                        "script kept being lost) during the commit")
+            else:
+                epoch = await _epoch(store, epochs, c, keys[3])
+                if isinstance(epoch, StoreError):
+                    results[i] = epoch
+                elif c.earliest <= epoch_start(epoch):
+                    results[i] = CommitResult(Outcome.BEFORE_EPOCH)
+                else:
+                    tries[i] += 1
+                    sent.append(i)
+                    continue
+            todo.discard(i)
+        if not sent:
+            continue
+        audits = [commits[i].audit if commits[i].audit is not None else b"" for i in sent]
+        calls = [[*prepared[i][1], epochs[commits[i].tenant_id], audit]
+                 for i, audit in zip(sent, audits, strict=True)]
+        try:
+            replies = await _pipeline(store, calls)
+        except StoreError as exc:  # the whole round trip: nothing resent
+            for i in sent:
+                results[i] = exc
+                todo.discard(i)
+            continue
+        stale: dict[str, tuple[str, int]] = {}  # tenant → (epoch key, now)
+        noscript: list[int] = []
+        for i, reply in zip(sent, replies, strict=True):
+            c, (keys, _) = commits[i], prepared[i]
+            if isinstance(reply, NoScriptError):  # it did not run: send it again
+                noscript.append(i)
+                continue
+            if isinstance(reply, ResponseError):  # OOM, READONLY, MISCONF: refused
+                results[i] = StoreError("write", f"Redis refused the command: {reply}")
+            elif reply[0] == b"epoch":
+                stale.setdefault(c.tenant_id, (keys[3], c.now))
+                continue
+            else:
+                try:
+                    results[i] = store._finish(reply, c, keys)
+                except StoreError as exc:
+                    results[i] = exc
+            todo.discard(i)
+        if noscript:
+            try:
+                await _load_script(store)
+            except StoreError as exc:  # those commits did not run: they fail alone
+                for i in noscript:
+                    results[i] = exc
+                    todo.discard(i)
+        for tenant, (key, now) in stale.items():
+            try:
+                await store._sync_epoch(tenant, key, now)
+            except StoreError as exc:
+                for i in [i for i in todo if commits[i].tenant_id == tenant]:
+                    results[i] = exc
+                    todo.discard(i)
+    return results  # type: ignore[return-value]
+
+
+async def _epoch(store: RedisStore, epochs: dict[str, str | StoreError], c: Commit,
+                 key: str) -> str | StoreError:
+    """The tenant's epoch for this round trip (synced once per round when not held)."""
+    if c.tenant_id not in epochs:
+        epoch = store._held_epoch(c.tenant_id)
+        if epoch is None:
+            try:
+                epoch = await store._sync_epoch(c.tenant_id, key, c.now)
+            except StoreError as exc:
+                epoch = exc
+        epochs[c.tenant_id] = epoch
+    return epochs[c.tenant_id]
+
+
+async def _pipeline(store: RedisStore, calls: list[list]) -> list:
+    """Every call's EVALSHA in one round trip on one connection; → each reply or its
+    error reply (ResponseError)."""
+    if store._redis is None:
+        raise StoreError("claim", "the Redis store is not open")
+    try:
+        async with store._redis.pipeline(transaction=False) as pipe:
+            for args in calls:
+                pipe.evalsha(store._sha, *args)
+            replies = await pipe.execute(raise_on_error=False)
+    except RedisError as e:  # lost connection, timeout: some may have run (fail closed)
+        raise StoreError("claim", f"Redis is unavailable ({type(e).__name__}: {e})") from e
+    return replies
+
+
+async def _load_script(store: RedisStore) -> None:
+    """SCRIPT LOAD after ``NOSCRIPT`` (SCRIPT FLUSH, a restart without the script)."""
+    store._sha = await store._call(lambda r: r.script_load(COMMIT_LUA))
