@@ -75,7 +75,14 @@ from .auditing import (  # noqa: F401
 )
 from .batch import handle_batch
 from .conn import CONN, GUARD, peer_pins, track_requests
-from .intake import body_timeout, note_store, read_body, start_body  # noqa: F401
+from .intake import (  # noqa: F401
+    audit_down,
+    body_timeout,
+    note_store,
+    read_body,
+    shielded,
+    start_body,
+)
 from .killswitch import RevocationWatcher
 from .metrics import Metrics
 from .outbox import OutboxAcks, owner_name
@@ -250,26 +257,15 @@ async def request_id_middleware(request: web.Request, handler) -> web.StreamResp
 
 
 async def handle_signed(request: web.Request) -> web.Response:
-    """A signed request is handled in its own task, shielded: cancelling the handler (the
-    shutdown deadline, gateway/http/server.py) never stops it between the store commit and
-    its audit event; ``resources`` waits for it before closing the store and the audit log.
-    The client whose handler was cancelled gets no answer (its decision still stands)."""
-    app = request.app
-    task = asyncio.ensure_future(decide_signed(request))
-    app[DECISIONS].add(task)
-    task.add_done_callback(app[DECISIONS].discard)
-    return await asyncio.shield(task)
+    return await shielded(request, decide_signed)  # intake.shielded: why
 
 
 async def decide_signed(request: web.Request) -> web.Response:
     app = request.app
     route: Route = SIGNED_ROUTES[request.path]
     ctx = Context(request[REQUEST_ID])
-    if not app[READY]["audit"]:  # fail closed: no decision without its audit event
-        app[AUDIT_REFUSALS].failed("an earlier append failed (restart the gateway)",
-                                   request_id=ctx.request_id)
-        err = E.AuditUnavailable("the audit log is unavailable")
-        return json_response(err.body(ctx.request_id), err.status)
+    if (refused := audit_down(app, ctx)) is not None:
+        return refused
     peer, peer_spki = peer_pins(request)  # once per connection
     trust = app[PIPELINE].trust  # read once: a SIGHUP or a revocation swaps it whole
     security = trust.config

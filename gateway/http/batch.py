@@ -24,42 +24,30 @@ from gateway.pipeline.pipeline import check_head
 from gateway.pipeline.request import AuditOutbox, Context
 
 from .appkeys import (
-    AUDIT_REFUSALS,
     CLOCK,
-    DECISIONS,
     METRICS,
     OWNER,
     PIPELINE,
-    READY,
     REQUEST_ID,
     SETTINGS,
 )
 from .auditing import accept_events, audit, chain_accepted
 from .conn import CONN, GUARD, peer_pins
-from .intake import note_store, read_body, start_body
+from .intake import audit_down, note_store, read_body, shielded, start_body
 from .probes import json_response
 
 KIND = "telemetry_batch"  # the route label of fedgate_requests_total, the audit prefix
 
 
 async def handle_batch(request: web.Request) -> web.Response:
-    """In its own shielded task, as ``app.handle_signed``: a cancelled handler never
-    stops the batch between its commits and their audit events."""
-    app = request.app
-    task = asyncio.ensure_future(decide_batch(request))
-    app[DECISIONS].add(task)
-    task.add_done_callback(app[DECISIONS].discard)
-    return await asyncio.shield(task)
+    return await shielded(request, decide_batch)  # as app.handle_signed
 
 
 async def decide_batch(request: web.Request) -> web.Response:
     app = request.app
     ctx = Context(request[REQUEST_ID])
-    if not app[READY]["audit"]:  # fail closed: no decision without its audit event
-        app[AUDIT_REFUSALS].failed("an earlier append failed (restart the gateway)",
-                                   request_id=ctx.request_id)
-        err = E.AuditUnavailable("the audit log is unavailable")
-        return json_response(err.body(ctx.request_id), err.status)
+    if (refused := audit_down(app, ctx)) is not None:
+        return refused
     peer, peer_spki = peer_pins(request)  # once per connection
     settings = app[SETTINGS]
     trust = app[PIPELINE].trust  # read once: a SIGHUP or a revocation swaps it whole

@@ -1,7 +1,8 @@
 """What every signed route does with a request before and after the pipeline: read the
 body within its size and time limits (§4.2), count it against its identity's share of
 the connection cap, and log a store failure's cause (throttled). Shared by the single
-routes (gateway/http/app.py) and the batch route (gateway/http/batch.py)."""
+routes (gateway/http/app.py) and the batch route (gateway/http/batch.py): each decided in
+its own shielded task, and refused at once while the audit log is down."""
 
 from __future__ import annotations
 
@@ -14,8 +15,31 @@ from gateway.pipeline import errors as E
 from gateway.pipeline.request import Context
 from gateway.store import StoreError
 
-from .appkeys import SETTINGS, STORE_FAILURES
+from .appkeys import AUDIT_REFUSALS, DECISIONS, READY, SETTINGS, STORE_FAILURES
 from .conn import CONN, GUARD
+from .probes import json_response
+
+
+async def shielded(request: web.Request, decide) -> web.Response:
+    """``decide(request)`` in its own task, shielded: cancelling the handler (the shutdown
+    deadline, gateway/http/server.py) never stops it between the store commit and its
+    audit event; ``resources`` waits for it before closing the store and the audit log.
+    The client whose handler was cancelled gets no answer (its decision still stands)."""
+    app = request.app
+    task = asyncio.ensure_future(decide(request))
+    app[DECISIONS].add(task)
+    task.add_done_callback(app[DECISIONS].discard)
+    return await asyncio.shield(task)
+
+
+def audit_down(app: web.Application, ctx: Context) -> web.Response | None:
+    """Fail closed: while an earlier append failed, no decision (503), logged throttled."""
+    if app[READY]["audit"]:
+        return None
+    app[AUDIT_REFUSALS].failed("an earlier append failed (restart the gateway)",
+                               request_id=ctx.request_id)
+    err = E.AuditUnavailable("the audit log is unavailable")
+    return json_response(err.body(ctx.request_id), err.status)
 
 
 async def read_body(request: web.Request, limit: int, timeout_s: float,
