@@ -41,6 +41,7 @@ from .evidence import Evidence, Unusable, read_evidence, record_id
 from .facts import SEVERITY_RANK, UNKNOWN_TARGET, ExecutionFacts, _dict, _finding_target, _text
 
 FOLDED_KINDS = ("finding", "graph")
+_VALIDATORS: list[Validators] = []  # compiled on first use (put_record, back-fill)
 #: (op, field, value): ``add`` a number, ``max`` keep the larger number, ``num`` set a
 #: number, ``set`` set a string, ``first`` set to the record's position unless set
 Op = tuple[str, str, Any]
@@ -81,6 +82,13 @@ def fold_record(kind: str, raw: bytes, tenant_id: str, identity: str | None, *,
         return None  # a query ignored it: another identity's or tenant's record
     return Fold(f"{ev.execution_fingerprint}:{ev.attestation_hash}", ev.received_at,
                 tuple(evidence_ops(ev)))
+
+
+def stored_validators() -> Validators:
+    """The validators a record from outside the commit path is checked with (once)."""
+    if not _VALIDATORS:
+        _VALIDATORS.append(Validators())
+    return _VALIDATORS[0]
 
 
 def evidence_ops(ev: Evidence) -> list[Op]:

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from common.sqlite import begin_immediate, connect_durable, transaction
 
+from . import sqlite_facts
 from .base import (
     Claim,
     Commit,
@@ -29,7 +30,6 @@ from .base import (
     StoreError,
     check_owner,
 )
-from . import sqlite_facts
 from .revocations import SqliteRevocations
 from .sqlite_schema import SCHEMA, migrate, sweep_legacy_nonces
 

@@ -19,8 +19,7 @@ from typing import Any
 
 import orjson
 
-from gateway.feedback.fold import Fold, Skip, apply, fold_record
-from schemas.validate import Validators
+from gateway.feedback.fold import Fold, Skip, apply, fold_record, stored_validators
 
 FACTS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS facts (
@@ -33,14 +32,6 @@ CREATE TABLE IF NOT EXISTS facts_skipped (
     kind TEXT NOT NULL, record_id TEXT NOT NULL, reason TEXT NOT NULL,
     PRIMARY KEY (tenant_id, identity, seq)) WITHOUT ROWID;
 """
-_VALIDATORS: Validators | None = None  # compiled on first use (put_record, back-fill)
-
-
-def validators() -> Validators:
-    global _VALIDATORS
-    if _VALIDATORS is None:
-        _VALIDATORS = Validators()
-    return _VALIDATORS
 
 
 def fold_into(db: sqlite3.Connection, kind: str, raw: bytes, tenant_id: str,
@@ -48,7 +39,7 @@ def fold_into(db: sqlite3.Connection, kind: str, raw: bytes, tenant_id: str,
     """Fold one stored record (row ``seq``) into its execution's facts; inside the
     caller's transaction. ``trusted``: built by this gateway from a checked body."""
     fold = fold_record(kind, raw, tenant_id, identity,
-                       validators=None if trusted else validators())
+                       validators=None if trusted else stored_validators())
     if isinstance(fold, Fold):
         row = db.execute("SELECT state, latest FROM facts WHERE tenant_id=? AND identity=?"
                          " AND member=?", (tenant_id, identity, fold.member)).fetchone()
@@ -90,4 +81,5 @@ def list_skipped(db: sqlite3.Connection, tenant_id: str, identity: str,
     """``(kind, record id, reason)`` of ``identity``'s records that could not be folded."""
     return db.execute(
         "SELECT kind, record_id, reason FROM facts_skipped WHERE tenant_id=? AND identity=?"
-        " ORDER BY seq DESC LIMIT ?", (tenant_id, identity, max(0, limit))).fetchall()
+        " ORDER BY kind = 'graph', seq DESC LIMIT ?",
+        (tenant_id, identity, max(0, limit))).fetchall()
