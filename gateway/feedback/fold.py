@@ -157,23 +157,23 @@ def facts_from_states(tenant_id: str, identity: str,
 
 
 def _facts(tenant_id: str, fp: str, anchor: str, s: Mapping[str, Any]) -> ExecutionFacts:
-    named: dict[str, tuple[int, int]] = {}  # target -> (count, first position)
+    counts: dict[str, int] = {}  # named target -> findings
     techniques, tactics, events = [], [], []
-    for name, value in s.items():
-        kind, _, rest = name.partition(":")
-        if kind == "t":
-            named[rest] = (int(value), int(s["o:" + rest]))
-        elif kind == "x":
-            techniques.append(rest)
-        elif kind == "a":
-            tactics.append(rest)
-        elif kind == "e" and rest:
-            events.append(rest)
-    # Counter.most_common(1): the highest count, the first seen among equals
-    common = min(named.items(), key=lambda i: (-i[1][0], i[1][1]), default=None)
-    target = s.get("gt") or (common[0] if common else UNKNOWN_TARGET)
-    counts = {t: c for t, (c, _) in named.items()}
-    if unnamed := int(s.get("u", 0)):
+    for name, value in s.items():  # one pass, by the two-character prefix
+        head = name[:2]
+        if head == "t:":
+            counts[name[2:]] = value
+        elif head == "x:":
+            techniques.append(name[2:])
+        elif head == "a:":
+            tactics.append(name[2:])
+        elif head == "e:":
+            events.append(name[2:])
+    target = s.get("gt") or UNKNOWN_TARGET
+    if counts and not s.get("gt"):  # Counter.most_common(1): the first seen among equals
+        best = max(counts.values())
+        target = min((s["o:" + t], t) for t, c in counts.items() if c == best)[1]
+    if unnamed := s.get("u", 0):
         counts[target] = counts.get(target, 0) + unnamed
     severity = s.get("s")
     return ExecutionFacts(
@@ -183,7 +183,7 @@ def _facts(tenant_id: str, fp: str, anchor: str, s: Mapping[str, Any]) -> Execut
         techniques=frozenset(techniques), tactics=frozenset(tactics),
         event_types=frozenset(events),
         graph_nodes=int(s.get("gn", 0)), graph_edges=int(s.get("ge", 0)),
-        findings=int(s.get("n", 0)), repeat_per_target=max(counts.values(), default=0),
+        findings=int(s.get("n", 0)), repeat_per_target=int(max(counts.values(), default=0)),
         latest_timestamp=None if "ts" not in s else int(s["ts"]),
     )
 
