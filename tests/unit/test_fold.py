@@ -35,7 +35,8 @@ graph = st.fixed_dictionaries({
     "target_urn": st.sampled_from([None, "", "urn:target:g1", "urn:target:db-01"]),
 })
 record = st.tuples(st.sampled_from(["finding", "finding", "graph"]), st.sampled_from(FPS),
-                   st.sampled_from(HASHES[:1] * 3 + HASHES[1:]), st.integers(1_000, 1_010), finding, graph)
+                   st.sampled_from(HASHES[:1] * 3 + HASHES[1:]), st.integers(1_000, 1_010),
+                   finding, graph)
 
 
 def evidence(kind: str, fp: str, att: str, at: int, f: dict, g: dict) -> Evidence:
@@ -51,8 +52,9 @@ def evidence(kind: str, fp: str, att: str, at: int, f: dict, g: dict) -> Evidenc
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(record, max_size=40),
-       st.dictionaries(st.sampled_from(FPS), st.tuples(st.sampled_from(HASHES),
-                                                      st.sampled_from([ME, "other", None])), max_size=2))
+       st.dictionaries(st.sampled_from(FPS),
+                       st.tuples(st.sampled_from(HASHES), st.sampled_from([ME, "other", None])),
+                       max_size=2))
 def test_folded_states_give_the_records_facts(records, anchoring) -> None:
     evs = [evidence(*r) for r in records]  # store order: oldest first
     states: dict[str, dict] = {}
