@@ -67,13 +67,15 @@ def _hex64(record: dict[str, Any], name: str) -> str:
     return value.lower()
 
 
-def read_evidence(kind: str, raw: bytes, *, validators: Validators) -> Evidence:
+def read_evidence(kind: str, raw: bytes, *, validators: Validators | None) -> Evidence:
     """One stored record of ``kind``; :class:`Unusable` when the policy cannot use it.
 
     The signed body is checked against its kind's JSON Schema with ``validators``
     (compiled once at start-up): the policy reads its members by their schema'd types,
     and a body of the wrong shape (written by an older version, edited) is left out
-    like any other unusable record, never a TypeError (500)."""
+    like any other unusable record, never a TypeError (500). ``validators`` None: the
+    record was just built by this gateway from a body it checked (the commit's fold,
+    :mod:`gateway.feedback.fold`): the check is not repeated."""
     try:
         record = load_stored(raw)
     except CanonicalError as exc:
@@ -91,6 +93,8 @@ def read_evidence(kind: str, raw: bytes, *, validators: Validators) -> Evidence:
     schema = BODY_SCHEMAS.get(kind)
     if schema is None:
         raise Unusable(UNREADABLE_BODY, f"no body schema for kind {kind!r}")
+    if validators is None:
+        return Evidence(kind, identity, tenant_id, fingerprint, attestation, received_at, body)
     try:
         validators.validate(schema, body)
     except SchemaError as exc:  # the pointer, never the body's own text
@@ -115,9 +119,12 @@ class SkipReport:
     ids: list[str] = field(default_factory=list)
 
     def add(self, kind: str, raw: bytes, reason: str) -> None:
+        self.add_id(kind, record_id(kind, raw) or "?", reason)
+
+    def add_id(self, kind: str, rid: str, reason: str) -> None:
         self.counts[reason] += 1
         if len(self.ids) < _MAX_IDS:
-            self.ids.append(f"{kind} {record_id(kind, raw) or '?'}")
+            self.ids.append(f"{kind} {rid}")
 
     def __bool__(self) -> bool:
         return bool(self.counts)

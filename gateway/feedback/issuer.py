@@ -34,7 +34,8 @@ from schemas.signing import (
 from schemas.validate import Validators
 
 from .evidence import Evidence, SkipReport, Unusable, read_evidence
-from .facts import facts_from_records
+from .facts import ExecutionFacts, facts_from_records
+from .fold import facts_from_states
 from .policy import ACTION_RANK, Rule, evaluate
 
 log = logging.getLogger("fedgate.feedback")
@@ -50,6 +51,8 @@ class Decision:
 
 #: ``await policy(store, tenant_id, limit, now, identity=...)`` → :class:`Decision`
 Policy = Callable[..., Awaitable[Decision]]
+MAX_EXECUTIONS = 10_000  # executions' facts read per query (most recently active first)
+MAX_SKIPPED = 10_000  # unusable records reported per query (newest first)
 MAX_RECORDS_PER_KIND = 10_000  # findings and graphs read per query (newest first)
 MAX_BYTES_PER_KIND = 16 * 1024 * 1024  # ... and at most this much stored data per kind
 PAGE = 16  # records fetched per store call: bounds the overshoot of the budget
@@ -103,29 +106,56 @@ def _priority(adjustment: dict[str, Any]) -> tuple[int, str]:
 
 
 class RulePolicy:
-    """The rules as a :data:`Policy`."""
+    """The rules as a :data:`Policy`.
+
+    By default the rules look at the per-execution facts the store keeps up to date at
+    commit time (:mod:`gateway.feedback.fold`): one small row per execution, at most
+    ``max_executions`` (the most recently active), never a record body. Given a record
+    budget (``max_records`` and/or ``max_bytes``) it reads the stored records instead,
+    newest first within that budget: the reference the facts are checked against."""
 
     def __init__(self, rules: Iterable[Rule], *, validators: Validators | None = None,
-                 max_records: int = MAX_RECORDS_PER_KIND,
-                 max_bytes: int = MAX_BYTES_PER_KIND) -> None:
+                 max_records: int | None = None, max_bytes: int | None = None,
+                 max_executions: int = MAX_EXECUTIONS) -> None:
         self.rules = tuple(rules)
         self.validators = validators or Validators()  # compiled once, here
-        self.max_records = max_records
-        self.max_bytes = max_bytes
+        self.from_records = max_records is not None or max_bytes is not None
+        self.max_records = MAX_RECORDS_PER_KIND if max_records is None else max_records
+        self.max_bytes = MAX_BYTES_PER_KIND if max_bytes is None else max_bytes
+        self.max_executions = max_executions
 
     async def __call__(self, store: Store, tenant_id: str, limit: int, now: int, *,
                        identity: str) -> Decision:
         decision = Decision()
-        findings = await self._records(store, "finding", tenant_id, identity, decision.skipped)
-        graphs = await self._records(store, "graph", tenant_id, identity, decision.skipped)
-        anchors = await self._anchors(store, tenant_id, identity, [*findings, *graphs])
-        for facts in facts_from_records(tenant_id, findings, graphs, anchors):
-            adjustment = evaluate(self.rules, facts, now)
+        if self.from_records:
+            facts = await self.facts_from_records(store, tenant_id, identity,
+                                                  decision.skipped)
+        else:
+            facts = await self.facts_from_store(store, tenant_id, identity, decision.skipped)
+        for one in facts:
+            adjustment = evaluate(self.rules, one, now)
             if adjustment is not None:
-                self.validators.validate("adjustment", adjustment)  # fail closed: a bug
                 decision.adjustments.append(adjustment)
         decision.adjustments = sorted(decision.adjustments, key=_priority)[:limit]
+        for adjustment in decision.adjustments:  # fail closed: a bug
+            self.validators.validate("adjustment", adjustment)
         return decision
+
+    async def facts_from_store(self, store: Store, tenant_id: str, identity: str,
+                               skipped: SkipReport) -> list[ExecutionFacts]:
+        """The facts the store keeps per execution; the records it could not fold."""
+        for kind, rid, reason in await store.list_skipped(tenant_id, identity, MAX_SKIPPED):
+            skipped.add_id(kind, rid, reason)
+        rows = await store.list_facts(tenant_id, identity, self.max_executions)
+        return facts_from_states(tenant_id, identity, rows)
+
+    async def facts_from_records(self, store: Store, tenant_id: str, identity: str,
+                                 skipped: SkipReport) -> list[ExecutionFacts]:
+        """The reference: the facts computed from the stored records themselves."""
+        findings = await self._records(store, "finding", tenant_id, identity, skipped)
+        graphs = await self._records(store, "graph", tenant_id, identity, skipped)
+        anchors = await self._anchors(store, tenant_id, identity, [*findings, *graphs])
+        return facts_from_records(tenant_id, findings, graphs, anchors)
 
     async def _records(self, store: Store, kind: str, tenant_id: str, identity: str,
                        skipped: SkipReport) -> list[Evidence]:

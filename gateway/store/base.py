@@ -301,6 +301,20 @@ class Store(abc.ABC):
         another identity's records cost nothing. Records stored with ``put_record`` have
         no identity unless ``Record.identity`` names one."""
 
+    @abc.abstractmethod
+    async def list_facts(self, tenant_id: str, identity: str,
+                         limit: int) -> list[tuple[str, Any, str | None, str | None]]:
+        """The facts of ``identity``'s ``limit`` most recently active executions
+        (gateway/feedback/fold.py, kept up to date by ``commit`` and ``put_record``):
+        ``(execution_fingerprint:attestation_hash, state JSON, anchored hash or None,
+        owner or None)`` per row; no record is read."""
+
+    @abc.abstractmethod
+    async def list_skipped(self, tenant_id: str, identity: str,
+                           limit: int) -> list[tuple[str, str, str]]:
+        """``(kind, record id, reason)`` of records listed under ``identity`` that could
+        not be folded into facts (unusable: older version, edited), newest first."""
+
     # -- the kill switch (gateway/store/revocations.py) ---------------------------------
     @abc.abstractmethod
     async def revoke_key(self, kid: str, reason: str, now: int) -> Revocation:

@@ -40,13 +40,16 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
+from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from . import redis_group, redis_outbox
+from gateway.feedback.fold import Fold, Skip, flat_args, fold_record, stored_validators
+
+from . import redis_facts, redis_group, redis_outbox
 from .base import (
     Claim,
     Commit,
@@ -156,6 +159,7 @@ class RedisStore(RedisRevocations, Store):
             raise StoreError("claim", f"Redis is unavailable ({type(e).__name__}: {e})") from e
         self._epoch = await self._call(read_epoch, self.prefix)  # before migrate
         self._legacy_until = await self._call(migrate, self.prefix)
+        await self._call(redis_facts.backfill_once, self.prefix)  # once per keyspace
 
     def _client(self, size: int) -> Redis:
         """A client on a blocking pool of ``size`` connections: a burst beyond it waits
@@ -213,9 +217,10 @@ class RedisStore(RedisRevocations, Store):
     def check_commit(self, commit: Commit) -> None:
         self._prepare(commit)
 
-    def _prepare(self, commit: Commit) -> tuple[list[str], list]:
-        """The commit's KEYS and ARGV but the last two (epoch, audit events); ValueError
-        for a commit no store could run."""
+    def _prepare(self, commit: Commit) -> tuple[list[str], list, list]:
+        """The commit's KEYS, its ARGV before the epoch and the audit events, and its ARGV
+        after them (the facts fold, redis_facts.py); ValueError for a commit no store
+        could run."""
         rec, anchor = commit.record, commit.anchor
         if commit.nonce_ttl_s <= 0:
             raise ValueError("nonce_ttl_s must be positive")
@@ -231,6 +236,8 @@ class RedisStore(RedisRevocations, Store):
                 self._index_key(rec.tenant_id, rec.kind, commit.identity)]
         if commit.audit is not None:
             keys.append(self._outbox_key(rec.tenant_id, commit.audit_owner))
+        fold, fold_keys, _ = self._fold(rec, commit.identity, trusted=True)
+        keys += fold_keys  # the execution's facts (redis_facts.py), folded by the script
         if anchor is not None:
             fp = anchor.execution_fingerprint
             keys += [self._anchor_key(rec.tenant_id, fp), self._anchor_key(rec.tenant_id, fp, "o")]
@@ -241,10 +248,10 @@ class RedisStore(RedisRevocations, Store):
         args = [len(keys), *keys, claim, commit.nonce_ttl_s, rec.data, rec.record_id,
                 commit.now, commit.identity, anchor.attestation_hash if anchor else "",
                 "1" if legacy else "0"]
-        return keys, args
+        return keys, args, fold
 
     async def commit(self, commit: Commit) -> CommitResult:
-        keys, args = self._prepare(commit)
+        keys, args, fold = self._prepare(commit)
         if self._unsafe is not None:
             raise StoreError("claim", self._unsafe)
         audit = commit.audit if commit.audit is not None else b""
@@ -253,7 +260,7 @@ class RedisStore(RedisRevocations, Store):
                 epoch = await self._sync_epoch(commit.tenant_id, keys[3], commit.now)
             if commit.earliest <= epoch_start(epoch):
                 return _BEFORE_EPOCH
-            reply = await self._run_commit([*args, epoch, audit])
+            reply = await self._run_commit([*args, epoch, audit, *fold])
             if reply[0] != b"epoch":
                 return self._finish(reply, commit, keys)
             await self._sync_epoch(commit.tenant_id, keys[3], commit.now)
@@ -331,13 +338,32 @@ class RedisStore(RedisRevocations, Store):
             raise StoreError("claim", "the execution's owner is not migrated yet (v1.1)")
         raise StoreError("write", "record id already exists; nothing was written")
 
+    def _fold(self, rec: Record, identity: str | None, *,
+              trusted: bool) -> tuple[list, list, Skip | None]:
+        """(ARGV tail, KEYS, skip) folding ``rec`` into its execution's facts: ``member,
+        received_at, ops…`` or ``''`` when the record is not folded (``skip``: why)."""
+        fold = fold_record(rec.kind, rec.data, rec.tenant_id, identity,
+                           validators=None if trusted else stored_validators())
+        if not isinstance(fold, Fold):
+            return [""], [], fold
+        fkey, ikey, _ = redis_facts.keys(self._tenant(rec.tenant_id),
+                                         _check(_IDENTITY, identity, "identity"))
+        return [fold.member, fold.received_at, *flat_args(fold)], [fkey, ikey], None
+
     async def put_record(self, record: Record, now: int) -> None:
         keys = [self._record_key(record.tenant_id, record.kind, record.record_id),
                 self._index_key(record.tenant_id, record.kind)]
+        fold: list = [""]
         if record.identity is not None:
             keys.append(self._index_key(record.tenant_id, record.kind, record.identity))
+            args, fold_keys, skip = self._fold(record, record.identity, trusted=False)
+            if fold_keys:
+                fold, keys = ["f", *args], [*keys, *fold_keys]
+            elif skip is not None:
+                skipped = redis_facts.keys(self._tenant(record.tenant_id), record.identity)[2]
+                fold, keys = ["s", redis_facts.skip_entry(skip)], [*keys, skipped]
         reply = await self._call(Redis.eval, PUT_LUA, len(keys), *keys, record.data,
-                                 record.record_id, refused="write")
+                                 record.record_id, *fold, refused="write")
         if reply != b"ok":
             raise StoreError("write", "record id already exists; nothing was written")
 
@@ -379,6 +405,20 @@ class RedisStore(RedisRevocations, Store):
         value = await self._call(Redis.get,
                                  self._anchor_key(tenant_id, execution_fingerprint, "o"))
         return (value.decode() or None) if value is not None else None
+
+    async def list_facts(self, tenant_id: str, identity: str,
+                         limit: int) -> list[tuple[str, Any, str | None, str | None]]:
+        if not _IDENTITY.fullmatch(identity):
+            return []  # never a committing identity: the pipeline refuses it first
+        return await self._call(redis_facts.list_facts, self._tenant(tenant_id), identity,
+                                limit)
+
+    async def list_skipped(self, tenant_id: str, identity: str,
+                           limit: int) -> list[tuple[str, str, str]]:
+        if not _IDENTITY.fullmatch(identity):
+            return []
+        return await self._call(redis_facts.list_skipped, self._tenant(tenant_id), identity,
+                                limit)
 
     async def list_records(self, kind: str, tenant_id: str, limit: int = 1000, *,
                            newest_first: bool = False, offset: int = 0,

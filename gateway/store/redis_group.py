@@ -63,7 +63,7 @@ async def commit_many(store: RedisStore,
         if not sent:
             continue
         audits = [commits[i].audit if commits[i].audit is not None else b"" for i in sent]
-        calls = [[*prepared[i][1], epochs[commits[i].tenant_id], audit]
+        calls = [[*prepared[i][1], epochs[commits[i].tenant_id], audit, *prepared[i][2]]
                  for i, audit in zip(sent, audits, strict=True)]
         try:
             replies = await _pipeline(store, calls)
@@ -75,7 +75,7 @@ async def commit_many(store: RedisStore,
         stale: dict[str, tuple[str, int]] = {}  # tenant → (epoch key, now)
         noscript: list[int] = []
         for i, reply in zip(sent, replies, strict=True):
-            c, (keys, _) = commits[i], prepared[i]
+            c, keys = commits[i], prepared[i][0]
             if isinstance(reply, NoScriptError):  # it did not run: send it again
                 noscript.append(i)
                 continue

@@ -14,6 +14,8 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
+from .redis_facts import FOLD_LUA
+
 # The shebang makes this a flagged (Redis 7) write script: with maxmemory reached, a
 # read-only replica or a failing AOF, Redis refuses the whole EVALSHA before running it.
 # Without the shebang only the first write would be refused; the script is also ordered
@@ -23,14 +25,19 @@ COMMIT_LUA = """#!lua
 -- KEYS[1] claim  KEYS[2] record  KEYS[3] index  KEYS[4] the tenant's epoch marker
 -- KEYS[5] the identity's index of this kind (sorted set: record id -> its position in
 -- KEYS[3]); then, when ARGV[10] ~= '', KEYS[6] the owner's audit outbox (a stream);
--- then, when ARGV[7] ~= '': anchor, owner; and last, when ARGV[8] == '1', the pre-v1.1
--- claim
+-- then, when ARGV[11] ~= '': the identity's facts hash and index (redis_facts.py); then,
+-- when ARGV[7] ~= '': anchor, owner; and last, when ARGV[8] == '1', the pre-v1.1 claim
 -- ARGV[1] claim (expires_at|digest|request_id)  ARGV[2] nonce TTL s  ARGV[3] record data
 -- ARGV[4] record id  ARGV[5] now  ARGV[6] identity  ARGV[7] attestation hash or ''
 -- ARGV[8] '1' when the last key is a pre-v1.1 claim to honour  ARGV[9] the gateway's epoch
 -- ARGV[10] the accept's audit events (JSON array) or ''
+-- ARGV[11] the facts member (<fp>:<attestation hash>) or ''  ARGV[12] its received_at
+-- ARGV[13...] the fold's ops (op, field, value triples)
 local a = 6
 if ARGV[10] ~= '' then a = 7 end
+local f = a
+if ARGV[11] and ARGV[11] ~= '' then a = a + 2 end
+""" + FOLD_LUA + """
 -- 0. the store's epoch (redis_epoch.py): a missing or other marker means the store lost
 -- its state or started a new epoch -> nothing judged, nothing written
 local epoch = redis.call('GET', KEYS[4])
@@ -65,6 +72,7 @@ end
 redis.call('SET', KEYS[2], ARGV[3])
 local position = redis.call('RPUSH', KEYS[3], ARGV[4])
 redis.call('ZADD', KEYS[5], position, ARGV[4])
+if f < a then fold(KEYS[f], KEYS[f + 1], ARGV[11], ARGV[12], 13, position) end
 if ARGV[10] ~= '' then
   return {'accepted', redis.call('XADD', KEYS[6], '*', 'e', ARGV[10])}
 end
@@ -82,11 +90,16 @@ return 'ok'
 
 # A record outside any claim (issued feedback): same record/index layout.
 # KEYS[1] record  KEYS[2] index  [KEYS[3] the identity's index]; ARGV[1] data  ARGV[2] id
+# ARGV[3] 'f': fold into KEYS[4] facts hash, KEYS[5] index (ARGV[4] member, ARGV[5]
+# received_at, ARGV[6...] ops); 's': note ARGV[4] in KEYS[4] (not foldable); '': neither
 PUT_LUA = """#!lua
+""" + FOLD_LUA + """
 if redis.call('EXISTS', KEYS[1]) > 0 then return 'conflict' end
 redis.call('SET', KEYS[1], ARGV[1])
 local position = redis.call('RPUSH', KEYS[2], ARGV[2])
 if KEYS[3] then redis.call('ZADD', KEYS[3], position, ARGV[2]) end
+if ARGV[3] == 'f' then fold(KEYS[4], KEYS[5], ARGV[4], ARGV[5], 6, position) end
+if ARGV[3] == 's' then redis.call('LPUSH', KEYS[4], ARGV[4]) end
 return 'ok'
 """
 

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from common.sqlite import begin_immediate, connect_durable, transaction
 
+from . import sqlite_facts
 from .base import (
     Claim,
     Commit,
@@ -216,11 +217,14 @@ class SqliteStore(SqliteRevocations, Store):
                      c.anchor.attestation_hash, c.now, c.identity))
             # 14. persist the record
             r = c.record
-            db.execute(
+            seq = db.execute(
                 "INSERT INTO records (kind, record_id, tenant_id, execution_fingerprint,"
                 " created_at, data, identity) VALUES (?,?,?,?,?,?,?)",
                 (r.kind, r.record_id, r.tenant_id, r.execution_fingerprint, c.now, r.data,
-                 c.identity))
+                 c.identity)).lastrowid
+            # ... and its execution's facts (sqlite_facts.py), in the same transaction
+            sqlite_facts.fold_into(db, r.kind, r.data, r.tenant_id, c.identity, seq,
+                                   trusted=True)
             if c.audit is not None:  # the accept's audit events, in the same transaction
                 outbox_ref = db.execute(
                     "INSERT INTO audit_outbox (owner, event) VALUES (?,?)",
@@ -238,12 +242,15 @@ class SqliteStore(SqliteRevocations, Store):
 
     def _put_sync(self, r: Record, now: int) -> None:
         try:
-            with self._conn():  # one transaction, fsynced at commit
-                self._conn().execute(
+            db = self._conn()
+            with transaction(db, self.busy_timeout_ms):  # one transaction, fsynced at commit
+                seq = db.execute(
                     "INSERT INTO records (kind, record_id, tenant_id, execution_fingerprint,"
                     " created_at, data, identity) VALUES (?,?,?,?,?,?,?)",
                     (r.kind, r.record_id, r.tenant_id, r.execution_fingerprint, now, r.data,
-                     r.identity))
+                     r.identity)).lastrowid
+                sqlite_facts.fold_into(db, r.kind, r.data, r.tenant_id, r.identity, seq,
+                                       trusted=False)
         except sqlite3.Error as exc:
             raise StoreError("write", f"sqlite write failed: {exc}") from exc
 
@@ -310,6 +317,17 @@ class SqliteStore(SqliteRevocations, Store):
             f"SELECT data FROM records WHERE {where} ORDER BY seq {order} LIMIT ? OFFSET ?",
             (*args, max(0, limit), max(0, offset))).fetchall(), stage="claim")
         return [bytes(row[0]) for row in rows]
+
+    async def list_facts(self, tenant_id: str, identity: str,
+                         limit: int) -> list[tuple[str, Any, str | None, str | None]]:
+        return await self._run(lambda: sqlite_facts.list_facts(self._conn(), tenant_id,
+                                                               identity, limit), stage="claim")
+
+    async def list_skipped(self, tenant_id: str, identity: str,
+                           limit: int) -> list[tuple[str, str, str]]:
+        return await self._run(lambda: sqlite_facts.list_skipped(self._conn(), tenant_id,
+                                                                 identity, limit),
+                               stage="claim")
 
     # -- plumbing ---------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:

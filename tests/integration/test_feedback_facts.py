@@ -1,0 +1,134 @@
+"""Per-execution facts kept at commit time give the answer the records give (both stores).
+
+Random signed findings and graphs go through the real pipeline into a real store: several
+executions, anchored and not (anchoring off, another attestation hash), named and
+unnamed targets, timestamps out of order. The facts the store kept (one row per
+execution) must equal the facts computed from the stored records themselves, and so
+must the adjustments. Then the upgrade: a store whose records predate the facts (facts
+removed, layout marker rolled back) is back-filled at open to the same facts, and a
+second open changes nothing (idempotent).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import random
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from lab import IDENTITY, NOW, TELEMETRY_BODY, TENANT, Lab, body_for
+
+from gateway.feedback.evidence import SkipReport
+from gateway.feedback.issuer import RulePolicy
+from gateway.feedback.policy import DEFAULT_RULES_FILE, load_rules
+from gateway.store import open_store
+from schemas.routes import GRAPH_PATH, TELEMETRY_PATH
+
+RULES = load_rules(DEFAULT_RULES_FILE)
+FPS = [hashlib.sha256(f"execution {i}".encode()).hexdigest() for i in range(5)]
+ATT = {fp: hashlib.sha256(f"attestation {fp}".encode()).hexdigest() for fp in FPS}
+OTHER_ATT = "ab" * 32
+TARGETS = [None, "db-01", "urn:target:ws-17", "urn:target:db-01"]
+
+
+def random_body(rng: random.Random, fp: str, att: str) -> tuple[str, dict[str, Any]]:
+    if rng.random() < 0.3:
+        nodes = rng.randrange(1, 12)
+        graph = {"nodes": [{"id": f"n{i}"} for i in range(nodes)],
+                 "edges": [{"from": f"n{i}", "to": f"n{i + 1}"} for i in range(nodes - 1)]}
+        if rng.random() < 0.7:
+            graph["target_urn"] = rng.choice(TARGETS[2:])
+        return GRAPH_PATH, body_for(GRAPH_PATH, execution_fingerprint=fp,
+                                    attestation_measurement_hash=att, graph=graph)
+    body = copy.deepcopy(TELEMETRY_BODY)
+    body["execution_hash"] = fp
+    payload = body["payload"]
+    payload["severity"] = rng.choice(["info", "low", "medium", "high", "critical"])
+    payload["mitre_techniques"] = rng.sample(["T1059", "T1059.001", "T1003.001", "T1046"],
+                                             rng.randrange(1, 3))
+    payload["mitre_tactics"] = rng.sample(["TA0006", "TA0008", "TA0007"], rng.randrange(1, 3))
+    attributes = {**payload["attributes"], "execution_fingerprint": fp,
+                  "attestation_measurement_hash": att}
+    attributes.pop("asset_ref", None)
+    attributes.pop("target", None)
+    if (target := rng.choice(TARGETS)) is not None:
+        attributes[rng.choice(["asset_ref", "target"])] = target
+    payload["attributes"] = attributes
+    return TELEMETRY_PATH, body
+
+
+async def feed_random(store, seed: int, count: int = 40) -> None:
+    rng = random.Random(seed)
+    anchored, unanchored = Lab(store), Lab(store, anchor_attestation=False)
+    for _ in range(count):
+        fp = rng.choice(FPS)
+        lab, att = ((unanchored, rng.choice([ATT[fp], OTHER_ATT])) if rng.random() < 0.15
+                    else (anchored, ATT[fp]))
+        path, body = random_body(rng, fp, att)
+        at = NOW + rng.randrange(-30, 30)
+        headers, raw = lab.signed(path, body, ts=at)
+        status, error, ctx = await lab.send(headers, raw, path, now=at)
+        assert (status, error) == (202, None), ctx
+
+
+async def both_ways(store) -> tuple[list, list]:
+    """(facts kept by the store, facts from the records) and the same for adjustments."""
+    policy = RulePolicy(RULES)
+    kept = await policy.facts_from_store(store, TENANT, IDENTITY, SkipReport())
+    read = await policy.facts_from_records(store, TENANT, IDENTITY, SkipReport())
+    assert kept == read
+    by_facts = await policy(store, TENANT, 1000, NOW + 10, identity=IDENTITY)
+    by_records = await RulePolicy(RULES, max_records=10**6)(store, TENANT, 1000, NOW + 10,
+                                                            identity=IDENTITY)
+    assert by_facts.adjustments == by_records.adjustments
+    return kept, by_facts.adjustments
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_kept_facts_equal_the_records_facts(store, seed: int) -> None:
+    await feed_random(store, seed)
+    kept, adjustments = await both_ways(store)
+    assert kept and adjustments  # the data exercised the rules
+
+
+def forget_facts(store_url: str) -> None:
+    """Make the store look as it did before the facts existed (records only)."""
+    if store_url.startswith("sqlite:///"):
+        db = sqlite3.connect(Path(store_url.removeprefix("sqlite:///")))
+        with db:
+            db.execute("DELETE FROM facts")
+            db.execute("DELETE FROM facts_skipped")
+            db.execute("PRAGMA user_version = 3")
+        db.close()
+        return
+    r = redis.Redis.from_url(store_url)
+    try:
+        for pattern in ("*:f:*", "*:fi:*", "*:fs:*"):
+            for key in r.scan_iter(match=pattern):
+                r.delete(key)
+        for key in r.scan_iter(match="*:schema"):
+            r.hdel(key, "facts")
+    finally:
+        r.close()
+
+
+async def test_upgrade_back_fills_the_facts_once(store_url: str) -> None:
+    store = open_store(store_url)
+    await store.open()
+    try:
+        await feed_random(store, 7)
+        before, adjustments = await both_ways(store)
+    finally:
+        await store.close()
+    forget_facts(store_url)
+    for _ in range(2):  # the first open back-fills, the second finds nothing to do
+        store = open_store(store_url)
+        await store.open()
+        try:
+            assert await both_ways(store) == (before, adjustments)
+        finally:
+            await store.close()

@@ -1,0 +1,71 @@
+"""The facts fold (gateway/feedback/fold.py) gives exactly the facts the records give.
+
+Random findings and graphs (several executions, two attestation hashes each, targets
+named and not, ties between targets, timestamps out of order, severities off the scale)
+are folded in store order into JSON states; the facts read back from the states must
+equal :func:`facts_from_records` over the same records, for every anchoring and owner.
+"""
+
+from __future__ import annotations
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.feedback.evidence import Evidence
+from gateway.feedback.facts import facts_from_records
+from gateway.feedback.fold import Fold, apply, evidence_ops, facts_from_states
+
+TENANT, ME = "t-1", "me"
+FPS = ("a1" * 32, "b2" * 32, "c3" * 32)
+HASHES = ("0d" * 32, "e4" * 32)
+TARGETS = (None, "db-01", "urn:target:db-01", "urn:x:ws", "  ")
+WORDS = st.sampled_from(["T1059", "T1059.001", "T1003", "TA0006", "TA0008", "", "x"])
+
+finding = st.fixed_dictionaries({
+    "severity": st.sampled_from(["info", "low", "medium", "high", "critical", "nope", None]),
+    "mitre_techniques": st.one_of(st.none(), st.lists(WORDS, max_size=3)),
+    "mitre_tactics": st.one_of(st.none(), st.lists(WORDS, max_size=3)),
+    "event_type": st.sampled_from([None, "", "process.start", "net.conn"]),
+    "target": st.sampled_from(TARGETS),
+    "key": st.sampled_from(["asset_ref", "target"]),
+})
+graph = st.fixed_dictionaries({
+    "nodes": st.integers(0, 12), "edges": st.integers(0, 12),
+    "target_urn": st.sampled_from([None, "", "urn:target:g1", "urn:target:db-01"]),
+})
+record = st.tuples(st.sampled_from(["finding", "finding", "graph"]), st.sampled_from(FPS),
+                   st.sampled_from(HASHES[:1] * 3 + HASHES[1:]), st.integers(1_000, 1_010),
+                   finding, graph)
+
+
+def evidence(kind: str, fp: str, att: str, at: int, f: dict, g: dict) -> Evidence:
+    if kind == "graph":
+        body = {"graph": {"nodes": [{}] * g["nodes"], "edges": [{}] * g["edges"],
+                          **({} if g["target_urn"] is None else {"target_urn": g["target_urn"]})}}
+    else:
+        payload = {k: v for k, v in f.items() if k not in ("target", "key") and v is not None}
+        payload["attributes"] = {} if f["target"] is None else {f["key"]: f["target"]}
+        body = {"payload": payload}
+    return Evidence(kind, ME, TENANT, fp, att, at, body)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(record, max_size=40),
+       st.dictionaries(st.sampled_from(FPS),
+                       st.tuples(st.sampled_from(HASHES), st.sampled_from([ME, "other", None])),
+                       max_size=2))
+def test_folded_states_give_the_records_facts(records, anchoring) -> None:
+    evs = [evidence(*r) for r in records]  # store order: oldest first
+    states: dict[str, dict] = {}
+    for position, ev in enumerate(evs, start=1):
+        fold = Fold(f"{ev.execution_fingerprint}:{ev.attestation_hash}", ev.received_at,
+                    tuple(evidence_ops(ev)))
+        apply(states.setdefault(fold.member, {}), fold.ops, position)
+    anchoring = {fp: anchoring.get(fp, (HASHES[0], ME)) for fp in FPS}  # mostly ours
+    rows = [(member, orjson.dumps(state), *anchoring[member[:64]])
+            for member, state in states.items()]
+    anchors = {fp: h for fp, (h, owner) in anchoring.items() if owner == ME and h}
+    expected = facts_from_records(TENANT, [e for e in evs if e.kind == "finding"],
+                                  [e for e in evs if e.kind == "graph"], anchors)
+    assert facts_from_states(TENANT, ME, rows) == expected
