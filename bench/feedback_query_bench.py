@@ -165,7 +165,15 @@ def main() -> None:
     parser.add_argument("--executions", type=int, default=1000)
     parser.add_argument("--queries", type=int, default=200, help="facts-path queries")
     parser.add_argument("--old-queries", type=int, default=5, help="records-path queries")
-    print(asyncio.run(main_async(parser.parse_args())))
+    parser.add_argument("--append", type=Path, metavar="MD",
+                        help="also append the report to this Markdown file")
+    args = parser.parse_args()
+    report = asyncio.run(main_async(args))
+    print(report)
+    if args.append is not None:
+        with args.append.open("a", encoding="utf-8") as fh:
+            fh.write("\n## Feedback query: per-execution facts vs re-reading the records\n\n"
+                     f"`{' '.join(['python', *sys.argv])}`\n\n{report}\n")
 
 
 if __name__ == "__main__":
