@@ -315,6 +315,16 @@ def new_store(store_spec: tuple[str, dict]):
 
 
 @pytest.fixture
+async def any_store(new_store):
+    """An open store of each kind (``store_spec``: sqlite, redis, redis_cluster), closed
+    after the test (the store contract's modules use it as their ``store``)."""
+    s = new_store()
+    await s.open()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
 async def store(store_url: str):
     """An open store of each kind (via ``store_url``), closed after the test."""
     from gateway.store import open_store

@@ -80,6 +80,7 @@ from .intake import (  # noqa: F401
     body_timeout,
     note_store,
     read_body,
+    respond,
     shielded,
     start_body,
 )
@@ -306,12 +307,7 @@ async def decide_signed(request: web.Request) -> web.Response:
             err = E.AuditUnavailable("the decision could not be audited")
             status, payload = err.status, err.body(ctx.request_id)
     app[METRICS].count(route.kind, status, exc.error if exc else None)
-    response = json_response(payload, status)
-    if isinstance(exc, E.RateLimited):
-        response.headers["Retry-After"] = str(exc.extra["retry_after"])
-    if not body_in:
-        response.force_close()  # an unread body must not be parsed as the next request
-    return response
+    return respond(payload, status, exc, body_in)
 
 
 def accepted(route: Route) -> tuple[int, str]:

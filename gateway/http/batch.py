@@ -33,7 +33,7 @@ from .appkeys import (
 )
 from .auditing import accept_events, audit, chain_accepted
 from .conn import CONN, GUARD, peer_pins
-from .intake import audit_down, note_store, read_body, shielded, start_body
+from .intake import audit_down, note_store, read_body, respond, shielded, start_body
 from .probes import json_response
 
 KIND = "telemetry_batch"  # the route label of fedgate_requests_total, the audit prefix
@@ -86,12 +86,7 @@ async def refuse(request: web.Request, ctx: Context, peer: str | None,
         err = E.AuditUnavailable("the decision could not be audited")
         status, payload = err.status, err.body(ctx.request_id)
     app[METRICS].count(KIND, status, exc.error)
-    response = json_response(payload, status)
-    if isinstance(exc, E.RateLimited):
-        response.headers["Retry-After"] = str(exc.extra["retry_after"])
-    if not body_in:
-        response.force_close()  # an unread body must not be parsed as the next request
-    return response
+    return respond(payload, status, exc, body_in)
 
 
 async def answer(request: web.Request, ctx: Context, peer: str | None,

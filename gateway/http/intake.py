@@ -104,3 +104,15 @@ def note_store(app: web.Application, ctx: Context, route_kind: str,
         app[STORE_FAILURES].failed(exc.__cause__, stage=exc.__cause__.stage, status=exc.status,
                                    error=exc.error, route=route_kind,
                                    request_id=ctx.request_id)
+
+
+def respond(payload: dict, status: int, exc: E.GatewayError | None,
+            body_in: bool) -> web.Response:
+    """The JSON answer; ``Retry-After`` for a 429; the connection closed when the body
+    was not read (an unread body must not be parsed as the next request)."""
+    response = json_response(payload, status)
+    if isinstance(exc, E.RateLimited):
+        response.headers["Retry-After"] = str(exc.extra["retry_after"])
+    if not body_in:
+        response.force_close()
+    return response

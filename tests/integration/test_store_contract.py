@@ -24,12 +24,9 @@ NOW = 1_795_000_000
 
 
 @pytest.fixture
-async def store(new_store):
-    """An open store of each kind (``store_spec``: sqlite, redis, redis_cluster)."""
-    s = new_store()
-    await s.open()
-    yield s
-    await s.close()
+def store(any_store):
+    """An open store of each kind: sqlite, redis, redis_cluster (conftest)."""
+    return any_store
 
 
 def make_commit(nonce: str = "nonce-0001", *, identity: str = "spectrastrike-producer",

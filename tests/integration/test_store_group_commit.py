@@ -29,11 +29,9 @@ N = 20
 
 
 @pytest.fixture
-async def store(new_store):
-    s = new_store()
-    await s.open()
-    yield s
-    await s.close()
+def store(any_store):
+    """An open store of each kind: sqlite, redis, redis_cluster (conftest)."""
+    return any_store
 
 
 async def mixed_group(store):

@@ -13,12 +13,9 @@ from gateway.store import Revocation
 
 
 @pytest.fixture
-async def store(new_store):
-    """An open store of each kind — SQLite, Redis, and the 3+3 Redis Cluster."""
-    s = new_store()
-    await s.open()
-    yield s
-    await s.close()
+def store(any_store):
+    """An open store of each kind: sqlite, redis, redis_cluster (conftest)."""
+    return any_store
 
 
 async def test_a_revocation_is_stored_for_good_and_the_first_one_stands(store, new_store):
