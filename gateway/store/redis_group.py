@@ -80,7 +80,9 @@ async def commit_many(store: RedisStore,
                 noscript.append(i)
                 continue
             if isinstance(reply, ResponseError):  # OOM, READONLY, MISCONF: refused
-                results[i] = StoreError("write", f"Redis refused the command: {reply}")
+                refused = StoreError("write", f"Redis refused the command: {reply}")
+                refused.__cause__ = reply  # the log names the reply's type (OutOfMemoryError…)
+                results[i] = refused
             elif reply[0] == b"epoch":
                 stale.setdefault(c.tenant_id, (keys[3], c.now))
                 continue

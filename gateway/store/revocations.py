@@ -122,7 +122,7 @@ class RedisRevocations:
     async def revocation_signals(self) -> AsyncIterator[None]:
         """One subscriber connection of its own, subscribed again whenever it is lost; each
         (re)subscription is a signal too (messages may have gone by meanwhile)."""
-        wait = RESUBSCRIBE_S[0]
+        wait, lost = RESUBSCRIBE_S[0], False
         while True:
             client = Redis.from_url(
                 self.url, socket_connect_timeout=self.socket_timeout,  # type: ignore[attr-defined]
@@ -133,11 +133,17 @@ class RedisRevocations:
                 while True:
                     msg = await pubsub.get_message(timeout=1.0)
                     if msg is not None and msg.get("type") in ("subscribe", "message"):
-                        wait = RESUBSCRIBE_S[0]
+                        if lost:  # one line for the way back, none per retry meanwhile
+                            log.info("revocation channel subscribed again")
+                        wait, lost = RESUBSCRIBE_S[0], False
                         yield
             except (RedisError, OSError) as exc:
-                log.warning("revocation channel lost (%s: %s); subscribing again in %.1f s",
-                            type(exc).__name__, exc, wait)
+                if not lost:  # one line per outage (the store's own failures are logged
+                    # by the requests that meet them)
+                    log.warning("revocation channel lost (%s: %s); subscribing again every "
+                                "%.1f-%.0f s; the periodic re-read still applies",
+                                type(exc).__name__, exc, RESUBSCRIBE_S[0], RESUBSCRIBE_S[1])
+                lost = True
             finally:
                 await pubsub.aclose()
                 await client.aclose()
