@@ -117,9 +117,24 @@ def evidence_ops(ev: Evidence) -> list[Op]:
     return ops
 
 
+#: At most this many keyed fields (``x:`` ``a:`` ``e:`` ``t:`` ``o:``) per state: once a
+#: record finds the state at the bound, the keyed fields it would add are not added (its
+#: counters still are). Without it a producer naming ever new targets or event types in
+#: one execution grows the state, and every commit of that execution decodes and
+#: re-encodes all of it — in Redis's single thread (docs/POLICY.md *Facts*).
+MAX_KEYED = 512
+
+
+def keyed_count(state: Mapping[str, Any]) -> int:
+    return sum(1 for name in state if ":" in name)
+
+
 def apply(state: dict[str, Any], ops: Iterable[Op], position: int) -> dict[str, Any]:
     """``ops`` applied to ``state`` (in place, returned); the Lua fold does the same."""
+    room = keyed_count(state) < MAX_KEYED  # judged once per record: t:/o: stay paired
     for op, name, value in ops:
+        if not room and ":" in name and name not in state:
+            continue
         if op == "add":
             state[name] = state.get(name, 0) + value
         elif op == "max":

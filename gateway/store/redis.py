@@ -215,9 +215,9 @@ class RedisStore(RedisRevocations, Store):
     groups_commits = True
 
     def check_commit(self, commit: Commit) -> None:
-        self._prepare(commit)
+        self._prepare(commit, fold=False)  # the checks only: the fold is made once, later
 
-    def _prepare(self, commit: Commit) -> tuple[list[str], list, list]:
+    def _prepare(self, commit: Commit, *, fold: bool = True) -> tuple[list[str], list, list]:
         """The commit's KEYS, its ARGV before the epoch and the audit events, and its ARGV
         after them (the facts fold, redis_facts.py); ValueError for a commit no store
         could run."""
@@ -236,7 +236,8 @@ class RedisStore(RedisRevocations, Store):
                 self._index_key(rec.tenant_id, rec.kind, commit.identity)]
         if commit.audit is not None:
             keys.append(self._outbox_key(rec.tenant_id, commit.audit_owner))
-        fold, fold_keys, _ = self._fold(rec, commit.identity, trusted=True)
+        tail, fold_keys, _ = (self._fold(rec, commit.identity, trusted=True) if fold
+                              else ([""], [], None))
         keys += fold_keys  # the execution's facts (redis_facts.py), folded by the script
         if anchor is not None:
             fp = anchor.execution_fingerprint
@@ -248,7 +249,7 @@ class RedisStore(RedisRevocations, Store):
         args = [len(keys), *keys, claim, commit.nonce_ttl_s, rec.data, rec.record_id,
                 commit.now, commit.identity, anchor.attestation_hash if anchor else "",
                 "1" if legacy else "0"]
-        return keys, args, fold
+        return keys, args, tail
 
     async def commit(self, commit: Commit) -> CommitResult:
         keys, args, fold = self._prepare(commit)

@@ -27,6 +27,7 @@ from redis.asyncio import Redis
 
 from gateway.feedback.fold import (
     FOLDED_KINDS,
+    MAX_KEYED,
     Fold,
     Skip,
     apply,
@@ -36,14 +37,23 @@ from gateway.feedback.fold import (
 
 # fold(facts hash, index, member, latest, first ARGV index of the ops, position):
 # the ops are ARGV triples op, field, value (gateway/feedback/fold.py ``apply``)
-FOLD_LUA = """
+FOLD_LUA = f"""
+local MAX_KEYED = {MAX_KEYED}
+""" + """
 local function fold(fkey, ikey, member, latest, first, position)
   local raw = redis.call('HGET', fkey, member)
   local s = {}
   if raw then s = cjson.decode(raw) end
+  local keyed = 0  -- fold.py MAX_KEYED: judged once per record
+  for name in pairs(s) do
+    if string.find(name, ':', 1, true) then keyed = keyed + 1 end
+  end
+  local room = keyed < MAX_KEYED
   for i = first, #ARGV, 3 do
     local op, f, v = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-    if op == 'add' then s[f] = (s[f] or 0) + tonumber(v)
+    if not room and s[f] == nil and string.find(f, ':', 1, true) then
+      -- the state is at its bound: no new keyed field
+    elseif op == 'add' then s[f] = (s[f] or 0) + tonumber(v)
     elseif op == 'max' then
       v = tonumber(v)
       if s[f] == nil or v > s[f] then s[f] = v end

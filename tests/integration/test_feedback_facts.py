@@ -18,11 +18,13 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import redis
 from lab import IDENTITY, NOW, TELEMETRY_BODY, TENANT, Lab, body_for
 
 from gateway.feedback.evidence import SkipReport
+from gateway.feedback.fold import MAX_KEYED, keyed_count
 from gateway.feedback.issuer import RulePolicy
 from gateway.feedback.policy import DEFAULT_RULES_FILE, load_rules
 from gateway.store import open_store
@@ -132,3 +134,30 @@ async def test_upgrade_back_fills_the_facts_once(store_url: str) -> None:
             assert await both_ways(store) == (before, adjustments)
         finally:
             await store.close()
+
+
+async def test_a_state_stays_bounded_however_many_targets_one_execution_names(store) -> None:
+    """A producer naming a new target in every finding of one execution must not grow its
+    facts state without bound (every commit of the execution decodes and re-encodes it,
+    in Redis's single thread): past MAX_KEYED keyed fields no new one is added, while
+    the counters still count every finding — the same in both stores."""
+    lab, fp = Lab(store), FPS[0]
+    findings = MAX_KEYED // 2 + 40  # two keyed fields per new target: t:<urn>, o:<urn>
+    for i in range(findings):
+        body = copy.deepcopy(TELEMETRY_BODY)
+        body["execution_hash"] = fp
+        attributes = {**body["payload"]["attributes"], "execution_fingerprint": fp,
+                      "attestation_measurement_hash": ATT[fp], "asset_ref": f"host-{i:05d}"}
+        attributes.pop("target", None)
+        body["payload"]["attributes"] = attributes
+        headers, raw = lab.signed(TELEMETRY_PATH, body, ts=NOW)
+        status, error, ctx = await lab.send(headers, raw, TELEMETRY_PATH, now=NOW)
+        assert (status, error) == (202, None), ctx
+    (member, state, _, _), = await store.list_facts(TENANT, IDENTITY, 10)
+    state = orjson.loads(state) if isinstance(state, bytes | str) else state
+    keyed = keyed_count(state)
+    assert MAX_KEYED <= keyed < MAX_KEYED + 16, keyed  # grew to the bound, then stopped
+    assert state["n"] == findings  # every finding still counted
+    # (techniques, tactics and the event type hold a few of the keyed fields too)
+    assert {f"t:urn:target:host-{i:05d}" for i in range(MAX_KEYED // 2 - 8)} <= set(state)
+    assert f"t:urn:target:host-{findings - 1:05d}" not in state  # the late ones are not
