@@ -37,12 +37,12 @@ test: testdeps $(STAMP)
 
 # docs/RESILIENCE.md: the SIEM shipper's 30 s receiver outage (`make test` runs a 3 s one),
 # 100,000 hostile inputs through the server (`make test`: 2,000), kill -9 under load 40
-# times per store (`make test`: 10), a coverage-guided fuzz
-# of the canonical parser, and the 10-minute soak.
+# times per store (`make test`: 5), the Redis Cluster failover and slot move under load
+# (docs/SCALING.md), a coverage-guided fuzz of the canonical parser, the 10-minute soak.
 resilience: testdeps $(STAMP)
 	FEDGATE_RESILIENCE=1 $(BIN)/python -m pytest -q -s -m resilience \
 	  tests/integration/test_audit_shipper.py tests/integration/test_fuzz_server.py \
-	  tests/integration/test_audit_outbox.py
+	  tests/integration/test_audit_outbox.py tests/integration/test_cluster_faults.py
 	cd "$$(mktemp -d)" && $(abspath $(BIN))/python $(CURDIR)/bench/fuzz_canonical.py \
 	  -runs=2000000 -max_len=4096
 	$(BIN)/python bench/soak.py

@@ -7,7 +7,7 @@ Real ``fedgate serve`` processes over mTLS on a real SQLite file or redis-server
 time on the same store and audit log. Afterwards: every 202 is stored and has exactly
 one ``telemetry.accepted`` event in the chain, every stored record has exactly one,
 every ``event.id`` is unique, ``fedgate audit verify`` passes and the outbox is empty.
-``make test`` kills 10 times per store; ``FEDGATE_RESILIENCE=1`` (``-m resilience``) 40.
+``make test`` kills 5 times per store; ``FEDGATE_RESILIENCE=1`` (``-m resilience``) 40.
 The figures are printed (``-s``) for docs/RESILIENCE.md.
 """
 
@@ -118,7 +118,7 @@ async def kill_under_load(stack: Stack, kills: int) -> dict:
 
 
 async def test_kill_9_under_load_never_leaves_a_record_without_its_event(stack):
-    figures = await kill_under_load(stack, 10)
+    figures = await kill_under_load(stack, 5)
     print(f"\nkill -9: {json.dumps(figures)}")
 
 
