@@ -32,8 +32,10 @@ testdeps:
 
 venv: $(STAMP)
 
+# Two pytest workers, one test file per worker at a time (pytest-xdist --dist loadfile):
+# the suite is mostly waiting on real servers and processes; serial, it neared CI's 15 min.
 test: testdeps $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # docs/RESILIENCE.md: the SIEM shipper's 30 s receiver outage (`make test` runs a 3 s one),
 # 100,000 hostile inputs through the server (`make test`: 2,000), kill -9 under load 40

@@ -52,7 +52,8 @@ def test_make_test_still_installs_redis_and_rsyslog(tmp_path, venv):
     assert "apt-get install -y -qq redis-server" in commands
     assert "apt-get install -y -qq rsyslog rsyslog-gnutls" in commands
     assert "apt-get install -y -qq softhsm2" in commands  # the PKCS#11 signer's tests
-    assert commands.strip().splitlines()[-1] == ".venv/bin/python -m pytest -q"
+    assert commands.strip().splitlines()[-1] == (
+        ".venv/bin/python -m pytest -q -n 2 --dist loadfile")
 
 
 def test_ci_installs_the_test_packages_itself():
