@@ -21,7 +21,9 @@ LAB = Lab(None)
 
 
 def events(stack: Stack) -> list[dict]:
-    return [json.loads(line) for line in stack.audit_path.read_text().splitlines()]
+    # only whole lines: the gateway may be appending a batch while we read
+    text = stack.audit_path.read_text()
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]
 
 
 async def wait_for_events(stack: Stack, n: int) -> list[dict]:

@@ -63,7 +63,9 @@ def parse(raw: bytes) -> tuple[int, dict[str, str], bytes]:
 def audit_events(stack: Stack) -> list[dict]:
     if not stack.audit_path.exists():
         return []
-    return [json.loads(line) for line in stack.audit_path.read_text().splitlines()]
+    # only whole lines: the gateway may be appending a batch while we read
+    text = stack.audit_path.read_text()
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]
 
 
 async def settled_events(stack: Stack, n: int) -> list[dict]:
