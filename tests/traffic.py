@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import subprocess
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -206,3 +208,24 @@ async def check_nothing_lost(stack: Stack, traffic: Traffic, audit_paths: list[P
     return {"sent": len(traffic.sent), **{str(k): v for k, v in traffic.counts().items()},
             "unanswered_present": len(present), "unanswered_absent": len(again) - len(present),
             "503_but_stored": len(stored_503), "lost": len(lost), "half_written": len(half)}
+
+
+async def exited(proc: subprocess.Popen, timeout_s: float = 20.0) -> int:
+    """The exit status, once the process is gone (a deadline for "eventually")."""
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None:
+        assert time.monotonic() < deadline, f"still running {timeout_s} s after the signal"
+        await asyncio.sleep(0.01)
+    return proc.returncode
+
+
+async def outbox_events(store_url: str) -> list[dict]:
+    """Every event still in this host's audit outboxes (docs/AUDIT.md *Outbox*)."""
+    store = open_store(store_url)
+    await store.open()
+    try:
+        owners = await store.outbox_owners(socket.gethostname())
+        return [e for o in sorted(owners) for entry in await store.outbox_read(o)
+                for e in json.loads(entry.events)]
+    finally:
+        await store.close()

@@ -20,17 +20,21 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections import Counter
 
 import pytest
 from stack import ROOT, Stack
-from traffic import Traffic, accepted_ids, audit_events, signed_now, stored_request_ids
-
-from gateway.store import open_store
+from traffic import (
+    Traffic,
+    accepted_ids,
+    audit_events,
+    exited,
+    outbox_events,
+    signed_now,
+    stored_request_ids,
+)
 
 SEED = int(os.environ.get("FEDGATE_KILL_SEED", "0")) or random.randrange(1, 1 << 30)
 
@@ -40,26 +44,6 @@ def stack(tmp_path, store_url):
     st = Stack(tmp_path, store_url, server={"shutdown_timeout_s": 5})
     yield st
     st.kill_all(signal.SIGKILL)
-
-
-async def dead(proc: subprocess.Popen, timeout_s: float = 20.0) -> int:
-    deadline = time.monotonic() + timeout_s
-    while proc.poll() is None:
-        assert time.monotonic() < deadline, f"still running {timeout_s} s after the signal"
-        await asyncio.sleep(0.01)
-    return proc.returncode
-
-
-async def outbox_events(store_url: str) -> list[dict]:
-    """Every event still in this host's audit outboxes."""
-    store = open_store(store_url)
-    await store.open()
-    try:
-        owners = await store.outbox_owners(socket.gethostname())
-        return [e for o in sorted(owners) for entry in await store.outbox_read(o)
-                for e in json.loads(entry.events)]
-    finally:
-        await store.close()
 
 
 def audit_verify(stack: Stack) -> subprocess.CompletedProcess:
@@ -102,7 +86,7 @@ async def kill_under_load(stack: Stack, kills: int) -> dict:
         await traffic.until(lambda t, b=before: len(t.with_status(202)) >= b + 20, 60)
         await asyncio.sleep(rng.uniform(0.0, 0.5))  # a random moment under load
         os.killpg(proc.pid, signal.SIGKILL)
-        assert await dead(proc) == -signal.SIGKILL
+        assert await exited(proc) == -signal.SIGKILL
         await traffic.stop()
         stack.procs.clear()
     stack.spawn()  # the last restart recovers what the last kill left
@@ -160,7 +144,7 @@ async def test_an_audit_file_that_breaks_leaves_the_event_in_the_outbox_until_re
     assert rid in [e["request_id"] for e in await outbox_events(stack.store_url)]
     assert rid not in aside.read_text()
     os.killpg(proc.pid, signal.SIGTERM)
-    assert await dead(proc) == 0
+    assert await exited(proc) == 0
     stack.procs.clear()
     shutil.rmtree(stack.audit_path)
     os.replace(aside, stack.audit_path)

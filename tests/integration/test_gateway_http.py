@@ -10,17 +10,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import socket
 import ssl
 
 import pytest
 from lab import IDENTITY, NOW, TENANT, Lab, body_for, raw_signed
 from promtext import value
 from stack import Stack
+from traffic import outbox_events
 
 from audit import verify_file
 from fedgate.cli import package_version
-from gateway.store import open_store
 from schemas.routes import GRAPH_PATH, QUERY_PATH, TELEMETRY_PATH
 
 
@@ -417,7 +416,7 @@ async def test_unusable_audit_log_stops_decisions(stack):
             fh.write('{"partial')
         status, _, payload = await post(client, stack, TELEMETRY_PATH, *LAB.signed())
         assert status == 202
-        outbox = await stack_store_outbox(stack)
+        outbox = await outbox_events(stack.store_url)
         assert payload["request_id"] in [e["request_id"] for e in outbox]  # (acks lag)
         assert payload["request_id"] not in stack.audit_path.read_text()
         status, _, payload = await post(client, stack, TELEMETRY_PATH, *LAB.signed())
@@ -425,18 +424,6 @@ async def test_unusable_audit_log_stops_decisions(stack):
         async with client.get(stack.url + "/readyz") as resp:
             assert resp.status == 503
             assert (await resp.json())["checks"]["audit"] is False
-
-
-async def stack_store_outbox(stack) -> list[dict]:
-    """The events in the store's audit outbox (all owners of this host)."""
-    store = open_store(stack.store_url)
-    await store.open()
-    try:
-        owners = await store.outbox_owners(socket.gethostname())
-        return [e for o in sorted(owners) for entry in await store.outbox_read(o)
-                for e in json.loads(entry.events)]
-    finally:
-        await store.close()
 
 
 async def test_gateway_refuses_to_start_when_the_self_test_fails(tmp_path, sqlite_url,

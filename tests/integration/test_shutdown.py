@@ -27,6 +27,7 @@ from traffic import (
     accepted_ids,
     audit_events,
     check_nothing_lost,
+    exited,
     post,
     signed_now,
 )
@@ -34,15 +35,6 @@ from traffic import (
 
 def sigterm(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGTERM)  # the whole group, like systemd's KillMode
-
-
-async def exited(proc: subprocess.Popen, timeout_s: float = 20.0) -> int:
-    """The exit status, once the process is gone (a deadline for "eventually")."""
-    deadline = time.monotonic() + timeout_s
-    while proc.poll() is None:
-        assert time.monotonic() < deadline, f"still running {timeout_s} s after SIGTERM"
-        await asyncio.sleep(0.02)
-    return proc.returncode
 
 
 async def log_says(stack: Stack, text: str, timeout_s: float = 15.0) -> None:
