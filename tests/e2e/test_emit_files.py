@@ -166,9 +166,11 @@ def test_an_empty_input_says_nothing_to_send(fed, text):
 def test_ctrl_c_leaves_the_rest_queued_and_a_rerun_sends_no_duplicate(fed, tmp_path):
     items = [body(n) for n in range(200)]
     data = jsonl(tmp_path / "campaign.jsonl", items)
-    proc = subprocess.Popen([sys.executable, "-m", "fedgate.cli", "emit", "--config",
-                             str(fed / "emitter.toml"), str(data)], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    # --batch 2: many small requests, so Ctrl-C lands while most are still to go (with the
+    # default 100 the run is two requests, and the second may be done before the signal)
+    proc = subprocess.Popen([sys.executable, "-m", "fedgate.cli", "emit", "--batch", "2",
+                             "--config", str(fed / "emitter.toml"), str(data)], cwd=ROOT,
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
     # unbuffered: readline takes no more than its line (a batch's lines come at once,
     # and communicate() would not see what a buffered reader had taken ahead)
     first = [proc.stdout.readline().decode() for _ in range(3)]  # sending has started
@@ -202,9 +204,9 @@ def test_ctrl_c_leaves_the_rest_queued_and_a_rerun_sends_no_duplicate(fed, tmp_p
 
 def test_flush_sends_what_an_interrupted_run_left(fed, tmp_path):
     data = jsonl(tmp_path / "campaign.jsonl", [body(n) for n in range(150)])
-    proc = subprocess.Popen([sys.executable, "-m", "fedgate.cli", "emit", "--config",
-                             str(fed / "emitter.toml"), str(data)], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "fedgate.cli", "emit", "--batch", "2",
+                             "--config", str(fed / "emitter.toml"), str(data)], cwd=ROOT,
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc.stdout.readline()
     proc.send_signal(signal.SIGINT)
     # read the rest through the same buffer as readline (communicate() reads the pipe
