@@ -12,6 +12,7 @@ that came from the network (``source.ip``, ``source.port``, method, path).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Any
 
@@ -78,6 +79,11 @@ def ip(value: str | None) -> str | None:
     that is no IP socket, such as a Unix socket path, has no source.ip)."""
     if not isinstance(value, str):
         return None
+    return _ip(value)
+
+
+@functools.lru_cache(maxsize=4096)  # one parse per peer address, not one per event
+def _ip(value: str) -> str | None:
     try:
         return str(ipaddress.ip_address(value.split("%", 1)[0]))
     except ValueError:

@@ -25,6 +25,7 @@ Shape rules (docs/AUDIT.md):
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 import uuid
@@ -70,7 +71,12 @@ def rfc3339_ms(now: float) -> str:
     """``2026-11-23T15:04:05.123Z``: UTC, milliseconds, truncated (never in the future)."""
     micros = round(now * 1_000_000)  # exact to the microsecond for any current time
     seconds, millis = divmod(micros // 1000, 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+    return f"{_utc_second(seconds)}.{millis:03d}Z"
+
+
+@functools.lru_cache(maxsize=4)  # strftime once per second, not once per event
+def _utc_second(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
 def _check(action: str, outcome: str, category: list[str], reason: str | None) -> None:

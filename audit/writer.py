@@ -35,12 +35,20 @@ class GroupWriter:
 
     async def write_all(self, events: list[Event]) -> list[Event]:
         """Several events, in this order, in the next batch (one submitter)."""
+        return list(await asyncio.gather(*self._submit(events)))
+
+    async def write_each(self, events: list[Event]) -> list[Event | Exception]:
+        """As :meth:`write_all`, but each event's own outcome: its chained body, or the
+        exception that kept it out (the batch route's items are judged one by one)."""
+        return list(await asyncio.gather(*self._submit(events), return_exceptions=True))
+
+    def _submit(self, events: list[Event]) -> list[asyncio.Future]:
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in events]
         self._pending.extend(zip(events, futures, strict=True))
         if self._task is None:  # starts on the next tick: this tick's submitters join
             self._task = loop.create_task(self._drain())
-        return list(await asyncio.gather(*futures))
+        return futures
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()

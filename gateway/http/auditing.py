@@ -78,15 +78,18 @@ def http_facts(request: web.BaseRequest) -> dict[str, Any]:
 
 
 def decision_event(request: web.Request, ctx: Context, peer: str | None, action: str,
-                   status: int, exc: E.GatewayError | None) -> dict[str, Any]:
-    """The one audit event of a decision on a signed request."""
+                   status: int, exc: E.GatewayError | None,
+                   facts: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The one audit event of a decision on a signed request (``facts``: the request's
+    :func:`http_facts`, when the caller read them once for many decisions)."""
     return request_event(
         action=action, outcome="failure" if exc else "success",
         category=[exc.category if exc else "web"], status=status,
         request_id=ctx.request_id, reason=exc.error if exc else None,
         identity=ctx.identity, peer_sha256=peer, tenant_id=ctx.tenant_id, kid=ctx.kid,
         execution_fingerprint=ctx.execution_fingerprint, attestation_hash=ctx.attestation_hash,
-        detail=exc.detail if exc else None, now=time.time(), **http_facts(request),
+        detail=exc.detail if exc else None, now=time.time(),
+        **(facts if facts is not None else http_facts(request)),
     )
 
 
@@ -116,10 +119,10 @@ async def audit_skipped(request: web.Request, ctx: Context, peer: str | None,
 
 
 def accept_events(request: web.Request, ctx: Context, peer: str | None, action: str,
-                  status: int) -> list[dict[str, Any]]:
+                  status: int, facts: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """An accepted decision's events, for the store's audit outbox (built once every
     check passed, just before the commit): the decision, and the skipped records."""
-    events = [decision_event(request, ctx, peer, action, status, None)]
+    events = [decision_event(request, ctx, peer, action, status, None, facts)]
     if ctx.skipped_records:
         events.append(skipped_event(request, ctx, peer, status))
     return events
@@ -146,6 +149,39 @@ async def chain_accepted(app: web.Application, ctx: Context) -> bool:
     if outbox.ref is not None:
         app[OUTBOX_ACKS].add(outbox.ref)
     return True
+
+
+async def chain_decisions(app: web.Application,
+                          decisions: list[tuple[Context, list[dict[str, Any]] | None]]
+                          ) -> list[bool]:
+    """Many decisions' events in one group commit, in order (the batch route): for each
+    ``(ctx, events)``, ``events`` None means an accepted commit's outbox events
+    (``ctx.outbox``: acknowledged once chained, as :func:`chain_accepted`), else a
+    refusal's events (appended directly, as :func:`audit`). → per decision, whether all
+    its events are in the chain; a failure turns the gateway not ready, as theirs do."""
+    if AUDIT_WRITER not in app or not app[READY]["audit"]:
+        return [False] * len(decisions)
+    flat: list[dict[str, Any]] = []
+    for ctx, events in decisions:
+        flat += ctx.outbox.events if events is None else events
+    results = iter(await app[AUDIT_WRITER].write_each(flat))
+    out = []
+    for ctx, events in decisions:
+        mine = [next(results) for _ in (ctx.outbox.events if events is None else events)]
+        failed = next((r for r in mine if isinstance(r, Exception)), None)
+        if events is None and ctx.skipped_records:
+            app[METRICS].records_skipped.update(ctx.skipped_records.counts)
+        if failed is None:
+            if events is None and ctx.outbox.ref is not None:
+                app[OUTBOX_ACKS].add(ctx.outbox.ref)
+        elif app[READY]["audit"]:  # logged once: the rest are refused as not ready
+            log.error("audit log append failed (request %s)%s; refusing signed requests "
+                      "until restart: %s", ctx.request_id,
+                      ": its events stay in the store's audit outbox and are chained at "
+                      "the next start" if events is None else "", failed)
+            app[READY]["audit"] = False
+        out.append(failed is None)
+    return out
 
 
 async def audit_unrouted(request: web.Request, request_id: str, status: int,

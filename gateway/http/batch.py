@@ -31,7 +31,7 @@ from .appkeys import (
     REQUEST_ID,
     SETTINGS,
 )
-from .auditing import accept_events, audit, chain_accepted
+from .auditing import accept_events, audit, chain_decisions, decision_event, http_facts
 from .conn import CONN, GUARD, peer_pins
 from .intake import audit_down, note_store, read_body, respond, shielded, start_body
 from .probes import json_response
@@ -65,15 +65,17 @@ async def decide_batch(request: web.Request) -> web.Response:
             raise E.EmptyBody("the request body is empty")
         items = parse_envelope(body, server.max_batch_items)
         now = int(app[CLOCK]())  # once for the whole batch, when its body is in
+        facts = http_facts(request)  # the request's peer, TLS and path: one read
         outcomes = await run_batch(app[PIPELINE], items, request.headers, peer, peer_spki,
                                    ctx.request_id, now, trust, outbox=lambda: AuditOutbox(
                                        app[OWNER], lambda c: accept_events(
-                                           request, c, peer, "telemetry.accepted", 202)))
+                                           request, c, peer, "telemetry.accepted", 202,
+                                           facts)))
     except E.GatewayError as exc:
         app[METRICS].pipeline.observe(time.perf_counter() - started)
         return await refuse(request, ctx, peer, exc, body_in)
     app[METRICS].pipeline.observe(time.perf_counter() - started)
-    return await answer(request, ctx, peer, outcomes)
+    return await answer(request, ctx, peer, outcomes, facts)
 
 
 async def refuse(request: web.Request, ctx: Context, peer: str | None,
@@ -90,18 +92,20 @@ async def refuse(request: web.Request, ctx: Context, peer: str | None,
 
 
 async def answer(request: web.Request, ctx: Context, peer: str | None,
-                 outcomes: list[ItemOutcome]) -> web.Response:
-    """One audit event per item (appended in item order), then the 200 answer."""
+                 outcomes: list[ItemOutcome], facts: dict[str, Any]) -> web.Response:
+    """One audit event per item (appended in item order, one group commit), then the 200
+    answer."""
     app = request.app
     for outcome in outcomes:
         note_store(app, outcome.ctx, "telemetry", outcome.error)
-    audited = await asyncio.gather(*(
+    audited = await chain_decisions(app, [
         # accepted: its event is durably in the store's outbox (chained now, or at the next
         # start if the audit log fails: the 202 stands); refused: appended directly
-        chain_accepted(app, o.ctx) if o.error is None and o.ctx.outbox is not None
+        (o.ctx, None) if o.error is None and o.ctx.outbox is not None
         and o.ctx.outbox.events is not None
-        else audit(request, o.ctx, peer, "telemetry.rejected", o.status, o.error)
-        for o in outcomes))
+        else (o.ctx, [decision_event(request, o.ctx, peer, "telemetry.rejected", o.status,
+                                     o.error, facts)])
+        for o in outcomes])
     for outcome, ok in zip(outcomes, audited, strict=True):
         if not ok and outcome.error is not None:  # as a single request: the refusal
             # stands, the answer says 503

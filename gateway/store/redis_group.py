@@ -24,6 +24,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from .base import Commit, CommitResult, Outcome, StoreError, conflict_deps
 from .redis_epoch import epoch_start
 from .redis_scripts import COMMIT_LUA
+from .resp import pack, round_trip
 
 RedisStore = Any  # redis.RedisStore (which imports this module): its commit hooks
 
@@ -124,15 +125,14 @@ async def _epoch(store: RedisStore, epochs: dict[str, str | StoreError], c: Comm
 
 
 async def _pipeline(store: RedisStore, calls: list[list]) -> list:
-    """Every call's EVALSHA in one round trip on one connection; → each reply or its
-    error reply (ResponseError)."""
+    """Every call's EVALSHA in one round trip on one connection (written by the lean
+    packer, resp.py); → each reply or its error reply (ResponseError)."""
     if store._redis is None:
         raise StoreError("claim", "the Redis store is not open")
+    sha = store._sha
+    payload = b"".join(pack(["EVALSHA", sha, *args]) for args in calls)
     try:
-        async with store._redis.pipeline(transaction=False) as pipe:
-            for args in calls:
-                pipe.evalsha(store._sha, *args)
-            replies = await pipe.execute(raise_on_error=False)
+        replies = await round_trip(store._redis, payload, len(calls))
     except RedisError as e:  # lost connection, timeout: some may have run (fail closed)
         raise StoreError("claim", f"Redis is unavailable ({type(e).__name__}: {e})") from e
     return replies

@@ -312,3 +312,29 @@ async def test_batch_route_can_be_switched_off(tmp_path, sqlite_url):
     async with st.running(clock=lambda: NOW):
         status, _, payload = await post(st, envelope(item(*signed())))
     assert (status, payload["error"]) == (404, "not_found")
+
+
+async def test_an_audit_file_that_breaks_mid_batch_keeps_accepts_and_refuses_the_rest(
+        stack, store_url):
+    """The audit path replaced by a directory: the batch's one group append fails for
+    real. Accepted items stand (202: record and event are in the store's audit outbox,
+    chained at the next start), a refused item answers 503 ``audit_unavailable`` (its
+    refusal cannot be audited), and the gateway turns not ready."""
+    from traffic import outbox_events
+
+    assert (await post(stack, envelope(item(*signed()))))[0] == 200  # the file exists
+    aside = stack.audit_path.with_name("aside.jsonl")
+    stack.audit_path.rename(aside)
+    stack.audit_path.mkdir()
+    good = [item(*signed()) for _ in range(2)]
+    status, _, answer = await post(stack, envelope(good[0], item(*signed(),
+                                   signature="AAAA"), good[1]))
+    assert status == 200
+    assert [(r["status"], r.get("error")) for r in answer["results"]] == [
+        (202, None), (503, "audit_unavailable"), (202, None)]
+    in_outbox = {e["http.request.id"] for e in await outbox_events(store_url)}
+    assert {answer["results"][0]["request_id"], answer["results"][2]["request_id"]} <= in_outbox
+    assert answer["results"][1]["request_id"] not in in_outbox
+    assert answer["results"][0]["request_id"] not in aside.read_text()
+    async with stack.session() as client, client.get(stack.url + "/readyz") as resp:
+        assert resp.status == 503

@@ -71,6 +71,14 @@ async def test_replay_after_the_store_lost_its_state_is_refused(
                 clock[0] = now
                 status, payload = await post(st, *captured)
                 assert (status, payload["error"]) == (503, "replay_store_unavailable"), now
+            # a restarted server leaves the pool's connections stale: each fails its
+            # commit once (503 too, fail closed) before one reaches the store and begins
+            # its epoch; the replay stays refused all along
+            for _ in range(8):
+                if any("new epoch" in r.getMessage() for r in caplog.records):
+                    break
+                status, payload = await post(st, *captured)
+                assert (status, payload["error"]) == (503, "replay_store_unavailable")
         epoch_lines = [r for r in caplog.records if "new epoch" in r.getMessage()]
         assert len(epoch_lines) == 1 and epoch_lines[0].levelno == logging.WARNING
         _, metrics = await get(st, "/metrics")
