@@ -61,17 +61,25 @@ def event_types(category: list[str], outcome: str, status: int | None = None) ->
     to authenticate; the outcome says how it went), ``iam`` → ``info``, ``database`` →
     ``error`` on a failure (else ``access``), ``network`` → ``connection`` (plus
     ``denied`` on a failure), ``configuration`` → ``change``."""
-    failed = outcome == "failure"
+    if not all(type(c) is str for c in category):
+        raise ValueError("event.category must be a list of keywords")
+    return list(_event_types(tuple(category), outcome == "failure",
+                             bool(status and status >= 500)))
+
+
+@functools.lru_cache(maxsize=256)  # a handful of combinations: worked out once each
+def _event_types(category: tuple[str, ...], failed: bool, server_error: bool
+                 ) -> tuple[str, ...]:
     types: list[str] = []
     for c in category:
         if c not in EXPECTED_TYPES:
             raise ValueError(f"event.category {c!r} has no event.type mapping")
-        types += {"web": ["access"] + (["error"] if status and status >= 500 else []),
+        types += {"web": ["access"] + (["error"] if server_error else []),
                   "authentication": ["start"], "iam": ["info"],
                   "database": ["error"] if failed else ["access"],
                   "network": ["connection"] + (["denied"] if failed else []),
                   "configuration": ["change"]}[c]
-    return list(dict.fromkeys(types))
+    return tuple(dict.fromkeys(types))
 
 
 def ip(value: str | None) -> str | None:
