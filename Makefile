@@ -60,6 +60,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/pipeline_bench.py --write docs/BENCHMARKS.md
 	$(BIN)/python bench/http_bench.py --append docs/BENCHMARKS.md
 	$(BIN)/python bench/baseline_bench.py --append docs/BENCHMARKS.md
+	$(BIN)/python bench/latency_bench.py --append docs/BENCHMARKS.md
 	$(BIN)/python bench/sign_bench.py --append docs/BENCHMARKS.md
 	$(BIN)/python bench/feedback_query_bench.py --executions 100 --append docs/BENCHMARKS.md
 

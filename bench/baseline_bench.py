@@ -32,6 +32,7 @@ import base64
 import json
 import multiprocessing
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -139,14 +140,31 @@ def verify_rate() -> float:
         return sum(pool.map(_verify_loop, [VERIFY_S] * CORES)) / VERIFY_S
 
 
+def own_cpu() -> float:
+    """CPU seconds of this process (the load generator)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 async def measure(server_pid: int, url: str, ssl, path: str, bodies, concurrency: int,
-                  check, events_per_body: int = 1) -> tuple[float, float]:
-    """→ (events/s, server CPU µs per event)."""
-    cpu0 = tree_cpu(server_pid)
+                  check, events_per_body: int = 1, redis_pid: int | None = None
+                  ) -> tuple[float, float]:
+    """→ (events/s, server CPU µs per event); with ``redis_pid`` also the CPU µs per
+    event of Redis and of this load generator (in ``SHARES``: where the cores went)."""
+    cpu0, own0 = tree_cpu(server_pid), own_cpu()
+    redis0 = tree_cpu(redis_pid) if redis_pid else 0.0
     elapsed = await post_all(url, ssl, path, bodies, concurrency, check)
     cpu = tree_cpu(server_pid) - cpu0
     events = len(bodies) * events_per_body
+    if redis_pid:
+        SHARES.setdefault(path, {"redis": [], "client": []})
+        SHARES[path]["redis"].append((tree_cpu(redis_pid) - redis0) * 1e6 / events)
+        SHARES[path]["client"].append((own_cpu() - own0) * 1e6 / events)
     return events / elapsed, cpu * 1e6 / events
+
+
+#: route → {"redis": [µs per event per round], "client": [...]}
+SHARES: dict[str, dict[str, list[float]]] = {}
 
 
 async def run(args, tmp: Path) -> dict[str, list[float]]:
@@ -176,12 +194,14 @@ async def run(args, tmp: Path) -> dict[str, list[float]]:
             out["trivial"].append(rate)
             out["trivial_cpu"].append(cpu)
             rate, cpu = await measure(gateway.pid, stack.url, ssl, TELEMETRY_PATH,
-                                      single_bodies(args.requests), CONCURRENCY, expect(202))
+                                      single_bodies(args.requests), CONCURRENCY, expect(202),
+                                      redis_pid=redis.proc.pid)
             out["single"].append(rate)
             out["single_cpu"].append(cpu)
             rate, cpu = await measure(gateway.pid, stack.url, ssl, BATCH_PATH,
                                       batch_bodies(args.batches), BATCH_CONCURRENCY,
-                                      all_items_accepted, BATCH_SIZE)
+                                      all_items_accepted, BATCH_SIZE,
+                                      redis_pid=redis.proc.pid)
             out["batch"].append(rate)
             out["batch_cpu"].append(cpu)
             out["verify"].append(verify_rate())
@@ -263,6 +283,18 @@ def report(args, out: dict[str, list[float]], stages: dict[str, float]) -> str:
     rest2 = med["batch_cpu"] - med["trivial_cpu"] / BATCH_SIZE - sum(cpu.values())
     lines.append(f"| the rest: store call, audit append, glue (total − the rows above) | "
                  f"{rest1:,.0f} | {rest2:,.0f} |")
+    single, batch = SHARES.get(TELEMETRY_PATH), SHARES.get(BATCH_PATH)
+    if single and batch:
+        lines += [
+            "", "The same cores also ran Redis and the load generator (CPU µs per event, "
+            "medians; the generator's signing happened before the clock started):", "",
+            "| process | single route | batch route |", "|---|---:|---:|",
+            f"| redis-server (Lua commit script, AOF write + fsync) | "
+            f"{statistics.median(single['redis']):,.0f} | "
+            f"{statistics.median(batch['redis']):,.0f} |",
+            f"| load generator (TLS, HTTP client) | "
+            f"{statistics.median(single['client']):,.0f} | "
+            f"{statistics.median(batch['client']):,.0f} |"]
     lines += ["", "Timed alone, as wall time (the wait for Redis / the fsync included, so "
               "not CPU, and not subtracted above):", ""]
     lines += [f"- {name}: {us:,.0f} µs" for name, us in stages.items() if "wall" in name]
