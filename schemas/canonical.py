@@ -75,23 +75,30 @@ def _plain(obj: Any) -> bool:
     orjson prints floats differently, writes NaN as null, and serialises UUIDs,
     datetimes and dataclasses that the reference refuses.
     """
-    stack = [obj]
-    pop, push, extend = stack.pop, stack.append, stack.extend
-    while stack:
-        item = pop()
-        kind = type(item)
-        if kind is dict:
-            for key, value in item.items():
-                if type(key) is not str:
+    items = [obj]  # level by level, as _scan: scalars judged where they lie, never pushed
+    while items:
+        boxes: list[Any] = []
+        keep = boxes.append
+        for item in items:
+            kind = type(item)
+            if kind is str:
+                continue
+            if kind is int:
+                if not -(2**63) <= item < 2**64:
                     return False
-                push(value)
-        elif kind is list:
-            extend(item)
-        elif kind is int:
-            if not -(2**63) <= item < 2**64:
+            elif kind is dict or kind is list:
+                keep(item)
+            elif kind is not bool and item is not None:
                 return False
-        elif kind is not str and kind is not bool and item is not None:
-            return False
+        items = []
+        for box in boxes:
+            if type(box) is dict:
+                for key in box:
+                    if type(key) is not str:
+                        return False
+                items.extend(box.values())
+            else:
+                items.extend(box)
     return True
 
 
