@@ -256,22 +256,27 @@ def _scan(value: Any) -> tuple[int, int]:
             gather(box.values() if type(box) is dict else box)
 
 
-def _parse(data: bytes, max_depth: int | None) -> tuple[Any, bool, bool]:
-    """``(value, canonical, too deep)``: see :func:`parse_canonical_bounded`."""
+def parse_canonical_bounded(data: bytes, max_depth: int | None) -> tuple[Any, bool, bool]:
+    """:func:`parse_canonical` plus ``too_deep(value, max_depth)`` (False when
+    ``max_depth`` is None): ``(value, canonical, too_deep)``, the depth taken from the
+    same walk on the fast path (the gateway's body parser, issue 9). Raises exactly where
+    :func:`parse_canonical` raises."""
     try:
         fast = orjson.loads(data)
     except (orjson.JSONDecodeError, RecursionError):
         pass
     else:
-        # orjson.loads yields only JSON types and finite floats; ints beyond u64 are floats.
+        # orjson.loads yields only JSON types and finite floats; ints outside
+        # [-2^63, 2^64) it reads as floats.
         verdict, depth = _scan(fast)
         if verdict != _BIG_INT:  # else the strict parser names the failure
             try:
                 # dumps(fast) without walking again: orjson's bytes for a plain value
-                # (None past orjson's nesting limit, or with non-ASCII text or DEL),
+                # (_fast: None past orjson's 254 levels, or for non-ASCII text or DEL),
                 # else the reference's
                 out = _fast(fast) if verdict == _PLAIN else None
                 if (out if out is not None else dumps_reference(fast)) == data:
+                    # max(.., 0): a scalar (depth 0) is never too deep, as in too_deep
                     return fast, True, max_depth is not None and depth > max(max_depth, 0)
             except (ValueError, RecursionError):
                 pass
@@ -290,20 +295,13 @@ def parse_canonical(data: bytes) -> tuple[Any, bool]:
     a body equal to the canonical form of what orjson read cannot hold duplicate keys
     (canonical output never repeats a key). orjson reads integers up to 2^64−1 as ints
     (beyond that as floats, which never re-serialise to the same bytes), so one walk
-    (:func:`_scan`, ~2 µs for a 2 KB body) checks them against 64 bits and finds any
-    float (orjson prints floats unlike the reference) before orjson re-serialises.
+    (:func:`_scan`, ~3 µs for a 2 KB body) checks them against 64 bits and finds any
+    float (orjson prints some unlike the reference) before orjson re-serialises.
     Everything else goes through :func:`loads`, so failures carry the strict parser's
     code.
     """
-    value, canonical, _ = _parse(data, None)
+    value, canonical, _ = parse_canonical_bounded(data, None)
     return value, canonical
-
-
-def parse_canonical_bounded(data: bytes, max_depth: int) -> tuple[Any, bool, bool]:
-    """:func:`parse_canonical` plus ``too_deep(value, max_depth)``: ``(value, canonical,
-    too_deep)``, the depth taken from the same walk on the fast path (the gateway's
-    body parser, issue 9). Raises exactly where :func:`parse_canonical` raises."""
-    return _parse(data, max_depth)
 
 
 def load_stored(data: bytes) -> dict[str, Any]:

@@ -149,6 +149,12 @@ def test_bounded_counts_containers_not_scalars() -> None:
             assert parse_canonical_bounded(data, depth - 1)[2] is True, data
 
 
+def test_bounded_without_a_limit_is_never_too_deep() -> None:
+    for data in (nest(300), nest(300, b" 1"), nest(MAX_DEPTH + 1, kind="object"), b"1"):
+        value, canonical = parse_canonical(data)
+        assert parse_canonical_bounded(data, None)[1:] == (canonical, False)
+
+
 def test_bounded_raises_where_parse_canonical_raises() -> None:
     for data in (b'{"n":9223372036854775808}', b'{"a":1,"a":1}', b"[1e400]", b"{"):
         with pytest.raises(CanonicalError) as old:
