@@ -30,11 +30,18 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 import orjson  # noqa: E402
 from lab import IDENTITY, PRODUCER, Lab  # noqa: E402
 
+from gateway.pipeline.pipeline import MAX_DEPTH  # noqa: E402
 from gateway.pipeline.records import build_commit  # noqa: E402
 from gateway.pipeline.request import Context, SignedRequest  # noqa: E402
 from gateway.store import open_store  # noqa: E402
 from keyring import verify  # noqa: E402
-from schemas.canonical import dumps, dumps_reference, loads, parse_canonical  # noqa: E402
+from schemas.canonical import (  # noqa: E402
+    dumps,
+    dumps_reference,
+    loads,
+    parse_canonical,
+    parse_canonical_bounded,
+)
 from schemas.routes import TELEMETRY  # noqa: E402
 from schemas.signing import request_signing_input  # noqa: E402
 from schemas.validate import ReferenceValidators, Validators  # noqa: E402
@@ -78,6 +85,8 @@ def stage_rows(n: int) -> list[tuple[str, float]]:
         ("canonical: dumps (fast path)", timed(lambda: dumps(obj), n)),
         ("canonical: dumps_reference (json.dumps)", timed(lambda: dumps_reference(obj), n)),
         ("parse + canonical check (parse_canonical)", timed(lambda: parse_canonical(BODY), n)),
+        ("parse + canonical + depth check (parse_canonical_bounded: the gateway's call)",
+         timed(lambda: parse_canonical_bounded(BODY, MAX_DEPTH), n)),
         ("schema: jsonschema-rs (hot path)", timed(lambda: fast.validate("telemetry", obj), n)),
         ("schema: python-jsonschema (reference)",
          timed(lambda: ref.validate("telemetry", obj), max(50, n // 10))),

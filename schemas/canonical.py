@@ -7,17 +7,22 @@ The canonical form is, by definition, the output of::
 
 ``dumps_reference`` is exactly that. ``dumps`` is a fast path (orjson) that falls
 back to the reference whenever orjson's output could differ from it: any float (orjson
-prints ``1e16`` where Python prints ``1e+16``), any non-ASCII text or DEL (orjson emits
-them raw), and any integer beyond 64 bits (orjson refuses them). It is checked
+prints ``0.00001`` where Python prints ``1e-05``), any non-ASCII text or DEL (orjson
+emits them raw), and any integer beyond 64 bits (orjson refuses them). It is checked
 byte-for-byte against the reference on every vector and under hypothesis.
 
 ``loads`` is the strict parser: invalid UTF-8, duplicate keys, NaN/Infinity, lone
 surrogates, integers outside signed 64 bits, trailing data and absurd nesting are all
 rejected with a named code. ``parse_canonical`` is what the gateway calls on a body:
 orjson first (fast), and only when the body is not already canonical the strict parser,
-to name the failure. ``load_stored`` is what every LATER reader of stored bytes calls
-(policy engine, audit chain, exports): the same parser, so whatever the gateway accepted
-is readable again, and whatever a later reader refuses the gateway refused too.
+to name the failure. On that fast path ONE iterative walk over what orjson read
+(``_scan``) decides what would otherwise take three: whether orjson may re-serialise it
+(no float), whether every integer lies in signed 64 bits, and how deep containers nest;
+``parse_canonical_bounded`` hands that depth to the gateway's body parser, which then
+needs no walk of its own (issue 9). ``load_stored`` is what every LATER reader of
+stored bytes calls (policy engine, audit chain, exports): the same parser, so whatever
+the gateway accepted is readable again, and whatever a later reader refuses the gateway
+refused too.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from typing import Any
 import orjson
 
 __all__ = ["INT64_MAX", "INT64_MIN", "CanonicalError", "dumps", "dumps_reference",
-           "load_stored", "loads", "parse_canonical", "too_deep"]
+           "load_stored", "loads", "parse_canonical", "parse_canonical_bounded", "too_deep"]
 
 #: Parser failure codes (vectors/canonical_json.json names the first three).
 MALFORMED = "malformed_json"
@@ -70,23 +75,30 @@ def _plain(obj: Any) -> bool:
     orjson prints floats differently, writes NaN as null, and serialises UUIDs,
     datetimes and dataclasses that the reference refuses.
     """
-    stack = [obj]
-    pop, push, extend = stack.pop, stack.append, stack.extend
-    while stack:
-        item = pop()
-        kind = type(item)
-        if kind is dict:
-            for key, value in item.items():
-                if type(key) is not str:
+    items = [obj]  # level by level, as _scan: scalars judged where they lie, never pushed
+    while items:
+        boxes: list[Any] = []
+        keep = boxes.append
+        for item in items:
+            kind = type(item)
+            if kind is str:
+                continue
+            if kind is int:
+                if not -(2**63) <= item < 2**64:
                     return False
-                push(value)
-        elif kind is list:
-            extend(item)
-        elif kind is int:
-            if not -(2**63) <= item < 2**64:
+            elif kind is dict or kind is list:
+                keep(item)
+            elif kind is not bool and item is not None:
                 return False
-        elif kind is not str and kind is not bool and item is not None:
-            return False
+        items = []
+        for box in boxes:
+            if type(box) is dict:
+                for key in box:
+                    if type(key) is not str:
+                        return False
+                items.extend(box.values())
+            else:
+                items.extend(box)
     return True
 
 
@@ -205,19 +217,75 @@ def too_deep(value: Any, limit: int) -> bool:
     return False
 
 
-def _ints_in_range(value: Any) -> bool:
-    """True when every integer in ``value`` lies in signed 64 bits (iterative walk)."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if type(item) is int:
-            if not INT64_MIN <= item <= INT64_MAX:
-                return False
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return True
+# verdicts of _scan on what orjson.loads returned
+_PLAIN = 0      # dict/list/str/int/bool/None only, every int in signed 64 bits
+_NOT_PLAIN = 1  # also a float (or another type): only the reference serialiser judges it
+_BIG_INT = 2    # an int outside signed 64 bits: the strict parser refuses the body
+
+
+def _scan(value: Any) -> tuple[int, int]:
+    """``(verdict, depth)`` of a parsed JSON value in ONE iterative walk, level by level.
+
+    ``depth`` counts container levels as :func:`too_deep` does (0 for a scalar, 1 for a
+    flat object). Strings are never descended and scalars never pushed: each level's
+    values are gathered in C (``list.extend``), then one pass over them checks the
+    integers and keeps the containers for the next level. Keys are not looked at:
+    orjson's keys are always ``str``. Stops at the first integer outside 64 bits.
+    """
+    verdict, depth, items = _PLAIN, 0, [value]
+    while True:
+        boxes: list[Any] = []
+        keep = boxes.append
+        for item in items:
+            kind = type(item)
+            if kind is str:
+                continue
+            if kind is int:
+                if not INT64_MIN <= item <= INT64_MAX:
+                    return _BIG_INT, depth
+            elif kind is dict or kind is list:
+                keep(item)
+            elif kind is not bool and item is not None:
+                verdict = _NOT_PLAIN
+        if not boxes:
+            return verdict, depth
+        depth += 1
+        items = []
+        gather = items.extend
+        for box in boxes:
+            gather(box.values() if type(box) is dict else box)
+
+
+def parse_canonical_bounded(data: bytes, max_depth: int | None) -> tuple[Any, bool, bool]:
+    """:func:`parse_canonical` plus ``too_deep(value, max_depth)`` (False when
+    ``max_depth`` is None): ``(value, canonical, too_deep)``, the depth taken from the
+    same walk on the fast path (the gateway's body parser, issue 9). Raises exactly where
+    :func:`parse_canonical` raises."""
+    try:
+        fast = orjson.loads(data)
+    except (orjson.JSONDecodeError, RecursionError):
+        pass
+    else:
+        # orjson.loads yields only JSON types and finite floats; ints outside
+        # [-2^63, 2^64) it reads as floats.
+        verdict, depth = _scan(fast)
+        if verdict != _BIG_INT:  # else the strict parser names the failure
+            try:
+                # dumps(fast) without walking again: orjson's bytes for a plain value
+                # (_fast: None past orjson's 254 levels, or for non-ASCII text or DEL),
+                # else the reference's
+                out = _fast(fast) if verdict == _PLAIN else None
+                if (out if out is not None else dumps_reference(fast)) == data:
+                    # max(.., 0): a scalar (depth 0) is never too deep, as in too_deep
+                    return fast, True, max_depth is not None and depth > max(max_depth, 0)
+            except (ValueError, RecursionError):
+                pass
+    value = loads(data)
+    try:
+        canonical = dumps(value) == data
+    except (ValueError, RecursionError) as exc:
+        raise CanonicalError(MALFORMED, f"cannot serialise: {exc}") from None
+    return value, canonical, max_depth is not None and too_deep(value, max_depth)
 
 
 def parse_canonical(data: bytes) -> tuple[Any, bool]:
@@ -226,29 +294,14 @@ def parse_canonical(data: bytes) -> tuple[Any, bool]:
     Fast path: orjson accepts only valid UTF-8, finite numbers and no trailing data;
     a body equal to the canonical form of what orjson read cannot hold duplicate keys
     (canonical output never repeats a key). orjson reads integers up to 2^64−1 as ints
-    (beyond that as floats, which never re-serialise to the same bytes), so its integers
-    are checked against 64 bits before the fast answer.
+    (beyond that as floats, which never re-serialise to the same bytes), so one walk
+    (:func:`_scan`, ~3 µs for a 2 KB body) checks them against 64 bits and finds any
+    float (orjson prints some unlike the reference) before orjson re-serialises.
     Everything else goes through :func:`loads`, so failures carry the strict parser's
     code.
     """
-    try:
-        fast = orjson.loads(data)
-    except (orjson.JSONDecodeError, RecursionError):
-        fast = None
-    else:
-        # orjson.loads yields only JSON types and finite floats; ints beyond u64 are floats.
-        try:
-            # the walk (~7 µs for a 2 KB body) is cheaper than finding the digit runs
-            # that could spell a big integer with a regex (~37 µs, docs/BENCHMARKS.md)
-            if dumps(fast) == data and _ints_in_range(fast):
-                return fast, True
-        except (ValueError, RecursionError):
-            pass
-    value = loads(data)
-    try:
-        return value, dumps(value) == data
-    except (ValueError, RecursionError) as exc:
-        raise CanonicalError(MALFORMED, f"cannot serialise: {exc}") from None
+    value, canonical, _ = parse_canonical_bounded(data, None)
+    return value, canonical
 
 
 def load_stored(data: bytes) -> dict[str, Any]:

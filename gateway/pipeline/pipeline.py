@@ -29,7 +29,7 @@ from gateway.store import Commit, CommitResult, Outcome, Store, StoreError
 from gateway.store.batcher import CommitBatcher
 from keyring import Key, Keyring, KeySelectionError, candidate_keys, verify
 from keyring.keys import KID_RE
-from schemas.canonical import CanonicalError, loads, parse_canonical, too_deep
+from schemas.canonical import CanonicalError, loads, parse_canonical_bounded, too_deep
 from schemas.routes import GRAPH_SCHEMA_VERSION, IDENTITY_RE, Route
 from schemas.semantics import check_semantics
 from schemas.signing import request_signing_input
@@ -154,15 +154,16 @@ class Pipeline:
 
     def parse_body(self, route: Route, raw: bytes) -> dict[str, Any]:
         try:
-            if self.config.require_canonical_body:
-                body, canonical = parse_canonical(raw)
+            if self.config.require_canonical_body:  # one walk decides the depth too
+                body, canonical, deep = parse_canonical_bounded(raw, MAX_DEPTH)
             else:
                 body, canonical = loads(raw), True
+                deep = too_deep(body, MAX_DEPTH)
         except CanonicalError as exc:
             raise E.MalformedJson(f"the body is not strict JSON: {exc.detail}") from None
         if not isinstance(body, dict):
             raise E.MalformedJson("the body must be a JSON object")
-        if too_deep(body, MAX_DEPTH):
+        if deep:
             raise E.MalformedJson(f"the body nests deeper than {MAX_DEPTH} levels")
         if not canonical:
             raise E.NonCanonicalBody("the body is not in canonical JSON form (PROTOCOL.md §3)")

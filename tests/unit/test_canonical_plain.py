@@ -1,0 +1,111 @@
+"""``dumps``'s fast-path gate, ``_plain``, walks level by level since issue 9.
+
+``old_plain`` is the stack walk it replaced, copied as the oracle: both must say the
+same for every value, however odd (subclasses, enums, non-str keys, floats, ints at the
+edges of 64 bits), and ``dumps`` must stay byte-identical to the reference or raise the
+same error type.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from typing import Any
+
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from schemas.canonical import _plain, dumps, dumps_reference
+
+
+def old_plain(obj: Any) -> bool:
+    stack = [obj]
+    pop, push, extend = stack.pop, stack.append, stack.extend
+    while stack:
+        item = pop()
+        kind = type(item)
+        if kind is dict:
+            for key, value in item.items():
+                if type(key) is not str:
+                    return False
+                push(value)
+        elif kind is list:
+            extend(item)
+        elif kind is int:
+            if not -(2**63) <= item < 2**64:
+                return False
+        elif kind is not str and kind is not bool and item is not None:
+            return False
+    return True
+
+
+class Colour(enum.IntEnum):
+    RED = 1
+
+
+class Name(str):
+    pass
+
+
+class Count(int):
+    pass
+
+
+class Table(dict):
+    pass
+
+
+ODD = st.sampled_from([Colour.RED, Name("n"), Count(3), (1, 2), b"x", uuid.UUID(int=5),
+                       float("nan"), float("inf"), 1e16, 1e-05, -0.0])
+SCALARS = (st.none() | st.booleans() | st.text(max_size=4)
+           | st.integers(-(2**65), 2**65)
+           | st.sampled_from([-(2**63), -(2**63) - 1, 2**63, 2**64 - 1, 2**64])
+           | st.floats(allow_nan=False, allow_infinity=False))
+KEYS = st.text(max_size=3) | st.sampled_from([1, True, None, Name("k"), (1,), 2.5])
+
+
+def containers(children: st.SearchStrategy) -> st.SearchStrategy:
+    return (st.lists(children, max_size=4)
+            | st.dictionaries(st.text(max_size=3), children, max_size=4)
+            | st.dictionaries(KEYS, children, max_size=3)
+            | st.dictionaries(st.text(max_size=3), children, max_size=3).map(Table)
+            | st.lists(children, max_size=3).map(tuple))
+
+
+PLAIN_VALUES = st.recursive(SCALARS, lambda c: st.lists(c, max_size=4)
+                            | st.dictionaries(st.text(max_size=3), c, max_size=4),
+                            max_leaves=25)
+ANY_VALUES = st.recursive(SCALARS | ODD, containers, max_leaves=25)
+SETTINGS = settings(max_examples=500, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(ANY_VALUES | PLAIN_VALUES)
+@example({"a": [1, {"b": 2**64}]})
+@example({"a": [1, {"b": 2**64 - 1}]})
+@example({"a": {1: "x"}})
+@example([[[[[[[[Colour.RED]]]]]]]])
+@example({"a": "x", "b": [True, None, "y"]})
+def test_plain_agrees_with_the_stack_walk(value: Any) -> None:
+    assert _plain(value) is old_plain(value)
+
+
+def outcome(fn, value: Any) -> tuple:
+    try:
+        return ("ok", fn(value))
+    except (TypeError, ValueError) as exc:
+        return ("error", type(exc))
+
+
+@SETTINGS
+@given(ANY_VALUES)
+def test_dumps_matches_the_reference_on_odd_values(value: Any) -> None:
+    assert outcome(dumps, value) == outcome(dumps_reference, value)
+
+
+def test_the_oracle_tells_plain_from_not() -> None:
+    assert old_plain({"a": [1, "x", True, None, {"b": 2**64 - 1}]}) is True
+    for odd in ({"a": 1.5}, [2**64], [-(2**63) - 1], {1: 1}, [Colour.RED], {"a": (1,)},
+                Table(a=1), [Name("n")]):
+        assert old_plain(odd) is False, odd
