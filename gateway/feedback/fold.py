@@ -70,8 +70,9 @@ def fold_record(kind: str, raw: bytes, tenant_id: str, identity: str | None, *,
     """The fold of one stored record listed under ``identity`` (None: not folded).
 
     ``validators`` None: the record was just built by this gateway from a body it
-    checked (the commit path) — the schema check is not repeated. Otherwise (a record
-    from ``put_record`` or the back-fill) it is read exactly as a query read it."""
+    checked (a commit that carries no fold of its own; ``build_commit``'s commits carry
+    :func:`body_fold`'s) — the schema check is not repeated. Otherwise (a record from
+    ``put_record`` or the back-fill) it is read exactly as a query read it."""
     if kind not in FOLDED_KINDS or identity is None:
         return None
     try:
@@ -80,6 +81,23 @@ def fold_record(kind: str, raw: bytes, tenant_id: str, identity: str | None, *,
         return Skip(kind, record_id(kind, raw) or "?", exc.reason)
     if ev.identity != identity or ev.tenant_id != tenant_id:
         return None  # a query ignored it: another identity's or tenant's record
+    return evidence_fold(ev)
+
+
+def body_fold(kind: str, body: dict[str, Any], *, identity: str, tenant_id: str,
+              execution_fingerprint: str, attestation_hash: str,
+              received_at: int) -> Fold | None:
+    """The fold of the record this gateway is about to store for a body it parsed and
+    checked (the commit path, gateway/pipeline/records.py), from what the pipeline holds:
+    exactly what :func:`fold_record` would read back from the record's bytes (the same
+    :class:`Evidence`, the same ops), without parsing them again. None: not folded."""
+    if kind not in FOLDED_KINDS:
+        return None
+    return evidence_fold(Evidence(kind, identity, tenant_id, execution_fingerprint.lower(),
+                                  attestation_hash.lower(), received_at, body))
+
+
+def evidence_fold(ev: Evidence) -> Fold:
     return Fold(f"{ev.execution_fingerprint}:{ev.attestation_hash}", ev.received_at,
                 tuple(evidence_ops(ev)))
 

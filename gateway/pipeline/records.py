@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from gateway.config.config import SecurityConfig
+from gateway.feedback.fold import body_fold
 from gateway.store import Anchor, Commit, Record
 from schemas.canonical import dumps
 from schemas.routes import FINDING_SCHEMA_VERSION, Route
@@ -79,6 +80,11 @@ def build_commit(
         anchor = Anchor(ctx.tenant_id, ctx.execution_fingerprint, ctx.attestation_hash)
     record = Record(req.route.record_kind, record_id, ctx.tenant_id,
                     ctx.execution_fingerprint, dumps(evidence))
+    fold = None  # a finding's or graph's facts, from the body in hand (not record.data)
+    if ctx.execution_fingerprint is not None:
+        fold = body_fold(record.kind, body, identity=ctx.identity, tenant_id=ctx.tenant_id,
+                         execution_fingerprint=ctx.execution_fingerprint,
+                         attestation_hash=ctx.attestation_hash, received_at=now)
     audit = owner = None
     if ctx.outbox is not None:  # the accept's audit events, stored with the record
         ctx.outbox.events = ctx.outbox.build(ctx)
@@ -87,7 +93,7 @@ def build_commit(
         identity=ctx.identity, nonce=body["nonce"], body_digest=digest,
         request_id=ctx.request_id, now=now, nonce_ttl_s=cfg.nonce_ttl_s,
         record=record, anchor=anchor, valid_from=body["timestamp"] - cfg.clock_skew_s,
-        audit=audit, audit_owner=owner,
+        audit=audit, audit_owner=owner, fold=fold,
     )
 
 

@@ -22,9 +22,12 @@ import re
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..logs import redact
+
+if TYPE_CHECKING:  # the type only: the stores that fold import gateway.feedback.fold
+    from gateway.feedback.fold import Fold
 
 
 class StoreError(Exception):
@@ -98,6 +101,11 @@ class Commit:
     audit: bytes | None = None
     #: whose outbox: ``<node_name>/<worker index>`` (:data:`OWNER_RE`); set with ``audit``
     audit_owner: str | None = None
+    #: what ``record`` adds to its execution's facts (gateway/feedback/fold.py), computed
+    #: by whoever built the record from the body it parsed and checked (``build_commit``:
+    #: ``fold.body_fold``), so the store does not parse the record's bytes back. None: the
+    #: store derives it from ``record.data`` (``fold_record``; also for kinds not folded)
+    fold: Fold | None = None
 
     @property
     def tenant_id(self) -> str:

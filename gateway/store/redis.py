@@ -236,8 +236,8 @@ class RedisStore(RedisRevocations, Store):
                 self._index_key(rec.tenant_id, rec.kind, commit.identity)]
         if commit.audit is not None:
             keys.append(self._outbox_key(rec.tenant_id, commit.audit_owner))
-        tail, fold_keys, _ = (self._fold(rec, commit.identity, trusted=True) if fold
-                              else ([""], [], None))
+        tail, fold_keys, _ = (self._fold(rec, commit.identity, trusted=True, given=commit.fold)
+                              if fold else ([""], [], None))
         keys += fold_keys  # the execution's facts (redis_facts.py), folded by the script
         if anchor is not None:
             fp = anchor.execution_fingerprint
@@ -339,12 +339,14 @@ class RedisStore(RedisRevocations, Store):
             raise StoreError("claim", "the execution's owner is not migrated yet (v1.1)")
         raise StoreError("write", "record id already exists; nothing was written")
 
-    def _fold(self, rec: Record, identity: str | None, *,
-              trusted: bool) -> tuple[list, list, Skip | None]:
+    def _fold(self, rec: Record, identity: str | None, *, trusted: bool,
+              given: Fold | None = None) -> tuple[list, list, Skip | None]:
         """(ARGV tail, KEYS, skip) folding ``rec`` into its execution's facts: ``member,
-        received_at, ops…`` or ``''`` when the record is not folded (``skip``: why)."""
-        fold = fold_record(rec.kind, rec.data, rec.tenant_id, identity,
-                           validators=None if trusted else stored_validators())
+        received_at, ops…`` or ``''`` when the record is not folded (``skip``: why).
+        ``given``: the commit's own fold (``Commit.fold``), else read from ``rec.data``."""
+        fold = given if given is not None else fold_record(
+            rec.kind, rec.data, rec.tenant_id, identity,
+            validators=None if trusted else stored_validators())
         if not isinstance(fold, Fold):
             return [""], [], fold
         fkey, ikey, _ = redis_facts.keys(self._tenant(rec.tenant_id),

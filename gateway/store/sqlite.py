@@ -224,7 +224,7 @@ class SqliteStore(SqliteRevocations, Store):
                  c.identity)).lastrowid
             # ... and its execution's facts (sqlite_facts.py), in the same transaction
             sqlite_facts.fold_into(db, r.kind, r.data, r.tenant_id, c.identity, seq,
-                                   trusted=True)
+                                   trusted=True, given=c.fold)
             if c.audit is not None:  # the accept's audit events, in the same transaction
                 outbox_ref = db.execute(
                     "INSERT INTO audit_outbox (owner, event) VALUES (?,?)",

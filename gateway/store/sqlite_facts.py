@@ -35,11 +35,13 @@ CREATE TABLE IF NOT EXISTS facts_skipped (
 
 
 def fold_into(db: sqlite3.Connection, kind: str, raw: bytes, tenant_id: str,
-              identity: str | None, seq: int, *, trusted: bool) -> None:
+              identity: str | None, seq: int, *, trusted: bool,
+              given: Fold | None = None) -> None:
     """Fold one stored record (row ``seq``) into its execution's facts; inside the
-    caller's transaction. ``trusted``: built by this gateway from a checked body."""
-    fold = fold_record(kind, raw, tenant_id, identity,
-                       validators=None if trusted else stored_validators())
+    caller's transaction. ``trusted``: built by this gateway from a checked body.
+    ``given``: the commit's own fold (``Commit.fold``), else read from ``raw``."""
+    fold = given if given is not None else fold_record(
+        kind, raw, tenant_id, identity, validators=None if trusted else stored_validators())
     if isinstance(fold, Fold):
         row = db.execute("SELECT state, latest FROM facts WHERE tenant_id=? AND identity=?"
                          " AND member=?", (tenant_id, identity, fold.member)).fetchone()

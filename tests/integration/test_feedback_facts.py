@@ -1,4 +1,5 @@
-"""Per-execution facts kept at commit time give the answer the records give (both stores).
+"""Per-execution facts kept at commit time give the answer the records give (every store:
+SQLite, Redis, Redis Cluster; the upgrade on the two that have one).
 
 Random signed findings and graphs go through the real pipeline into a real store: several
 executions, anchored and not (anchoring off, another attestation hash), named and
@@ -91,9 +92,9 @@ async def both_ways(store) -> tuple[list, list]:
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-async def test_kept_facts_equal_the_records_facts(store, seed: int) -> None:
-    await feed_random(store, seed)
-    kept, adjustments = await both_ways(store)
+async def test_kept_facts_equal_the_records_facts(any_store, seed: int) -> None:
+    await feed_random(any_store, seed)
+    kept, adjustments = await both_ways(any_store)
     assert kept and adjustments  # the data exercised the rules
 
 
@@ -136,12 +137,13 @@ async def test_upgrade_back_fills_the_facts_once(store_url: str) -> None:
             await store.close()
 
 
-async def test_a_state_stays_bounded_however_many_targets_one_execution_names(store) -> None:
+async def test_a_state_stays_bounded_however_many_targets_one_execution_names(
+        any_store) -> None:
     """A producer naming a new target in every finding of one execution must not grow its
     facts state without bound (every commit of the execution decodes and re-encodes it,
     in Redis's single thread): past MAX_KEYED keyed fields no new one is added, while
     the counters still count every finding — the same in both stores."""
-    lab, fp = Lab(store), FPS[0]
+    lab, fp = Lab(any_store), FPS[0]
     findings = MAX_KEYED // 2 + 40  # two keyed fields per new target: t:<urn>, o:<urn>
     for i in range(findings):
         body = copy.deepcopy(TELEMETRY_BODY)
@@ -153,7 +155,7 @@ async def test_a_state_stays_bounded_however_many_targets_one_execution_names(st
         headers, raw = lab.signed(TELEMETRY_PATH, body, ts=NOW)
         status, error, ctx = await lab.send(headers, raw, TELEMETRY_PATH, now=NOW)
         assert (status, error) == (202, None), ctx
-    (member, state, _, _), = await store.list_facts(TENANT, IDENTITY, 10)
+    (member, state, _, _), = await any_store.list_facts(TENANT, IDENTITY, 10)
     state = orjson.loads(state) if isinstance(state, bytes | str) else state
     keyed = keyed_count(state)
     assert MAX_KEYED <= keyed < MAX_KEYED + 16, keyed  # grew to the bound, then stopped
