@@ -12,7 +12,6 @@ emitters fall back to single requests).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
