@@ -69,15 +69,25 @@ def dumps_reference(obj: Any) -> bytes:
     ).encode("utf-8")
 
 
-def _plain(obj: Any) -> bool:
-    """True when ``obj`` holds only dict/list/str/int/bool/None (exact types, str keys).
+# verdicts of _scan (on what orjson.loads returned, or on a value to serialise)
+_PLAIN = 0      # dict/list/str/int/bool/None only, every int in signed 64 bits
+_NOT_PLAIN = 1  # also a float (or another type): only the reference serialiser judges it
+_BIG_INT = 2    # an int outside signed 64 bits: the strict parser refuses the body
 
-    Floats, subclasses (enums), and any other type make the fast path step aside:
-    orjson prints floats differently, writes NaN as null, and serialises UUIDs,
-    datetimes and dataclasses that the reference refuses.
+
+def _scan(value: Any) -> tuple[int, int]:
+    """``(verdict, depth)`` of a parsed JSON value in ONE iterative walk, level by level.
+
+    ``depth`` counts container levels as :func:`too_deep` does (0 for a scalar, 1 for a
+    flat object). Strings are never descended and scalars never pushed: each level's
+    values are gathered in C (``list.extend``), then one pass over them checks the
+    integers and keeps the containers for the next level. Keys are not looked at:
+    orjson's keys are always ``str``, and for :func:`dumps` orjson refuses any other key
+    (the reference then judges). Only exact types are plain (an enum, a ``str`` or
+    ``dict`` subclass is not). Stops at the first integer outside 64 bits.
     """
-    items = [obj]  # level by level, as _scan: scalars judged where they lie, never pushed
-    while items:
+    verdict, depth, items = _PLAIN, 0, [value]
+    while True:
         boxes: list[Any] = []
         keep = boxes.append
         for item in items:
@@ -85,22 +95,19 @@ def _plain(obj: Any) -> bool:
             if kind is str:
                 continue
             if kind is int:
-                if not -(2**63) <= item < 2**64:
-                    return False
+                if not INT64_MIN <= item <= INT64_MAX:
+                    return _BIG_INT, depth
             elif kind is dict or kind is list:
                 keep(item)
             elif kind is not bool and item is not None:
-                return False
+                verdict = _NOT_PLAIN
+        if not boxes:
+            return verdict, depth
+        depth += 1
         items = []
+        gather = items.extend
         for box in boxes:
-            if type(box) is dict:
-                for key in box:
-                    if type(key) is not str:
-                        return False
-                items.extend(box.values())
-            else:
-                items.extend(box)
-    return True
+            gather(box.values() if type(box) is dict else box)
 
 
 def _fast(obj: Any) -> bytes | None:
@@ -117,7 +124,11 @@ def _fast(obj: Any) -> bytes | None:
 def dumps(obj: Any) -> bytes:
     """Canonical bytes of ``obj``; byte-identical to :func:`dumps_reference` (and raises
     where it raises)."""
-    if _plain(obj):
+    # only plain JSON types (exact dict/list/str/int/bool/None, ints in signed 64 bits) go
+    # to orjson: it prints floats differently, writes NaN as null, and serialises UUIDs,
+    # datetimes and dataclasses that the reference refuses; ints in [2^63, 2^64) and
+    # non-str keys (orjson refuses them: _fast is None) take the reference too
+    if _scan(obj)[0] == _PLAIN:
         out = _fast(obj)
         if out is not None:
             return out
@@ -219,45 +230,6 @@ def too_deep(value: Any, limit: int) -> bool:
             stack.extend((child, depth + 1) for child in children
                          if isinstance(child, dict | list))
     return False
-
-
-# verdicts of _scan on what orjson.loads returned
-_PLAIN = 0      # dict/list/str/int/bool/None only, every int in signed 64 bits
-_NOT_PLAIN = 1  # also a float (or another type): only the reference serialiser judges it
-_BIG_INT = 2    # an int outside signed 64 bits: the strict parser refuses the body
-
-
-def _scan(value: Any) -> tuple[int, int]:
-    """``(verdict, depth)`` of a parsed JSON value in ONE iterative walk, level by level.
-
-    ``depth`` counts container levels as :func:`too_deep` does (0 for a scalar, 1 for a
-    flat object). Strings are never descended and scalars never pushed: each level's
-    values are gathered in C (``list.extend``), then one pass over them checks the
-    integers and keeps the containers for the next level. Keys are not looked at:
-    orjson's keys are always ``str``. Stops at the first integer outside 64 bits.
-    """
-    verdict, depth, items = _PLAIN, 0, [value]
-    while True:
-        boxes: list[Any] = []
-        keep = boxes.append
-        for item in items:
-            kind = type(item)
-            if kind is str:
-                continue
-            if kind is int:
-                if not INT64_MIN <= item <= INT64_MAX:
-                    return _BIG_INT, depth
-            elif kind is dict or kind is list:
-                keep(item)
-            elif kind is not bool and item is not None:
-                verdict = _NOT_PLAIN
-        if not boxes:
-            return verdict, depth
-        depth += 1
-        items = []
-        gather = items.extend
-        for box in boxes:
-            gather(box.values() if type(box) is dict else box)
 
 
 def dumps_known_readable(obj: Any) -> bytes | None:
