@@ -11,7 +11,9 @@ with the canonical-JSON vectors. For every input the property is:
   JSON types included) and ``load_stored`` agrees with both (an object, else
   ``not_an_object``);
 * an accepted value agrees with the reference parser (``json.loads``), and
-  ``parse_canonical`` says "canonical" exactly when ``dumps(value) == input``.
+  ``parse_canonical`` says "canonical" exactly when ``dumps(value) == input``;
+  ``parse_canonical_bounded`` (the gateway's call) gives the same value and verdict,
+  and a depth verdict equal to ``too_deep`` at each of a few limits.
 
 A violation raises, so libFuzzer stops and writes the input to ``crash-*``. At the end,
 the counts by outcome are printed as ``fuzz_canonical: {...}`` (after the ``-runs``-th
@@ -33,7 +35,15 @@ sys.path.insert(0, str(ROOT))
 
 with atheris.instrument_imports(include=["schemas"]):
     from schemas import canonical
-    from schemas.canonical import CanonicalError, dumps, load_stored, loads, parse_canonical
+    from schemas.canonical import (
+        CanonicalError,
+        dumps,
+        load_stored,
+        loads,
+        parse_canonical,
+        parse_canonical_bounded,
+        too_deep,
+    )
 
 CODES = {canonical.MALFORMED, canonical.DUPLICATE_KEY, canonical.NON_FINITE,
          canonical.INVALID_UTF8, canonical.INTEGER_RANGE}
@@ -84,6 +94,11 @@ def check(data: bytes) -> None:
         raise AssertionError("parse_canonical and loads read different values")
     if tagged(json.loads(data.decode("utf-8"))) != tagged(value):
         raise AssertionError("disagrees with the reference parser (json.loads)")
+    for limit in (0, 2, 32):  # the gateway's call: the same verdicts, plus the depth's
+        bounded = parse_canonical_bounded(data, limit)
+        if tagged(bounded[0]) != tagged(value) or bounded[1] != is_canonical or \
+                bounded[2] != too_deep(value, limit):
+            raise AssertionError(f"parse_canonical_bounded(data, {limit}) disagrees")
     out = dumps(value)
     if is_canonical != (out == data):
         raise AssertionError(f"canonical={is_canonical} but dumps(value) == input is "
