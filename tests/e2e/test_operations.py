@@ -67,8 +67,10 @@ def test_serve_without_rules_warns_once_at_start_up(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=15)
+    # console format: "<timestamp> <level> <logger>: …"; a probe that gave up mid-handshake
+    # on a busy machine is logged by fedgate.tls (the probe loop's doing, not the config's)
     warnings = [line.split(" ", 1)[1] for line in log_path.read_text().splitlines()
-                if " warning " in line]  # console format: "<timestamp> <level> <logger>: …"
+                if " warning " in line and " warning fedgate.tls: " not in line]
     assert warnings == [f"warning fedgate.server: {cfg}: no [policy] rules configured: every "
                         "feedback answer will carry no adjustments"]
 
