@@ -113,13 +113,62 @@ def _describe(exc: BaseException) -> str:
             "DeviceRemoved": "the token was removed"}.get(name, f"{name} {exc}".strip())
 
 
-def open_session(config: Pkcs11Config, uri: Pkcs11Uri, *, rw: bool = False):
-    """A logged-in session on the token ``uri`` names; Pkcs11Error otherwise."""
+# PKCS#11 logs in per application, not per session: one C_Login makes every session of
+# the process a user session, and C_Logout (python-pkcs11 calls it when a logged-in
+# session closes) ends it for all of them. So the process keeps ONE login session per
+# token, counted: signers and key commands open their own sessions without the PIN, and
+# the login ends when the last of them closes. Two signers in one process (the one a
+# SIGHUP reload replaces and its successor; a self-test beside the gateway) then neither
+# fail to log in (CKR_USER_ALREADY_LOGGED_IN) nor log each other out.
+_LOGINS: dict[tuple[str, str, str], list[Any]] = {}  # (module, label, serial) → [session, users]
+_LOGINS_LOCK = threading.Lock()
+
+
+class TokenSession:
+    """A session on the token (the python-pkcs11 ``Session``'s methods, by delegation)
+    that holds one use of the process's login until :meth:`close`."""
+
+    def __init__(self, session: Any, login: tuple[str, str, str]) -> None:
+        self._session, self._login = session, login
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+    def __enter__(self) -> TokenSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._session is None:
+            return
+        session, self._session = self._session, None
+        try:
+            session.close()  # opened without the PIN: no C_Logout
+        finally:
+            _release(self._login)
+
+
+def _release(login: tuple[str, str, str]) -> None:
+    with _LOGINS_LOCK:
+        held = _LOGINS[login]
+        held[1] -= 1
+        if held[1] == 0:
+            del _LOGINS[login]
+            with contextlib.suppress(_pkcs11().exceptions.PKCS11Error):
+                held[0].close()  # the last user: C_Logout, then close
+
+
+def open_session(config: Pkcs11Config, uri: Pkcs11Uri, *, rw: bool = False) -> TokenSession:
+    """A user session on the token ``uri`` names (the process's login, made on first use
+    with the configured PIN); Pkcs11Error otherwise."""
     pkcs11 = _pkcs11()
+    module = os.path.realpath(config.module)
     try:
         # python-pkcs11 keeps one initialised library per path string: two spellings of one
         # module (a symlink and its target) would initialise it twice in one process
-        lib = pkcs11.lib(os.path.realpath(config.module))
+        lib = pkcs11.lib(module)
     except (OSError, RuntimeError) as exc:
         raise Pkcs11Error(f"{uri}: cannot load the PKCS#11 module {config.module} "
                           f"({_describe(exc)})") from None
@@ -134,10 +183,22 @@ def open_session(config: Pkcs11Config, uri: Pkcs11Uri, *, rw: bool = False):
         raise Pkcs11Error(f"{uri}: several tokens match: add serial=…") from None
     except pkcs11.exceptions.PKCS11Error as exc:
         raise Pkcs11Error(f"{uri}: {_describe(exc)}") from None
+    login = (module, str(token.label), str(getattr(token, "serial", b"")))
+    with _LOGINS_LOCK:
+        if login not in _LOGINS:
+            try:
+                _LOGINS[login] = [token.open(user_pin=config.pin), 0]
+            except pkcs11.exceptions.PKCS11Error as exc:
+                raise Pkcs11Error(f"{uri}: cannot log in: {_describe(exc)}") from None
+        _LOGINS[login][1] += 1
     try:
-        return token.open(rw=rw, user_pin=config.pin)
+        return TokenSession(token.open(rw=rw), login)
     except pkcs11.exceptions.PKCS11Error as exc:
-        raise Pkcs11Error(f"{uri}: cannot log in: {_describe(exc)}") from None
+        _release(login)
+        raise Pkcs11Error(f"{uri}: cannot open a session: {_describe(exc)}") from None
+    except BaseException:
+        _release(login)
+        raise
 
 
 def _find(session, uri: Pkcs11Uri, object_class) -> list:
