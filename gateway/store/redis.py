@@ -278,10 +278,15 @@ class RedisStore(RedisRevocations, Store):
             result = CommitResult(Outcome.ACCEPTED, outbox_ref=(keys[5], result.outbox_ref))
         return result
 
-    # Hooks the cluster store (redis_cluster.py) overrides: per-tenant epochs, and the
-    # script run on the slot's master followed by WAIT on the same connection.
+    # Hooks the cluster store (redis_cluster.py) overrides: per-tenant epochs, and a
+    # group's calls sent per slot's master, each round trip followed by WAIT.
     def _held_epoch(self, tenant_id: str) -> str | None:
         return self._epoch  # one epoch for the whole store (every key on one server)
+
+    async def _send_group(self, calls: list[list]) -> list:
+        """One round of ``commit_many``: per call (a commit's EVALSHA arguments) its
+        reply, error reply or StoreError (redis_group.send_group)."""
+        return await redis_group.send_group(self, calls)
 
     async def _run_commit(self, args: list) -> list:
         return await self._call(self._evalsha, args, refused="write")

@@ -4,12 +4,14 @@ Same key layout and scripts as :mod:`.redis`: every key of one commit carries th
 tenant's hash tag, so the commit is one ``EVALSHA`` in one slot on its master. What
 differs (docs/STORES.md "Redis Cluster"):
 
-- the commit runs on the slot's master over one connection taken from redis-py's
-  cluster node, followed on that same connection by ``WAIT n timeout`` when
-  ``min_replicas_acked`` = n > 0 (fewer acknowledgements → 503 ``store_unavailable``,
-  never 202). ``MOVED``, ``ASK`` and ``TRYAGAIN`` are answered before the script runs,
-  so they are followed (bounded); a lost connection or a timeout is never resent (the
-  first copy may have run): 503, as on the single Redis;
+- commits are group commits (redis_group.py's loop, also for a single ``commit``): a
+  round's commits go to their slots' masters, one pipelined round trip per master on one
+  connection taken from redis-py's cluster node, in parallel, each followed on that same
+  connection by ONE ``WAIT n timeout`` when ``min_replicas_acked`` = n > 0 (fewer
+  acknowledgements → 503 ``store_unavailable``, never 202). ``MOVED``, ``ASK`` and
+  ``TRYAGAIN`` are answered before the script runs, so they are followed (bounded); a
+  lost connection or a timeout is never resent (the first copy may have run): 503, as on
+  the single Redis (:mod:`.redis_cluster_group`);
 - one epoch per tenant (:mod:`.redis_cluster_epoch`): a master can lose its slots alone;
 - durability and ``noeviction`` are checked on every node, at ``open`` and by ``ping``;
 - no upgrade from an older layout: a cluster store is new in v1.1 (``open`` refuses a
@@ -19,25 +21,18 @@ differs (docs/STORES.md "Redis Cluster"):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.crc import key_slot
-from redis.exceptions import (
-    AskError,
-    MovedError,
-    NoScriptError,
-    RedisClusterException,
-    RedisError,
-    ResponseError,
-    TryAgainError,
-)
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
-from .base import Commit, CommitResult, Store, StoreError
+from . import redis_cluster_group
+from .base import Commit, CommitResult, StoreError
 from .redis import RedisStore, _text
 from .redis_cluster_epoch import SCHEMA_CHECK_S, reregister, sync_tenant
 from .redis_epoch import eviction_policy, eviction_refusal
@@ -46,8 +41,6 @@ from .redis_scripts import COMMIT_LUA, SCHEMA_VERSION
 log = logging.getLogger("fedgate.store")
 
 MAX_REPLICAS_ACKED = 16
-REDIRECTS = 16  # MOVED/ASK/TRYAGAIN followed per commit (as redis-py's own request TTL)
-TRYAGAIN_SLEEP_S = 0.05  # a slot being migrated: its keys are split across two masters
 
 
 class RedisClusterStore(RedisStore):
@@ -94,7 +87,7 @@ class RedisClusterStore(RedisStore):
             if (refusal := eviction_refusal(policy)) is not None:
                 raise StoreError("claim", f"{node.name}: {refusal}")
         for node in self._redis.get_primaries():
-            self._sha = await self._call(_on, node, lambda r: r.script_load(COMMIT_LUA))
+            await self._load_script(node)
         meta = await self._call(lambda r: r.hgetall(self._schema_key))
         version = meta.get(b"version")
         if version not in (None, SCHEMA_VERSION):
@@ -182,88 +175,41 @@ class RedisClusterStore(RedisStore):
                     self.prefix, self._store_epoch, self._schema_key, len(self._epochs))
 
     async def commit(self, commit: Commit) -> CommitResult:
-        if self._refresh:
-            await self._reload_topology()
-        if time.monotonic() >= self._schema_due:
-            await self._check_schema(commit.now)
-        return await super().commit(commit)
+        """A group of one (redis_group.py; redis_cluster_group.py sends it)."""
+        (result,) = await self.commit_many([commit])
+        if isinstance(result, StoreError):
+            raise result
+        return result
 
-    # Group commit (redis_group.py) speaks to one server: on a cluster a group's commits
-    # go to their slots' masters one by one (Store's default: concurrent, conflicting
-    # ones in order), and requests are not coalesced (CommitBatcher).
-    groups_commits = False
+    groups_commits = True
 
     async def commit_many(self, commits: Sequence[Commit]) -> list[CommitResult | StoreError]:
-        return await Store.commit_many(self, commits)
+        """Group commit (redis_group.py): each round's calls in one round trip per master,
+        in parallel, each ended by WAIT when min_replicas_acked (redis_cluster_group.py)."""
+        if commits and time.monotonic() >= self._schema_due:
+            try:
+                await self._check_schema(max(c.now for c in commits))
+            except StoreError as exc:
+                for c in commits:  # a commit no store could run still fails first
+                    self.check_commit(c)
+                return [exc] * len(commits)
+        return await super().commit_many(commits)
 
-    async def _run_commit(self, args: list) -> list:
-        return await self._call(self._commit_on_slot, args, refused="write")
+    async def _send_group(self, calls: list[list]) -> list:
+        return await redis_cluster_group.send_group(self, calls)
 
-    async def _commit_on_slot(self, rc: RedisCluster, args: list) -> list:
-        """EVALSHA on the master of the commit's slot, then WAIT on the same connection;
-        redirections followed, nothing resent after the script may have run."""
-        slot = key_slot(args[1].encode())  # KEYS[1]: every key shares its hash tag
-        node = rc.nodes_manager.get_node_from_slot(slot)
-        asking = False
-        for _ in range(REDIRECTS):
-            replies = await self._on_connection(node, asking, ("EVALSHA", self._sha, *args))
-            reply, asking = replies[0], False
-            if isinstance(reply, AskError):  # MOVED (a subclass): the slot moved there;
-                # ASK: the slot is being moved there and our keys are gone already
-                node = rc.get_node(host=reply.host, port=reply.port)
-                if node is None:  # a node this process does not know yet
-                    self._refresh = True
-                    raise StoreError("claim", f"the commit's slot is moving to an unknown "
-                                     f"node {reply.host}:{reply.port}")
-                moved = isinstance(reply, MovedError)
-                self._refresh = self._refresh or moved  # the slot map, once, next commit
-                asking = not moved
-            elif isinstance(reply, TryAgainError):  # its keys are split by a migration
-                await asyncio.sleep(TRYAGAIN_SLEEP_S)
-                node = rc.nodes_manager.get_node_from_slot(slot)
-            elif isinstance(reply, NoScriptError):  # a promoted replica, a SCRIPT FLUSH
-                self._sha = await _on(rc, node, lambda r: r.script_load(COMMIT_LUA))
-            elif isinstance(reply, Exception):
-                raise reply
-            else:
-                self._check_acked(replies)
-                return reply
-        raise StoreError("claim", "the commit's slot kept moving (MOVED/ASK/TRYAGAIN)")
-
-    def _check_acked(self, replies: list) -> None:
-        if not self.min_replicas_acked:
-            return
-        acked = replies[1]
+    def _acked_refusal(self, acked: int | Exception) -> StoreError | None:
+        """WAIT's answer below min_replicas_acked: the commits of its round trip are on
+        the master, maybe not on a replica: 503, never 202 (the producer's retry is told
+        409 duplicate_of if the master keeps them)."""
         if isinstance(acked, Exception) or acked < self.min_replicas_acked:
-            # the record is on the master, maybe not on a replica: 503, never 202 (the
-            # producer's retry is told 409 duplicate_of if the master keeps it)
-            raise StoreError("write", f"only {acked} of min_replicas_acked = "
-                             f"{self.min_replicas_acked} replicas acknowledged the commit "
-                             f"within {self.wait_timeout_ms} ms")
+            return StoreError("write", f"only {acked} of min_replicas_acked = "
+                              f"{self.min_replicas_acked} replicas acknowledged the commit "
+                              f"within {self.wait_timeout_ms} ms")
+        return None
 
-    async def _on_connection(self, node: ClusterNode, asking: bool, command: tuple) -> list:
-        """``command`` (after ASKING when ``asking``), then WAIT when min_replicas_acked,
-        sent together on one connection of ``node``; → each reply or its error."""
-        commands = [("ASKING",)] if asking else []
-        commands.append(command)
-        if self.min_replicas_acked:
-            commands.append(("WAIT", self.min_replicas_acked, self.wait_timeout_ms))
-        conn = node.acquire_connection()
-        try:
-            await conn.send_packed_command(conn.pack_commands(commands))
-            replies = []
-            for _ in commands:
-                try:
-                    replies.append(await conn.read_response())
-                except ResponseError as e:
-                    replies.append(e)
-        except BaseException:
-            self._refresh = True  # a node that fails may have been failed over
-            await conn.disconnect()
-            raise
-        finally:
-            node.release(conn)
-        return replies[1:] if asking else replies
+    async def _load_script(self, node: ClusterNode) -> None:
+        self._sha = await self._call(_on, node, lambda r: r.script_load(COMMIT_LUA))
 
     async def _reload_topology(self) -> None:
         async with self._topology:
@@ -274,16 +220,24 @@ class RedisClusterStore(RedisStore):
     async def _call(self, fn, *args, refused: str = "claim"):
         """As RedisStore._call, with at most ``max_connections`` commands at once (a
         cluster node refuses a connection past its limit instead of waiting for one)."""
+        async with self._connection_slot():
+            try:
+                return await super()._call(fn, *args, refused=refused)
+            except RedisClusterException as e:  # no node for a slot, cluster not reachable
+                self._refresh = True
+                raise StoreError("claim", f"Redis Cluster is unavailable ({e})") from e
+
+    @contextlib.asynccontextmanager
+    async def _connection_slot(self) -> AsyncIterator[None]:
+        """One of the ``max_connections`` commands in flight, waited for at most
+        ``socket_timeout`` (then StoreError "claim": nothing was sent)."""
         try:
             async with asyncio.timeout(self.socket_timeout):
                 await self._slots.acquire()
         except TimeoutError:
             raise StoreError("claim", "no free Redis connection within socket_timeout") from None
         try:
-            return await super()._call(fn, *args, refused=refused)
-        except RedisClusterException as e:  # no node for a slot, cluster not reachable
-            self._refresh = True
-            raise StoreError("claim", f"Redis Cluster is unavailable ({e})") from e
+            yield
         finally:
             self._slots.release()
 

@@ -12,6 +12,11 @@ commit the script refused with ``epoch`` is tried again (at most 3 times) after 
 A script Redis lost (``NOSCRIPT``: it did not run) is loaded again and its commits sent
 again. Fail closed: a lost connection or a timeout fails every commit of that round trip
 with ``StoreError("claim")`` — some may have run — and nothing is ever resent.
+
+The loop is shared by both Redis stores; each round's calls go out through the store's
+``_send_group`` hook: :func:`send_group` here (one pipeline on one connection), or the
+cluster's (redis_cluster_group.py: one pipeline per master, in parallel, each ended by
+``WAIT`` when ``min_replicas_acked`` > 0, redirections followed).
 """
 
 from __future__ import annotations
@@ -66,21 +71,15 @@ async def commit_many(store: RedisStore,
         audits = [commits[i].audit if commits[i].audit is not None else b"" for i in sent]
         calls = [[*prepared[i][1], epochs[commits[i].tenant_id], audit, *prepared[i][2]]
                  for i, audit in zip(sent, audits, strict=True)]
-        try:
-            replies = await _pipeline(store, calls)
-        except StoreError as exc:  # the whole round trip: nothing resent
-            for i in sent:
-                results[i] = exc
-                todo.discard(i)
-            continue
+        replies = await store._send_group(calls)
         stale: dict[str, tuple[str, int]] = {}  # tenant → (epoch key, now)
-        noscript: list[int] = []
         for i, reply in zip(sent, replies, strict=True):
             c, keys = commits[i], prepared[i][0]
-            if isinstance(reply, NoScriptError):  # it did not run: send it again
-                noscript.append(i)
-                continue
-            if isinstance(reply, ResponseError):  # OOM, READONLY, MISCONF: refused
+            if isinstance(reply, NoScriptError):  # it did not run; the script is loaded
+                continue  # again (send_group): send it again
+            if isinstance(reply, StoreError):  # the round trip failed: nothing resent
+                results[i] = reply
+            elif isinstance(reply, ResponseError):  # OOM, READONLY, MISCONF: refused
                 refused = StoreError("write", f"Redis refused the command: {reply}")
                 refused.__cause__ = reply  # the log names the reply's type (OutOfMemoryError…)
                 results[i] = refused
@@ -93,13 +92,6 @@ async def commit_many(store: RedisStore,
                 except StoreError as exc:
                     results[i] = exc
             todo.discard(i)
-        if noscript:
-            try:
-                await _load_script(store)
-            except StoreError as exc:  # those commits did not run: they fail alone
-                for i in noscript:
-                    results[i] = exc
-                    todo.discard(i)
         for tenant, (key, now) in stale.items():
             try:
                 await store._sync_epoch(tenant, key, now)
@@ -124,20 +116,37 @@ async def _epoch(store: RedisStore, epochs: dict[str, str | StoreError], c: Comm
     return epochs[c.tenant_id]
 
 
-async def _pipeline(store: RedisStore, calls: list[list]) -> list:
-    """Every call's EVALSHA in one round trip on one connection (written by the lean
-    packer, resp.py); → each reply or its error reply (ResponseError)."""
+async def send_group(store: RedisStore, calls: list[list]) -> list:
+    """The single Redis's ``_send_group``: every call's EVALSHA in one round trip on one
+    connection (written by the lean packer, resp.py); → per call its reply, its error
+    reply (ResponseError; ``NOSCRIPT`` after the script was loaded again), or the
+    StoreError that failed it (a lost connection or timeout fails them all: some may
+    have run)."""
     if store._redis is None:
-        raise StoreError("claim", "the Redis store is not open")
-    sha = store._sha
-    payload = b"".join(pack(["EVALSHA", sha, *args]) for args in calls)
+        return [StoreError("claim", "the Redis store is not open")] * len(calls)
+    payload = b"".join(pack(["EVALSHA", store._sha, *args]) for args in calls)
     try:
         replies = await round_trip(store._redis, payload, len(calls))
     except RedisError as e:  # lost connection, timeout: some may have run (fail closed)
-        raise StoreError("claim", f"Redis is unavailable ({type(e).__name__}: {e})") from e
+        return [unavailable(e)] * len(calls)
+    if any(isinstance(reply, NoScriptError) for reply in replies):
+        # SCRIPT FLUSH, a restart without the script: those did not run
+        try:
+            store._sha = await store._call(lambda r: r.script_load(COMMIT_LUA))
+        except StoreError as exc:  # those commits fail alone
+            replies = no_script_failed(replies, exc)
     return replies
 
 
-async def _load_script(store: RedisStore) -> None:
-    """SCRIPT LOAD after ``NOSCRIPT`` (SCRIPT FLUSH, a restart without the script)."""
-    store._sha = await store._call(lambda r: r.script_load(COMMIT_LUA))
+def unavailable(e: RedisError) -> StoreError:
+    """A round trip that failed (lost connection, timeout): StoreError("claim") caused by
+    ``e`` (the log names its type)."""
+    exc = StoreError("claim", f"Redis is unavailable ({type(e).__name__}: {e})")
+    exc.__cause__ = e
+    return exc
+
+
+def no_script_failed(replies: list, exc: StoreError) -> list:
+    """``replies`` with each ``NOSCRIPT`` replaced by ``exc`` (the script could not be
+    loaded again: those commits did not run, and fail alone)."""
+    return [exc if isinstance(reply, NoScriptError) else reply for reply in replies]

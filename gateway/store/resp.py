@@ -5,8 +5,9 @@ one commit's EVALSHA (about 55 arguments: keys, the record, the audit events, th
 more than the script takes to run in Redis. :func:`pack` writes the same bytes (a RESP
 array of bulk strings, as ``Connection.pack_command`` would) in ~20 µs, and
 :func:`round_trip` sends a whole group's commands in one write on one pooled connection
-and reads one reply per command through redis-py's own parser (replies, error replies
-and their exception classes unchanged).
+(:func:`exchange`: on a connection the caller holds, a cluster node's) and reads one
+reply per command through redis-py's own parser (replies, error replies and their
+exception classes unchanged).
 
 Only ``bytes``, ``str`` (UTF-8) and ``int`` arguments, exactly: anything else is a
 programming error (``TypeError``), never a guess at an encoding. A connection a round
@@ -21,10 +22,11 @@ import math
 from collections.abc import Sequence
 
 from redis.asyncio import Redis
+from redis.asyncio.connection import Connection
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["pack", "round_trip"]
+__all__ = ["exchange", "pack", "round_trip"]
 
 
 def pack(args: Sequence[bytes | str | int]) -> bytes:
@@ -47,11 +49,21 @@ def pack(args: Sequence[bytes | str | int]) -> bytes:
 
 async def round_trip(client: Redis, payload: bytes, replies: int) -> list:
     """Send ``payload`` (``replies`` packed commands) on one pooled connection and read
-    each command's reply in order; an error reply is returned as its exception
-    (``ResponseError`` or a subclass such as ``NoScriptError``), not raised. Connection
-    failures and timeouts raise redis-py's exceptions, as its own pipeline does."""
+    each command's reply in order (:func:`exchange`)."""
     pool = client.connection_pool
     conn = await pool.get_connection()
+    try:
+        return await exchange(conn, payload, replies)
+    finally:
+        await pool.release(conn)
+
+
+async def exchange(conn: Connection, payload: bytes, replies: int) -> list:
+    """Send ``payload`` on ``conn`` (taken by the caller from a pool or a cluster node)
+    and read each command's reply in order; an error reply is returned as its exception
+    (``ResponseError`` or a subclass such as ``NoScriptError``, ``MovedError``), not
+    raised. Connection failures and timeouts raise redis-py's exceptions, as its own
+    pipeline does, after disconnecting ``conn``."""
     try:
         await conn.send_packed_command(payload)
         out: list = []
@@ -70,5 +82,3 @@ async def round_trip(client: Redis, payload: bytes, replies: int) -> list:
     except BaseException:
         await conn.disconnect()  # replies may still be on their way: never reuse it
         raise
-    finally:
-        await pool.release(conn)
