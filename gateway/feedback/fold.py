@@ -190,24 +190,16 @@ def facts_from_states(tenant_id: str, identity: str,
 
 
 def _facts(tenant_id: str, fp: str, anchor: str, s: Mapping[str, Any]) -> ExecutionFacts:
-    counts: dict[str, int] = {}  # named target -> findings
     techniques, tactics, events = [], [], []
-    for name, value in s.items():  # one pass, by the two-character prefix
+    for name in s:  # one pass, by the two-character prefix
         head = name[:2]
-        if head == "t:":
-            counts[name[2:]] = value
-        elif head == "x:":
+        if head == "x:":
             techniques.append(name[2:])
         elif head == "a:":
             tactics.append(name[2:])
         elif head == "e:":
             events.append(name[2:])
-    target = s.get("gt") or UNKNOWN_TARGET
-    if counts and not s.get("gt"):  # Counter.most_common(1): the first seen among equals
-        best = max(counts.values())
-        target = min((s["o:" + t], t) for t, c in counts.items() if c == best)[1]
-    if unnamed := s.get("u", 0):
-        counts[target] = counts.get(target, 0) + unnamed
+    target, repeat = target_and_repeat(s)
     severity = s.get("s")
     return ExecutionFacts(
         tenant_id=tenant_id, execution_fingerprint=fp, attestation_hash=anchor,
@@ -216,9 +208,28 @@ def _facts(tenant_id: str, fp: str, anchor: str, s: Mapping[str, Any]) -> Execut
         techniques=frozenset(techniques), tactics=frozenset(tactics),
         event_types=frozenset(events),
         graph_nodes=int(s.get("gn", 0)), graph_edges=int(s.get("ge", 0)),
-        findings=int(s.get("n", 0)), repeat_per_target=int(max(counts.values(), default=0)),
+        findings=int(s.get("n", 0)), repeat_per_target=repeat,
         latest_timestamp=None if "ts" not in s else int(s["ts"]),
     )
+
+
+def target_and_repeat(s: Mapping[str, Any]) -> tuple[str, int]:
+    """A state's ``(target_urn, repeat_per_target)``, as ``facts_from_records`` finds them:
+    the graph's target, else the most named one (the first seen among equals), else
+    unknown; findings naming no target count for it."""
+    counts = {name[2:]: value for name, value in s.items() if name[:2] == "t:"}
+    target = s.get("gt") or UNKNOWN_TARGET
+    if counts and not s.get("gt"):  # Counter.most_common(1): the first seen among equals
+        best = max(counts.values())
+        target = min((s["o:" + t], t) for t, c in counts.items() if c == best)[1]
+    if unnamed := s.get("u", 0):
+        counts[target] = counts.get(target, 0) + unnamed
+    return target, int(max(counts.values(), default=0))
+
+
+def target_urn(s: Mapping[str, Any]) -> str:
+    """``target_and_repeat(s)[0]``; without a pass over the fields when a graph named it."""
+    return s.get("gt") or target_and_repeat(s)[0]
 
 
 _SEVERITY_NAMES = {rank: name for name, rank in SEVERITY_RANK.items()}

@@ -88,11 +88,17 @@ async def list_facts(r: Redis, tenant_prefix: str, identity: str,
     if not members:
         return []
     states = await r.hmget(fkey, members)
-    fps = [m.decode().partition(":")[0] for m in members]
-    marks = await r.mget([f"{tenant_prefix}:{p}:{fp}" for fp in fps for p in ("a", "o")])
+    # the anchor and owner keys as bytes: redis-py packs a str argument through its
+    # encoder, ~1 µs apiece — a third of the query at 1,000 executions
+    a, o = f"{tenant_prefix}:a:".encode(), f"{tenant_prefix}:o:".encode()
+    marks = await r.mget([k for m in members for k in (a + _fp(m), o + _fp(m))])
     return [(m.decode(), state, _text(marks[2 * i]), _text(marks[2 * i + 1]) or None)
             for i, (m, state) in enumerate(zip(members, states, strict=True))
             if state is not None]
+
+
+def _fp(member: bytes) -> bytes:
+    return member.partition(b":")[0]
 
 
 async def list_skipped(r: Redis, tenant_prefix: str, identity: str,
