@@ -27,8 +27,9 @@ from lab import IDENTITY, NOW, TELEMETRY_BODY, TENANT, Lab, body_for
 from gateway.feedback.evidence import SkipReport
 from gateway.feedback.fold import MAX_KEYED, keyed_count
 from gateway.feedback.issuer import RulePolicy
-from gateway.feedback.policy import DEFAULT_RULES_FILE, load_rules
+from gateway.feedback.policy import DEFAULT_RULES_FILE, load_rules, parse_rules
 from gateway.store import open_store
+from schemas.canonical import dumps
 from schemas.routes import GRAPH_PATH, TELEMETRY_PATH
 
 RULES = load_rules(DEFAULT_RULES_FILE)
@@ -96,6 +97,64 @@ async def test_kept_facts_equal_the_records_facts(any_store, seed: int) -> None:
     await feed_random(any_store, seed)
     kept, adjustments = await both_ways(any_store)
     assert kept and adjustments  # the data exercised the rules
+
+
+EVERY_CONDITION = parse_rules({"rule": [
+    {"name": name, "when": when, "then": {"action": action, "confidence": 0.5,
+                                          "control": "execution", "ttl_seconds": 600,
+                                          "rationale": name}}
+    for name, when, action in (
+        ("recent-lateral", {"seen_within_seconds": 20, "tactics_any": ["TA0008"]}, "isolate"),
+        ("repeat-scripting", {"repeat_per_target_at_least": 2,
+                              "techniques_any": ["T1059"]}, "isolate"),
+        ("process-events", {"event_types_any": ["process_execution"],
+                            "findings_at_least": 2}, "tighten"),
+        ("edges", {"graph_edges_at_least": 4, "graph_nodes_at_least": 5}, "tighten"),
+        ("medium", {"max_severity_at_least": "medium"}, "observe"),
+    )]})
+
+
+async def feed_executions(store, executions: int, seed: int) -> None:
+    """1-2 random findings or graphs for each of ``executions`` executions (15% sent
+    with anchoring off, half of those under another hash: not anchored)."""
+    rng = random.Random(seed)
+    anchored, unanchored = Lab(store), Lab(store, anchor_attestation=False)
+    for i in range(executions):
+        fp = hashlib.sha256(f"execution {seed}.{i}".encode()).hexdigest()
+        att = hashlib.sha256(f"attestation {fp}".encode()).hexdigest()
+        lab = anchored
+        if rng.random() < 0.15:
+            lab, att = unanchored, rng.choice([att, OTHER_ATT])
+        for _ in range(rng.randrange(1, 3)):
+            path, body = random_body(rng, fp, att)
+            at = NOW + rng.randrange(-30, 30)
+            headers, raw = lab.signed(path, body, ts=at)
+            status, error, ctx = await lab.send(headers, raw, path, now=at)
+            assert (status, error) == (202, None), ctx
+
+
+async def test_a_thousand_executions_answer_as_the_reference(any_store) -> None:
+    """At 1,000 executions (the size issue 9 times) the answer read from the facts states
+    (gateway/feedback/decide.py) is the reference's, byte for byte: the facts built per
+    execution and ranked (RulePolicy.answer), and the stored records themselves — for
+    the default rules and rules using every condition, cut at several limits."""
+    await feed_executions(any_store, 1_000, seed=11)
+    for rules in (RULES, EVERY_CONDITION):
+        policy = RulePolicy(rules)
+        facts = await policy.facts_from_store(any_store, TENANT, IDENTITY, SkipReport())
+        assert len(facts) > 800  # most executions are anchored (and so counted)
+        by_records = await RulePolicy(rules, max_records=10**6)(
+            any_store, TENANT, 1000, NOW + 10, identity=IDENTITY)
+        for limit in (1, 100, 999, 1000):
+            for now in (NOW, NOW + 25):
+                got = (await policy(any_store, TENANT, limit, now, identity=IDENTITY)
+                       ).adjustments
+                expected = policy.answer(facts, limit, now)
+                assert got == expected, (limit, now)
+                assert dumps(got) == dumps(expected)  # the signed `data`, byte for byte
+        assert policy.answer(facts, 1000, NOW + 10) == by_records.adjustments
+        actions = {a["action"] for a in by_records.adjustments}
+        assert actions == {"isolate", "tighten", "observe"}  # the limits cut across them
 
 
 def forget_facts(store_url: str) -> None:
