@@ -25,10 +25,11 @@ import redis
 from lab import IDENTITY, NOW, TELEMETRY_BODY, TENANT, Lab, body_for
 
 from gateway.feedback.evidence import SkipReport
-from gateway.feedback.fold import MAX_KEYED, keyed_count
+from gateway.feedback.fold import ANCHORED, MAX_KEYED, keyed_count
 from gateway.feedback.issuer import RulePolicy
 from gateway.feedback.policy import DEFAULT_RULES_FILE, load_rules, parse_rules
 from gateway.store import open_store
+from gateway.store.sqlite import SqliteStore
 from schemas.canonical import dumps
 from schemas.routes import GRAPH_PATH, TELEMETRY_PATH
 
@@ -157,6 +158,62 @@ async def test_a_thousand_executions_answer_as_the_reference(any_store) -> None:
         assert actions == {"isolate", "tighten", "observe"}  # the limits cut across them
 
 
+async def stored_anchors(store, rows: list) -> list:
+    """(anchored hash, owner) of each row's execution, as the store's own reads give."""
+    out = []
+    for member, _, _, _ in rows:
+        fp = member.partition(":")[0]
+        out.append((await store.get_anchor(TENANT, fp),
+                    await store.get_anchor_owner(TENANT, fp)))
+    return out
+
+
+async def strip_anchor_notes(store) -> None:
+    """Make every Redis facts state look as before states noted their anchor (no "A")."""
+    fkey = f"{store.prefix}:{{{TENANT}}}:f:{IDENTITY}"
+    states = {m: orjson.loads(s) for m, s in (await store._redis.hgetall(fkey)).items()}
+    await store._redis.hset(fkey, mapping={
+        m: orjson.dumps({k: v for k, v in s.items() if k != ANCHORED})
+        for m, s in states.items()})
+
+
+async def test_a_redis_state_notes_its_anchor_so_a_query_reads_no_anchor_key(
+        any_store) -> None:
+    """A commit that anchors its execution notes the anchored hash in the Redis facts
+    state ("A"): list_facts then gives that hash and the committing identity as owner
+    without reading the anchor and owner keys — exactly what they hold. A state without
+    the note (made under anchoring off; kept by an older version) is looked up, and
+    gives the same rows and answer as before the notes existed. (SQLite joins the
+    anchors and notes nothing; its rows must hold what they hold, too.)"""
+    await feed_random(any_store, 5)
+    rows = await any_store.list_facts(TENANT, IDENTITY, 100)
+    assert [(anchor, owner) for _, _, anchor, owner in rows] == await stored_anchors(
+        any_store, rows)
+    states = [orjson.loads(s) if isinstance(s, bytes | str) else s for _, s, _, _ in rows]
+    noted = [(s[ANCHORED], IDENTITY) for s in states if ANCHORED in s]
+    if isinstance(any_store, SqliteStore):
+        assert noted == []
+        return
+    assert noted == [(a, o) for (_, _, a, o), s in zip(rows, states, strict=True)
+                     if ANCHORED in s]
+    assert 0 < len(noted) < len(rows)  # some states were made under anchoring off only
+    answer = (await RulePolicy(RULES)(any_store, TENANT, 100, NOW, identity=IDENTITY)
+              ).adjustments
+    await strip_anchor_notes(any_store)
+    stripped = await any_store.list_facts(TENANT, IDENTITY, 100)
+    assert not any(ANCHORED in state for _, state, _, _ in stripped)
+    assert [(m, a, o) for m, _, a, o in stripped] == [(m, a, o) for m, _, a, o in rows]
+    assert (await RulePolicy(RULES)(any_store, TENANT, 100, NOW, identity=IDENTITY)
+            ).adjustments == answer
+
+
+def without_notes(rows: list) -> list:
+    """The rows with decoded states less their anchor notes ("A")."""
+    states = (orjson.loads(s) if isinstance(s, bytes | str) else s for _, s, _, _ in rows)
+    return [(m, {k: v for k, v in s.items() if k != ANCHORED}, a, o)
+            for (m, _, a, o), s in zip(rows, states, strict=True)]
+
+
 def forget_facts(store_url: str) -> None:
     """Make the store look as it did before the facts existed (records only)."""
     if store_url.startswith("sqlite:///"):
@@ -184,6 +241,7 @@ async def test_upgrade_back_fills_the_facts_once(store_url: str) -> None:
     try:
         await feed_random(store, 7)
         before, adjustments = await both_ways(store)
+        rows = await store.list_facts(TENANT, IDENTITY, 100)
     finally:
         await store.close()
     forget_facts(store_url)
@@ -192,6 +250,12 @@ async def test_upgrade_back_fills_the_facts_once(store_url: str) -> None:
         await store.open()
         try:
             assert await both_ways(store) == (before, adjustments)
+            again = await store.list_facts(TENANT, IDENTITY, 100)
+            assert without_notes(again) == without_notes(rows)
+            if not store_url.startswith("sqlite"):  # Redis: every execution the identity
+                # owns is noted ("A"), so a query reads no anchor key
+                assert [s.get(ANCHORED) for _, s, _, o in again] == [
+                    a if o == IDENTITY else None for _, _, a, o in again]
         finally:
             await store.close()
 
