@@ -20,7 +20,19 @@ from the records, for every record of the execution made under that hash:
                       first one (ties of the most common target go to the first seen)
 ``u``                 findings naming no target (they count for the execution's target)
 ``gn`` ``ge`` ``gt``  the latest graph's node and edge counts and ``target_urn`` ('': none)
+``A``                 (Redis) the execution's anchored hash, as stored: noted by a
+                      commit that anchors the execution (:func:`anchored`)
 ====================  ===============================================================
+
+``A`` spares a Redis query the anchor and owner reads (``Store.list_facts``: an MGET of
+two keys per execution, the largest part of its work in Redis's single thread): an
+anchor and its owner are written once, by the first accepted commit of the execution,
+and a later commit that anchors it is accepted only from that owner with that very hash
+— so a state holding ``A`` is the folding identity's, anchored with ``A``, for good. A
+state without it (anchoring off, ``put_record``, facts kept before it existed) is looked
+up as before. SQLite does not note it: its query joins the anchors (cheap there), and
+64 more bytes would push a typical row past what a ``WITHOUT ROWID`` page keeps inline
+(~1,000 bytes at 4 KiB pages), making every read of it several times slower.
 
 A record that cannot be used (older version, edited: :class:`~.evidence.Unusable`) is
 not folded; ``put_record`` and the upgrade's back-fill note it with its reason so every
@@ -29,6 +41,7 @@ query still reports it (metric and audit event), as when queries read the record
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -100,6 +113,21 @@ def body_fold(kind: str, body: dict[str, Any], *, identity: str, tenant_id: str,
 def evidence_fold(ev: Evidence) -> Fold:
     return Fold(f"{ev.execution_fingerprint}:{ev.attestation_hash}", ev.received_at,
                 tuple(evidence_ops(ev)))
+
+
+ANCHORED = "A"
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def anchored(fold: Fold, tenant_id: str, anchor_tenant_id: str, anchor_fp: str,
+             anchored_hash: str) -> Fold:
+    """``fold`` plus ``A`` = ``anchored_hash`` when the commit that folds it into
+    ``tenant_id``'s facts anchors that very execution (the member's fingerprint, in the
+    form both stores look anchors up by: 64 lower-case hex digits), else ``fold``."""
+    if (anchor_tenant_id != tenant_id or not _HEX64.fullmatch(anchor_fp)
+            or not fold.member.startswith(anchor_fp + ":")):
+        return fold
+    return Fold(fold.member, fold.received_at, (*fold.ops, ("set", ANCHORED, anchored_hash)))
 
 
 def stored_validators() -> Validators:
@@ -190,24 +218,16 @@ def facts_from_states(tenant_id: str, identity: str,
 
 
 def _facts(tenant_id: str, fp: str, anchor: str, s: Mapping[str, Any]) -> ExecutionFacts:
-    counts: dict[str, int] = {}  # named target -> findings
     techniques, tactics, events = [], [], []
-    for name, value in s.items():  # one pass, by the two-character prefix
+    for name in s:  # one pass, by the two-character prefix
         head = name[:2]
-        if head == "t:":
-            counts[name[2:]] = value
-        elif head == "x:":
+        if head == "x:":
             techniques.append(name[2:])
         elif head == "a:":
             tactics.append(name[2:])
         elif head == "e:":
             events.append(name[2:])
-    target = s.get("gt") or UNKNOWN_TARGET
-    if counts and not s.get("gt"):  # Counter.most_common(1): the first seen among equals
-        best = max(counts.values())
-        target = min((s["o:" + t], t) for t, c in counts.items() if c == best)[1]
-    if unnamed := s.get("u", 0):
-        counts[target] = counts.get(target, 0) + unnamed
+    target, repeat = target_and_repeat(s)
     severity = s.get("s")
     return ExecutionFacts(
         tenant_id=tenant_id, execution_fingerprint=fp, attestation_hash=anchor,
@@ -216,9 +236,28 @@ def _facts(tenant_id: str, fp: str, anchor: str, s: Mapping[str, Any]) -> Execut
         techniques=frozenset(techniques), tactics=frozenset(tactics),
         event_types=frozenset(events),
         graph_nodes=int(s.get("gn", 0)), graph_edges=int(s.get("ge", 0)),
-        findings=int(s.get("n", 0)), repeat_per_target=int(max(counts.values(), default=0)),
+        findings=int(s.get("n", 0)), repeat_per_target=repeat,
         latest_timestamp=None if "ts" not in s else int(s["ts"]),
     )
+
+
+def target_and_repeat(s: Mapping[str, Any]) -> tuple[str, int]:
+    """A state's ``(target_urn, repeat_per_target)``, as ``facts_from_records`` finds them:
+    the graph's target, else the most named one (the first seen among equals), else
+    unknown; findings naming no target count for it."""
+    counts = {name[2:]: value for name, value in s.items() if name[:2] == "t:"}
+    target = s.get("gt") or UNKNOWN_TARGET
+    if counts and not s.get("gt"):  # Counter.most_common(1): the first seen among equals
+        best = max(counts.values())
+        target = min((s["o:" + t], t) for t, c in counts.items() if c == best)[1]
+    if unnamed := s.get("u", 0):
+        counts[target] = counts.get(target, 0) + unnamed
+    return target, int(max(counts.values(), default=0))
+
+
+def target_urn(s: Mapping[str, Any]) -> str:
+    """``target_and_repeat(s)[0]``; without a pass over the fields when a graph named it."""
+    return s.get("gt") or target_and_repeat(s)[0]
 
 
 _SEVERITY_NAMES = {rank: name for name, rank in SEVERITY_RANK.items()}

@@ -33,10 +33,11 @@ from schemas.signing import (
 )
 from schemas.validate import Validators
 
+from .decide import StateRules, answer, decide
 from .evidence import Evidence, SkipReport, Unusable, read_evidence
 from .facts import ExecutionFacts, facts_from_records
 from .fold import facts_from_states
-from .policy import ACTION_RANK, Rule, evaluate
+from .policy import Rule, evaluate
 
 log = logging.getLogger("fedgate.feedback")
 
@@ -100,17 +101,13 @@ def feedback_body(signature: bytes, kid: str, *, data: list[dict[str, Any]], sig
     }
 
 
-def _priority(adjustment: dict[str, Any]) -> tuple[int, str]:
-    """Strongest action first, then by fingerprint: a ``limit`` cuts the weakest."""
-    return -ACTION_RANK[adjustment["action"]], adjustment["execution_fingerprint"]
-
-
 class RulePolicy:
     """The rules as a :data:`Policy`.
 
     By default the rules look at the per-execution facts the store keeps up to date at
     commit time (:mod:`gateway.feedback.fold`): one small row per execution, at most
-    ``max_executions`` (the most recently active), never a record body. Given a record
+    ``max_executions`` (the most recently active), never a record body, tested as it is
+    (:mod:`gateway.feedback.decide`: no ExecutionFacts is built). Given a record
     budget (``max_records`` and/or ``max_bytes``) it reads the stored records instead,
     newest first within that budget: the reference the facts are checked against."""
 
@@ -123,6 +120,7 @@ class RulePolicy:
         self.max_records = MAX_RECORDS_PER_KIND if max_records is None else max_records
         self.max_bytes = MAX_BYTES_PER_KIND if max_bytes is None else max_bytes
         self.max_executions = max_executions
+        self.state_rules = StateRules(self.rules)
 
     async def __call__(self, store: Store, tenant_id: str, limit: int, now: int, *,
                        identity: str) -> Decision:
@@ -130,23 +128,35 @@ class RulePolicy:
         if self.from_records:
             facts = await self.facts_from_records(store, tenant_id, identity,
                                                   decision.skipped)
+            decision.adjustments = self.answer(facts, limit, now)
         else:
-            facts = await self.facts_from_store(store, tenant_id, identity, decision.skipped)
-        for one in facts:
-            adjustment = evaluate(self.rules, one, now)
-            if adjustment is not None:
-                decision.adjustments.append(adjustment)
-        decision.adjustments = sorted(decision.adjustments, key=_priority)[:limit]
+            rows = await self.rows_from_store(store, tenant_id, identity, decision.skipped)
+            decision.adjustments = decide(self.state_rules, tenant_id, identity, rows,
+                                          limit, now)
         for adjustment in decision.adjustments:  # fail closed: a bug
             self.validators.validate("adjustment", adjustment)
         return decision
 
-    async def facts_from_store(self, store: Store, tenant_id: str, identity: str,
-                               skipped: SkipReport) -> list[ExecutionFacts]:
-        """The facts the store keeps per execution; the records it could not fold."""
+    def answer(self, facts: Iterable[ExecutionFacts], limit: int,
+               now: int) -> list[dict[str, Any]]:
+        """The adjustments for ``facts``: strongest action first, then by fingerprint,
+        the first ``limit`` (the reference ``decide`` answers the same as)."""
+        adjustments = (evaluate(self.rules, one, now) for one in facts)
+        return answer((a for a in adjustments if a is not None), limit)
+
+    async def rows_from_store(self, store: Store, tenant_id: str, identity: str,
+                              skipped: SkipReport) -> list[Any]:
+        """The facts states the store keeps per execution (``Store.list_facts``: at most
+        ``max_executions``, the most recently active); the records it could not fold
+        go to ``skipped``."""
         for kind, rid, reason in await store.list_skipped(tenant_id, identity, MAX_SKIPPED):
             skipped.add_id(kind, rid, reason)
-        rows = await store.list_facts(tenant_id, identity, self.max_executions)
+        return await store.list_facts(tenant_id, identity, self.max_executions)
+
+    async def facts_from_store(self, store: Store, tenant_id: str, identity: str,
+                               skipped: SkipReport) -> list[ExecutionFacts]:
+        """The facts the store keeps per execution, as ExecutionFacts (the reference)."""
+        rows = await self.rows_from_store(store, tenant_id, identity, skipped)
         return facts_from_states(tenant_id, identity, rows)
 
     async def facts_from_records(self, store: Store, tenant_id: str, identity: str,

@@ -222,11 +222,18 @@ def evaluate(rules: Iterable[Rule], facts: ExecutionFacts, now: int) -> dict[str
     rule = first_match(rules, facts, now)
     if rule is None:
         return None
+    return adjustment(rule, facts.tenant_id, facts.execution_fingerprint, facts.target_urn,
+                      facts.attestation_hash, now)
+
+
+def adjustment(rule: Rule, tenant_id: str, execution_fingerprint: str, target_urn: str,
+               attestation_hash: str, now: int) -> dict[str, Any]:
+    """What ``rule`` answers for one execution: the §5 members, in this order."""
     t = rule.then
     return {
-        "tenant_id": facts.tenant_id, "execution_fingerprint": facts.execution_fingerprint,
-        "target_urn": facts.target_urn, "action": t.action, "confidence": t.confidence,
+        "tenant_id": tenant_id, "execution_fingerprint": execution_fingerprint,
+        "target_urn": target_urn, "action": t.action, "confidence": t.confidence,
         "rationale": t.rationale, "control": t.control, "ttl_seconds": t.ttl_seconds,
         "timestamp": now, "schema_version": ADJUSTMENT_SCHEMA_VERSION,
-        "attestation_measurement_hash": facts.attestation_hash,
+        "attestation_measurement_hash": attestation_hash,
     }

@@ -314,8 +314,8 @@ class Store(abc.ABC):
                          limit: int) -> list[tuple[str, Any, str | None, str | None]]:
         """The facts of ``identity``'s ``limit`` most recently active executions
         (gateway/feedback/fold.py, kept up to date by ``commit`` and ``put_record``):
-        ``(execution_fingerprint:attestation_hash, state JSON, anchored hash or None,
-        owner or None)`` per row; no record is read."""
+        ``(execution_fingerprint:attestation_hash, state (JSON, or decoded), anchored
+        hash or None, owner or None)`` per row; no record is read."""
 
     @abc.abstractmethod
     async def list_skipped(self, tenant_id: str, identity: str,

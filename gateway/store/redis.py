@@ -47,10 +47,18 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from gateway.feedback.fold import Fold, Skip, flat_args, fold_record, stored_validators
+from gateway.feedback.fold import (
+    Fold,
+    Skip,
+    anchored,
+    flat_args,
+    fold_record,
+    stored_validators,
+)
 
 from . import redis_facts, redis_group, redis_outbox
 from .base import (
+    Anchor,
     Claim,
     Commit,
     CommitResult,
@@ -236,8 +244,8 @@ class RedisStore(RedisRevocations, Store):
                 self._index_key(rec.tenant_id, rec.kind, commit.identity)]
         if commit.audit is not None:
             keys.append(self._outbox_key(rec.tenant_id, commit.audit_owner))
-        tail, fold_keys, _ = (self._fold(rec, commit.identity, trusted=True, given=commit.fold)
-                              if fold else ([""], [], None))
+        tail, fold_keys, _ = (self._fold(rec, commit.identity, trusted=True, given=commit.fold,
+                                         anchor=anchor) if fold else ([""], [], None))
         keys += fold_keys  # the execution's facts (redis_facts.py), folded by the script
         if anchor is not None:
             fp = anchor.execution_fingerprint
@@ -345,15 +353,20 @@ class RedisStore(RedisRevocations, Store):
         raise StoreError("write", "record id already exists; nothing was written")
 
     def _fold(self, rec: Record, identity: str | None, *, trusted: bool,
-              given: Fold | None = None) -> tuple[list, list, Skip | None]:
+              given: Fold | None = None,
+              anchor: Anchor | None = None) -> tuple[list, list, Skip | None]:
         """(ARGV tail, KEYS, skip) folding ``rec`` into its execution's facts: ``member,
         received_at, ops…`` or ``''`` when the record is not folded (``skip``: why).
-        ``given``: the commit's own fold (``Commit.fold``), else read from ``rec.data``."""
+        ``given``: the commit's own fold (``Commit.fold``), else read from ``rec.data``.
+        ``anchor``: the commit's (the state then notes the anchored hash: fold.anchored)."""
         fold = given if given is not None else fold_record(
             rec.kind, rec.data, rec.tenant_id, identity,
             validators=None if trusted else stored_validators())
         if not isinstance(fold, Fold):
             return [""], [], fold
+        if anchor is not None:
+            fold = anchored(fold, rec.tenant_id, anchor.tenant_id,
+                            anchor.execution_fingerprint, anchor.attestation_hash)
         fkey, ikey, _ = redis_facts.keys(self._tenant(rec.tenant_id),
                                          _check(_IDENTITY, identity, "identity"))
         return [fold.member, fold.received_at, *flat_args(fold)], [fkey, ikey], None

@@ -26,6 +26,7 @@ import orjson
 from redis.asyncio import Redis
 
 from gateway.feedback.fold import (
+    ANCHORED,
     FOLDED_KINDS,
     MAX_KEYED,
     Fold,
@@ -83,16 +84,32 @@ def skip_entry(skip: Skip) -> str:
 
 async def list_facts(r: Redis, tenant_prefix: str, identity: str,
                      limit: int) -> list[tuple[str, Any, str | None, str | None]]:
+    """``(member, state, anchored hash, owner)`` of ``identity``'s newest executions,
+    the state decoded. A state noting its anchor (``fold.ANCHORED``) is ``identity``'s
+    with that hash; the anchor and owner keys of the others are read (one MGET)."""
     fkey, ikey, _ = keys(tenant_prefix, identity)
     members = await r.zrange(ikey, 0, limit - 1, desc=True) if limit > 0 else []
     if not members:
         return []
-    states = await r.hmget(fkey, members)
-    fps = [m.decode().partition(":")[0] for m in members]
-    marks = await r.mget([f"{tenant_prefix}:{p}:{fp}" for fp in fps for p in ("a", "o")])
-    return [(m.decode(), state, _text(marks[2 * i]), _text(marks[2 * i + 1]) or None)
-            for i, (m, state) in enumerate(zip(members, states, strict=True))
-            if state is not None]
+    out: list[tuple[str, Any, str | None, str | None]] = []
+    unknown: list[int] = []  # positions in out
+    for member, raw in zip(members, await r.hmget(fkey, members), strict=True):
+        if raw is None:
+            continue
+        state = orjson.loads(raw)
+        anchor = state.get(ANCHORED)
+        if anchor is None:
+            unknown.append(len(out))
+        out.append((member.decode(), state, anchor, None if anchor is None else identity))
+    if unknown:
+        # the keys as bytes: redis-py packs a str argument through its encoder, ~1 µs each
+        a, o = f"{tenant_prefix}:a:".encode(), f"{tenant_prefix}:o:".encode()
+        fps = [out[i][0].partition(":")[0].encode() for i in unknown]
+        marks = await r.mget([k for fp in fps for k in (a + fp, o + fp)])
+        for n, i in enumerate(unknown):
+            out[i] = (out[i][0], out[i][1], _text(marks[2 * n]),
+                      _text(marks[2 * n + 1]) or None)
+    return out
 
 
 async def list_skipped(r: Redis, tenant_prefix: str, identity: str,
@@ -143,6 +160,7 @@ async def _backfill_identity(r: Redis, tenant_prefix: str, tenant: str, identity
                     latest[fold.member] = max(latest.get(fold.member, 0), fold.received_at)
                 elif isinstance(fold, Skip):
                     skipped.append(skip_entry(fold))
+    await _note_anchors(r, tenant_prefix, identity, states)
     fkey, ikey, skey = keys(tenant_prefix, identity)
     async with r.pipeline(transaction=True) as tx:  # one identity's facts, whole
         tx.delete(fkey, ikey, skey)
@@ -152,3 +170,18 @@ async def _backfill_identity(r: Redis, tenant_prefix: str, tenant: str, identity
         if skipped:
             tx.lpush(skey, *skipped)
         await tx.execute()
+
+
+async def _note_anchors(r: Redis, tenant_prefix: str, identity: str,
+                        states: dict[str, dict[str, Any]]) -> None:
+    """``A`` (fold.ANCHORED) in each state whose execution ``identity`` owns: what a
+    commit that anchors it notes (an anchor and its owner are written once)."""
+    members = list(states)
+    for i in range(0, len(members), BATCH):
+        chunk = members[i:i + BATCH]
+        fps = [m.partition(":")[0] for m in chunk]  # as list_facts reads them
+        marks = await r.mget([f"{tenant_prefix}:{p}:{fp}" for fp in fps for p in ("a", "o")])
+        for n, member in enumerate(chunk):
+            anchor, owner = marks[2 * n], marks[2 * n + 1]
+            if anchor is not None and owner is not None and owner.decode() == identity:
+                states[member][ANCHORED] = anchor.decode()

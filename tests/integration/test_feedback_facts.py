@@ -25,10 +25,12 @@ import redis
 from lab import IDENTITY, NOW, TELEMETRY_BODY, TENANT, Lab, body_for
 
 from gateway.feedback.evidence import SkipReport
-from gateway.feedback.fold import MAX_KEYED, keyed_count
+from gateway.feedback.fold import ANCHORED, MAX_KEYED, keyed_count
 from gateway.feedback.issuer import RulePolicy
-from gateway.feedback.policy import DEFAULT_RULES_FILE, load_rules
+from gateway.feedback.policy import DEFAULT_RULES_FILE, load_rules, parse_rules
 from gateway.store import open_store
+from gateway.store.sqlite import SqliteStore
+from schemas.canonical import dumps
 from schemas.routes import GRAPH_PATH, TELEMETRY_PATH
 
 RULES = load_rules(DEFAULT_RULES_FILE)
@@ -98,6 +100,120 @@ async def test_kept_facts_equal_the_records_facts(any_store, seed: int) -> None:
     assert kept and adjustments  # the data exercised the rules
 
 
+EVERY_CONDITION = parse_rules({"rule": [
+    {"name": name, "when": when, "then": {"action": action, "confidence": 0.5,
+                                          "control": "execution", "ttl_seconds": 600,
+                                          "rationale": name}}
+    for name, when, action in (
+        ("recent-lateral", {"seen_within_seconds": 20, "tactics_any": ["TA0008"]}, "isolate"),
+        ("repeat-scripting", {"repeat_per_target_at_least": 2,
+                              "techniques_any": ["T1059"]}, "isolate"),
+        ("process-events", {"event_types_any": ["process_execution"],
+                            "findings_at_least": 2}, "tighten"),
+        ("edges", {"graph_edges_at_least": 4, "graph_nodes_at_least": 5}, "tighten"),
+        ("medium", {"max_severity_at_least": "medium"}, "observe"),
+    )]})
+
+
+async def feed_executions(store, executions: int, seed: int) -> None:
+    """1-2 random findings or graphs for each of ``executions`` executions (15% sent
+    with anchoring off, half of those under another hash: not anchored)."""
+    rng = random.Random(seed)
+    anchored, unanchored = Lab(store), Lab(store, anchor_attestation=False)
+    for i in range(executions):
+        fp = hashlib.sha256(f"execution {seed}.{i}".encode()).hexdigest()
+        att = hashlib.sha256(f"attestation {fp}".encode()).hexdigest()
+        lab = anchored
+        if rng.random() < 0.15:
+            lab, att = unanchored, rng.choice([att, OTHER_ATT])
+        for _ in range(rng.randrange(1, 3)):
+            path, body = random_body(rng, fp, att)
+            at = NOW + rng.randrange(-30, 30)
+            headers, raw = lab.signed(path, body, ts=at)
+            status, error, ctx = await lab.send(headers, raw, path, now=at)
+            assert (status, error) == (202, None), ctx
+
+
+async def test_a_thousand_executions_answer_as_the_reference(any_store) -> None:
+    """At 1,000 executions (the size issue 9 times) the answer read from the facts states
+    (gateway/feedback/decide.py) is the reference's, byte for byte: the facts built per
+    execution and ranked (RulePolicy.answer), and the stored records themselves — for
+    the default rules and rules using every condition, cut at several limits."""
+    await feed_executions(any_store, 1_000, seed=11)
+    for rules in (RULES, EVERY_CONDITION):
+        policy = RulePolicy(rules)
+        facts = await policy.facts_from_store(any_store, TENANT, IDENTITY, SkipReport())
+        assert len(facts) > 800  # most executions are anchored (and so counted)
+        by_records = await RulePolicy(rules, max_records=10**6)(
+            any_store, TENANT, 1000, NOW + 10, identity=IDENTITY)
+        for limit in (1, 100, 999, 1000):
+            for now in (NOW, NOW + 25):
+                got = (await policy(any_store, TENANT, limit, now, identity=IDENTITY)
+                       ).adjustments
+                expected = policy.answer(facts, limit, now)
+                assert got == expected, (limit, now)
+                assert dumps(got) == dumps(expected)  # the signed `data`, byte for byte
+        assert policy.answer(facts, 1000, NOW + 10) == by_records.adjustments
+        actions = {a["action"] for a in by_records.adjustments}
+        assert actions == {"isolate", "tighten", "observe"}  # the limits cut across them
+
+
+async def stored_anchors(store, rows: list) -> list:
+    """(anchored hash, owner) of each row's execution, as the store's own reads give."""
+    out = []
+    for member, _, _, _ in rows:
+        fp = member.partition(":")[0]
+        out.append((await store.get_anchor(TENANT, fp),
+                    await store.get_anchor_owner(TENANT, fp)))
+    return out
+
+
+async def strip_anchor_notes(store) -> None:
+    """Make every Redis facts state look as before states noted their anchor (no "A")."""
+    fkey = f"{store.prefix}:{{{TENANT}}}:f:{IDENTITY}"
+    states = {m: orjson.loads(s) for m, s in (await store._redis.hgetall(fkey)).items()}
+    await store._redis.hset(fkey, mapping={
+        m: orjson.dumps({k: v for k, v in s.items() if k != ANCHORED})
+        for m, s in states.items()})
+
+
+async def test_a_redis_state_notes_its_anchor_so_a_query_reads_no_anchor_key(
+        any_store) -> None:
+    """A commit that anchors its execution notes the anchored hash in the Redis facts
+    state ("A"): list_facts then gives that hash and the committing identity as owner
+    without reading the anchor and owner keys — exactly what they hold. A state without
+    the note (made under anchoring off; kept by an older version) is looked up, and
+    gives the same rows and answer as before the notes existed. (SQLite joins the
+    anchors and notes nothing; its rows must hold what they hold, too.)"""
+    await feed_random(any_store, 5)
+    rows = await any_store.list_facts(TENANT, IDENTITY, 100)
+    assert [(anchor, owner) for _, _, anchor, owner in rows] == await stored_anchors(
+        any_store, rows)
+    states = [orjson.loads(s) if isinstance(s, bytes | str) else s for _, s, _, _ in rows]
+    noted = [(s[ANCHORED], IDENTITY) for s in states if ANCHORED in s]
+    if isinstance(any_store, SqliteStore):
+        assert noted == []
+        return
+    assert noted == [(a, o) for (_, _, a, o), s in zip(rows, states, strict=True)
+                     if ANCHORED in s]
+    assert 0 < len(noted) < len(rows)  # some states were made under anchoring off only
+    answer = (await RulePolicy(RULES)(any_store, TENANT, 100, NOW, identity=IDENTITY)
+              ).adjustments
+    await strip_anchor_notes(any_store)
+    stripped = await any_store.list_facts(TENANT, IDENTITY, 100)
+    assert not any(ANCHORED in state for _, state, _, _ in stripped)
+    assert [(m, a, o) for m, _, a, o in stripped] == [(m, a, o) for m, _, a, o in rows]
+    assert (await RulePolicy(RULES)(any_store, TENANT, 100, NOW, identity=IDENTITY)
+            ).adjustments == answer
+
+
+def without_notes(rows: list) -> list:
+    """The rows with decoded states less their anchor notes ("A")."""
+    states = (orjson.loads(s) if isinstance(s, bytes | str) else s for _, s, _, _ in rows)
+    return [(m, {k: v for k, v in s.items() if k != ANCHORED}, a, o)
+            for (m, _, a, o), s in zip(rows, states, strict=True)]
+
+
 def forget_facts(store_url: str) -> None:
     """Make the store look as it did before the facts existed (records only)."""
     if store_url.startswith("sqlite:///"):
@@ -125,6 +241,7 @@ async def test_upgrade_back_fills_the_facts_once(store_url: str) -> None:
     try:
         await feed_random(store, 7)
         before, adjustments = await both_ways(store)
+        rows = await store.list_facts(TENANT, IDENTITY, 100)
     finally:
         await store.close()
     forget_facts(store_url)
@@ -133,6 +250,12 @@ async def test_upgrade_back_fills_the_facts_once(store_url: str) -> None:
         await store.open()
         try:
             assert await both_ways(store) == (before, adjustments)
+            again = await store.list_facts(TENANT, IDENTITY, 100)
+            assert without_notes(again) == without_notes(rows)
+            if not store_url.startswith("sqlite"):  # Redis: every execution the identity
+                # owns is noted ("A"), so a query reads no anchor key
+                assert [s.get(ANCHORED) for _, s, _, o in again] == [
+                    a if o == IDENTITY else None for _, _, a, o in again]
         finally:
             await store.close()
 

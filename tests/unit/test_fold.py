@@ -9,12 +9,20 @@ equal :func:`facts_from_records` over the same records, for every anchoring and 
 from __future__ import annotations
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.feedback.evidence import Evidence
 from gateway.feedback.facts import facts_from_records
-from gateway.feedback.fold import Fold, apply, evidence_ops, facts_from_states
+from gateway.feedback.fold import (
+    ANCHORED,
+    Fold,
+    anchored,
+    apply,
+    evidence_ops,
+    facts_from_states,
+)
 
 TENANT, ME = "t-1", "me"
 FPS = ("a1" * 32, "b2" * 32, "c3" * 32)
@@ -69,3 +77,23 @@ def test_folded_states_give_the_records_facts(records, anchoring) -> None:
     expected = facts_from_records(TENANT, [e for e in evs if e.kind == "finding"],
                                   [e for e in evs if e.kind == "graph"], anchors)
     assert facts_from_states(TENANT, ME, rows) == expected
+
+
+ANCHORED_ROWS = {  # (anchor tenant, anchor fingerprint) -> noted?
+    "the member's execution": ((TENANT, FPS[0]), True),
+    "another tenant's": (("t-2", FPS[0]), False),
+    "another execution": ((TENANT, FPS[1]), False),
+    "upper-case (looked up as is)": ((TENANT, FPS[0].upper()), False),
+    "a prefix of the fingerprint": ((TENANT, FPS[0][:63]), False),
+}
+
+
+@pytest.mark.parametrize("anchor, noted", ANCHORED_ROWS.values(), ids=ANCHORED_ROWS)
+def test_a_commit_notes_the_hash_it_anchors_its_own_execution_with(anchor, noted) -> None:
+    """fold.anchored: the commit's anchored hash is noted ("A", a ``set``) only when the
+    anchor is the folded execution's, in the form both stores look anchors up by."""
+    fold = Fold(f"{FPS[0]}:{HASHES[0]}", 1_000, (("add", "n", 1),))
+    got = anchored(fold, TENANT, *anchor, HASHES[0].upper())
+    assert got == (Fold(fold.member, 1_000, (("add", "n", 1), ("set", ANCHORED,
+                                                              HASHES[0].upper())))
+                   if noted else fold)
