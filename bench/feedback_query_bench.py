@@ -7,7 +7,8 @@ One identity's findings (valid signed-body records, spread over ``--executions``
 anchored executions, 1 graph each) are written straight into a real store as a
 version without facts stored them (SQLite file; a redis-server started here on a free
 port), then the store is opened: the upgrade back-fills the facts (timed). Then the
-same policy answers ``--queries`` queries from the facts (the gateway's path) and
+same policy answers ``--queries`` queries from the facts (the gateway's path; its answer
+checked equal to the reference's: ExecutionFacts built per execution, then ranked) and
 ``--old-queries`` from the records (newest 10,000 per kind, the path before the facts):
 p50/p99 in ms and their ratio, per store, in one run.
 """
@@ -33,6 +34,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 import redis  # noqa: E402
 from lab import GRAPH_BODY, IDENTITY, NOW, TELEMETRY_BODY, TENANT  # noqa: E402
 
+from gateway.feedback.evidence import SkipReport  # noqa: E402
 from gateway.feedback.issuer import MAX_RECORDS_PER_KIND, RulePolicy  # noqa: E402
 from gateway.feedback.policy import DEFAULT_RULES_FILE, load_rules  # noqa: E402
 from gateway.store import open_store  # noqa: E402
@@ -116,6 +118,8 @@ async def measure(url: str, label: str, args) -> list[str]:
     try:
         facts, old = RulePolicy(RULES), RulePolicy(RULES, max_records=MAX_RECORDS_PER_KIND)
         a = await facts(store, TENANT, 100, NOW, identity=IDENTITY)
+        reference = await facts.facts_from_store(store, TENANT, IDENTITY, SkipReport())
+        assert a.adjustments == facts.answer(reference, 100, NOW), "not the reference's answer"
         new_ms = await latencies(facts, store, args.queries)
         old_ms = await latencies(old, store, args.old_queries)
         assert a.adjustments, "the rules decided nothing: the data exercises nothing"
