@@ -18,10 +18,10 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_fold import FPS, HASHES, ME, TENANT, evidence, record
+from test_fold import FPS, HASHES, ME, TENANT, evidence, folded_rows, record
 
 from gateway.feedback.decide import STATE_CONDITIONS, StateRules, answer, decide
-from gateway.feedback.fold import Fold, apply, evidence_ops, facts_from_states
+from gateway.feedback.fold import facts_from_states
 from gateway.feedback.policy import (
     ACTIONS,
     CONDITIONS,
@@ -66,14 +66,8 @@ def ruleset(drawn: list) -> tuple:
 
 def rows_of(records: list, anchoring: dict, seed: int) -> list:
     """``Store.list_facts`` rows for the folded records, in a shuffled order."""
-    states: dict[str, dict] = {}
-    for position, ev in enumerate((evidence(*r) for r in records), start=1):
-        fold = Fold(f"{ev.execution_fingerprint}:{ev.attestation_hash}", ev.received_at,
-                    tuple(evidence_ops(ev)))
-        apply(states.setdefault(fold.member, {}), fold.ops, position)
     anchoring = {fp: anchoring.get(fp, (HASHES[0], ME)) for fp in FPS}  # mostly ours
-    rows = [(member, orjson.dumps(state), *anchoring[member[:64]])
-            for member, state in states.items()]
+    rows = folded_rows([evidence(*r) for r in records], anchoring)
     random.Random(seed).shuffle(rows)
     return rows
 

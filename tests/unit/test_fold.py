@@ -58,6 +58,18 @@ def evidence(kind: str, fp: str, att: str, at: int, f: dict, g: dict) -> Evidenc
     return Evidence(kind, ME, TENANT, fp, att, at, body)
 
 
+def folded_rows(evs: list, anchoring: dict) -> list:
+    """``Store.list_facts`` rows of the records ``evs`` (oldest first) folded as a store
+    folds them; ``anchoring``: fingerprint → (anchored hash, owner)."""
+    states: dict[str, dict] = {}
+    for position, ev in enumerate(evs, start=1):
+        fold = Fold(f"{ev.execution_fingerprint}:{ev.attestation_hash}", ev.received_at,
+                    tuple(evidence_ops(ev)))
+        apply(states.setdefault(fold.member, {}), fold.ops, position)
+    return [(member, orjson.dumps(state), *anchoring[member[:64]])
+            for member, state in states.items()]
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(record, max_size=40),
        st.dictionaries(st.sampled_from(FPS),
@@ -65,14 +77,8 @@ def evidence(kind: str, fp: str, att: str, at: int, f: dict, g: dict) -> Evidenc
                        max_size=2))
 def test_folded_states_give_the_records_facts(records, anchoring) -> None:
     evs = [evidence(*r) for r in records]  # store order: oldest first
-    states: dict[str, dict] = {}
-    for position, ev in enumerate(evs, start=1):
-        fold = Fold(f"{ev.execution_fingerprint}:{ev.attestation_hash}", ev.received_at,
-                    tuple(evidence_ops(ev)))
-        apply(states.setdefault(fold.member, {}), fold.ops, position)
     anchoring = {fp: anchoring.get(fp, (HASHES[0], ME)) for fp in FPS}  # mostly ours
-    rows = [(member, orjson.dumps(state), *anchoring[member[:64]])
-            for member, state in states.items()]
+    rows = folded_rows(evs, anchoring)
     anchors = {fp: h for fp, (h, owner) in anchoring.items() if owner == ME and h}
     expected = facts_from_records(TENANT, [e for e in evs if e.kind == "finding"],
                                   [e for e in evs if e.kind == "graph"], anchors)
