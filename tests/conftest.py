@@ -140,17 +140,22 @@ class RedisClusterServers:
         self.wait_ok()
         self.wait_replicated()
 
-    def wait_replicated(self, timeout: float = 30.0) -> None:
-        """Until every master has its replicas online (their first sync done)."""
+    def wait_replicated(self, timeout: float = 60.0) -> None:
+        """Until every master has its replicas online (their first sync done; slow on a
+        machine busy with other suites: the deadline is generous)."""
         deadline = time.monotonic() + timeout
+        online: list[int] = []
         while time.monotonic() < deadline:
             infos = [m.client().info("replication") for m in self.masters()]
+            online = [sum(1 for k, v in i.items() if k.startswith("slave")
+                          and isinstance(v, dict) and v.get("state") == "online")
+                      for i in infos]
             if len(infos) * (1 + self.replicas) == len(self.nodes) and all(
-                    sum(1 for k, v in i.items() if k.startswith("slave") and isinstance(v, dict)
-                        and v.get("state") == "online") >= self.replicas for i in infos):
+                    n >= self.replicas for n in online):
                 return
             time.sleep(0.05)
-        raise RuntimeError("the Redis Cluster's replicas did not come online")
+        raise RuntimeError(f"the Redis Cluster's replicas did not come online in {timeout:.0f} "
+                           f"s (masters {len(online)}, replicas online per master {online})")
 
     def wait_ok(self, timeout: float = 30.0) -> float:
         """Seconds until every running node says ``cluster_state:ok`` and the masters
