@@ -30,7 +30,8 @@ from .facts import SEVERITY_RANK
 from .fold import target_urn
 from .policy import ACTION_RANK, ACTIONS, CONDITIONS, Rule, adjustment
 
-Row = tuple[str, Any, str | None, str | None]  # Store.list_facts: member, state, anchor, owner
+Row = tuple[str, Any, str | None, str | None]  # Store.list_facts: member, state (JSON or
+# decoded), anchored hash, owner
 State = Mapping[str, Any]  # a decoded facts state (gateway/feedback/fold.py)
 
 
