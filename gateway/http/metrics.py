@@ -133,8 +133,9 @@ class Metrics:
 
     @connections_open.setter
     def connections_open(self, n: int) -> None:
-        self._values["open"] = n
-        self._open.set(n)
+        if n != self._values["open"]:  # a multiprocess gauge's set is an mmap write
+            self._values["open"] = n
+            self._open.set(n)
 
     @property
     def connections_max(self) -> int:
