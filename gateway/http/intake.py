@@ -48,14 +48,20 @@ async def read_body(request: web.Request, limit: int, timeout_s: float,
     bytes, all of them within ``timeout_s`` (else 408: a slow sender cannot hold a worker).
     A connection lost before the end (the client left, or the guard shed it) is a
     ``ClientDisconnected``; a body whose framing breaks (bad chunks) a ``BadRequest``."""
-    chunks, size = [], 0
+    chunks, size, content = [], 0, request.content
     try:
-        async with asyncio.timeout(timeout_s):
-            async for chunk in request.content.iter_chunked(64 * 1024):
-                size += len(chunk)
-                if size > limit:
-                    raise E.BodyTooLarge(f"body exceeds {limit_name} ({limit})")
-                chunks.append(chunk)
+        if content.is_eof():  # the whole body came with the headers: no timer, no wait
+            chunks.append(content.read_nowait(-1))
+            size = len(chunks[0])
+        else:
+            async with asyncio.timeout(timeout_s):
+                async for chunk in content.iter_chunked(64 * 1024):
+                    size += len(chunk)
+                    if size > limit:
+                        break
+                    chunks.append(chunk)
+        if size > limit:
+            raise E.BodyTooLarge(f"body exceeds {limit_name} ({limit})")
     except TimeoutError:
         raise E.RequestTimeout(f"the body did not arrive within {timeout_s:g} s") from None
     except ConnectionError:

@@ -179,6 +179,26 @@ async def test_body_too_large_enforced_while_streaming(stack):
         assert (await resp.json())["error"] == "body_too_large"
 
 
+async def test_body_too_large_when_it_came_whole_with_the_headers(tmp_path, store_url):
+    """A chunked body over the limit that arrived in the same write as its headers (the
+    read takes it from the buffer at once, with no timer): still a 413, nothing stored."""
+    small = Stack(tmp_path, store_url, max_body_bytes=2048)
+    headers, _ = LAB.signed()
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    request = (f"POST {TELEMETRY_PATH} HTTP/1.1\r\nHost: x\r\n{head}"
+               "Transfer-Encoding: chunked\r\n\r\n").encode()
+    request += b"801\r\n" + b"x" * 2049 + b"\r\n0\r\n\r\n"  # 0x801 = 2049 bytes
+    async with small.running(clock=lambda: NOW):
+        reader, writer = await asyncio.open_connection("127.0.0.1", small.port,
+                                                       ssl=small.ssl())
+        writer.write(request)
+        answer = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert b'"body_too_large"' in answer
+    assert audit_events(small)[-1]["event.reason"] == "body_too_large"
+
+
 async def test_unknown_route_and_method(stack):
     async with stack.session() as client:
         async with client.get(stack.url + "/internal/v1/nothing") as resp:
