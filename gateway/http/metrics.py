@@ -27,6 +27,7 @@ import os
 from collections import Counter as _Tally
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -75,6 +76,7 @@ class Metrics:
         reg = self.registry
         self._requests = Counter("fedgate_requests", "Requests by route, status and error code.",
                                  ["route", "code", "error"], registry=reg)
+        self._children: dict[tuple[str, int, str | None], Any] = {}
         self.pipeline = Histogram("fedgate_pipeline_seconds",
                                   "Time from body read to decision, per signed request.",
                                   buckets=BUCKETS, registry=reg)
@@ -122,7 +124,10 @@ class Metrics:
                            else exposition(None, own=reg))
 
     def count(self, route: str, status: int, error: str | None) -> None:
-        self._requests.labels(route, str(status), error or "").inc()
+        key = (route, status, error)  # a handful of combinations: labels() looked up once
+        if (child := self._children.get(key)) is None:
+            child = self._children[key] = self._requests.labels(route, str(status), error or "")
+        child.inc()
 
     def batch_items(self, status: int, error: str | None) -> None:
         self._batch_items.labels(str(status), error or "").inc()

@@ -84,6 +84,7 @@ _RECORD_ID = re.compile(r"[!-z|~]{1,256}")  # printable ASCII without '{' and '}
 _PREFIX = re.compile(r"[A-Za-z0-9._-]{1,64}")
 DEFAULT_POOL = 32  # connections per process (counted in conn.RESERVED_FDS' 64)
 MAX_POOL = 1024
+MAX_TENANT_KEYS = 4096  # tenants' key prefixes kept (_tenant); more: the cache starts over
 _ACCEPTED = CommitResult(Outcome.ACCEPTED)
 _BEFORE_EPOCH = CommitResult(Outcome.BEFORE_EPOCH)
 
@@ -115,10 +116,17 @@ class RedisStore(RedisRevocations, Store):
         self._legacy_until = 0  # pre-v1.1 claims may be live while a request's now < this
         self._epoch: str | None = None  # None: the store holds none yet (new or wiped)
         self._unsafe: str | None = None  # why commits are refused (eviction policy)
+        self._tenant_keys: dict[str, str] = {}  # tenant id → its key prefix (_tenant)
 
     # -- keys ---------------------------------------------------------------------------
     def _tenant(self, tenant_id: str) -> str:
-        return f"{self.prefix}:{{{_check(_TENANT, tenant_id, 'tenant id')}}}"
+        key = self._tenant_keys.get(tenant_id) if isinstance(tenant_id, str) else None
+        if key is None:  # checked once per tenant
+            if len(self._tenant_keys) >= MAX_TENANT_KEYS:
+                self._tenant_keys.clear()
+            key = f"{self.prefix}:{{{_check(_TENANT, tenant_id, 'tenant id')}}}"
+            self._tenant_keys[tenant_id] = key
+        return key
 
     def _record_key(self, tenant_id: str, kind: str, record_id: str) -> str:
         rid = _check(_RECORD_ID, record_id, "record id")
