@@ -25,7 +25,8 @@ class GroupWriter:
     def __init__(self, write_many: Callable[[list[Event]], list[Any]], executor: Executor,
                  *, observe: Callable[[int], None] | None = None) -> None:
         self.write_many, self.executor, self.observe = write_many, executor, observe
-        self._pending: list[tuple[Event, asyncio.Future]] = []
+        #: per submission: its events, its future (resolved with the events' outcomes)
+        self._pending: list[tuple[list[Event], asyncio.Future]] = []
         self._task: asyncio.Task | None = None
 
     async def write(self, event: Event) -> Event:
@@ -34,52 +35,63 @@ class GroupWriter:
         return body
 
     async def write_all(self, events: list[Event]) -> list[Event]:
-        """Several events, in this order, in the next batch (one submitter)."""
-        return list(await asyncio.gather(*self._submit(events)))
+        """Several events, in this order, in the next batch (one submitter); raises the
+        first exception that kept one of them out."""
+        outcomes = await self._submit(events)
+        for outcome in outcomes:
+            if isinstance(outcome, Exception):
+                raise outcome
+        return outcomes
 
     async def write_each(self, events: list[Event]) -> list[Event | Exception]:
         """As :meth:`write_all`, but each event's own outcome: its chained body, or the
         exception that kept it out (the batch route's items are judged one by one)."""
-        return list(await asyncio.gather(*self._submit(events), return_exceptions=True))
+        return await self._submit(events)
 
-    def _submit(self, events: list[Event]) -> list[asyncio.Future]:
+    def _submit(self, events: list[Event]) -> asyncio.Future:
+        """One future for the submission (not one per event: no gather per request)."""
         loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in events]
-        self._pending.extend(zip(events, futures, strict=True))
+        future = loop.create_future()
+        self._pending.append((list(events), future))
         if self._task is None:  # starts on the next tick: this tick's submitters join
             self._task = loop.create_task(self._drain())
-        return futures
+        return future
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
-                events = [event for event, _ in batch]
+                events = [event for submitted, _ in batch for event in submitted]
                 try:
                     results = await loop.run_in_executor(self.executor, self.write_many,
                                                          events)
                 except BaseException as exc:  # nothing of this batch was written
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc if isinstance(exc, Exception)
-                                                 else RuntimeError("audit write cancelled"))
+                    _fail(batch, exc if isinstance(exc, Exception)
+                          else RuntimeError("audit write cancelled"))
                     if not isinstance(exc, Exception):
                         raise
                     continue
+                if len(results) != len(events):  # a bug of write_many: fail, never hang
+                    _fail(batch, RuntimeError(f"audit write returned {len(results)} "
+                                              f"outcomes for {len(events)} events"))
+                    continue
                 if self.observe is not None:
-                    self.observe(len(batch))
-                for (_, future), result in zip(batch, results, strict=True):
-                    if future.done():
-                        continue
-                    if isinstance(result, Exception):
-                        future.set_exception(result)
-                    else:
-                        future.set_result(result)
+                    self.observe(len(events))
+                at = 0
+                for submitted, future in batch:
+                    if not future.done():
+                        future.set_result(results[at:at + len(submitted)])
+                    at += len(submitted)
         finally:
             self._task = None
             if self._pending:  # cancelled with submitters waiting: they fail, never hang
                 batch, self._pending = self._pending, []
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(RuntimeError("audit writer stopped"))
+                _fail(batch, RuntimeError("audit writer stopped"))
+
+
+def _fail(batch: list[tuple[list[Event], asyncio.Future]], exc: Exception) -> None:
+    """Every event of ``batch`` failed with ``exc`` (its submitter learns it per event)."""
+    for submitted, future in batch:
+        if not future.done():
+            future.set_result([exc] * len(submitted))

@@ -64,3 +64,25 @@ async def test_a_file_that_cannot_be_written_fails_the_whole_batch(tmp_path: Pat
             await writer.write(ev(9))  # and the next batch too: never a silent drop
     lines = (tmp_path / "aside.jsonl").read_bytes().splitlines()
     assert [json.loads(x)["request_id"] for x in lines] == ["r0"]
+
+
+async def test_submissions_of_several_events_share_a_batch_and_keep_their_outcomes(
+        tmp_path: Path) -> None:
+    """One batch of three submissions: ``write_each`` gets every event's own outcome,
+    ``write_all`` raises the first refusal of its own events only, a plain ``write``
+    beside them is untouched; the events are chained in submission order."""
+    sizes = []
+    with AuditLog(tmp_path / "a.jsonl") as log:
+        writer = GroupWriter(log.append_many, ThreadPoolExecutor(1), observe=sizes.append)
+        each, all_, one = await asyncio.gather(
+            writer.write_each([ev(0), ev(1, n=1 << 70), ev(2)]),
+            writer.write_all([ev(3), ev(4, n=1 << 71), ev(5, s="\ud800")]),
+            writer.write(ev(6)), return_exceptions=True)
+    assert sizes == [7]
+    assert [e["request_id"] if isinstance(e, dict) else "refused" for e in each] == [
+        "r0", "refused", "r2"]
+    assert isinstance(each[1], AuditError)
+    assert isinstance(all_, AuditError) and "integer_out_of_range" in str(all_)
+    assert one["request_id"] == "r6"
+    lines = [json.loads(x) for x in (tmp_path / "a.jsonl").read_bytes().splitlines()]
+    assert [x["request_id"] for x in lines] == ["r0", "r2", "r3", "r6"]
