@@ -70,7 +70,7 @@ from .base import (
     check_owner,
 )
 from .redis_epoch import epoch_start, eviction_policy, eviction_refusal, read_epoch, sync_epoch
-from .redis_scripts import COMMIT_LUA, PUT_LUA, migrate
+from .redis_scripts import COMMIT_LUA, GROUP_LUA, PUT_LUA, migrate
 from .revocations import RedisRevocations
 
 log = logging.getLogger("fedgate.store")
@@ -113,6 +113,7 @@ class RedisStore(RedisRevocations, Store):
         self._redis: Redis | None = None
         self._probe: Redis | None = None  # /readyz's own connection: never behind a burst
         self._sha = ""
+        self._group_sha = ""  # GROUP_LUA: a group's commits in one call (redis_group.py)
         self._legacy_until = 0  # pre-v1.1 claims may be live while a request's now < this
         self._epoch: str | None = None  # None: the store holds none yet (new or wiped)
         self._unsafe: str | None = None  # why commits are refused (eviction policy)
@@ -168,6 +169,7 @@ class RedisStore(RedisRevocations, Store):
             raise StoreError("claim", refusal)
         try:
             self._sha = await self._redis.script_load(COMMIT_LUA)
+            self._group_sha = await self._redis.script_load(GROUP_LUA)
         except ResponseError as e:  # a server before 7.0 rejects the '#!lua' shebang
             raise StoreError("claim", f"Redis refused the commit script ({e}); "
                              "Redis 7.0 or newer is required") from e

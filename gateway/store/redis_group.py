@@ -28,13 +28,14 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from .base import Commit, CommitResult, Outcome, StoreError, conflict_deps
 from .redis_epoch import epoch_start
-from .redis_scripts import COMMIT_LUA
+from .redis_scripts import GROUP_LUA
 from .resp import pack, round_trip
 
 RedisStore = Any  # redis.RedisStore (which imports this module): its commit hooks
 
 TRIES = 3  # per commit: as RedisStore.commit's epoch loop
-MAX_GROUP = 512  # EVALSHAs per round trip
+MAX_GROUP = 512  # commits per round trip
+GROUP_CALL = 128  # commits per GROUP_LUA call (Redis runs one call at a time: bounded)
 
 
 async def commit_many(store: RedisStore,
@@ -117,25 +118,50 @@ async def _epoch(store: RedisStore, epochs: dict[str, str | StoreError], c: Comm
 
 
 async def send_group(store: RedisStore, calls: list[list]) -> list:
-    """The single Redis's ``_send_group``: every call's EVALSHA in one round trip on one
-    connection (written by the lean packer, resp.py); → per call its reply, its error
-    reply (ResponseError; ``NOSCRIPT`` after the script was loaded again), or the
+    """The single Redis's ``_send_group``: the calls (each a commit's EVALSHA arguments)
+    in one round trip on one connection, GROUP_CALL commits per ``GROUP_LUA`` call
+    (redis_scripts.py; written by the lean packer, resp.py); → per call its reply, its
+    error reply (ResponseError; ``NOSCRIPT`` after the script was loaded again), or the
     StoreError that failed it (a lost connection or timeout fails them all: some may
     have run)."""
     if store._redis is None:
         return [StoreError("claim", "the Redis store is not open")] * len(calls)
-    payload = b"".join(pack(["EVALSHA", store._sha, *args]) for args in calls)
+    chunks = [calls[i:i + GROUP_CALL] for i in range(0, len(calls), GROUP_CALL)]
+    payload = b"".join(pack(group_command(store._group_sha, chunk)) for chunk in chunks)
     try:
-        replies = await round_trip(store._redis, payload, len(calls))
+        answers = await round_trip(store._redis, payload, len(chunks))
     except RedisError as e:  # lost connection, timeout: some may have run (fail closed)
         return [unavailable(e)] * len(calls)
+    replies: list = []
+    for chunk, answer in zip(chunks, answers, strict=True):
+        if isinstance(answer, ResponseError):  # refused whole (OOM, NOSCRIPT…): none ran
+            replies += [answer] * len(chunk)
+        elif isinstance(answer, list) and len(answer) == len(chunk):
+            replies += answer
+        else:  # cannot happen with GROUP_LUA; some may have run: fail closed
+            replies += [StoreError("claim", f"unexpected reply to a group commit: "
+                                   f"{str(answer)[:80]}")] * len(chunk)
     if any(isinstance(reply, NoScriptError) for reply in replies):
         # SCRIPT FLUSH, a restart without the script: those did not run
         try:
-            store._sha = await store._call(lambda r: r.script_load(COMMIT_LUA))
+            store._group_sha = await store._call(lambda r: r.script_load(GROUP_LUA))
         except StoreError as exc:  # those commits fail alone
             replies = no_script_failed(replies, exc)
     return replies
+
+
+def group_command(sha: str, calls: list[list]) -> list:
+    """One ``EVALSHA`` of GROUP_LUA for ``calls`` (each ``[numkeys, *keys, *argv]``, the
+    arguments COMMIT_LUA's own EVALSHA would take)."""
+    keys: list = []
+    sizes: list = []
+    argv: list = []
+    for call in calls:
+        nk = call[0]
+        keys += call[1:1 + nk]
+        argv += call[1 + nk:]
+        sizes += (nk, len(call) - 1 - nk)
+    return ["EVALSHA", sha, len(keys), *keys, len(calls), *sizes, *argv]
 
 
 def unavailable(e: RedisError) -> StoreError:

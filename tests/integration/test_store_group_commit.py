@@ -130,9 +130,33 @@ async def test_redis_commit_many_is_one_round_trip(redis_store, redis_url):
     results = await redis_store.commit_many(commits)
     reads_after, evalsha_after = counts()
     assert [r.outcome for r in results] == [Outcome.ACCEPTED] * N
-    assert evalsha_after - evalsha == N  # every commit ran its own script
-    # the pipeline's read(s) (TCP may split 20 scripts' bytes) and the second INFO
+    assert evalsha_after - evalsha == 1  # the group's commits in one GROUP_LUA call
+    # the pipeline's read(s) (TCP may split 20 commits' bytes) and the second INFO
     assert reads_after - reads <= 4 < N
+
+
+async def test_redis_group_call_a_commit_that_errors_fails_alone(redis_store, redis_url):
+    """300 commits: three GROUP_LUA calls (128 + 128 + 44) in one round trip; the one
+    commit whose script hits a real Redis error (its tenant's index holds a string:
+    WRONGTYPE) gets that error as a StoreError, every other commit of its call runs."""
+    await redis_store.commit(make_commit("warm-up-1", record_id="warm-1", fp=None,
+                                         tenant=OTHER_TENANT))  # its epoch marker
+    with redis.Redis.from_url(redis_url) as r:
+        r.set(f"fedgate:{{{OTHER_TENANT}}}:i:finding", "not a list")
+    commits = [make_commit(f"nonce-{i:04d}", request_id=f"req-{i}", record_id=f"rec-{i}",
+                           fp=None) for i in range(300)]
+    commits[200] = make_commit("nonce-0200", request_id="req-200", record_id="rec-200",
+                               fp=None, tenant=OTHER_TENANT)
+    counts = RedisCounts(redis_url)
+    _, evalsha = counts()
+    results = await redis_store.commit_many(commits)
+    assert counts()[1] - evalsha == 3
+    failed = [i for i, r in enumerate(results) if isinstance(r, StoreError)]
+    assert failed == [200] and results[200].stage == "write"
+    assert "WRONGTYPE" in str(results[200])
+    assert all(r.outcome is Outcome.ACCEPTED for i, r in enumerate(results) if i != 200)
+    for i in (199, 201, 299):
+        assert await redis_store.get_record("finding", f"rec-{i}", TENANT) is not None
 
 
 async def test_redis_commit_many_survives_a_script_flush_and_a_new_tenant(redis_store,
@@ -225,7 +249,7 @@ async def test_batcher_sends_fewer_round_trips_than_commits(redis_store, redis_u
     results = await asyncio.gather(*(batcher.commit(c) for c in commits))
     reads_after, evalsha_after = counts()
     assert [r.outcome for r in results] == [Outcome.ACCEPTED] * N
-    assert evalsha_after - evalsha == N
+    assert evalsha_after - evalsha == 1  # one GROUP_LUA call for the 20 commits
     assert reads_after - reads <= 4 < N
 
 
