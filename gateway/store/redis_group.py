@@ -1,8 +1,9 @@
 """Group commit on the single Redis (issue 9): a group's commits in one round trip.
 
-``commit_many`` sends the EVALSHAs of every commit that is ready in ONE non-transactional
-pipeline on one connection: each script stays atomic on its own (a refusal writes
-nothing), and a commit that conflicts with an earlier one of the group
+``commit_many`` sends every commit that is ready in ONE round trip on one connection,
+up to GROUP_CALL commits per EVALSHA of GROUP_LUA (redis_scripts.py: the commit script's
+body run per commit in ``pcall``): each commit stays atomic on its own (a refusal writes
+nothing; an error is that commit's alone), and a commit that conflicts with an earlier one of the group
 (``base.conflict_deps``: same nonce claim, or the same execution claimed with another
 attestation hash or owner) waits for that one's final answer and goes in a later round
 trip, as the one-by-one default would run it. The epoch is handled as in
