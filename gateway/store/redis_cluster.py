@@ -36,7 +36,7 @@ from .base import Commit, CommitResult, StoreError
 from .redis import RedisStore, _text
 from .redis_cluster_epoch import SCHEMA_CHECK_S, reregister, sync_tenant
 from .redis_epoch import eviction_policy, eviction_refusal
-from .redis_scripts import COMMIT_LUA, SCHEMA_VERSION
+from .redis_scripts import COMMIT_LUA, GROUP_LUA, SCHEMA_VERSION
 
 log = logging.getLogger("fedgate.store")
 
@@ -209,7 +209,9 @@ class RedisClusterStore(RedisStore):
         return None
 
     async def _load_script(self, node: ClusterNode) -> None:
+        """The commit script and the group script (redis_cluster_group.py) on ``node``."""
         self._sha = await self._call(_on, node, lambda r: r.script_load(COMMIT_LUA))
+        self._group_sha = await self._call(_on, node, lambda r: r.script_load(GROUP_LUA))
 
     async def _reload_topology(self) -> None:
         async with self._topology:

@@ -8,7 +8,10 @@ reply or the StoreError that failed it:
 
 - a call goes to the master of its slot (KEYS[1]: every key of one commit carries the
   tenant's hash tag); the calls of one master go in ONE pipelined round trip on one of
-  its connections, the masters' round trips in parallel;
+  its connections, the masters' round trips in parallel; the commits of one slot go in
+  one EVALSHA of the group script (GROUP_LUA, as on the single Redis: each in ``pcall``,
+  an error that commit's alone; a refusal of the call — MOVED, ASK, OOM — is each of
+  its commits' reply, none of them ran);
 - ``min_replicas_acked`` = n > 0: ONE ``WAIT n timeout`` ends each master's round trip,
   on the same connection, and covers every script of it. Fewer than n acknowledgements:
   every call that ran there gets StoreError("write") (503 ``store_unavailable``), never
@@ -42,7 +45,7 @@ from redis.exceptions import (
 )
 
 from .base import StoreError
-from .redis_group import no_script_failed, unavailable
+from .redis_group import GROUP_CALL, group_command, no_script_failed, unavailable
 from .resp import exchange, pack
 
 RedisClusterStore = Any  # redis_cluster.RedisClusterStore (which imports this module)
@@ -130,13 +133,24 @@ def _master(store: RedisClusterStore, args: list) -> ClusterNode | StoreError:
 
 async def _round_trip(store: RedisClusterStore, node: ClusterNode,
                       sends: list[tuple[bool, list]]) -> list:
-    """The calls' EVALSHAs (each after ASKING when asked), then WAIT when
-    min_replicas_acked, in one write on one connection of ``node``; → per call."""
-    parts = []
-    for asking, args in sends:
+    """The calls, in one write on one connection of ``node``: the commits of one slot
+    together, GROUP_CALL per EVALSHA of GROUP_LUA (as on the single Redis,
+    redis_group.py: every key of one call in one slot), a call to follow an ``ASK``
+    alone after ``ASKING``; then WAIT when min_replicas_acked; → per call."""
+    parts: list[bytes] = []
+    members: list[tuple[bool, list[int]]] = []  # per command: (a group call?, its sends)
+    by_slot: dict[int, list[int]] = {}
+    for i, (asking, args) in enumerate(sends):
         if asking:
-            parts.append(ASKING)
-        parts.append(pack(["EVALSHA", store._sha, *args]))
+            parts += [ASKING, pack(["EVALSHA", store._sha, *args])]
+            members += [(False, []), (False, [i])]
+        else:
+            by_slot.setdefault(key_slot(args[1].encode()), []).append(i)
+    for group in by_slot.values():
+        for at in range(0, len(group), GROUP_CALL):
+            chunk = group[at:at + GROUP_CALL]
+            parts.append(pack(group_command(store._group_sha, [sends[i][1] for i in chunk])))
+            members.append((True, chunk))
     if acks := store.min_replicas_acked:
         parts.append(pack(["WAIT", acks, store.wait_timeout_ms]))
     try:
@@ -151,13 +165,12 @@ async def _round_trip(store: RedisClusterStore, node: ClusterNode,
     except RedisError as e:  # lost connection, timeout: any of them may have run
         store._refresh = True  # a node that fails may have been failed over
         return [unavailable(e)] * len(sends)
-    replies.reverse()  # popped in order from the end
-    out = []
-    for asking, _ in sends:
-        if asking:
-            replies.pop()  # ASKING's +OK
-        out.append(replies.pop())
-    if acks and (refusal := store._acked_refusal(replies.pop())) is not None:
+    out: list = [None] * len(sends)
+    for (group, chunk), reply in zip(members, replies, strict=False):
+        for i, answer in zip(chunk, spread(reply, len(chunk)) if group else [reply] * len(chunk),
+                             strict=True):
+            out[i] = answer
+    if acks and (refusal := store._acked_refusal(replies[-1])) is not None:
         out = [refusal if not isinstance(reply, Exception) else reply for reply in out]
     if any(isinstance(reply, NoScriptError) for reply in out):
         try:
@@ -165,3 +178,13 @@ async def _round_trip(store: RedisClusterStore, node: ClusterNode,
         except StoreError as exc:
             out = no_script_failed(out, exc)
     return out
+
+
+def spread(reply: Any, n: int) -> list:
+    """A group call's reply as its ``n`` commits' replies: each its own, or a whole
+    refusal (MOVED, ASK, TRYAGAIN, OOM, NOSCRIPT: none of them ran) for each."""
+    if isinstance(reply, Exception):
+        return [reply] * n
+    if isinstance(reply, list) and len(reply) == n:
+        return reply
+    return [StoreError("claim", f"unexpected reply to a group commit: {str(reply)[:80]}")] * n

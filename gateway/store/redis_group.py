@@ -3,10 +3,10 @@
 ``commit_many`` sends every commit that is ready in ONE round trip on one connection,
 up to GROUP_CALL commits per EVALSHA of GROUP_LUA (redis_scripts.py: the commit script's
 body run per commit in ``pcall``): each commit stays atomic on its own (a refusal writes
-nothing; an error is that commit's alone), and a commit that conflicts with an earlier one of the group
-(``base.conflict_deps``: same nonce claim, or the same execution claimed with another
-attestation hash or owner) waits for that one's final answer and goes in a later round
-trip, as the one-by-one default would run it. The epoch is handled as in
+nothing; an error is that commit's alone), and a commit that conflicts with an earlier
+one of the group (``base.conflict_deps``: same nonce claim, or the same execution claimed
+with another attestation hash or owner) waits for that one's final answer and goes in a
+later round trip, as the one-by-one default would run it. The epoch is handled as in
 ``RedisStore.commit``: a tenant whose epoch the gateway does not hold is synced first, a
 commit that could have been accepted before the epoch began is ``BEFORE_EPOCH``, and a
 commit the script refused with ``epoch`` is tried again (at most 3 times) after the sync.

@@ -79,8 +79,9 @@ async def on_every_master(url: str, cluster, **options):
 async def test_a_group_is_one_round_trip_and_one_wait_per_master(
         redis_cluster_url, redis_cluster_servers, acked) -> None:
     """K commits per master, interleaved, in one commit_many: each master runs its K
-    scripts from one round trip, followed by exactly one WAIT (min_replicas_acked = 1);
-    one at a time it was K round trips and K WAITs per master."""
+    commits (one tenant: one slot) in ONE call of the group script from one round trip,
+    followed by exactly one WAIT (min_replicas_acked = 1); one at a time it was K round
+    trips and K WAITs per master."""
     cluster = redis_cluster_servers
     tenants, store = await on_every_master(redis_cluster_url, cluster, min_replicas_acked=acked)
     group = [a_commit(tenant) for _ in range(K) for tenant in tenants]
@@ -95,10 +96,48 @@ async def test_a_group_is_one_round_trip_and_one_wait_per_master(
     assert outcomes(results) == [Outcome.ACCEPTED] * len(group)
     assert len(delta) == 3
     for port, d in delta.items():
-        assert (d["evalsha"], d["rejected"], d["wait"]) == (K, 0, acked), port
+        assert (d["evalsha"], d["rejected"], d["wait"]) == (1, 0, acked), port
         # the pipeline's read(s), the INFO after it, a replica's REPLCONF ACK (once a
         # second, and once more answering WAIT's GETACK)
         assert d["reads"] <= 5 < K, (port, d)
+
+
+def two_tenants_in_one_slot() -> tuple[str, str]:
+    """Two tenant ids whose keys hash to the same slot (found by trying)."""
+    from redis.crc import key_slot
+    seen: dict[int, str] = {}
+    while True:
+        tenant = str(uuid.uuid4())
+        slot = key_slot(f"fedgate:{{{tenant}}}:epoch".encode())
+        if slot in seen:
+            return seen[slot], tenant
+        seen[slot] = tenant
+
+
+async def test_a_commit_that_errors_in_a_group_call_fails_alone(redis_cluster_url,
+                                                                redis_cluster_servers) -> None:
+    """Two tenants of one slot: their commits share one group call on that master. The
+    one whose tenant's index holds a string (WRONGTYPE when its script runs) gets that
+    error; the other tenant's commits of the same call are accepted."""
+    cluster = redis_cluster_servers
+    good, bad = two_tenants_in_one_slot()
+    store = await warmed(redis_cluster_url, [good, bad])
+    node = cluster.node_of(f"fedgate:{{{bad}}}:epoch")
+    with node.client() as r:
+        r.delete(f"fedgate:{{{bad}}}:i:finding")
+        r.set(f"fedgate:{{{bad}}}:i:finding", "not a list")
+    counts = MasterCounts(cluster)
+    try:
+        before = counts()
+        results = await store.commit_many([a_commit(good), a_commit(bad), a_commit(good)])
+        delta = counts.since(before)
+    finally:
+        counts.close()
+        await store.close()
+    assert delta[node.port]["evalsha"] == 1  # one group call for the three
+    assert outcomes(results[0::2]) == [Outcome.ACCEPTED] * 2
+    assert isinstance(results[1], StoreError) and results[1].stage == "write"
+    assert "WRONGTYPE" in str(results[1])
 
 
 async def test_conflicts_inside_a_group_spanning_masters_first_wins(
@@ -129,7 +168,8 @@ async def test_conflicts_inside_a_group_spanning_masters_first_wins(
     assert [r.duplicate_of for r in results[2:4]] == [first.request_id] * 2
     assert results[5].duplicate_of is None  # other bytes: not a retry
     assert delta[master_a]["evalsha"] == 4  # each once: four rounds on A's master
-    assert sum(d["evalsha"] for d in delta.values()) == len(group)
+    # B's two commits (one slot) in one group call, C's one: six calls for seven commits
+    assert sum(d["evalsha"] for d in delta.values()) == 6
 
 
 async def test_a_stopped_replica_refuses_its_masters_commits_never_202(
@@ -259,8 +299,10 @@ async def test_a_slot_moving_then_moved_nothing_runs_twice(make_cluster) -> None
             counts.close()
         assert outcomes(results) == [Outcome.ACCEPTED] * 4 + [Outcome.REPLAYED]
         assert results[4].duplicate_of == group[0].request_id
-        assert (delta[src.port]["evalsha"], delta[src.port]["rejected"]) == (0, 4)
-        assert delta[dst.port]["evalsha"] == 5  # each once; the replay after the map reload
+        # the four commits' group call rejected whole by the old master (MOVED: none ran),
+        # run once by the new one; the replay in a second round
+        assert (delta[src.port]["evalsha"], delta[src.port]["rejected"]) == (0, 1)
+        assert delta[dst.port]["evalsha"] == 2
     finally:
         await store.close()
 
@@ -293,7 +335,7 @@ async def test_a_master_that_stops_answering_fails_its_commits_closed_never_rese
         delta = counts.since(before)
         assert [(r.outcome, r.duplicate_of) for r in retries] == [
             (Outcome.REPLAYED, c.request_id) for c in group[0::2]]
-        assert delta[master_a.port]["evalsha"] == 4  # 2 sent once, 2 retries
+        assert delta[master_a.port]["evalsha"] == 2  # A's 2 in one call, once; the retries
     finally:
         counts.close()
         await store.close()
