@@ -40,8 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from audit.chain import GENESIS, SEQUENCE, _check_line, _is_hex64, _last_line, _read_line
+from audit.seal import GENESIS, SEQUENCE, is_hex64, read_line
 from audit.syslog import frame, rfc5424
+from audit.tail import last_line
+from audit.verify import check_line
 from common.files import replace_durably
 
 __all__ = ["ShipError", "ShipState", "Shipper", "ShipperBusy"]
@@ -75,7 +77,7 @@ class ShipState:
             raise ShipError(f"{path}: unreadable ship state ({exc})") from None
         ok = isinstance(raw, dict) and all(
             isinstance(raw.get(k), int) and not isinstance(raw.get(k), bool) and raw[k] >= 0
-            for k in ("offset", "sequence")) and _is_hex64(raw.get("hash"))
+            for k in ("offset", "sequence")) and is_hex64(raw.get("hash"))
         if not ok:
             raise ShipError(f"{path}: malformed ship state")
         return cls(raw["offset"], raw["sequence"], raw["hash"])
@@ -107,9 +109,9 @@ class ChainReader:
         if state.offset == 0:
             return
         size = os.fstat(self.fd).st_size
-        last = _last_line(self.fd, state.offset) if state.offset <= size else b""
+        last = last_line(self.fd, state.offset) if state.offset <= size else b""
         try:
-            found = _read_line(last[:-1]).get("hash") if last.endswith(b"\n") else None
+            found = read_line(last[:-1]).get("hash") if last.endswith(b"\n") else None
         except ValueError:
             found = None
         if found != state.hash:
@@ -122,7 +124,7 @@ class ChainReader:
         try:
             size = os.fstat(self.fd).st_size
             data = os.pread(self.fd, min(size - state.offset, _CHUNK), state.offset)
-            tail = _last_line(self.fd, size) if size else b""
+            tail = last_line(self.fd, size) if size else b""
         finally:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
         entries, offset, seq, prev = [], state.offset, state.sequence, state.hash
@@ -130,12 +132,12 @@ class ChainReader:
             prev, seq = anchor  # a fresh state on a rotated-to file: start at its first line
         for raw in _lines(data, limit):
             try:
-                prev = _check_line(raw, prev, seq + 1)
+                prev = check_line(raw, prev, seq + 1)
             except ValueError as exc:
                 raise ShipError(f"{self.path}: line {seq + 1}: {exc}; not shipping past it") \
                     from None
             seq, offset = seq + 1, offset + len(raw)
-            entries.append(Entry(raw[:-1], _read_line(raw[:-1]), ShipState(offset, seq, prev)))
+            entries.append(Entry(raw[:-1], read_line(raw[:-1]), ShipState(offset, seq, prev)))
         return entries, _tail_sequence(tail, seq)
 
     def replaced(self) -> bool:
@@ -152,13 +154,13 @@ def rotated_anchor(data: bytes) -> tuple[str, int] | None:
     (the first line of a file `fedgate audit rotate` started: the chain continues)."""
     first = _lines(data, 1)
     try:
-        event = _read_line(first[0][:-1]) if first else None
+        event = read_line(first[0][:-1]) if first else None
     except ValueError:
         return None
     if not event or event.get("event.action") != "audit.rotated":
         return None
     prev, seq = event.get("prev_hash"), event.get(SEQUENCE)
-    ok = _is_hex64(prev) and isinstance(seq, int) and not isinstance(seq, bool) and seq >= 1
+    ok = is_hex64(prev) and isinstance(seq, int) and not isinstance(seq, bool) and seq >= 1
     return (prev, seq - 1) if ok else None
 
 
@@ -177,7 +179,7 @@ def _lines(data: bytes, limit: int) -> list[bytes]:
 
 def _tail_sequence(tail: bytes, fallback: int) -> int:
     try:
-        value = _read_line(tail[:-1]).get(SEQUENCE) if tail.endswith(b"\n") else None
+        value = read_line(tail[:-1]).get(SEQUENCE) if tail.endswith(b"\n") else None
     except ValueError:
         value = None
     return value if isinstance(value, int) and value >= fallback else fallback
