@@ -21,7 +21,7 @@ from gateway.logs import KEYS as LOG_KEYS
 from gateway.logs import LogSettings, from_table
 from keyring.ed25519 import PrivateKey
 from keyring.keys import KID_RE, Keyring, KeyringError, load_jwks
-from keyring.pkcs11 import Pkcs11Config, Pkcs11Error
+from keyring.pkcs11_uri import Pkcs11Config, Pkcs11Error
 from keyring.signer import FileSigner, KeySource, key_source, open_signer, pkcs11_config
 
 from .config import SecurityConfig
