@@ -1,19 +1,7 @@
 """The hash-chained audit file (PROTOCOL.md §7): O(1) append, safe across processes.
 
-Each line is the canonical JSON form (``schemas.canonical.dumps``) of one event plus
-``\\n``. ``hash`` is the sha256 hex of the canonical form of the event *without*
-``hash`` and ``event.hash`` (but with ``prev_hash``); ``prev_hash`` is the previous
-line's ``hash``, 64 zeros on the first line. [v1.1] ECS names of the same values:
-``event.hash`` = ``hash`` (it cannot be hashed into itself, so the hash leaves it out
-and the readers check it equals ``hash``) and ``fedgate.prev_hash`` = ``prev_hash``
-(hashed like any member); a line without them (written before v1.1) still verifies.
-Editing, inserting, deleting or reordering a line therefore breaks the chain at that
-line. (Removing trailing lines leaves a shorter, intact chain:
-only an external copy — the SIEM's — of the last hash detects that; see docs/AUDIT.md.)
-
-``event.sequence`` is the line's 1-based position in the file, set by the appender from
-the last line (so it continues across restarts and processes); a consumer that receives
-events more than once (the SIEM shipper is at-least-once) drops repeats by it.
+What a line is and how it is hashed lives in audit/seal.py; reading the last line back,
+in audit/tail.py; checking a whole chain, in audit/verify.py. This module is the writer.
 
 Appending, in every process that shares the file (``append_many``: a whole batch at
 once — group commit, issue 9):
@@ -29,164 +17,28 @@ once — group commit, issue 9):
    ``fsync``;
 4. unlock. The lock is never held across more than one batch.
 
-Lines are read back with :func:`schemas.canonical.load_stored`, the gateway's own
-strict parser (PROTOCOL.md §3: one parser for every later reader), and a line that
-parser would refuse (say an integer beyond 64 bits) is never written: the appender
-checks its own line first, so the chain can never hold a line that stops the next
-append or a SIEM. Cost per append is independent of the file's length. ``verify_file``
-streams the file once: O(n) time, memory bounded by the longest line.
+A line the strict reader (``schemas.canonical.load_stored``) would refuse (say an
+integer beyond 64 bits) is never written: the appender checks its own line first, so
+the chain can never hold a line that stops the next append or a SIEM. Cost per append
+is independent of the file's length.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from schemas.canonical import (
-    INVALID_UTF8,
-    MALFORMED,
-    NOT_OBJECT,
-    CanonicalError,
-    dumps,
-    dumps_known_readable,
-    load_stored,
-)
+from audit.seal import SEQUENCE, event_hash, read_line, seal
+from audit.tail import AuditError, read_tail
+from schemas.canonical import dumps, dumps_known_readable
 
-__all__ = ["GENESIS", "SEQUENCE", "AuditError", "AuditLog", "VerifyResult", "event_hash",
-           "head", "seal", "verify_file", "verify_lines"]
-
-GENESIS = "0" * 64
-SEQUENCE = "event.sequence"  # 1-based position of the line in its file
-HASH_ECS, PREV_ECS = "event.hash", "fedgate.prev_hash"  # [v1.1] ECS names of hash/prev_hash
-_CHAIN = ("prev_hash", "hash", SEQUENCE, HASH_ECS, PREV_ECS)
-_BLOCK = 4096
-_MAX_LINE = 1 << 20  # a longer "last line" is corruption, not an event
-_HEX = frozenset("0123456789abcdef")
-
-
-class AuditError(RuntimeError):
-    """The audit file cannot be extended safely; nothing was written."""
-
-
-def event_hash(event: dict[str, Any]) -> str:
-    """sha256 hex of the canonical form of ``event`` without ``hash`` and ``event.hash``."""
-    return hashlib.sha256(dumps({k: v for k, v in event.items()
-                                 if k != "hash" and k != HASH_ECS})).hexdigest()
-
-
-def seal(event: dict[str, Any], prev: str, sequence: int) -> dict[str, Any]:
-    """``event`` as line ``sequence`` after the line hashed ``prev``: its chain members
-    (any it had are replaced) under both names."""
-    body = {k: v for k, v in event.items() if k not in _CHAIN}
-    body["prev_hash"] = body[PREV_ECS] = prev
-    body[SEQUENCE] = sequence
-    body["hash"] = body[HASH_ECS] = event_hash(body)
-    return body
-
-
-def _aliases_agree(event: dict[str, Any]) -> str | None:
-    """Why the ECS names of the chain members disagree with theirs, or None."""
-    if event.get(HASH_ECS, event["hash"]) != event["hash"]:
-        return f"{HASH_ECS} differs from hash: the line was edited"
-    if event.get(PREV_ECS, event.get("prev_hash")) != event.get("prev_hash"):
-        return f"{PREV_ECS} differs from prev_hash"
-    return None
-
-
-def _is_hex64(value: Any) -> bool:
-    return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX
-
-
-def _read_line(line: bytes) -> dict[str, Any]:
-    """One audit line (newline stripped) with the one strict reader; ValueError(reason)."""
-    try:
-        return load_stored(line)
-    except CanonicalError as exc:
-        if exc.code == NOT_OBJECT:
-            raise ValueError("not a JSON object") from None
-        if exc.code in (MALFORMED, INVALID_UTF8):
-            raise ValueError("not JSON") from None
-        raise ValueError(f"not strict canonical JSON ({exc.code})") from None
-
-
-def _read_block(fd: int, offset: int, length: int) -> bytes:
-    """The one read of the append path (tests count calls here)."""
-    data = os.pread(fd, length, offset)
-    if len(data) != length:
-        raise AuditError("audit file shrank while locked")
-    return data
-
-
-def _last_line(fd: int, size: int) -> bytes:
-    """The file's last line, newline included, reading only the tail."""
-    buf, pos = b"", size
-    while True:
-        start = max(0, pos - _BLOCK)
-        buf = _read_block(fd, start, pos - start) + buf
-        pos = start
-        cut = buf.rfind(b"\n", 0, len(buf) - 1)
-        if cut >= 0:
-            return buf[cut + 1:]
-        if pos == 0:
-            return buf
-        if len(buf) > _MAX_LINE:
-            raise AuditError(f"last line of the audit file exceeds {_MAX_LINE} bytes")
-
-
-def _tail(fd: int) -> tuple[str, int]:
-    """``hash`` and ``event.sequence`` of the last line, checked; (GENESIS, 0) when empty."""
-    size = os.fstat(fd).st_size
-    if size == 0:
-        return GENESIS, 0
-    line = _last_line(fd, size)
-    if not line.endswith(b"\n"):
-        raise AuditError("audit file ends with a torn line (no newline): run "
-                         "`fedgate audit verify` and repair it before appending")
-    try:
-        last = _read_line(line[:-1])
-    except ValueError as exc:
-        raise AuditError(f"last line of the audit file is {exc}") from None
-    if not _is_hex64(last.get("hash")):
-        raise AuditError("last line of the audit file has no well-formed hash")
-    if event_hash(last) != last["hash"] or _aliases_agree(last):
-        raise AuditError("last line of the audit file fails its own hash (edited)")
-    if SEQUENCE not in last:  # a file written before event.sequence existed: count once
-        return last["hash"], _count_lines(fd, size)
-    if not _is_sequence(last[SEQUENCE]):
-        raise AuditError(f"last line of the audit file has an ill-formed {SEQUENCE}")
-    return last["hash"], last[SEQUENCE]
-
-
-def head(fd: int) -> tuple[str, int, str | None]:
-    """``hash``, ``event.sequence`` and ``event.action`` of the last line (checked);
-    (GENESIS, 0, None) when the file is empty."""
-    last_hash, seq = _tail(fd)
-    if seq == 0:
-        return last_hash, seq, None
-    action = _read_line(_last_line(fd, os.fstat(fd).st_size)[:-1]).get("event.action")
-    return last_hash, seq, action if isinstance(action, str) else None
-
-
-def _is_sequence(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _count_lines(fd: int, size: int) -> int:
-    count, offset = 0, 0
-    while offset < size:
-        block = os.pread(fd, min(1 << 20, size - offset), offset)
-        if not block:
-            break
-        count += block.count(b"\n")
-        offset += len(block)
-    return count
+# SEQUENCE and event_hash: re-exported for the tests that reach them as chain.*
+__all__ = ["SEQUENCE", "AuditError", "AuditLog", "event_hash", "seal"]
 
 
 class AuditLog:
@@ -286,7 +138,7 @@ class AuditLog:
         st = os.fstat(fd)
         if self._cache is not None and self._cache[:3] == (st.st_dev, st.st_ino, st.st_size):
             return self._cache[3], self._cache[4], st.st_size
-        last_hash, seq = _tail(fd)
+        last_hash, seq = read_tail(fd)
         return last_hash, seq, st.st_size
 
     def _append_batch(self, fd: int, events: list[dict[str, Any]],
@@ -305,7 +157,7 @@ class AuditLog:
             if line is None:
                 line = dumps(body)
                 try:
-                    _read_line(line)
+                    read_line(line)
                 except ValueError as exc:
                     return AuditError(f"event is {exc}; not written")
             lines.append(line + b"\n")
@@ -356,67 +208,3 @@ class AuditLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-@dataclass(frozen=True, slots=True)
-class VerifyResult:
-    """``lines``: intact lines before the first bad one (all of them when ``ok``)."""
-
-    ok: bool
-    lines: int
-    first_bad_line: int | None = None
-    reason: str | None = None
-    last_hash: str = GENESIS  # hash of the last intact line: anchor it elsewhere
-
-    def __str__(self) -> str:
-        if self.ok:
-            return f"intact: {self.lines} lines, last hash {self.last_hash}"
-        where = f"line {self.first_bad_line}: " if self.first_bad_line else ""
-        return f"broken: {where}{self.reason}"
-
-
-def _check_line(raw: bytes, prev: str, number: int | None = None) -> str:
-    """The line's hash if it extends the chain after ``prev`` (as line ``number``, whose
-    ``event.sequence``, when the line has one, must be ``number``); else ValueError."""
-    if not raw.endswith(b"\n"):
-        raise ValueError("torn line (no trailing newline): truncated or crashed write")
-    event = _read_line(raw[:-1])
-    if not _is_hex64(event.get("hash")):
-        raise ValueError("missing or ill-formed hash")
-    if not _is_hex64(event.get("prev_hash")):
-        raise ValueError("missing or ill-formed prev_hash")
-    if dumps(event) != raw[:-1]:
-        raise ValueError("not in canonical form (rewritten or duplicate keys)")
-    if event_hash(event) != event["hash"]:
-        raise ValueError("hash mismatch: the line was edited")
-    if (disagree := _aliases_agree(event)) is not None:
-        raise ValueError(disagree)
-    if event["prev_hash"] != prev:
-        raise ValueError("prev_hash does not match the previous line: a line was "
-                         "inserted, deleted or moved")
-    if number is not None and SEQUENCE in event and event[SEQUENCE] != number:
-        raise ValueError(f"{SEQUENCE} is {event[SEQUENCE]!r}, not the line's position "
-                         f"{number}")
-    return event["hash"]
-
-
-def verify_lines(lines: Iterable[bytes], prev: str = GENESIS, start: int = 0) -> VerifyResult:
-    """Walk the chain over ``lines`` (each with its newline); stop at the first break.
-    ``prev``/``start``: the hash and sequence the first line continues (a rotated file)."""
-    count = 0
-    for number, raw in enumerate(lines, start=1):
-        try:
-            prev = _check_line(raw, prev, start + number)
-        except ValueError as exc:
-            return VerifyResult(False, count, number, str(exc), prev)
-        count += 1
-    return VerifyResult(True, count, None, None, prev)
-
-
-def verify_file(path: Path | str) -> VerifyResult:
-    """Check the whole chain of ``path`` in one streaming pass (an empty file is intact)."""
-    try:
-        with open(path, "rb") as f:
-            return verify_lines(f)
-    except OSError as exc:
-        return VerifyResult(False, 0, None, f"cannot read {path}: {exc.strerror or exc}")

@@ -33,9 +33,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from audit.chain import SEQUENCE, AuditError, AuditLog, head
+from audit.chain import AuditError, AuditLog
 from audit.ecs import service_event
 from audit.events import rfc3339_ms
+from audit.seal import SEQUENCE
+from audit.tail import head
 from common.files import replace_durably
 from keyring.ed25519 import PrivateKey, verify
 from schemas.canonical import dumps

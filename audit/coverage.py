@@ -19,8 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from audit.chain import GENESIS, SEQUENCE, _check_line, _read_line
 from audit.checkpoints import CHECKPOINT, ROTATED, Checkpoint, read_sidecar
+from audit.seal import GENESIS, SEQUENCE, read_line
+from audit.verify import check_line
 from keyring.ed25519 import PrivateKey
 from keyring.keys import Keyring, KeyringError, parse_jwks
 
@@ -121,7 +122,7 @@ def verify_files(paths: Sequence[Path], keys: CheckpointKeys | None = None,
                             f"sequence {start}, which ends at sequence {seq}: a file between "
                             "them is missing, or the files are out of order")
                 try:
-                    new = _check_line(raw, prev, seq + 1)
+                    new = check_line(raw, prev, seq + 1)
                 except ValueError as exc:
                     raise VerifyFailed(f"{path}: broken: line {number}: {exc}") from None
                 action = event.get("event.action") if event else None
@@ -136,9 +137,9 @@ def verify_files(paths: Sequence[Path], keys: CheckpointKeys | None = None,
 
 def _event(raw: bytes) -> dict | None:
     try:
-        return _read_line(raw.rstrip(b"\n"))
+        return read_line(raw.rstrip(b"\n"))
     except ValueError:
-        return None  # _check_line names the defect
+        return None  # check_line names the defect
 
 
 def _from(event: dict) -> str:

@@ -18,10 +18,12 @@ import os
 import time
 from pathlib import Path
 
-from audit.chain import AuditError, AuditLog, _last_line, _read_line, head, seal
+from audit.chain import AuditError, AuditLog
 from audit.checkpoints import CHECKPOINT, ROTATED, Checkpoint, Checkpointer, checkpoint_event
 from audit.ecs import service_event
 from audit.events import rfc3339_ms
+from audit.seal import read_line, seal
+from audit.tail import head, last_line
 from schemas.canonical import dumps
 
 __all__ = ["default_target", "rotate"]
@@ -45,8 +47,8 @@ def rotate(log: AuditLog, target: Path, checkpointer: Checkpointer | None = None
             cp = checkpointer.write_locked(log, fd, seq, last_hash)
             last_hash, seq, action = head(fd)
         elif action == CHECKPOINT:
-            line = _last_line(fd, os.fstat(fd).st_size)
-            cp = Checkpoint.from_mapping(_read_line(line[:-1]), "checkpoint.")
+            line = last_line(fd, os.fstat(fd).st_size)
+            cp = Checkpoint.from_mapping(read_line(line[:-1]), "checkpoint.")
         now = cp.signed_at if cp is not None else time.time()
         event = (checkpoint_event(cp, ROTATED) if cp is not None else
                  service_event(rfc3339_ms(now), ROTATED))

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from audit.shipper import ShipError, Shipper
+from audit.ship_position import ShipError
+from audit.shipper import Shipper
 
 __all__ = ["run_shipper"]
 

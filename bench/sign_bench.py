@@ -51,7 +51,8 @@ def main() -> int:
         hsm.init_token("bench")
         hsm.import_seed("bench", "vv-fb-2026", SEED)
         os.environ["SOFTHSM2_CONF"] = str(hsm.conf)  # before the module is loaded here
-        from keyring.pkcs11 import Pkcs11Config, Pkcs11Signer, parse_uri
+        from keyring.pkcs11 import Pkcs11Signer
+        from keyring.pkcs11_uri import Pkcs11Config, parse_uri
 
         token = Pkcs11Signer(Pkcs11Config(hsm.module, PIN),
                              parse_uri(hsm.uri("bench", "vv-fb-2026")), "vv-fb-2026")

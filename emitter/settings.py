@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from common.tls import is_pin, normalize_pin
 from common.tomlfile import ConfigError, load_file, path_value, readable_file
 from keyring.keys import KID_RE
-from keyring.pkcs11 import Pkcs11Config
+from keyring.pkcs11_uri import Pkcs11Config
 from keyring.signer import KeySource, key_source, pkcs11_config
 from schemas.routes import IDENTITY_RE
 

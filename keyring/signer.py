@@ -19,7 +19,8 @@ from typing import Any
 from common.tomlfile import ConfigError, path_value, readable_file
 
 from .ed25519 import PrivateKey, SelfTestError, verify
-from .pkcs11 import Pkcs11Config, Pkcs11Error, Pkcs11Signer, Pkcs11Uri, is_uri, parse_uri
+from .pkcs11 import Pkcs11Signer
+from .pkcs11_uri import Pkcs11Config, Pkcs11Error, Pkcs11Uri, is_uri, parse_uri
 
 KeySource = Path | Pkcs11Uri
 _PROBE = b"fedgate signer self-test: Ed25519 over the token or the file key"

@@ -44,7 +44,8 @@ def cmd_keys_new_pkcs11(args: argparse.Namespace) -> int:
     variable --pin-env names, never from the command line."""
     from pathlib import Path
 
-    from keyring.pkcs11 import Pkcs11Config, generate_key, parse_uri
+    from keyring.pkcs11 import generate_key
+    from keyring.pkcs11_uri import Pkcs11Config, parse_uri
 
     _check_new_args(args)
     uri = parse_uri(args.pkcs11)

@@ -35,7 +35,8 @@ from pathlib import Path
 
 from prometheus_client.multiprocess import mark_process_dead
 
-from gateway.config.settings import SHUTDOWN_TIMEOUT_MAX_S, GatewaySettings, load_keys
+from gateway.config.server_config import SHUTDOWN_TIMEOUT_MAX_S
+from gateway.config.settings import GatewaySettings, load_keys
 from gateway.selftest import run_startup
 
 from .admin import start_admin

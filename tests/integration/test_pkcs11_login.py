@@ -4,7 +4,7 @@ PKCS#11 logs in per application: a second ``C_Login`` answers
 ``CKR_USER_ALREADY_LOGGED_IN`` and closing a logged-in session logs out every session of
 the process. So the signer a SIGHUP reload makes beside the old one could not start
 (``cannot log in: UserAlreadyLoggedIn``), and once the old one closed, the new one could
-not sign. keyring/pkcs11.py keeps one counted login per token instead.
+not sign. keyring/pkcs11_session.py keeps one counted login per token instead.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import audit.chain as chain
+import audit.tail as tail
 from audit import (
     AuditError,
     AuditLog,
@@ -278,7 +279,7 @@ def test_threads_share_one_log(tmp_path: Path) -> None:
 
 def _read_cost(path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[int, int]:
     calls, total = [], []
-    real = chain._read_block
+    real = tail._read_block
 
     def spy(fd: int, offset: int, length: int) -> bytes:
         data = real(fd, offset, length)
@@ -286,7 +287,7 @@ def _read_cost(path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[int, int]:
         total.append(len(data))
         return data
 
-    monkeypatch.setattr(chain, "_read_block", spy)  # counts only; behaviour unchanged
+    monkeypatch.setattr(tail, "_read_block", spy)  # counts only; behaviour unchanged
     with AuditLog(path, fsync=False) as log:
         for i in range(3):
             log.append(make_event(i))
@@ -303,7 +304,7 @@ def test_append_reads_only_the_tail(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     large_calls, large_bytes = _read_cost(large, monkeypatch)
     # one block for the first append; the next two trust the head kept in memory
     assert small_calls == large_calls == 1
-    assert small_bytes <= large_bytes <= chain._BLOCK
+    assert small_bytes <= large_bytes <= tail._BLOCK
     assert verify_file(large).ok and verify_file(large).lines == 10_003
 
 
@@ -313,8 +314,8 @@ def test_the_head_in_memory_is_dropped_when_another_writer_appended(
     the file's size is what it left, so the chain never forks."""
     path = tmp_path / "two.jsonl"
     reads = []
-    real = chain._read_block
-    monkeypatch.setattr(chain, "_read_block", lambda *a: reads.append(a) or real(*a))
+    real = tail._read_block
+    monkeypatch.setattr(tail, "_read_block", lambda *a: reads.append(a) or real(*a))
     with AuditLog(path, fsync=False) as a, AuditLog(path, fsync=False) as b:
         a.append(make_event(0))  # empty file: nothing to read
         a.append(make_event(1))  # cached
@@ -355,7 +356,7 @@ def test_a_long_last_line_is_read_in_several_blocks(tmp_path: Path,
     path = tmp_path / "long.jsonl"
     with AuditLog(path, fsync=False) as log:
         log.append(make_event(0))
-        long = log.append({**make_event(1), "message": "x" * (3 * chain._BLOCK)})
+        long = log.append({**make_event(1), "message": "x" * (3 * tail._BLOCK)})
     calls, _ = _read_cost(path, monkeypatch)
     assert calls >= 4  # 3+ blocks for the long line, then one per short line
     assert json.loads(lines_of(path)[2])["prev_hash"] == long["hash"]
