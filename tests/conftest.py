@@ -14,10 +14,32 @@ from pathlib import Path
 
 import pytest
 import redis
+from hangdump import Watchdog, item_timeout, real_stderr_fd
 from redis.cluster import RedisCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = ROOT / "tests" / "vectors"
+
+
+# -- a test nearing its timeout: what it waits on, on stderr (tests/hangdump.py) ---------
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[WATCHDOG] = Watchdog(real_stderr_fd(config))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    watchdog = item.config.stash.get(WATCHDOG, None)
+    if watchdog is not None:  # setup, call and teardown: as pytest-timeout's own timer
+        watchdog.arm(item.nodeid, item_timeout(item))
+    try:
+        return (yield)
+    finally:
+        if watchdog is not None:
+            watchdog.disarm()
+
+
+WATCHDOG = pytest.StashKey[Watchdog]()
 
 
 def load_vectors(name: str) -> dict:

@@ -192,12 +192,11 @@ async def resources(app: web.Application) -> AsyncIterator[None]:
     watcher = RevocationWatcher(store, app[PIPELINE], settings.server.revocation_refresh_s,
                                 on_count=app[METRICS].revoked_keys)
     watcher.apply(revoked, at_start=True)
-    revocations = asyncio.create_task(watcher.run())
+    watcher.start()
     try:
         yield
     finally:
-        revocations.cancel()
-        await asyncio.gather(revocations, return_exceptions=True)
+        await watcher.close()
         if (guard := app.get(GUARD)) is not None:
             await guard.close()  # a body still arriving fails now (a rejection, no write)
         await finish_decisions(app)  # no commit without its audit event, none cut short

@@ -31,6 +31,27 @@ class RevocationWatcher:
         self.on_count = on_count  # the fedgate_revoked_keys gauge
         self.failures = logs.Throttle(log, "cannot re-read the revoked keys")
         self._changed = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        """Run :meth:`run` in a task of its own, until :meth:`close`."""
+        self._task = asyncio.get_running_loop().create_task(self.run())
+
+    def changed(self) -> None:
+        """The store signalled a change: re-read now."""
+        self._changed.set()
+
+    async def close(self) -> None:
+        """Stop and wait for the task. It is cancelled, but a cancel can be lost (Python
+        3.11's asyncio.wait_for returns its result when what it awaited finished on the
+        tick the cancel came, and redis-py writes every command through it): the loop
+        also ends on ``_closing``, and the shutdown awaiting it never hangs."""
+        self._closing = True
+        self._changed.set()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
 
     async def refresh(self) -> None:
         try:
@@ -59,18 +80,22 @@ class RevocationWatcher:
             self.on_count(len(self.pipeline.trust.revoked))
 
     async def run(self) -> None:
-        """Until cancelled: re-read on every signal and every ``refresh_s``."""
+        """Until closed: re-read on every signal and every ``refresh_s``."""
         listener = asyncio.create_task(self._listen())
         try:
-            while True:
+            while not self._closing:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), self.refresh_s)
+                    async with asyncio.timeout(self.refresh_s):  # not wait_for: see close
+                        await self._changed.wait()
                 self._changed.clear()
-                await self.refresh()
+                if not self._closing:
+                    await self.refresh()
         finally:
+            # its store calls never go through wait_for (the pub/sub connection has no
+            # socket_timeout; SQLite polls in a thread): this cancel is not lost
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)
 
     async def _listen(self) -> None:
         async for _ in self.store.revocation_signals():
-            self._changed.set()
+            self.changed()

@@ -89,6 +89,7 @@ class OutboxAcks:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._failing = False
+        self._closing = False
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -99,10 +100,18 @@ class OutboxAcks:
             self._wake.set()
 
     async def _run(self) -> None:
-        while True:
+        # ``close`` cancels this task, but a cancel can be lost: Python 3.11's
+        # asyncio.wait_for returns its result when what it awaited finished on the tick
+        # the cancel came, and redis-py writes every command through it. So the loop
+        # also ends on ``_closing`` (never hanging the shutdown that awaits it), and
+        # waits for its wake-up without wait_for.
+        while not self._closing:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), ACK_EVERY_S)
+                async with asyncio.timeout(ACK_EVERY_S):
+                    await self._wake.wait()
             self._wake.clear()
+            if self._closing:
+                return  # close() flushes
             await self.flush()
 
     async def flush(self) -> None:
@@ -125,6 +134,8 @@ class OutboxAcks:
             self._failing = False
 
     async def close(self) -> None:
+        self._closing = True
+        self._wake.set()  # the loop ends even if the cancel below is lost
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
