@@ -130,6 +130,34 @@ def anchored(fold: Fold, tenant_id: str, anchor_tenant_id: str, anchor_fp: str,
     return Fold(fold.member, fold.received_at, (*fold.ops, ("set", ANCHORED, anchored_hash)))
 
 
+_NOTE = b'"' + ANCHORED.encode() + b'":"'
+
+
+def noted_anchor(raw: bytes) -> str | None:
+    """``orjson.loads(raw).get(ANCHORED)`` for a state as the stores encode it (compact
+    JSON; ``A`` is only ever set to a string), without decoding the rest: the state's
+    ``"A":"`` right after a ``{`` or a ``,``, then the string up to its closing quote.
+
+    Why a match is the key ``A`` and nothing else: in JSON text a ``"`` inside a string
+    is always escaped (``\\"``), so the quote after ``A`` is a structural one — the end
+    of a string ending in ``A``, a key since a ``:`` follows; the quote before ``A``
+    follows a ``{`` or ``,``, so it is not escaped either: it opens that key, which is
+    therefore exactly ``A``. A value holding a backslash (an escape) is decoded whole;
+    an encoder that put spaces around the separators would only never match, and the
+    state would be looked up as one without the note (correct, as before the notes)."""
+    at = raw.find(_NOTE)
+    while at > 0 and raw[at - 1] not in b"{,":
+        at = raw.find(_NOTE, at + 1)
+    if at <= 0:
+        return None
+    start = at + len(_NOTE)
+    end = raw.find(b'"', start)
+    value = raw[start:end]
+    if end < 0 or b"\\" in value:
+        return orjson.loads(raw).get(ANCHORED)
+    return value.decode()
+
+
 def stored_validators() -> Validators:
     """The validators a record from outside the commit path is checked with (once)."""
     if not _VALIDATORS:

@@ -33,6 +33,7 @@ from gateway.feedback.fold import (
     Skip,
     apply,
     fold_record,
+    noted_anchor,
     stored_validators,
 )
 
@@ -85,8 +86,10 @@ def skip_entry(skip: Skip) -> str:
 async def list_facts(r: Redis, tenant_prefix: str, identity: str,
                      limit: int) -> list[tuple[str, Any, str | None, str | None]]:
     """``(member, state, anchored hash, owner)`` of ``identity``'s newest executions,
-    the state decoded. A state noting its anchor (``fold.ANCHORED``) is ``identity``'s
-    with that hash; the anchor and owner keys of the others are read (one MGET)."""
+    the state as stored (JSON bytes: the query decodes only the states it has not seen,
+    gateway/feedback/decide.py). A state noting its anchor (``fold.ANCHORED``, read
+    without decoding it: ``fold.noted_anchor``) is ``identity``'s with that hash; the
+    anchor and owner keys of the others are read (one MGET)."""
     fkey, ikey, _ = keys(tenant_prefix, identity)
     members = await r.zrange(ikey, 0, limit - 1, desc=True) if limit > 0 else []
     if not members:
@@ -96,11 +99,10 @@ async def list_facts(r: Redis, tenant_prefix: str, identity: str,
     for member, raw in zip(members, await r.hmget(fkey, members), strict=True):
         if raw is None:
             continue
-        state = orjson.loads(raw)
-        anchor = state.get(ANCHORED)
+        anchor = noted_anchor(raw)
         if anchor is None:
             unknown.append(len(out))
-        out.append((member.decode(), state, anchor, None if anchor is None else identity))
+        out.append((member.decode(), raw, anchor, None if anchor is None else identity))
     if unknown:
         # the keys as bytes: redis-py packs a str argument through its encoder, ~1 µs each
         a, o = f"{tenant_prefix}:a:".encode(), f"{tenant_prefix}:o:".encode()

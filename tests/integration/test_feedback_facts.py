@@ -201,7 +201,7 @@ async def test_a_redis_state_notes_its_anchor_so_a_query_reads_no_anchor_key(
               ).adjustments
     await strip_anchor_notes(any_store)
     stripped = await any_store.list_facts(TENANT, IDENTITY, 100)
-    assert not any(ANCHORED in state for _, state, _, _ in stripped)
+    assert not any(ANCHORED in orjson.loads(state) for _, state, _, _ in stripped)
     assert [(m, a, o) for m, _, a, o in stripped] == [(m, a, o) for m, _, a, o in rows]
     assert (await RulePolicy(RULES)(any_store, TENANT, 100, NOW, identity=IDENTITY)
             ).adjustments == answer
@@ -254,7 +254,7 @@ async def test_upgrade_back_fills_the_facts_once(store_url: str) -> None:
             assert without_notes(again) == without_notes(rows)
             if not store_url.startswith("sqlite"):  # Redis: every execution the identity
                 # owns is noted ("A"), so a query reads no anchor key
-                assert [s.get(ANCHORED) for _, s, _, o in again] == [
+                assert [orjson.loads(s).get(ANCHORED) for _, s, _, o in again] == [
                     a if o == IDENTITY else None for _, _, a, o in again]
         finally:
             await store.close()
