@@ -216,13 +216,19 @@ def decide(rules: StateRules, tenant_id: str, identity: str, rows: Iterable[Row]
     chosen: list[int] = []
     by_action = [[] for _ in ACTIONS]  # positions in the lists above
     ranks = [ACTION_RANK[rule.then.action] for rule, _ in rules.rules]
-    decided = rules.decided
+    decided, timeless = rules.decided, not rules.seconds
+    newer = rules.memo.newer  # StateRules.decided's first lookup, inlined (~1,000 a query)
     for member, state, anchor, owner in rows:
         fp, _, att = member.partition(":")
         if owner != identity or not anchor or att != anchor.lower():
             continue
         if type(state) is bytes:
-            index, target = decided(state, now)
+            known = newer.get(state) if timeless else None
+            if known is None:
+                index, target = decided(state, now)
+                newer = rules.memo.newer  # a new generation may have begun
+            else:
+                index, target = known[0], known[1]
         else:
             target = state if isinstance(state, dict) else orjson.loads(state)
             index = rules.first_index(target, now)
