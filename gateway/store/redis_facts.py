@@ -85,18 +85,33 @@ def skip_entry(skip: Skip) -> str:
 
 async def list_facts(r: Redis, tenant_prefix: str, identity: str,
                      limit: int) -> list[tuple[str, Any, str | None, str | None]]:
-    """``(member, state, anchored hash, owner)`` of ``identity``'s newest executions,
-    the state as stored (JSON bytes: the query decodes only the states it has not seen,
-    gateway/feedback/decide.py). A state noting its anchor (``fold.ANCHORED``, read
-    without decoding it: ``fold.noted_anchor``) is ``identity``'s with that hash; the
-    anchor and owner keys of the others are read (one MGET)."""
-    fkey, ikey, _ = keys(tenant_prefix, identity)
-    members = await r.zrange(ikey, 0, limit - 1, desc=True) if limit > 0 else []
-    if not members:
+    """``(member, state, anchored hash, owner)`` of ``identity``'s newest executions, in
+    no particular order, the state as stored (JSON bytes: the query decodes only the
+    states it has not seen, gateway/feedback/decide.py). A state noting its anchor
+    (``fold.ANCHORED``, read without decoding it: ``fold.noted_anchor``) is
+    ``identity``'s with that hash; the anchor and owner keys of the others are read (one
+    MGET).
+
+    When the identity has at most ``limit`` executions (``HLEN``: the hash and the index
+    always hold the same members, both written by one script or one MULTI) the hash is
+    read whole (``HGETALL``); else the newest ``limit`` members from the index, then
+    their states (``HMGET``). The first spares the client packing a command of
+    ``limit`` arguments and the server a ``ZRANGE``."""
+    if limit <= 0:
         return []
+    fkey, ikey, _ = keys(tenant_prefix, identity)
+    states = None
+    if await r.hlen(fkey) <= limit:
+        states = await r.hgetall(fkey)
+        if len(states) > limit:  # executions added since the HLEN
+            states = None
+    if states is None:
+        members = await r.zrange(ikey, 0, limit - 1, desc=True)
+        states = dict(zip(members, await r.hmget(fkey, members) if members else (),
+                          strict=True))
     out: list[tuple[str, Any, str | None, str | None]] = []
     unknown: list[int] = []  # positions in out
-    for member, raw in zip(members, await r.hmget(fkey, members), strict=True):
+    for member, raw in states.items():
         if raw is None:
             continue
         anchor = noted_anchor(raw)
