@@ -308,3 +308,75 @@ async def test_list_facts_gives_the_limit_most_recently_active_executions(any_st
         rows = await any_store.list_facts(TENANT, IDENTITY, limit)
         assert sorted(m[:64] for m, _, _, _ in rows) == sorted(fps[::-1][:limit]), limit
         assert sorted(rows) == sorted(r for r in everything if r[0][:64] in fps[::-1][:limit])
+
+
+V4_FACTS = """
+CREATE TABLE facts_v4 (
+    tenant_id TEXT NOT NULL, identity TEXT NOT NULL, member TEXT NOT NULL,
+    latest INTEGER NOT NULL, state BLOB NOT NULL,
+    PRIMARY KEY (tenant_id, identity, member)) WITHOUT ROWID;
+INSERT INTO facts_v4 SELECT tenant_id, identity, member, latest, state FROM facts;
+DROP TABLE facts;
+ALTER TABLE facts_v4 RENAME TO facts;
+CREATE INDEX facts_by_latest ON facts (tenant_id, identity, latest, member);
+PRAGMA user_version = 4;
+"""
+
+
+def overflow_pages(path: Path) -> int:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute("SELECT count(*) FROM dbstat WHERE name = 'facts'"
+                          " AND pagetype = 'overflow'").fetchone()[0]
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+async def test_sqlite_facts_of_a_thousand_bytes_stay_in_their_rows(store_url) -> None:
+    """A facts state a little over what a WITHOUT ROWID page keeps inline (the version-4
+    table: ~1,000 bytes with the key columns) made every read of its row several times
+    slower (overflow pages). The version-5 table (rowid) keeps it in its page; opening a
+    version-4 file moves the rows over as they are, once, and the answers stay."""
+    path = Path(store_url.removeprefix("sqlite:///"))
+    store = open_store(store_url)
+    await store.open()
+    try:
+        await feed_executions(store, 40, seed=3)
+        lab = Lab(store)
+        for i in range(25):  # one execution naming 25 targets: a state of ~1,700 bytes
+            body = copy.deepcopy(TELEMETRY_BODY)
+            body["execution_hash"] = FPS[0]
+            body["payload"]["attributes"].update(
+                execution_fingerprint=FPS[0], attestation_measurement_hash=ATT[FPS[0]],
+                asset_ref=f"a-rather-long-host-name-{i:03d}.example")
+            headers, raw = lab.signed(TELEMETRY_PATH, body, ts=NOW)
+            assert (await lab.send(headers, raw, TELEMETRY_PATH, now=NOW))[:2] == (202, None)
+        rows = await store.list_facts(TENANT, IDENTITY, 100)
+        assert max(len(state) for _, state, _, _ in rows) > 1_200
+        answer = (await RulePolicy(RULES)(store, TENANT, 100, NOW, identity=IDENTITY)
+                  ).adjustments
+    finally:
+        await store.close()
+    assert overflow_pages(path) == 0
+    db = sqlite3.connect(path)
+    db.executescript(V4_FACTS)  # the file as version 4 left it
+    db.close()
+    assert overflow_pages(path) > 0
+    for _ in range(2):  # the first open moves the rows, the second finds nothing to do
+        store = open_store(store_url)
+        await store.open()
+        try:
+            assert sorted(await store.list_facts(TENANT, IDENTITY, 100)) == sorted(rows)
+            assert (await RulePolicy(RULES)(store, TENANT, 100, NOW, identity=IDENTITY)
+                    ).adjustments == answer
+        finally:
+            await store.close()
+        assert overflow_pages(path) == 0
+        db = sqlite3.connect(path)
+        try:
+            assert db.execute("PRAGMA user_version").fetchone()[0] == 5
+            assert "WITHOUT ROWID" not in db.execute(
+                "SELECT sql FROM sqlite_master WHERE name = 'facts'").fetchone()[0]
+        finally:
+            db.close()
