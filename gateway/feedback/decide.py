@@ -122,7 +122,8 @@ if STATE_CONDITIONS.keys() != CONDITIONS.keys():  # a new condition needs its st
 
 
 #: Bytes of facts states whose decision a :class:`StateRules` remembers (bycontent.py):
-#: ~19,000 states of ~850 bytes; one query reads at most 10,000 (issuer.MAX_EXECUTIONS).
+#: ~30,000 states of ~850 bytes, 15,000 per generation: one query reads at most 10,000
+#: (issuer.MAX_EXECUTIONS).
 DECISIONS_BYTES = 32 * 1024 * 1024
 NO_RULE = -1
 

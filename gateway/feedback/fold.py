@@ -30,9 +30,8 @@ anchor and its owner are written once, by the first accepted commit of the execu
 and a later commit that anchors it is accepted only from that owner with that very hash
 — so a state holding ``A`` is the folding identity's, anchored with ``A``, for good. A
 state without it (anchoring off, ``put_record``, facts kept before it existed) is looked
-up as before. SQLite does not note it: its query joins the anchors (cheap there), and
-64 more bytes would push a typical row past what a ``WITHOUT ROWID`` page keeps inline
-(~1,000 bytes at 4 KiB pages), making every read of it several times slower.
+up as before (a query reads the note from the state's bytes: :func:`noted_anchor`).
+SQLite does not note it: its query joins the anchors (cheap there).
 
 A record that cannot be used (older version, edited: :class:`~.evidence.Unusable`) is
 not folded; ``put_record`` and the upgrade's back-fill note it with its reason so every

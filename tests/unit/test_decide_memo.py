@@ -132,3 +132,17 @@ def test_a_memo_too_small_for_the_query_still_answers(states: int) -> None:
                                                                         limit, NOW)
     assert memo.worked_out >= 2_000
     assert len(memo.memo) <= states
+
+
+def test_other_rules_decide_afresh() -> None:
+    """The memo belongs to one set of rules (StateRules): rules read anew (a new
+    RulePolicy) decide every state again, and answer as those rules do."""
+    rows = thousand_rows()
+    old, new = DEFAULT_RULES, ruleset([((("findings_at_least", 3),
+                                         ("max_severity_at_least", "medium")), "isolate")])
+    warm = StateRules(old)
+    decide(warm, TENANT, ME, rows, 1_000, NOW)
+    fresh = StateRules(new)
+    got = decide(fresh, TENANT, ME, rows, 1_000, NOW)
+    assert fresh.worked_out == 1_000
+    assert got == reference(new, rows, 1_000, NOW) != reference(old, rows, 1_000, NOW)
