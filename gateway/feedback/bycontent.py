@@ -67,9 +67,6 @@ class ByContent:
         self.newer[key] = value
         self.held += cost
 
-    def clear(self) -> None:
-        self.newer, self.older, self.held = {}, {}, 0
-
     def __len__(self) -> int:
         return len(self.newer) + len(self.older)
 
