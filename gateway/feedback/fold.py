@@ -30,9 +30,8 @@ anchor and its owner are written once, by the first accepted commit of the execu
 and a later commit that anchors it is accepted only from that owner with that very hash
 — so a state holding ``A`` is the folding identity's, anchored with ``A``, for good. A
 state without it (anchoring off, ``put_record``, facts kept before it existed) is looked
-up as before. SQLite does not note it: its query joins the anchors (cheap there), and
-64 more bytes would push a typical row past what a ``WITHOUT ROWID`` page keeps inline
-(~1,000 bytes at 4 KiB pages), making every read of it several times slower.
+up as before (a query reads the note from the state's bytes: :func:`noted_anchor`).
+SQLite does not note it: its query joins the anchors (cheap there).
 
 A record that cannot be used (older version, edited: :class:`~.evidence.Unusable`) is
 not folded; ``put_record`` and the upgrade's back-fill note it with its reason so every
@@ -128,6 +127,34 @@ def anchored(fold: Fold, tenant_id: str, anchor_tenant_id: str, anchor_fp: str,
             or not fold.member.startswith(anchor_fp + ":")):
         return fold
     return Fold(fold.member, fold.received_at, (*fold.ops, ("set", ANCHORED, anchored_hash)))
+
+
+_NOTE = b'"' + ANCHORED.encode() + b'":"'
+
+
+def noted_anchor(raw: bytes) -> str | None:
+    """``orjson.loads(raw).get(ANCHORED)`` for a state as the stores encode it (compact
+    JSON; ``A`` is only ever set to a string), without decoding the rest: the state's
+    ``"A":"`` right after a ``{`` or a ``,``, then the string up to its closing quote.
+
+    Why a match is the key ``A`` and nothing else: in JSON text a ``"`` inside a string
+    is always escaped (``\\"``), so the quote after ``A`` is a structural one — the end
+    of a string ending in ``A``, a key since a ``:`` follows; the quote before ``A``
+    follows a ``{`` or ``,``, so it is not escaped either: it opens that key, which is
+    therefore exactly ``A``. A value holding a backslash (an escape) is decoded whole;
+    an encoder that put spaces around the separators would only never match, and the
+    state would be looked up as one without the note (correct, as before the notes)."""
+    at = raw.find(_NOTE)
+    while at > 0 and raw[at - 1] not in b"{,":
+        at = raw.find(_NOTE, at + 1)
+    if at <= 0:
+        return None
+    start = at + len(_NOTE)
+    end = raw.find(b'"', start)
+    value = raw[start:end]
+    if end < 0 or b"\\" in value:
+        return orjson.loads(raw).get(ANCHORED)
+    return value.decode()
 
 
 def stored_validators() -> Validators:

@@ -9,7 +9,8 @@ query reads the identity's newest rows with their anchors (:func:`list_facts`): 
 small row per execution, no record body.
 
 :func:`backfill` (re)builds both tables from the records, in the upgrade's write
-transaction (``sqlite_schema.migrate``, layout version 4): idempotent.
+transaction (``sqlite_schema.migrate``, layout version 4): idempotent. :func:`relayout`
+turns the version-4 table into the version-5 one (rowid: below).
 """
 
 from __future__ import annotations
@@ -21,12 +22,21 @@ import orjson
 
 from gateway.feedback.fold import Fold, Skip, apply, fold_record, stored_validators
 
-FACTS_SCHEMA = """
+# ``facts`` is a rowid table (layout version 5; a WITHOUT ROWID table before): a row of
+# a WITHOUT ROWID table lives in an index b-tree page, which keeps at most ~1,000 bytes
+# of it inline (4 KiB pages) and moves the rest to overflow pages — a typical state of
+# ~800 bytes plus the key columns is at that line, and one a little larger made every
+# read of its row ~3× slower (a query of 1,000 executions: 3 → 8 ms) and every fold ~2×.
+# A rowid table's leaf keeps ~4,000 bytes inline. Measured with the same rows: reads and
+# folds as fast as before below the line, and staying so above it.
+FACTS_TABLE = """
 CREATE TABLE IF NOT EXISTS facts (
     tenant_id TEXT NOT NULL, identity TEXT NOT NULL, member TEXT NOT NULL,
     latest INTEGER NOT NULL, state BLOB NOT NULL,
-    PRIMARY KEY (tenant_id, identity, member)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS facts_by_latest ON facts (tenant_id, identity, latest, member);
+    UNIQUE (tenant_id, identity, member))"""
+FACTS_BY_LATEST = ("CREATE INDEX IF NOT EXISTS facts_by_latest"
+                   " ON facts (tenant_id, identity, latest, member)")
+FACTS_SCHEMA = FACTS_TABLE + ";\n" + FACTS_BY_LATEST + """;
 CREATE TABLE IF NOT EXISTS facts_skipped (
     tenant_id TEXT NOT NULL, identity TEXT NOT NULL, seq INTEGER NOT NULL,
     kind TEXT NOT NULL, record_id TEXT NOT NULL, reason TEXT NOT NULL,
@@ -47,13 +57,31 @@ def fold_into(db: sqlite3.Connection, kind: str, raw: bytes, tenant_id: str,
                          " AND member=?", (tenant_id, identity, fold.member)).fetchone()
         state = apply({} if row is None else orjson.loads(row[0]), fold.ops, seq)
         latest = fold.received_at if row is None else max(row[1], fold.received_at)
-        db.execute("INSERT OR REPLACE INTO facts (tenant_id, identity, member, latest, state)"
-                   " VALUES (?,?,?,?,?)",
+        db.execute("INSERT INTO facts (tenant_id, identity, member, latest, state)"
+                   " VALUES (?,?,?,?,?) ON CONFLICT (tenant_id, identity, member)"
+                   " DO UPDATE SET latest = excluded.latest, state = excluded.state",
                    (tenant_id, identity, fold.member, latest, orjson.dumps(state)))
     elif isinstance(fold, Skip):
         db.execute("INSERT OR REPLACE INTO facts_skipped (tenant_id, identity, seq, kind,"
                    " record_id, reason) VALUES (?,?,?,?,?,?)",
                    (tenant_id, identity, seq, fold.kind, fold.record_id, fold.reason))
+
+
+def relayout(db: sqlite3.Connection) -> None:
+    """``facts`` as a WITHOUT ROWID table (layout version 4) rebuilt as the rowid table
+    of :data:`FACTS_TABLE`, rows unchanged; nothing when it is one already. Inside the
+    caller's write transaction."""
+    row = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'facts'"
+                     ).fetchone()
+    if row is None or "WITHOUT ROWID" not in row[0].upper():
+        return
+    db.execute("DROP INDEX IF EXISTS facts_by_latest")
+    db.execute("ALTER TABLE facts RENAME TO facts_v4")
+    db.execute(FACTS_TABLE)
+    db.execute("INSERT INTO facts (tenant_id, identity, member, latest, state)"
+               " SELECT tenant_id, identity, member, latest, state FROM facts_v4")
+    db.execute("DROP TABLE facts_v4")
+    db.execute(FACTS_BY_LATEST)
 
 
 def backfill(db: sqlite3.Connection) -> None:

@@ -17,7 +17,10 @@ one write transaction (so concurrent openers serialise), and is idempotent:
   added if missing and, once (``user_version`` < 2 → 2), back-filled from the evidence
   JSON's ``identity``; a record without one (issued feedback) keeps NULL.
 - ``facts`` and ``facts_skipped`` (version 4): per-execution facts for the feedback
-  policy, back-filled once from the findings and graphs (``sqlite_facts.backfill``).
+  policy, back-filled once from the findings and graphs (``sqlite_facts.backfill``);
+  version 5 keeps ``facts`` in a rowid table instead of a WITHOUT ROWID one, so a
+  state of more than ~800 bytes stays in its row's page (``sqlite_facts.relayout``
+  copies the rows over, once).
 - ``audit_outbox`` (version 3): an accepted commit's audit events, written in its
   transaction, deleted once they are in the hash chain (docs/AUDIT.md *Outbox*).
 - the pre-v1.1 ``nonces(identity, nonce)`` table is kept: while it holds rows the
@@ -31,7 +34,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from .sqlite_facts import FACTS_SCHEMA, backfill
+from .sqlite_facts import FACTS_SCHEMA, backfill, relayout
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS claims (
@@ -56,10 +59,11 @@ CREATE TABLE IF NOT EXISTS audit_outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT, owner TEXT NOT NULL, event BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS audit_outbox_by_owner ON audit_outbox (owner, id);
 """ + FACTS_SCHEMA
-SCHEMA_VERSION = 4  # PRAGMA user_version: 1 once the v1.1 migration has run, 2 once
+SCHEMA_VERSION = 5  # PRAGMA user_version: 1 once the v1.1 migration has run, 2 once
 # records carry the identity that sent them (indexed: a query reads only its own), 3
 # with the audit outbox (created by SCHEMA above: nothing to back-fill), 4 with the
-# per-execution facts (sqlite_facts.py: back-filled from the records)
+# per-execution facts (sqlite_facts.py: back-filled from the records), 5 with the facts
+# in a rowid table (sqlite_facts.relayout: the rows copied as they are)
 RECORDS_BY_IDENTITY = ("CREATE INDEX IF NOT EXISTS records_by_identity"
                        " ON records (kind, tenant_id, identity, seq)")
 # The sender of a record stored before records had an identity column: the evidence
@@ -107,6 +111,7 @@ def migrate(db: sqlite3.Connection) -> bool:
         db.execute(BACKFILL_OWNERS)
     if version < 2:
         db.execute(BACKFILL_IDENTITY)
+    relayout(db)  # judged by the table itself: a no-op once done
     if version < 4:
         backfill(db)
     if version < SCHEMA_VERSION:

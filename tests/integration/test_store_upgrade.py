@@ -170,7 +170,7 @@ async def test_sqlite_upgrade_adds_the_owner_column_once(store_url, old) -> None
     await store.close()
     db = sqlite3.connect(Path(store_url.removeprefix("sqlite:///")))
     try:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 4  # facts (sqlite_facts.py)
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 5  # facts, rowid (sqlite_facts)
         assert db.execute("SELECT owner FROM anchors").fetchall() == [(B,)]
     finally:
         db.close()

@@ -22,6 +22,7 @@ from gateway.feedback.fold import (
     apply,
     evidence_ops,
     facts_from_states,
+    noted_anchor,
 )
 
 TENANT, ME = "t-1", "me"
@@ -103,3 +104,28 @@ def test_a_commit_notes_the_hash_it_anchors_its_own_execution_with(anchor, noted
     assert got == (Fold(fold.member, 1_000, (("add", "n", 1), ("set", ANCHORED,
                                                               HASHES[0].upper())))
                    if noted else fold)
+
+
+NASTY = st.sampled_from(['"A', '"A":"', ',"A":"', '{"A":"x', "\\", '\\"A', "A", "é", "/", ""])
+text = st.lists(st.one_of(NASTY, st.text(max_size=3)), max_size=4).map("".join)
+state_field = st.one_of(st.sampled_from(["n", "s", "ts", "gt", "u", "gn"]),
+                        st.tuples(st.sampled_from(["x:", "a:", "e:", "t:", "o:"]), text)
+                        .map("".join))
+
+
+@settings(max_examples=1_000, deadline=None)
+@given(st.lists(st.tuples(state_field, st.one_of(st.integers(0, 10**12), text)), max_size=8),
+       st.one_of(st.none(), st.sampled_from(HASHES + ("", HASHES[0].upper())), text),
+       st.integers(0, 8))
+def test_the_noted_anchor_is_read_from_the_bytes_as_decoding_reads_it(fields, note,
+                                                                       where) -> None:
+    """fold.noted_anchor (a Redis query reads the note without decoding the state) gives
+    what decoding gives, wherever the note sits and whatever the other names and values
+    hold: quotes, backslashes, ``"A":"`` inside them, non-ASCII."""
+    state = dict(fields)
+    state.pop(ANCHORED, None)
+    items = list(state.items())
+    if note is not None:
+        items.insert(min(where, len(items)), (ANCHORED, note))
+    raw = orjson.dumps(dict(items))
+    assert noted_anchor(raw) == orjson.loads(raw).get(ANCHORED)
