@@ -48,8 +48,11 @@ def build_and_install(tmp: Path) -> Path:
     # dependencies from this interpreter's site-packages, AFTER the venv's own (the .pth
     # files there, e.g. an editable install of this checkout, are not processed)
     (Path(purelib) / "_fedgate_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # no PYTHONPATH: a checkout on it (with a fedgate.egg-info a build left there) would
+    # make pip take fedgate for installed already and skip the wheel
     run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps",
-         "--no-index", str(wheel)])
+         "--no-index", str(wheel)],
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     return venv / "bin"
 
 
