@@ -48,8 +48,8 @@ LEGACY_ALIASES: dict[str, str] = {
     "feedback.skipped": "fedgate.feedback.skipped",
     "feedback.skipped_executions": "fedgate.feedback.skipped_executions",
     "feedback.skip_reason": "fedgate.feedback.skip_reason",
-    "prev_hash": "fedgate.prev_hash",  # written by audit.chain.seal
-    "hash": "event.hash",  # written by audit.chain.seal
+    "prev_hash": "fedgate.prev_hash",  # written by audit.seal.seal
+    "hash": "event.hash",  # written by audit.seal.seal
 }
 MAX_PATH = 1024  # url.path bound (the request target came from the network)
 MAX_METHOD = 32

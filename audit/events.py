@@ -20,7 +20,7 @@ Shape rules (docs/AUDIT.md):
 * ``event.id`` (ECS) is a fresh UUID per event: unique, so an event kept in the store's
   audit outbox is recognised in the chain after a crash (docs/AUDIT.md *Outbox*);
 * ``prev_hash``/``fedgate.prev_hash``, ``event.sequence`` and ``hash``/``event.hash``
-  are added by :func:`audit.chain.seal` when the event is appended.
+  are added by :func:`audit.seal.seal` when the event is appended.
 """
 
 from __future__ import annotations
