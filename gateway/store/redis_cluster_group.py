@@ -45,7 +45,7 @@ from redis.exceptions import (
 )
 
 from .base import StoreError
-from .redis_group import GROUP_CALL, group_command, no_script_failed, unavailable
+from .redis_group import GROUP_CALL, group_command, no_script_failed, spread, unavailable
 from .resp import exchange, pack
 
 RedisClusterStore = Any  # redis_cluster.RedisClusterStore (which imports this module)
@@ -178,13 +178,3 @@ async def _round_trip(store: RedisClusterStore, node: ClusterNode,
         except StoreError as exc:
             out = no_script_failed(out, exc)
     return out
-
-
-def spread(reply: Any, n: int) -> list:
-    """A group call's reply as its ``n`` commits' replies: each its own, or a whole
-    refusal (MOVED, ASK, TRYAGAIN, OOM, NOSCRIPT: none of them ran) for each."""
-    if isinstance(reply, Exception):
-        return [reply] * n
-    if isinstance(reply, list) and len(reply) == n:
-        return reply
-    return [StoreError("claim", f"unexpected reply to a group commit: {str(reply)[:80]}")] * n

@@ -133,15 +133,8 @@ async def send_group(store: RedisStore, calls: list[list]) -> list:
         answers = await round_trip(store._redis, payload, len(chunks))
     except RedisError as e:  # lost connection, timeout: some may have run (fail closed)
         return [unavailable(e)] * len(calls)
-    replies: list = []
-    for chunk, answer in zip(chunks, answers, strict=True):
-        if isinstance(answer, ResponseError):  # refused whole (OOM, NOSCRIPT…): none ran
-            replies += [answer] * len(chunk)
-        elif isinstance(answer, list) and len(answer) == len(chunk):
-            replies += answer
-        else:  # cannot happen with GROUP_LUA; some may have run: fail closed
-            replies += [StoreError("claim", f"unexpected reply to a group commit: "
-                                   f"{str(answer)[:80]}")] * len(chunk)
+    replies = [reply for chunk, answer in zip(chunks, answers, strict=True)
+               for reply in spread(answer, len(chunk))]
     if any(isinstance(reply, NoScriptError) for reply in replies):
         # SCRIPT FLUSH, a restart without the script: those did not run
         try:
@@ -149,6 +142,18 @@ async def send_group(store: RedisStore, calls: list[list]) -> list:
         except StoreError as exc:  # those commits fail alone
             replies = no_script_failed(replies, exc)
     return replies
+
+
+def spread(reply: Any, n: int) -> list:
+    """A group call's reply as its ``n`` commits' replies: each its own, or a whole
+    refusal (OOM, NOSCRIPT; on a cluster MOVED, ASK, TRYAGAIN: none of them ran) for
+    each; anything else cannot come from GROUP_LUA and fails them closed (some may have
+    run)."""
+    if isinstance(reply, Exception):
+        return [reply] * n
+    if isinstance(reply, list) and len(reply) == n:
+        return reply
+    return [StoreError("claim", f"unexpected reply to a group commit: {str(reply)[:80]}")] * n
 
 
 def group_command(sha: str, calls: list[list]) -> list:
