@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import re
 import time
-import uuid
 from typing import Any
 
 from audit.ecs import (
@@ -43,6 +42,7 @@ from audit.ecs import (
     ip,
     port,
 )
+from common.ids import uuid4_text
 
 __all__ = ["FEEDBACK_CATEGORIES", "feedback_event", "handshake_event", "request_event",
            "rfc3339_ms"]
@@ -114,7 +114,7 @@ def _assemble(fields: dict[str, Any]) -> dict[str, Any]:
             out[old] = out[new]
     for k in _ALWAYS:
         out.setdefault(k, None)
-    out["event.id"] = str(uuid.uuid4())
+    out["event.id"] = uuid4_text()
     return out
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -23,6 +22,7 @@ from aiohttp import web
 
 from audit import AuditSink
 from audit.writer import GroupWriter
+from common.ids import uuid4_text
 from gateway import logs
 from gateway.config.settings import GatewaySettings
 from gateway.feedback.issuer import FeedbackIssuer, RulePolicy, no_adjustments
@@ -235,7 +235,7 @@ async def request_id_middleware(request: web.Request, handler) -> web.StreamResp
     """Echo a well-formed X-Request-Id or make one; never leak internals on a 500."""
     request_id = request.headers.get("X-Request-Id", "")
     if not REQUEST_ID_RE.fullmatch(request_id):
-        request_id = str(uuid.uuid4())
+        request_id = uuid4_text()
     request[REQUEST_ID] = request_id
     try:
         response = await handler(request)
@@ -286,7 +286,7 @@ async def decide_signed(request: web.Request) -> web.Response:
         # the timestamp window or outlive a claim), and passed down
         now = int(app[CLOCK]())
         req = SignedRequest(route, request.headers, body, peer, ctx.request_id, peer_spki)
-        await app[PIPELINE].process(req, now, ctx, trust)
+        await app[PIPELINE].process(req, now, ctx, trust, ctx.identity)
         status, payload, action = answer(route, ctx)
     except E.GatewayError as error:
         exc = error

@@ -69,7 +69,7 @@ async def decide_batch(request: web.Request) -> web.Response:
                                    ctx.request_id, now, trust, outbox=lambda: AuditOutbox(
                                        app[OWNER], lambda c: accept_events(
                                            request, c, peer, "telemetry.accepted", 202,
-                                           facts)))
+                                           facts)), identity=ctx.identity)
     except E.GatewayError as exc:
         app[METRICS].pipeline.observe(time.perf_counter() - started)
         return await refuse(request, ctx, peer, exc, body_in)

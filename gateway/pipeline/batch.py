@@ -139,10 +139,14 @@ def item_request_id(batch_request_id: str, index: int) -> str:
 async def run_batch(pipeline: Pipeline, items: list[Item], headers: Any,
                     peer: str | None, peer_spki: str | None, batch_request_id: str,
                     now: int, trust: Trust | None = None,
-                    outbox: Callable[[], AuditOutbox] | None = None) -> list[ItemOutcome]:
+                    outbox: Callable[[], AuditOutbox] | None = None,
+                    identity: str | None = None) -> list[ItemOutcome]:
     """Every item through §4 steps 2-14 on its own, with one ``now`` and one ``trust``
     (the bundle the envelope's identity was judged against); in item order. ``outbox``
-    makes each item's audit outbox: an accepted item's event is stored by its commit."""
+    makes each item's audit outbox: an accepted item's event is stored by its commit.
+    ``identity``: what ``check_head`` judged the envelope's headers to be with ``trust``
+    (an item's content type and identity headers are the envelope's: not judged again
+    per item, ``Pipeline.prepare``); None: judged per item."""
     inherited = [(name, value) for name in INHERITED for value in headers.getall(name, [])]
     outcomes, commits = [], []
     for index, item in enumerate(items):
@@ -151,7 +155,8 @@ async def run_batch(pipeline: Pipeline, items: list[Item], headers: Any,
         req = SignedRequest(TELEMETRY, item.headers(inherited), item.body, peer,
                             outcome.ctx.request_id, peer_spki)
         try:
-            commits.append((outcome, await pipeline.prepare(req, now, outcome.ctx, trust)))
+            commits.append((outcome, await pipeline.prepare(req, now, outcome.ctx, trust,
+                                                            identity)))
         except E.GatewayError as exc:
             outcome.error = exc
         outcomes.append(outcome)

@@ -87,11 +87,11 @@ class Pipeline:
         self.trust = self.trust.with_revoked(revoked)
 
     async def process(self, req: SignedRequest, now: int, ctx: Context,
-                      trust: Trust | None = None) -> Context:
+                      trust: Trust | None = None, identity: str | None = None) -> Context:
         """Run §4 steps 2-14 on ``req``; return the filled context or raise GatewayError.
         ``trust``: the bundle the caller already judged the headers against (read once
-        per request); else the one in force now."""
-        commit = await self.prepare(req, now, ctx, trust)
+        per request); else the one in force now. ``identity``: see ``prepare``."""
+        commit = await self.prepare(req, now, ctx, trust, identity)
         outbox_ref = await self.commit(commit)
         ctx.record_id = commit.record.record_id
         if ctx.outbox is not None:
@@ -99,21 +99,27 @@ class Pipeline:
         return ctx
 
     async def prepare(self, req: SignedRequest, now: int, ctx: Context,
-                      trust: Trust | None = None) -> Commit:
+                      trust: Trust | None = None, identity: str | None = None) -> Commit:
         """§4 steps 2-11 (read-only) on ``req``: the ``Commit`` of steps 12-14 that
         ``commit`` then makes, or GatewayError. The batch route prepares every item in a
-        tight loop, then commits them together (gateway/pipeline/batch.py)."""
+        tight loop, then commits them together (gateway/pipeline/batch.py).
+
+        ``identity``: what :func:`check_head` returned for these very headers (their
+        content type, identity and pins) and this ``trust``, when the caller ran it (the
+        HTTP routes do, before reading a body; a batch item inherits the envelope's): the
+        two checks are not run again. None: both are judged here."""
         trust = trust or self.trust
         cfg = trust.config
-        # §4.2 content type, size, non-empty body
-        check_content_type(req.headers)
+        # §4.2 content type (unless check_head judged it), size, non-empty body
+        if identity is None:
+            check_content_type(req.headers)
         if len(req.body) > cfg.max_body_bytes:
             raise E.BodyTooLarge(f"body exceeds max_body_bytes ({cfg.max_body_bytes})")
         if not req.body:
             raise E.EmptyBody("the request body is empty")
         # §4.3 identity: declared, known, pinned to the TLS session's certificate
-        ctx.identity = check_identity(cfg, req.headers, req.peer_cert_sha256,
-                                      req.peer_spki_pin)
+        ctx.identity = identity if identity is not None else check_identity(
+            cfg, req.headers, req.peer_cert_sha256, req.peer_spki_pin)
         # §4.4 signature headers well-formed; timestamp inside ±clock_skew_s
         ts_text, nonce, signature, kid = signature_headers(req.headers)
         check_timestamp_window(int(ts_text), now, cfg.clock_skew_s)

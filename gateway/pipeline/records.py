@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
 import orjson
 
+from common.ids import uuid4_text
 from gateway.config.config import SecurityConfig
 from gateway.feedback.fold import body_fold
 from gateway.store import Anchor, Commit, Record
@@ -45,7 +45,7 @@ def build_commit(
 ) -> Commit:
     """The single atomic write of §4 steps 12-14 for an accepted request."""
     digest = hashlib.sha256(req.body).hexdigest()
-    record_id = str(uuid.uuid4())
+    record_id = uuid4_text()
     evidence = {
         "request_id": ctx.request_id,
         "received_at": now,

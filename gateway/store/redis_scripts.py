@@ -94,9 +94,8 @@ local out = {}
 local k, v = 0, 2 * n + 1
 for c = 1, n do
   local nk, na = tonumber(ARGV[2 * c]), tonumber(ARGV[2 * c + 1])
-  local keys, argv = {}, {}
-  for j = 1, nk do keys[j] = KEYS[k + j] end
-  for j = 1, na do argv[j] = ARGV[v + j] end
+  -- copied by unpack, in C (a loop in Lua cost Redis ~8 us more per commit)
+  local keys, argv = {unpack(KEYS, k + 1, k + nk)}, {unpack(ARGV, v + 1, v + na)}
   k, v = k + nk, v + na
   local ok, reply = pcall(commit, keys, argv)
   if ok then
