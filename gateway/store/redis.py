@@ -71,6 +71,7 @@ from .base import (
 )
 from .redis_epoch import epoch_start, eviction_policy, eviction_refusal, read_epoch, sync_epoch
 from .redis_scripts import COMMIT_LUA, GROUP_LUA, PUT_LUA, migrate
+from .resp import HeldConnections
 from .revocations import RedisRevocations
 
 log = logging.getLogger("fedgate.store")
@@ -111,6 +112,7 @@ class RedisStore(RedisRevocations, Store):
         self.max_connections = max_connections
         self.prefix = _check(_PREFIX, key_prefix, "key_prefix")
         self._redis: Redis | None = None
+        self._held: HeldConnections | None = None  # the group round trips' (resp.py)
         self._probe: Redis | None = None  # /readyz's own connection: never behind a burst
         self._sha = ""
         self._group_sha = ""  # GROUP_LUA: a group's commits in one call (redis_group.py)
@@ -161,6 +163,7 @@ class RedisStore(RedisRevocations, Store):
     async def open(self) -> None:
         if self._redis is None:  # one pool per store, and one store per process
             self._redis = self._client(self.max_connections)
+            self._held = HeldConnections(self._redis.connection_pool)
             self._probe = self._client(1)
         await self._call(Redis.ping)
         if self.require_durable:
@@ -210,10 +213,12 @@ class RedisStore(RedisRevocations, Store):
                              "accepted request survives a crash (require_durable)")
 
     async def close(self) -> None:
+        if self._held is not None:
+            await self._held.close()
         for client in (self._redis, self._probe):
             if client is not None:
                 await client.aclose()
-        self._redis = self._probe = None
+        self._redis = self._probe = self._held = None
 
     async def ping(self) -> bool:
         """Also re-reads the eviction policy: while it is unsafe, not ready and every

@@ -30,7 +30,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from .base import Commit, CommitResult, Outcome, StoreError, conflict_deps
 from .redis_epoch import epoch_start
 from .redis_scripts import GROUP_LUA
-from .resp import pack, round_trip
+from .resp import pack
 
 RedisStore = Any  # redis.RedisStore (which imports this module): its commit hooks
 
@@ -120,17 +120,18 @@ async def _epoch(store: RedisStore, epochs: dict[str, str | StoreError], c: Comm
 
 async def send_group(store: RedisStore, calls: list[list]) -> list:
     """The single Redis's ``_send_group``: the calls (each a commit's EVALSHA arguments)
-    in one round trip on one connection, GROUP_CALL commits per ``GROUP_LUA`` call
-    (redis_scripts.py; written by the lean packer, resp.py); → per call its reply, its
+    in one round trip on one connection (kept between round trips: resp.HeldConnections),
+    GROUP_CALL commits per ``GROUP_LUA`` call (redis_scripts.py; written by the lean
+    packer, resp.py); → per call its reply, its
     error reply (ResponseError; ``NOSCRIPT`` after the script was loaded again), or the
     StoreError that failed it (a lost connection or timeout fails them all: some may
     have run)."""
-    if store._redis is None:
+    if store._redis is None or store._held is None:
         return [StoreError("claim", "the Redis store is not open")] * len(calls)
     chunks = [calls[i:i + GROUP_CALL] for i in range(0, len(calls), GROUP_CALL)]
     payload = b"".join(pack(group_command(store._group_sha, chunk)) for chunk in chunks)
     try:
-        answers = await round_trip(store._redis, payload, len(chunks))
+        answers = await store._held.round_trip(payload, len(chunks))
     except RedisError as e:  # lost connection, timeout: some may have run (fail closed)
         return [unavailable(e)] * len(calls)
     replies = [reply for chunk, answer in zip(chunks, answers, strict=True)

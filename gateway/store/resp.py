@@ -5,7 +5,8 @@ one commit's EVALSHA (about 55 arguments: keys, the record, the audit events, th
 more than the script takes to run in Redis. :func:`pack` writes the same bytes (a RESP
 array of bulk strings, as ``Connection.pack_command`` would) in ~20 µs, and
 :func:`round_trip` sends a whole group's commands in one write on one pooled connection
-(:func:`exchange`: on a connection the caller holds, a cluster node's) and reads one
+(:class:`HeldConnections`: on one kept between round trips; :func:`exchange`: on a
+connection the caller holds, a cluster node's) and reads one
 reply per command through redis-py's own parser (replies, error replies and their
 exception classes unchanged).
 
@@ -22,11 +23,12 @@ import math
 from collections.abc import Sequence
 
 from redis.asyncio import Redis
-from redis.asyncio.connection import Connection
-from redis.exceptions import ResponseError
+from redis.asyncio.connection import Connection, ConnectionPool
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["exchange", "pack", "round_trip"]
+__all__ = ["HeldConnections", "exchange", "pack", "round_trip"]
+KEEP = 2  # connections HeldConnections keeps between round trips
 
 
 def pack(args: Sequence[bytes | str | int]) -> bytes:
@@ -56,6 +58,58 @@ async def round_trip(client: Redis, payload: bytes, replies: int) -> list:
         return await exchange(conn, payload, replies)
     finally:
         await pool.release(conn)
+
+
+class HeldConnections:
+    """Connections of ``pool`` kept between the group round trips (issue 9).
+
+    Taking a connection from redis-py's pool and giving it back costs more CPU than
+    packing a group of ten commits (its lock, condition, timeout and observability
+    hooks: ~14 % of a one-commit round trip, py-spy). Up to ``keep`` connections stay
+    here between round trips instead; the pool lends the rest to everything else, and
+    a burst beyond ``keep`` takes and returns the pool's as :func:`round_trip` does.
+
+    A kept connection is checked before each use: one the server closed while it was
+    kept (a restart, ``CLIENT KILL``, an idle timeout) or that holds unread bytes is
+    connected again, so the round trip does not fail on it. (redis-py 8's pool skips
+    that check while its maintenance notifications are on, its default: a pooled
+    connection the server closed fails the next command sent on it.) One a round trip
+    failed on was disconnected by :func:`exchange` and goes back to the pool, never back
+    here. ``close`` gives them all back."""
+
+    def __init__(self, pool: ConnectionPool, keep: int = KEEP) -> None:
+        self.pool, self.keep = pool, keep
+        self._idle: list[Connection] = []
+        self._closed = False
+
+    async def round_trip(self, payload: bytes, replies: int) -> list:
+        """As :func:`round_trip`, on a kept connection when one is free."""
+        if self._idle:
+            conn = self._idle.pop()
+            try:  # closed by the server, or holding bytes nobody asked for: a new socket
+                stale = await conn.can_read()
+            except (RedisError, OSError):
+                stale = True
+            if stale:
+                await conn.disconnect()  # exchange's send connects it again
+        else:
+            conn = await self.pool.get_connection()
+        done = False
+        try:
+            out = await exchange(conn, payload, replies)
+            done = True
+            return out
+        finally:
+            if done and not self._closed and len(self._idle) < self.keep:
+                self._idle.append(conn)
+            else:
+                await self.pool.release(conn)
+
+    async def close(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await self.pool.release(conn)
 
 
 async def exchange(conn: Connection, payload: bytes, replies: int) -> list:

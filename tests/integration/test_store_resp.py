@@ -17,7 +17,7 @@ from redis.asyncio.connection import Connection
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeout
 
-from gateway.store.resp import pack, round_trip
+from gateway.store.resp import HeldConnections, pack, round_trip
 
 ARGS = [
     ["PING"],
@@ -81,5 +81,72 @@ async def test_a_cancelled_round_trip_never_answers_a_later_command(redis_url):
             await task
         await asyncio.sleep(1.1)  # BLPOP's nil reply has arrived on that connection
         assert await round_trip(client, pack(["ECHO", "mine"]), 1) == [b"mine"]
+    finally:
+        await client.aclose()
+
+
+# -- HeldConnections: the group round trips' connections, kept between round trips ------
+
+async def test_held_connections_serve_round_trips_on_one_kept_connection(redis_url):
+    client = Redis.from_url(redis_url, max_connections=4)
+    held = HeldConnections(client.connection_pool, keep=1)
+    try:
+        first = await held.round_trip(pack(["CLIENT", "ID"]), 1)
+        for _ in range(5):
+            assert await held.round_trip(pack(["CLIENT", "ID"]), 1) == first
+        assert await client.echo("pool") == b"pool"  # the pool still lends the others
+    finally:
+        await held.close()
+        await client.aclose()
+
+
+async def test_a_kept_connection_the_server_closed_is_connected_again(redis_url):
+    """Checked before use as the pool checks what it lends: a connection killed while
+    kept answers nothing stale and fails no round trip."""
+    client = Redis.from_url(redis_url, max_connections=2)
+    held = HeldConnections(client.connection_pool, keep=1)
+    try:
+        [kept] = await held.round_trip(pack(["CLIENT", "ID"]), 1)
+        assert await client.client_kill_filter(_id=kept) == 1
+        await asyncio.sleep(0.1)
+        [now] = await held.round_trip(pack(["CLIENT", "ID"]), 1)
+        assert now != kept
+        assert await held.round_trip(pack(["ECHO", "mine"]), 1) == [b"mine"]
+    finally:
+        await held.close()
+        await client.aclose()
+
+
+async def test_a_failed_held_round_trip_goes_back_to_the_pool_disconnected(redis_url):
+    client = Redis.from_url(redis_url, socket_timeout=0.3, max_connections=1)
+    held = HeldConnections(client.connection_pool, keep=1)
+    try:
+        with pytest.raises(RedisTimeout):
+            await held.round_trip(pack(["BLPOP", "nothing", 1]), 1)
+        # not kept: with one connection in the pool, the client gets it (it would wait
+        # for it, then fail, if the failed connection had stayed here)
+        await asyncio.sleep(1.2)  # the nil reply has arrived on that connection
+        assert await client.echo("again") == b"again"
+        assert await held.round_trip(pack(["ECHO", "mine"]), 1) == [b"mine"]
+    finally:
+        await held.close()
+        await client.aclose()
+
+
+async def test_held_connections_keep_at_most_keep_and_give_them_back_on_close(redis_url):
+    """A burst takes what it needs from the pool; afterwards only ``keep`` stay held, so
+    the pool's other users are never starved; ``close`` gives those back too."""
+    client = Redis.from_url(redis_url, max_connections=3, socket_timeout=2)
+    pool = client.connection_pool
+    held = HeldConnections(pool, keep=1)
+    try:
+        await asyncio.gather(*(held.round_trip(pack(["BLPOP", "nothing", "0.2"]), 1)
+                               for _ in range(3)))
+        assert len(pool._in_use_connections) == 1  # the one kept
+        assert await asyncio.gather(client.echo("a"), client.echo("b")) == [b"a", b"b"]
+        await held.close()
+        assert not pool._in_use_connections
+        await held.round_trip(pack(["PING"]), 1)  # after close: lent by the pool, given back
+        assert not pool._in_use_connections
     finally:
         await client.aclose()
