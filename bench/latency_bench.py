@@ -36,9 +36,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
-import aiohttp  # noqa: E402
 from conftest import RedisServer  # noqa: E402
 from lab import Lab  # noqa: E402
+from lean_http import LeanPool  # noqa: E402
 from stack import Stack, free_port  # noqa: E402
 
 from schemas.routes import TELEMETRY_PATH  # noqa: E402
@@ -51,21 +51,19 @@ def signed(n: int) -> list[tuple[dict, bytes]]:
     return [LAB.signed(ts=int(time.time()), nonce=uuid.uuid4().hex) for _ in range(n)]
 
 
-async def post(client: aiohttp.ClientSession, url: str, item: tuple[dict, bytes]) -> None:
-    headers, body = item
-    async with client.post(url, data=body, headers=headers) as resp:
-        data = await resp.read()
-        if resp.status != 202:
-            raise RuntimeError(f"{url}: got {resp.status}: {data[:300]!r}")
+async def post(pool: LeanPool, raw: bytes) -> None:
+    status, data = await pool.send(raw)
+    if status != 202:
+        raise RuntimeError(f"{pool.url}: got {status}: {data[:300]!r}")
 
 
 async def max_rate(url: str, ssl, items: list[tuple[dict, bytes]]) -> float:
-    queue = list(reversed(items))
-    connector = aiohttp.TCPConnector(ssl=ssl, limit=CONCURRENCY)
-    async with aiohttp.ClientSession(connector=connector) as client:
+    async with LeanPool(url, ssl, CONCURRENCY) as pool:
+        queue = [pool.request(h, b) for h, b in reversed(items)]
+
         async def worker() -> None:
             while queue:
-                await post(client, url, queue.pop())
+                await post(pool, queue.pop())
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
@@ -74,12 +72,12 @@ async def max_rate(url: str, ssl, items: list[tuple[dict, bytes]]) -> float:
 
 async def one_connection(url: str, ssl, items: list[tuple[dict, bytes]]) -> list[float]:
     latencies = []
-    connector = aiohttp.TCPConnector(ssl=ssl, limit=1)
-    async with aiohttp.ClientSession(connector=connector) as client:
-        await post(client, url, items[0])  # the handshake is not part of the figure
-        for item in items[1:]:
+    async with LeanPool(url, ssl, 1) as pool:
+        raws = [pool.request(h, b) for h, b in items]
+        await post(pool, raws[0])  # the handshake is not part of the figure
+        for raw in raws[1:]:
             t0 = time.perf_counter()
-            await post(client, url, item)
+            await post(pool, raw)
             latencies.append(time.perf_counter() - t0)
     return latencies
 
@@ -89,22 +87,22 @@ async def open_loop(url: str, ssl, rate: float, items: list[tuple[dict, bytes]]
     """Each request starts at its scheduled time (i / rate s after the start) and is timed
     from that time, so a stall shows as latency instead of a slower schedule."""
     latencies: list[float] = []
-    connector = aiohttp.TCPConnector(ssl=ssl, limit=CONCURRENCY)
-    async with aiohttp.ClientSession(connector=connector) as client:
-        for item in items[:CONCURRENCY]:  # open the connections before the clock
-            await post(client, url, item)
+    async with LeanPool(url, ssl, CONCURRENCY) as pool:
+        raws = [pool.request(h, b) for h, b in items]
+        for raw in raws[:CONCURRENCY]:  # one request on each connection before the clock
+            await post(pool, raw)
         t0 = time.perf_counter()
 
-        async def one(due: float, item) -> None:
-            await post(client, url, item)
+        async def one(due: float, raw: bytes) -> None:
+            await post(pool, raw)
             latencies.append(time.perf_counter() - due)
 
         tasks = []
-        for i, item in enumerate(items[CONCURRENCY:]):
+        for i, raw in enumerate(raws[CONCURRENCY:]):
             due = t0 + i / rate
             if (wait := due - time.perf_counter()) > 0:
                 await asyncio.sleep(wait)
-            tasks.append(asyncio.create_task(one(due, item)))
+            tasks.append(asyncio.create_task(one(due, raw)))
         await asyncio.gather(*tasks)
     return latencies
 
