@@ -1,7 +1,7 @@
 """Latency of the single route, measured against the trivial handler in the same run (issue 9).
 
     .venv/bin/python bench/latency_bench.py [--rounds 3] [--requests 2000]
-        [--seconds 10] [--append docs/BENCHMARKS.md]
+        [--seconds 10] [--fractions 0.1,0.25,0.5] [--append docs/BENCHMARKS.md]
 
 Per round, for each store (SQLite file, redis-server with AOF + fsync always) behind
 ``fedgate serve --workers 2``, and for the trivial aiohttp mTLS handler
@@ -13,9 +13,12 @@ Per round, for each store (SQLite file, redis-server with AOF + fsync always) be
    p50 / p99 ms (issue 9's target: p50 ≤ 1.5 ms);
 3. **half the maximum rate**: open loop, requests started on a fixed schedule at half of
    (1)'s rate for ``--seconds`` (a late answer does not slow the schedule down), each
-   request timed from its scheduled start → p50 / p99 ms (target: p99 ≤ 10 ms).
+   request timed from its scheduled start → p50 / p99 ms (target: p99 ≤ 10 ms); the
+   same at each of ``--fractions`` of (1)'s rate: the rate up to which a p99 holds.
 
-Requests are signed before the clock starts. Every answer must be 202 (the trivial
+The load generator is bench/lean_http.py (keep-alive mTLS HTTP/1.1, a small fraction of
+aiohttp's client CPU per request: it shares the two cores with the servers). Requests
+are signed before the clock starts. Every answer must be 202 (the trivial
 handler's too), else the run stops. The report gives min / median / max over the rounds,
 SQLite's maximum rate as a ratio of Redis's in the same round (target: within 25 %), and
 the one-connection p50 as a ratio of the trivial handler's.
@@ -115,10 +118,13 @@ def pct(values: list[float], q: float) -> float:
 async def measure(url: str, ssl, args) -> dict[str, float]:
     rate = await max_rate(url, ssl, signed(args.requests))
     one = await one_connection(url, ssl, signed(ONE_CONN_REQUESTS + 1))
-    half = await open_loop(url, ssl, rate / 2,
-                           signed(CONCURRENCY + int(rate / 2 * args.seconds)))
-    return {"rate": rate, "one_p50": pct(one, 0.5), "one_p99": pct(one, 0.99),
-            "half_p50": pct(half, 0.5), "half_p99": pct(half, 0.99)}
+    out = {"rate": rate, "one_p50": pct(one, 0.5), "one_p99": pct(one, 0.99)}
+    for frac in sorted({0.5, *args.fractions}):
+        lat = await open_loop(url, ssl, rate * frac,
+                              signed(CONCURRENCY + int(rate * frac * args.seconds)))
+        out[f"p50@{frac:g}"], out[f"p99@{frac:g}"] = pct(lat, 0.5), pct(lat, 0.99)
+    out["half_p50"], out["half_p99"] = out["p50@0.5"], out["p99@0.5"]
+    return out
 
 
 async def run(args, tmp: Path) -> dict[str, list[dict[str, float]]]:
@@ -168,7 +174,8 @@ def report(args, out: dict[str, list[dict[str, float]]]) -> str:
     lines = [
         "## Latency of the single route (issue 9)", "",
         f"`.venv/bin/python bench/latency_bench.py --rounds {args.rounds} --requests "
-        f"{args.requests} --seconds {args.seconds}`: {args.rounds} rounds; in each, the "
+        f"{args.requests} --seconds {args.seconds:g} --fractions "
+        f"{','.join(f'{f:g}' for f in args.fractions)}`: {args.rounds} rounds; in each, the "
         f"trivial handler and `fedgate serve --workers {WORKERS}` on each store measured "
         "back to back on the same 2 CPUs with the same load generator. Half rate: an open "
         "loop at half of that round's maximum, each request timed from its scheduled start."
@@ -181,6 +188,18 @@ def report(args, out: dict[str, list[dict[str, float]]]) -> str:
         lines.append(f"| {label} | {spread([r['rate'] for r in rows], 0)} | "
                      + " | ".join(spread([r[k] for r in rows]) for k in
                                   ("one_p50", "one_p99", "half_p50", "half_p99")) + " |")
+    fracs = sorted({0.5, *args.fractions})
+    lines += [
+        "", f"Open loop at fractions of each server's own maximum rate ({args.seconds:g} s "
+        "each): p50 / p99 ms, medians over the rounds.", "",
+        "| server | " + " | ".join(f"{f:g} × max" for f in fracs) + " |",
+        "|---|" + "---:|" * len(fracs)]
+    for name in ("trivial", "Redis", "SQLite"):
+        rows = out[name]
+        label = "trivial aiohttp mTLS handler" if name == "trivial" else f"fedgate, {name}"
+        lines.append(f"| {label} | " + " | ".join(
+            f"{statistics.median(r[f'p50@{f:g}'] for r in rows):,.1f} / "
+            f"{statistics.median(r[f'p99@{f:g}'] for r in rows):,.1f}" for f in fracs) + " |")
     sqlite_ratio = [s["rate"] / r["rate"] for s, r in zip(out["SQLite"], out["Redis"],
                                                           strict=True)]
     one_ratio = [r["one_p50"] / t["one_p50"] for r, t in zip(out["Redis"], out["trivial"],
@@ -199,7 +218,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000,
                         help="requests of the maximum-rate step (default 2000)")
     parser.add_argument("--seconds", type=float, default=10.0,
-                        help="length of the half-rate step (default 10)")
+                        help="length of each open-loop step (default 10)")
+    parser.add_argument("--fractions", type=lambda v: [float(x) for x in v.split(",")],
+                        default=[0.1, 0.25, 0.5],
+                        help="open-loop rates as fractions of the maximum (default "
+                             "0.1,0.25,0.5; 0.5 is always run)")
     parser.add_argument("--append", type=Path, help="also append the report to this file")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
