@@ -59,7 +59,9 @@ from schemas.signing import request_signing_input  # noqa: E402
 
 LAB = Lab(None)
 CONCURRENCY, BATCH_SIZE, BATCH_CONCURRENCY, VERIFY_S, CORES = 64, 100, 8, 1.0, 2
-STAGE_ROUNDS = 10  # bench/stage_bench.py rounds of the stage budget
+STAGE_ROUNDS = 4  # bench/stage_bench.py rounds of the stage budget, after each round
+#: per round: bench/stage_bench.measure's {"single": {stage: µs}, "batch": {stage: µs}}
+STAGE_RUNS: list[dict[str, dict[str, float]]] = []
 
 
 def tree_cpu(pid: int) -> float:
@@ -209,6 +211,8 @@ async def run(args, tmp: Path) -> dict[str, list[float]]:
             out["batch"].append(rate)
             out["batch_cpu"].append(cpu)
             out["verify"].append(verify_rate())
+            # the stages in the same minutes (this VM's speed drifts between phases)
+            STAGE_RUNS.append(await stage_bench.measure(redis.url, tmp, STAGE_ROUNDS))
             print(f"round {n + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in out.items()),
                   file=sys.stderr)
         from pipeline_bench import store_rows
@@ -247,7 +251,7 @@ def spread(values: list[float]) -> str:
             f"{max(values):,.0f}")
 
 
-def report(args, out: dict[str, list[float]], stages: dict[str, dict[str, float]],
+def report(args, out: dict[str, list[float]], stages: list[dict[str, dict[str, float]]],
            wall: dict[str, float]) -> str:
     med = {k: statistics.median(v) for k, v in out.items()}
     ratio1 = [s / t for s, t in zip(out["single"], out["trivial"], strict=True)]
@@ -273,8 +277,9 @@ def report(args, out: dict[str, list[float]], stages: dict[str, dict[str, float]
         "", "### Stage budget (µs of CPU per event)", "",
         "Server CPU per event under load comes from /proc (all server processes; the load "
         "generator is not counted). The stages are the gateway's own functions timed alone "
-        "in one process (`bench/stage_bench.py`: thread CPU, the median of "
-        f"{STAGE_ROUNDS} rounds of 100 events; Redis's CPU and waits not counted): as the "
+"in one process (`bench/stage_bench.py`: thread CPU per event, the median of "
+        f"{STAGE_ROUNDS} rounds of 100 events run right after each round's load, then the "
+        "median over the rounds; Redis's CPU and waits not counted): as the "
         "batch route runs them (one store group of 100 commits, one audit append of 100 "
         "events) and as one request at a time runs them (groups and appends of one: the "
         "single route at one connection; under load its groups hold several commits). "
@@ -289,9 +294,13 @@ def report(args, out: dict[str, list[float]], stages: dict[str, dict[str, float]
         f"{med['trivial_cpu'] / BATCH_SIZE:,.1f} | {med['trivial_cpu']:,.0f} |",
     ]
     for name in STAGES:
-        lines.append(f"| {name} | {stages['batch'][name]:,.1f} | {stages['single'][name]:,.1f} |")
-    rest = med["batch_cpu"] - med["trivial_cpu"] / BATCH_SIZE - sum(stages["batch"].values())
-    lines.append(f"| the rest (the measured total − the rows above) | {rest:,.0f} | |")
+        lines.append(f"| {name} | {statistics.median(r['batch'][name] for r in stages):,.1f} "
+                     f"| {statistics.median(r['single'][name] for r in stages):,.1f} |")
+    rests = [cpu - trivial / BATCH_SIZE - sum(r["batch"].values()) for cpu, trivial, r in
+             zip(out["batch_cpu"], out["trivial_cpu"], stages, strict=True)]
+    lines.append("| the rest (the measured total − the rows above, per round) | "
+                 f"{min(rests):,.0f} / {statistics.median(rests):,.0f} / {max(rests):,.0f} "
+                 "(min / median / max) | |")
     single, batch = SHARES.get(TELEMETRY_PATH), SHARES.get(BATCH_PATH)
     if single and batch:
         lines += [
@@ -314,8 +323,7 @@ async def main_async(args) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         out = await run(args, Path(tmp))
         wall = {"store": out.pop("store")[0], "audit": audit_append_us(Path(tmp))}
-    stages = await stage_bench.run(STAGE_ROUNDS)
-    return report(args, out, stages, wall)
+    return report(args, out, STAGE_RUNS, wall)
 
 
 def main() -> None:
